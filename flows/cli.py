@@ -1,0 +1,229 @@
+"""``python -m flows.transcribe AUDIO [flags]``: the pipeline script's command line.
+
+Validates everything before Prefect starts (a bad flag fails in well under a second),
+shows a progress bar, prints the transcript and where the outputs went. Exit status:
+0 ok, 2 bad input (parameters, audio, URL), 1 anything else. Heavy modules load lazily,
+so ``--help`` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m flows.transcribe",
+        description="Transcribe audio with WhisperX as a Prefect flow; writes <stem>.json/.segments.json/.srt/.vtt.",
+    )
+    p.add_argument("audio_file", nargs="?", help="local path, http(s) URL or s3://bucket/key")
+    p.add_argument("--params-json", help="JSON object (or @file / path to a .json file) of request fields; "
+                   "the worker's {\"input\": {...}} envelope is accepted; flags override it")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", help="Whisper model: name (large-v3), directory, or bundled:base / bundled:tiny.en")
+    m.add_argument("--language", help="language code (en, de, ...); default: detect")
+    m.add_argument("--language-detection-min-prob", type=float)
+    m.add_argument("--language-detection-max-tries", type=int)
+    m.add_argument("--batch-size", type=int)
+    m.add_argument("--beam-size", type=int)
+    m.add_argument("--temperature", type=float)
+    m.add_argument("--initial-prompt")
+    m.add_argument("--vad-onset", type=float)
+    m.add_argument("--vad-offset", type=float)
+    s = p.add_argument_group("stages")
+    s.add_argument("--align-output", dest="align_output", action="store_true", default=None)
+    s.add_argument("--no-align", dest="align_output", action="store_false")
+    s.add_argument("--diarization", dest="diarization", action="store_true", default=None)
+    s.add_argument("--no-diarization", dest="diarization", action="store_false")
+    s.add_argument("--num-speakers", type=int)
+    s.add_argument("--min-speakers", type=int)
+    s.add_argument("--max-speakers", type=int)
+    s.add_argument("--speaker-verification", action="store_true", default=None)
+    s.add_argument("--speaker-sample", action="append", metavar="NAME=URL_OR_PATH",
+                   help="enrolment clip (repeatable); a bare URL/path derives the name")
+    o = p.add_argument_group("output")
+    o.add_argument("--download-dir", help="local folder for outputs (default RESULTS_DIR or ./out)")
+    o.add_argument("--bucket", help="S3 bucket for outputs (default RESULTS_BUCKET)")
+    o.add_argument("--prefix-transcripts", help="key prefix for outputs in the bucket")
+    o.add_argument("--output-name", help="stem of the output files")
+    o.add_argument("--force", action="store_true", default=None, help="ignore cached stage results")
+    o.add_argument("--debug", action="store_true", default=None, help="add timings and memory to the result")
+    o.add_argument("--json", dest="print_json", action="store_true", help="print the result JSON to stdout")
+    o.add_argument("-v", "--verbose", action="store_true", help="show Prefect and library logs")
+    return p
+
+
+def _load_params_json(value: str) -> dict[str, Any]:
+    text = value
+    if value.startswith("@"):
+        text = Path(value[1:]).read_text()
+    elif not value.lstrip().startswith("{") and Path(value).is_file():
+        text = Path(value).read_text()
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError("--params-json must hold a JSON object")
+    if set(data) == {"input"}:
+        data = data["input"]
+    return data
+
+
+def _speaker_sample(value: str) -> dict[str, str]:
+    if "=" in value and "://" not in value.split("=", 1)[0]:
+        name, url = value.split("=", 1)
+        return {"name": name, "url": url}
+    return {"url": value}
+
+
+def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    data: dict[str, Any] = _load_params_json(args.params_json) if args.params_json else {}
+    skip = {"params_json", "print_json", "verbose", "speaker_sample"}
+    for key, value in vars(args).items():
+        if key not in skip and value is not None:
+            data[key] = value
+    if args.speaker_sample:
+        data["speaker_samples"] = [_speaker_sample(v) for v in args.speaker_sample]
+    return data
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    if verbose:
+        return
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    warnings.filterwarnings("ignore")
+    for name in ("whisperx", "lightning", "lightning.pytorch", "pytorch_lightning", "speechbrain", "pyannote"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    data = request_from_args(args) if args.audio_file or args.params_json else None
+    if not data or not data.get("audio_file"):
+        build_parser().print_usage(sys.stderr)
+        print("error: an AUDIO file, URL or S3 URI is required", file=sys.stderr)
+        return 2
+    _quiet_libraries(args.verbose)
+
+    from speech.errors import SpeechError
+    from speech.schema import TranscriptionRequest
+
+    try:
+        req = TranscriptionRequest.parse(data)
+        _precheck_local(req.audio_file)
+    except SpeechError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from speech import progress as events
+
+    console = Console(stderr=True)
+    started = time.perf_counter()
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(), console=console, transient=True,
+    ) as bar:
+        task_id = bar.add_task("starting Prefect", total=1.0)
+
+        def on_event(stage: str, fraction: float, message: str) -> None:
+            bar.update(task_id, description=f"{stage}: {message}" if message else stage, completed=fraction)
+
+        try:
+            with events.subscribe(on_event):
+                from flows.transcribe import transcribe_audio
+
+                if not args.verbose:
+                    _quiet_prefect_console()
+                bar.update(task_id, description="running flow")
+                result = transcribe_audio(**_flow_kwargs(req))
+        except SpeechError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            return 2
+        except KeyboardInterrupt:
+            console.print("[red]interrupted[/red]")
+            return 130
+        except Exception as exc:  # noqa: BLE001 - one line for the user, details with -v
+            console.print(f"[red]error:[/red] {type(exc).__name__}: {_scrub(str(exc))}")
+            if args.verbose:
+                console.print_exception()
+            return 1
+
+    if args.print_json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        _print_transcript(result)
+    out = _where(req)
+    prob = result.get("language_probability")
+    console.print(
+        f"[green]done[/green] in {time.perf_counter() - started:.1f} s: {len(result['segments'])} segments, "
+        f"language {result.get('detected_language')}" + (f" (p={prob:.2f})" if prob is not None else "")
+    )
+    console.print(f"outputs: {out}")
+    return 0
+
+
+def _precheck_local(audio_file: str) -> None:
+    """Fail a missing local file before paying for Prefect's start-up."""
+    from urllib.parse import urlsplit
+
+    from speech.errors import FetchError
+
+    if urlsplit(audio_file).scheme in ("http", "https", "s3"):
+        return
+    path = Path(audio_file[7:] if audio_file.startswith("file://") else audio_file).expanduser()
+    if not path.is_file():
+        raise FetchError(f"audio file not found: {path}")
+
+
+def _quiet_prefect_console() -> None:
+    """Our one-line error replaces Prefect's console traceback (the API still gets full logs)."""
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler).__name__ == "PrefectConsoleHandler":
+                handler.setLevel(logging.CRITICAL)
+
+
+def _flow_kwargs(req: Any) -> dict[str, Any]:
+    """Request -> flow kwargs; the token stays a SecretStr so Prefect stores it masked."""
+    kwargs = req.model_dump(exclude={"huggingface_access_token"})
+    if req.huggingface_access_token is not None:
+        kwargs["huggingface_access_token"] = req.huggingface_access_token
+    return kwargs
+
+
+def _where(req: Any) -> str:
+    from speech.storage import open_store
+
+    from speech.audio import stem_of
+
+    store = open_store(download_dir=req.download_dir, bucket=req.bucket, prefix=req.prefix_transcripts, client=object())
+    return f"{store.describe().rstrip('/')}/{req.output_name or stem_of(req.audio_file)}.{{json,segments.json,srt,vtt}}"
+
+
+def _print_transcript(result: dict[str, Any]) -> None:
+    from whisperx.utils import format_timestamp
+
+    for seg in result["segments"]:
+        who = f"[{seg['speaker']}] " if seg.get("speaker") else ""
+        print(f"[{format_timestamp(seg['start'])} --> {format_timestamp(seg['end'])}] {who}{seg['text']}")
+
+
+def _scrub(text: str) -> str:
+    from speech.settings import get_settings
+
+    for secret in get_settings().secret_values():
+        text = text.replace(secret, "***")
+    return text
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""The transcription DAG: fetch -> transcribe -> merge/write, as one Prefect flow.
+
+Python:  ``from flows.transcribe import transcribe_audio; transcribe_audio(audio_file="x.wav")``
+CLI:     ``python -m flows.transcribe AUDIO [flags]``  (see ``--help``)
+
+The flow's keyword arguments are exactly the fields of
+:class:`speech.schema.TranscriptionRequest` (a test keeps the two in step), so the Prefect
+UI shows a typed form and Python callers pass the worker's inputs by name.
+"""
+from __future__ import annotations
+
+if __name__ == "__main__":  # CLI first, before the heavy imports: keeps --help instant
+    from flows.cli import main
+
+    raise SystemExit(main())
+
+import time
+from typing import Any, Optional
+
+from prefect import flow
+from prefect.logging import get_run_logger
+from pydantic import SecretStr
+
+from speech.schema import TranscribeParams, TranscriptionRequest
+from tasks.fetch import fetch_audio
+from tasks.outputs import write_outputs
+from tasks.transcribe import transcribe
+
+
+@flow(name="transcribe-audio", validate_parameters=False, log_prints=False)
+def transcribe_audio(
+    audio_file: str,
+    language: Optional[str] = None,
+    language_detection_min_prob: float = 0,
+    language_detection_max_tries: int = 5,
+    initial_prompt: Optional[str] = None,
+    batch_size: int = 64,
+    temperature: float = 0,
+    vad_onset: float = 0.500,
+    vad_offset: float = 0.363,
+    align_output: bool = False,
+    diarization: bool = False,
+    huggingface_access_token: Optional[SecretStr] = None,
+    min_speakers: Optional[int] = None,
+    max_speakers: Optional[int] = None,
+    debug: bool = False,
+    speaker_verification: bool = False,
+    speaker_samples: Optional[list[dict[str, Any]]] = None,
+    model: Optional[str] = None,
+    beam_size: Optional[int] = None,
+    num_speakers: Optional[int] = None,
+    download_dir: Optional[str] = None,
+    bucket: Optional[str] = None,
+    prefix_transcripts: Optional[str] = None,
+    output_name: Optional[str] = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Transcribe one audio file with WhisperX and store JSON, SRT and VTT outputs.
+
+    Args:
+        audio_file: Local path, http(s) URL or s3://bucket/key of the audio.
+        language: ISO code of the spoken language (e.g. 'en'); leave empty to detect it.
+        language_detection_min_prob: Detect on successive 30 s windows of speech until one reaches this probability.
+        language_detection_max_tries: At most this many detection windows; then the most probable language wins.
+        initial_prompt: Text to prompt the first decoding window with.
+        batch_size: Parallel decoding batch size.
+        temperature: Sampling temperature (0 = deterministic).
+        vad_onset: VAD onset threshold, in (0, 1).
+        vad_offset: VAD offset threshold, in (0, 1).
+        align_output: Align words for accurate word-level timestamps.
+        diarization: Label segments and words with speakers.
+        huggingface_access_token: Hugging Face token for gated models (prefer the HF_TOKEN env var or a Secret block).
+        min_speakers: Minimum number of speakers.
+        max_speakers: Maximum number of speakers.
+        debug: Add stage timings, model load time and peak memory to the result.
+        speaker_verification: Relabel speakers with enrolled names.
+        speaker_samples: Enrolment clips, a list of {name?, url}.
+        model: Whisper model name (large-v3, ...), model directory, or bundled:base / bundled:tiny.en.
+        beam_size: Beam size (default 5).
+        num_speakers: Exact number of speakers, when known.
+        download_dir: Local folder for the outputs (default RESULTS_DIR or ./out).
+        bucket: S3 bucket for the outputs (default RESULTS_BUCKET).
+        prefix_transcripts: Key prefix for outputs in the bucket.
+        output_name: Stem of the output files (default: the audio file's stem).
+        force: Recompute every stage even when a cached result exists.
+    """
+    args = dict(locals())
+    args["speaker_samples"] = args["speaker_samples"] or []
+    _redact_stored_secrets(args)
+    req = TranscriptionRequest.parse(args)
+    return run_pipeline(req)
+
+
+SECRET_PARAMETERS = ("huggingface_access_token",)
+
+
+def _redact_stored_secrets(args: dict[str, Any]) -> None:
+    """A token passed as a plain parameter is used, but erased from the stored flow run.
+
+    (Passed as ``SecretStr`` it is stored masked from the start; the CLI does that.)
+    """
+    if not any(isinstance(args.get(k), str) and args.get(k) for k in SECRET_PARAMETERS):
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    stored = dict(ctx.flow_run.parameters)
+    for k in SECRET_PARAMETERS:
+        if stored.get(k):
+            stored[k] = "**********"
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(ctx.flow_run.id, parameters=stored)
+
+
+def run_pipeline(req: TranscriptionRequest) -> dict[str, Any]:
+    """The DAG body, inside a flow run. Returns the worker's JSON result."""
+    log = get_run_logger()
+    log.info("request: %s", {k: v for k, v in req.public_dict().items() if v not in (None, [], False)})
+    stage_seconds: dict[str, float] = {}
+    cached: list[str] = []
+
+    t = time.perf_counter()
+    audio = fetch_audio(req.audio_file, req.output_name)
+    stage_seconds["fetch"] = round(time.perf_counter() - t, 3)
+
+    t = time.perf_counter()
+    state = transcribe.with_options(refresh_cache=req.force)(
+        audio, TranscribeParams.from_request(req), return_state=True
+    )
+    transcript = state.result()
+    if state.name == "Cached":
+        cached.append("transcribe")
+    stage_seconds["transcribe"] = round(time.perf_counter() - t, 3)
+
+    if req.align_output:
+        log.warning("align_output: the alignment stage is not part of this build yet; segment times only")
+    if req.diarization:
+        log.warning("diarization: the diarization stage is not part of this build yet; no speaker labels")
+
+    result, _refs = write_outputs(
+        audio,
+        transcript,
+        debug=req.debug,
+        download_dir=req.download_dir,
+        bucket=req.bucket,
+        prefix=req.prefix_transcripts,
+        stage_seconds=stage_seconds,
+        cached_stages=cached,
+    )
+    return result

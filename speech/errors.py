@@ -1,0 +1,38 @@
+"""Errors the engine raises for problems the caller can fix.
+
+They carry a one-line, user-facing message. Orchestration code must not retry them:
+a bad file or a bad parameter fails the same way every time.
+"""
+from __future__ import annotations
+
+
+class SpeechError(Exception):
+    """Base class: a clear, deterministic failure with a one-line reason."""
+
+    retryable = False
+
+
+class InvalidRequest(SpeechError):
+    """A request parameter is invalid."""
+
+
+class AudioError(SpeechError):
+    """The audio is missing, empty, truncated, not audio, or over a limit."""
+
+
+class FetchError(SpeechError):
+    """The audio could not be fetched (404, access denied, bad URL)."""
+
+
+class TransientFetchError(FetchError):
+    """A network failure that may succeed on retry (timeout, 5xx, connection refused)."""
+
+    retryable = True
+
+
+class ModelError(SpeechError):
+    """A model could not be resolved or loaded."""
+
+
+class StorageError(SpeechError):
+    """The results store could not be written."""

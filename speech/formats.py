@@ -1,0 +1,38 @@
+"""Render a result into its output files: <stem>.json, .segments.json, .srt, .vtt.
+
+SRT/VTT come from whisperx's own writers (``whisperx.utils.WriteSRT``/``WriteVTT``), so cue
+splitting, speaker prefixes and timestamp formatting match the ``whisperx`` CLI.
+"""
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from speech.schema import TranscriptionResult
+
+SUBTITLE_OPTIONS = {"max_line_width": None, "max_line_count": None, "highlight_words": False}
+
+
+def _subtitles(writer_cls: Any, data: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    writer_cls(output_dir=".").write_result(data, file=buf, options=dict(SUBTITLE_OPTIONS))
+    return buf.getvalue()
+
+
+def render(result: TranscriptionResult, stem: str) -> dict[str, bytes]:
+    """All output files of one result, as name -> bytes (rendered fully before any write)."""
+    from whisperx.utils import WriteSRT, WriteVTT
+
+    full = result.to_json()
+    sub_input = {"segments": full["segments"], "language": full.get("detected_language") or "en"}
+    return {
+        f"{stem}.json": _dumps(full),
+        f"{stem}.segments.json": _dumps(full["segments"]),
+        f"{stem}.srt": _subtitles(WriteSRT, sub_input).encode(),
+        f"{stem}.vtt": _subtitles(WriteVTT, sub_input).encode(),
+    }
+
+
+def _dumps(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()

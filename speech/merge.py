@@ -1,0 +1,38 @@
+"""Assemble the final result from the stages' outputs."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from speech.schema import AudioRef, Transcript, TranscriptionResult
+
+
+def build_result(
+    audio: AudioRef,
+    transcript: Transcript,
+    debug: bool = False,
+    stage_seconds: Optional[dict[str, float]] = None,
+) -> TranscriptionResult:
+    """The worker's JSON: segments, detected_language, language_probability (+ debug)."""
+    extra: Optional[dict[str, Any]] = None
+    if debug:
+        asr_seconds = sum(transcript.timings.values())
+        extra = {
+            "model": transcript.model,
+            "device": transcript.device,
+            "compute_type": transcript.compute_type,
+            "audio_seconds": audio.duration,
+            "audio_sha256": audio.sha256,
+            "transcribe_timings": transcript.timings,
+            "model_load_seconds": transcript.timings.get("model_load", 0.0),
+            "language_detection_tries": transcript.language_detection_tries,
+            "peak_memory_mb": transcript.peak_memory_mb,
+            "real_time_factor": round(asr_seconds / audio.duration, 4) if audio.duration else None,
+        }
+        if stage_seconds:
+            extra["stage_seconds"] = stage_seconds
+    return TranscriptionResult(
+        segments=transcript.segments,
+        detected_language=transcript.language,
+        language_probability=transcript.language_probability,
+        debug=extra,
+    )

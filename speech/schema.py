@@ -1,0 +1,266 @@
+"""The typed contract between stages, and the request/result shapes users see.
+
+``TranscriptionRequest`` mirrors the original WhisperX worker's inputs (same names, types,
+defaults) plus the pipeline script's controls. ``TranscriptionResult`` is the worker's
+JSON output. The ``AudioRef``/``Transcript`` models are what stages hand each other: small
+references and metadata, never big arrays.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from speech.errors import InvalidRequest
+
+# Whisper's language table, straight from whisperx (a light, dependency-free module).
+from whisperx.utils import LANGUAGES as WHISPER_LANGUAGES, TO_LANGUAGE_CODE
+
+
+def normalize_language(value: Optional[str]) -> Optional[str]:
+    """'en', 'EN', 'english' -> 'en'; None/''/'auto'/'None' -> None (detect)."""
+    if value is None:
+        return None
+    v = str(value).strip().lower()
+    if v in ("", "auto", "none", "null"):
+        return None
+    if v in WHISPER_LANGUAGES:
+        return v
+    if v in TO_LANGUAGE_CODE:
+        return TO_LANGUAGE_CODE[v]
+    raise ValueError(f"unknown language {value!r}; use a Whisper language code such as 'en', 'de', 'es'")
+
+
+class SpeakerSample(BaseModel):
+    """An enrolment clip for speaker verification: ``{name?, url}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Optional[str] = Field(None, description="Speaker name; derived from the URL when omitted.")
+    url: str = Field(..., min_length=1, description="Local path, http(s) URL or s3:// URI of a clip.")
+
+
+class TranscriptionRequest(BaseModel):
+    """Every input of a transcription run. Accepts the worker's ``{"input": {...}}`` envelope."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # ---- the original worker's inputs (names, types, defaults kept) ---------------
+    audio_file: str = Field(..., min_length=1, description="Local path, http(s) URL or s3://bucket/key of the audio.")
+    language: Optional[str] = Field(
+        None, description="ISO code of the spoken language (e.g. 'en'); empty to detect it."
+    )
+    language_detection_min_prob: float = Field(
+        0, ge=0, le=1,
+        description="Detect the language on successive 30 s windows of speech until one reaches this probability.",
+    )
+    language_detection_max_tries: int = Field(
+        5, ge=1, le=100, description="At most this many detection windows; then the most probable language wins."
+    )
+    initial_prompt: Optional[str] = Field(None, description="Text to prompt the first decoding window with.")
+    batch_size: int = Field(64, ge=1, le=1024, description="Parallel decoding batch size.")
+    temperature: float = Field(0, ge=0, le=1, description="Sampling temperature (0 = greedy/beam search).")
+    vad_onset: float = Field(0.500, gt=0, lt=1, description="VAD onset threshold, in (0, 1).")
+    vad_offset: float = Field(0.363, gt=0, lt=1, description="VAD offset threshold, in (0, 1).")
+    align_output: bool = Field(False, description="Align words for accurate word-level timestamps.")
+    diarization: bool = Field(False, description="Label segments and words with speakers.")
+    huggingface_access_token: Optional[SecretStr] = Field(
+        None, description="Hugging Face token for gated models (prefer the HF_TOKEN env var)."
+    )
+    min_speakers: Optional[int] = Field(None, ge=1, description="Minimum number of speakers.")
+    max_speakers: Optional[int] = Field(None, ge=1, description="Maximum number of speakers.")
+    debug: bool = Field(False, description="Add stage timings, model load time and peak memory to the result.")
+    speaker_verification: bool = Field(False, description="Relabel speakers with enrolled names.")
+    speaker_samples: list[SpeakerSample] = Field(default_factory=list, description="Enrolment clips [{name?, url}].")
+
+    # ---- the pipeline script's controls --------------------------------------------
+    model: Optional[str] = Field(
+        None, description="Whisper model: a name (large-v3, base, ...), a directory, or bundled:base / bundled:tiny.en."
+    )
+    beam_size: Optional[int] = Field(None, ge=1, le=20, description="Beam size (default 5).")
+    num_speakers: Optional[int] = Field(None, ge=1, description="Exact number of speakers, when known.")
+    download_dir: Optional[str] = Field(
+        None, description="Local folder for the outputs (default RESULTS_DIR or ./out); ignored when bucket is set."
+    )
+    bucket: Optional[str] = Field(None, description="S3 bucket for the outputs (default RESULTS_BUCKET).")
+    prefix_transcripts: Optional[str] = Field(None, description="Key prefix for outputs in the bucket.")
+    output_name: Optional[str] = Field(None, description="Stem of the output files (default: the audio's stem).")
+    force: bool = Field(False, description="Recompute every stage even when a cached result exists.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unwrap_envelope(cls, data: Any) -> Any:
+        if isinstance(data, dict) and set(data) == {"input"} and isinstance(data["input"], dict):
+            return data["input"]
+        return data
+
+    @field_validator("language", mode="before")
+    @classmethod
+    def _language(cls, v: Any) -> Optional[str]:
+        return normalize_language(v)
+
+    @field_validator("initial_prompt", "model", "download_dir", "bucket", "prefix_transcripts", mode="before")
+    @classmethod
+    def _blank_is_none(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("huggingface_access_token", mode="before")
+    @classmethod
+    def _blank_token(cls, v: Any) -> Any:
+        return None if v in ("", None) else v
+
+    @field_validator("audio_file")
+    @classmethod
+    def _audio_file(cls, v: str) -> str:
+        v = v.strip()
+        scheme = urlsplit(v).scheme.lower()
+        if scheme and len(scheme) > 1 and scheme not in ("http", "https", "s3", "file"):
+            raise ValueError(f"unsupported URL scheme {scheme!r}; use a local path, http(s):// or s3://")
+        return v
+
+    @field_validator("output_name")
+    @classmethod
+    def _output_name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
+            raise ValueError("output_name may hold letters, digits, '.', '_' and '-' only (max 128)")
+        return v
+
+    @model_validator(mode="after")
+    def _speakers(self) -> "TranscriptionRequest":
+        lo, hi, n = self.min_speakers, self.max_speakers, self.num_speakers
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"min_speakers ({lo}) must not exceed max_speakers ({hi})")
+        if n is not None and ((lo is not None and n < lo) or (hi is not None and n > hi)):
+            raise ValueError(f"num_speakers ({n}) must lie within min_speakers..max_speakers")
+        if self.speaker_verification and not self.speaker_samples:
+            raise ValueError("speaker_verification needs at least one entry in speaker_samples")
+        return self
+
+    @classmethod
+    def parse(cls, data: Any = None, **kwargs: Any) -> "TranscriptionRequest":
+        """Validate user input, turning pydantic's report into one clear ``InvalidRequest``."""
+        payload = dict(data or {}, **kwargs) if isinstance(data, dict) or data is None else data
+        try:
+            return cls.model_validate(payload)
+        except ValidationError as exc:
+            raise InvalidRequest(describe_validation_error(exc)) from None
+
+    def public_dict(self) -> dict[str, Any]:
+        """Parameters safe to log or store: secrets dropped, not just masked."""
+        return self.model_dump(mode="json", exclude={"huggingface_access_token"})
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "request"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown parameter"
+        parts.append(f"{loc}: {msg}")
+    return "invalid request: " + "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------------
+# Stage contract
+# ----------------------------------------------------------------------------------
+
+
+class AudioRef(BaseModel):
+    """Fetched, decoded audio: a reference to a cached 16 kHz mono float32 array on disk."""
+
+    sha256: str = Field(..., description="sha256 of the source bytes")
+    source: str = Field(..., description="where it came from (URL query strings dropped)")
+    stem: str = Field(..., description="output file stem")
+    decoded_path: str = Field(..., description="float32 .npy of the 16 kHz mono samples")
+    duration: float
+    sample_rate: int = 16000
+    size_bytes: int
+    format: str = Field(..., description="container/codec as PyAV reports it")
+
+
+class TimedWord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    word: str
+    start: Optional[float] = None
+    end: Optional[float] = None
+    score: Optional[float] = None
+    speaker: Optional[str] = None
+    confidence: Optional[float] = None
+
+
+class Segment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    start: float
+    end: float
+    text: str
+    words: Optional[list[TimedWord]] = None
+    speaker: Optional[str] = None
+    confidence: Optional[float] = None
+    confidence_flag: Optional[str] = None
+
+
+class Transcript(BaseModel):
+    """Output of the transcribe stage."""
+
+    segments: list[Segment]
+    language: Optional[str]
+    language_probability: Optional[float] = None
+    language_detection_tries: int = 0
+    model: str
+    device: str
+    compute_type: str
+    timings: dict[str, float] = Field(default_factory=dict)
+    peak_memory_mb: Optional[float] = None
+
+
+class SpeakerInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    time: float
+
+
+class TranscriptionResult(BaseModel):
+    """The original worker's JSON (plus optional additive keys)."""
+
+    model_config = ConfigDict(extra="forbid")
+    segments: list[Segment]
+    detected_language: Optional[str] = Field(None, description="None only when the audio holds no speech")
+    language_probability: Optional[float] = None
+    speakers: Optional[dict[str, SpeakerInfo]] = None
+    debug: Optional[dict[str, Any]] = None
+    confidence: Optional[dict[str, Any]] = None
+    unclear_intervals: Optional[list[dict[str, Any]]] = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.model_dump(mode="json", exclude_none=True)
+        out.setdefault("detected_language", None)  # always present, as in the worker's output
+        return out
+
+
+class OutputRef(BaseModel):
+    """Where one output file landed."""
+
+    name: str
+    uri: str
+    size_bytes: int
+
+
+class TranscribeParams(BaseModel):
+    """The transcribe stage's own parameters (its cache key, with the audio hash)."""
+
+    model: Optional[str] = None
+    language: Optional[str] = None
+    language_detection_min_prob: float = 0
+    language_detection_max_tries: int = 5
+    initial_prompt: Optional[str] = None
+    batch_size: int = 64
+    temperature: float = 0
+    beam_size: Optional[int] = None
+    vad_onset: float = 0.500
+    vad_offset: float = 0.363
+
+    @classmethod
+    def from_request(cls, req: "TranscriptionRequest") -> "TranscribeParams":
+        return cls(**req.model_dump(include=set(cls.model_fields)))

@@ -1,0 +1,81 @@
+"""The one settings object: every environment variable the pipeline reads lives here.
+
+Secrets are ``SecretStr`` so they never show up in ``repr``, logs or dumps.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "speech-pipeline"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    # --- models -----------------------------------------------------------------------
+    whisperx_model: Optional[str] = Field(
+        None,
+        validation_alias=AliasChoices("WHISPERX_MODEL", "WHISPERX_MODEL_NAME"),
+        description="Whisper model name (hub) or directory; overrides the shipped model.",
+    )
+    whisperx_model_dir: Optional[Path] = Field(
+        None,
+        validation_alias="WHISPERX_MODEL_DIR",
+        description="Directory holding a CTranslate2 model.bin; used when it exists.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", validation_alias="WHISPERX_DEVICE")
+    compute_type: Optional[str] = Field(
+        None,
+        validation_alias="WHISPERX_COMPUTE_TYPE",
+        description="CTranslate2 compute type; default float16 on CUDA, int8 on CPU.",
+    )
+    cpu_threads: int = Field(0, validation_alias="WHISPERX_CPU_THREADS", description="0 = all cores")
+    vad_model_path: Optional[Path] = Field(None, validation_alias="VAD_MODEL_PATH")
+    cache_dir: Path = Field(default_factory=_default_cache_dir, validation_alias="SPEECH_CACHE_DIR")
+
+    # --- inputs -----------------------------------------------------------------------
+    max_audio_bytes: int = Field(2 * 1024**3, validation_alias="MAX_AUDIO_BYTES")
+    max_audio_seconds: float = Field(6 * 3600.0, validation_alias="MAX_AUDIO_SECONDS")
+    http_connect_timeout: float = Field(10.0, validation_alias="HTTP_CONNECT_TIMEOUT")
+    http_read_timeout: float = Field(60.0, validation_alias="HTTP_READ_TIMEOUT")
+
+    # --- results store ----------------------------------------------------------------
+    results_dir: Path = Field(Path("out"), validation_alias="RESULTS_DIR")
+    s3_bucket: Optional[str] = Field(None, validation_alias=AliasChoices("RESULTS_BUCKET", "S3_BUCKET"))
+    s3_prefix: str = Field("transcripts/", validation_alias=AliasChoices("RESULTS_PREFIX", "S3_PREFIX"))
+    s3_endpoint_url: Optional[str] = Field(
+        None, validation_alias=AliasChoices("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    )
+    s3_region: Optional[str] = Field(None, validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"))
+
+    # --- secrets (never logged) -------------------------------------------------------
+    hf_token: Optional[SecretStr] = Field(
+        None, validation_alias=AliasChoices("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_ACCESS_TOKEN")
+    )
+    deepgram_api_key: Optional[SecretStr] = Field(None, validation_alias="DEEPGRAM_API_KEY")
+    pyannote_api_key: Optional[SecretStr] = Field(None, validation_alias="PYANNOTE_API_KEY")
+
+    debug: bool = Field(False, validation_alias="DEBUG")
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret, for scrubbing text before it is logged or stored."""
+        out = []
+        for s in (self.hf_token, self.deepgram_api_key, self.pyannote_api_key):
+            if s is not None and s.get_secret_value():
+                out.append(s.get_secret_value())
+        return out
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings read once per process (tests call ``get_settings.cache_clear()``)."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Thin Prefect task wrappers around :mod:`speech`: retries, caching, artifacts, logging."""

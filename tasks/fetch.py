@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from typing import Optional
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from speech.audio import load_audio
+from speech.schema import AudioRef
+from tasks.common import NETWORK_BACKOFF, NETWORK_RETRIES, retry_transient
+
+
+@task(
+    name="fetch-audio",
+    retries=NETWORK_RETRIES,
+    retry_delay_seconds=NETWORK_BACKOFF,
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,  # the bytes must be read to know their hash
+)
+def fetch_audio(audio_file: str, output_name: Optional[str] = None) -> AudioRef:
+    """Fetch (path/http/s3), hash and decode the audio; returns a small reference."""
+    ref = load_audio(audio_file, output_name)
+    get_run_logger().info(
+        "fetched %s: %.1f s, %s, %d bytes, sha256 %s", ref.source, ref.duration, ref.format, ref.size_bytes, ref.sha256[:12]
+    )
+    return ref

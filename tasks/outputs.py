@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from typing import Optional
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from speech.formats import render
+from speech.merge import build_result
+from speech.report import summary_markdown
+from speech.schema import AudioRef, OutputRef, Transcript
+from speech.storage import open_store
+from tasks.common import artifact_key
+
+
+@task(name="write-outputs", cache_policy=NO_CACHE, persist_result=False)
+def write_outputs(
+    audio: AudioRef,
+    transcript: Transcript,
+    debug: bool = False,
+    download_dir: Optional[str] = None,
+    bucket: Optional[str] = None,
+    prefix: Optional[str] = None,
+    stage_seconds: Optional[dict[str, float]] = None,
+    cached_stages: Optional[list[str]] = None,
+) -> tuple[dict, list[OutputRef]]:
+    """Merge into the worker's JSON, render json/srt/vtt, store them, publish artifacts."""
+    log = get_run_logger()
+    result = build_result(audio, transcript, debug=debug, stage_seconds=stage_seconds)
+    files = render(result, audio.stem)
+    store = open_store(download_dir=download_dir, bucket=bucket, prefix=prefix)
+    refs = store.write(files)
+    log.info("wrote %d outputs to %s", len(refs), store.describe())
+    key = artifact_key(f"transcript-{audio.stem}")
+    create_markdown_artifact(
+        key=key,
+        markdown=summary_markdown(audio, transcript, result, refs, stage_seconds or {}, store.describe(), cached_stages),
+        description=f"Transcript summary for {audio.stem}",
+    )
+    create_table_artifact(
+        key=f"{key}-outputs",
+        table=[{"file": r.name, "uri": r.uri, "bytes": r.size_bytes} for r in refs],
+        description="Output files",
+    )
+    return result.to_json(), refs

@@ -1,0 +1,128 @@
+"""Shared fixtures: isolated caches, one Prefect harness, loopback HTTP and S3 servers."""
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import re
+import socket
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+
+# Keep every test run off the user's real caches and off the network.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+# Prefect keeps cached task results on disk under PREFECT_HOME: isolate them per session,
+# set before anything imports prefect.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_caches(tmp_path_factory):
+    from speech.settings import get_settings
+
+    cache = tmp_path_factory.mktemp("speech-cache")
+    os.environ["SPEECH_CACHE_DIR"] = str(cache)
+    os.environ["RESULTS_DIR"] = str(tmp_path_factory.mktemp("results-default"))
+    get_settings.cache_clear()
+    yield cache
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def manifest() -> dict:
+    return json.loads((DATA / "fixtures.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One real (temporary, SQLite) Prefect API for every flow-level test."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_GET(self):
+        if self.path.startswith("/error500"):
+            self.send_error(500, "boom")
+            return
+        super().do_GET()
+
+
+@pytest.fixture(scope="session")
+def http_server():
+    """Serves tests/data on 127.0.0.1; /error500 answers 500."""
+    handler = functools.partial(_Handler, directory=str(DATA))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 protocol server (moto) on 127.0.0.1, with the env pointing boto3 at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "S3_ENDPOINT_URL": endpoint,
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from speech.settings import get_settings
+
+    get_settings.cache_clear()
+    yield endpoint
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    get_settings.cache_clear()
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server):
+    from speech.audio import s3_client
+    from speech.settings import get_settings
+
+    return s3_client(get_settings())
+
+
+def normalize_text(text: str) -> str:
+    text = text.lower().replace("-", " ")
+    text = re.sub(r"[^\w\s']", " ", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    import jiwer
+
+    return jiwer.wer(normalize_text(reference), normalize_text(hypothesis))

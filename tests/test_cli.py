@@ -1,0 +1,63 @@
+"""The command line, as users and the acceptance check run it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+
+
+def cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.transcribe", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+def test_help_lists_the_pipeline_flags():
+    proc = cli("--help")
+    assert proc.returncode == 0
+    for flag in ("--model", "--language", "--batch-size", "--beam-size", "--temperature", "--initial-prompt",
+                 "--vad-onset", "--vad-offset", "--params-json", "--download-dir", "--debug"):
+        assert flag in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["x.wav", "--batch-size", "0"], "batch_size"),
+        (["x.wav", "--vad-onset", "1.5"], "vad_onset"),
+        (["x.wav", "--language", "xx"], "unknown language"),
+        (["--params-json", '{"input": {"audio_file": "x.wav", "temperature": 3}}'], "temperature"),
+        (["/nonexistent/audio.wav"], "not found"),
+        ([], "required"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, fragment):
+    proc = cli(*args)
+    assert proc.returncode == 2
+    assert fragment in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_cli_transcribes_and_writes_outputs(tmp_path, manifest):
+    from tests.conftest import wer
+
+    out = tmp_path / "out"
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"input": {"language": "en", "batch_size": 8}}))
+    proc = cli(str(DATA / "heldout_3spk.wav"), "--params-json", str(params), "--download-dir", str(out),
+               env={"PREFECT_HOME": str(tmp_path / "prefect-home")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "heldout_3spk.json", "heldout_3spk.segments.json", "heldout_3spk.srt", "heldout_3spk.vtt",
+    ]
+    result = json.loads((out / "heldout_3spk.json").read_text())
+    assert wer(manifest["heldout_3spk.wav"]["text"], " ".join(s["text"] for s in result["segments"])) <= 0.12
+    assert "-->" in proc.stdout and str(out) in proc.stderr

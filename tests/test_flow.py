@@ -1,0 +1,141 @@
+"""Real Prefect flow runs (one shared test harness): outputs, S3, caching, artifacts, secrets."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from speech import models
+from speech.errors import AudioError, FetchError, InvalidRequest
+from speech.schema import TranscriptionResult
+from tests.conftest import wer
+
+pytestmark = pytest.mark.prefect
+DATA = Path(__file__).parent / "data"
+
+
+def run(**kwargs):
+    from flows.transcribe import transcribe_audio
+
+    state = transcribe_audio(return_state=True, **kwargs)
+    return state, state.result(raise_on_failure=False)
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+def read_flow_run(flow_run_id):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def test_flow_writes_worker_outputs_and_artifacts(prefect_harness, tmp_path, manifest):
+    out = tmp_path / "out"
+    state, result = run(audio_file=str(DATA / "sample_2spk.wav"), download_dir=str(out), debug=True,
+                        huggingface_access_token="hf_do_not_store_me")
+    assert state.is_completed(), state
+    assert sorted(p.name for p in out.iterdir()) == [
+        "sample_2spk.json", "sample_2spk.segments.json", "sample_2spk.srt", "sample_2spk.vtt",
+    ]
+    stored = json.loads((out / "sample_2spk.json").read_text())
+    TranscriptionResult.model_validate(stored)
+    assert stored == result
+    assert stored["detected_language"] == "en" and stored["language_probability"] > 0.9
+    assert wer(manifest["sample_2spk.wav"]["text"], " ".join(s["text"] for s in stored["segments"])) <= 0.12
+    assert set(stored["debug"]) >= {"transcribe_timings", "model_load_seconds", "peak_memory_mb", "stage_seconds"}
+    assert "-->" in (out / "sample_2spk.srt").read_text()
+
+    # the token was used but is stored nowhere: not in parameters, results or outputs
+    flow_run = read_flow_run(state.state_details.flow_run_id)
+    assert "hf_do_not_store_me" not in json.dumps(flow_run.parameters)
+    assert all("hf_do_not_store_me" not in p.read_text() for p in out.iterdir())
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+        )
+    kinds = {a.type for a in arts}
+    assert {"markdown", "table", "progress"} <= kinds
+    summary = next(a for a in arts if a.type == "markdown").data
+    assert "language" in summary and "real-time factor" in summary and "sample_2spk.json" in summary
+    progress = next(a for a in arts if a.type == "progress")
+    assert float(progress.data) == 100.0
+
+
+def test_s3_outputs_and_content_addressed_cache(prefect_harness, s3, tmp_path):
+    s3.create_bucket(Bucket="results")
+    s3.create_bucket(Bucket="media")
+    s3.upload_file(str(DATA / "heldout_3spk.wav"), "media", "in/held.wav")
+    state, result = run(audio_file="s3://media/in/held.wav", bucket="results", prefix_transcripts="tx/", language="en")
+    assert state.is_completed(), state
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="results")["Contents"])
+    assert keys == ["tx/held.json", "tx/held.segments.json", "tx/held.srt", "tx/held.vtt"]
+    body = json.loads(s3.get_object(Bucket="results", Key="tx/held.json")["Body"].read())
+    assert body == result and body["segments"]
+    assert task_states(state.state_details.flow_run_id)["transcribe"] == "Completed"
+
+    # same bytes, another path and name: the transcription is a cache hit, no model loads
+    copy = tmp_path / "another name.wav"
+    shutil.copy(DATA / "heldout_3spk.wav", copy)
+    loads = models.CACHE.load_count
+    state2, result2 = run(audio_file=str(copy), bucket="results", prefix_transcripts="tx/", language="en")
+    assert state2.is_completed()
+    assert task_states(state2.state_details.flow_run_id)["transcribe"] == "Cached"
+    assert models.CACHE.load_count == loads
+    assert result2["segments"] == result["segments"]
+    assert "tx/another_name.json" in {o["Key"] for o in s3.list_objects_v2(Bucket="results")["Contents"]}
+
+    # changing a transcription parameter is a miss
+    state3, _ = run(audio_file=str(copy), bucket="results", prefix_transcripts="tx/", language="en", beam_size=2)
+    assert task_states(state3.state_details.flow_run_id)["transcribe"] == "Completed"
+
+
+def _bad_inputs(tmp_path: Path, http_server: str) -> list[tuple[dict, type, str]]:
+    data = (DATA / "sample_2spk.wav").read_bytes()
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "cut.wav").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.wav").write_text("not audio at all\n" * 40)
+    return [
+        ({"audio_file": str(tmp_path / "missing.wav")}, FetchError, "not found"),
+        ({"audio_file": f"{http_server}/missing.wav"}, FetchError, "404"),
+        ({"audio_file": str(tmp_path / "empty.wav")}, AudioError, "empty"),
+        ({"audio_file": str(tmp_path / "cut.wav")}, AudioError, "truncated"),
+        ({"audio_file": str(tmp_path / "text.wav")}, AudioError, "not a readable audio file"),
+        ({"audio_file": str(DATA / "sample_2spk.wav"), "batch_size": 0}, InvalidRequest, "batch_size"),
+        ({"audio_file": str(DATA / "sample_2spk.wav"), "language": "xx"}, InvalidRequest, "unknown language"),
+    ]
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(prefect_harness, tmp_path, http_server):
+    out = tmp_path / "out"
+    for params, exc_type, fragment in _bad_inputs(tmp_path, http_server):
+        state, exc = run(download_dir=str(out), **params)
+        assert state.is_failed(), params
+        assert isinstance(exc, exc_type) and fragment in str(exc), (params, exc)
+        assert not out.exists() or not any(out.iterdir()), params
+
+
+def test_silence_is_an_empty_transcript_not_an_error(prefect_harness, tmp_path):
+    import wave
+
+    path = tmp_path / "silence.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(b"\0\0" * 16000 * 3)
+    state, result = run(audio_file=str(path), download_dir=str(tmp_path / "out"))
+    assert state.is_completed()
+    assert result["segments"] == []
+    assert json.loads((tmp_path / "out" / "silence.json").read_text())["segments"] == []

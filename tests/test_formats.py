@@ -1,0 +1,57 @@
+"""Output files: worker JSON, segments JSON, SRT and VTT via whisperx's writers."""
+from __future__ import annotations
+
+import json
+
+from speech.formats import render
+from speech.schema import Segment, TimedWord, TranscriptionResult
+from speech.storage import LocalStore
+
+
+def result() -> TranscriptionResult:
+    return TranscriptionResult(
+        segments=[
+            Segment(start=0.5, end=2.25, text="Hello there."),
+            Segment(start=3661.0, end=3662.5, text="An hour later --> still here."),
+        ],
+        detected_language="en",
+        language_probability=0.98,
+    )
+
+
+def test_render_all_outputs():
+    files = render(result(), "talk")
+    assert set(files) == {"talk.json", "talk.segments.json", "talk.srt", "talk.vtt"}
+    full = json.loads(files["talk.json"])
+    assert TranscriptionResult.model_validate(full) == result()
+    assert json.loads(files["talk.segments.json"]) == full["segments"]
+    srt = files["talk.srt"].decode()
+    assert srt.startswith("1\n00:00:00,500 --> 00:00:02,250\nHello there.\n")
+    assert "01:01:01,000 --> 01:01:02,500" in srt and "-->" not in srt.split("\n")[6]
+    vtt = files["talk.vtt"].decode()
+    assert vtt.startswith("WEBVTT\n") and "00:00.500 --> 00:02.250" in vtt
+
+
+def test_words_and_speakers_drive_subtitles():
+    r = TranscriptionResult(
+        segments=[
+            Segment(start=0.0, end=1.0, text="Hi Bob", speaker="Alice",
+                    words=[TimedWord(word="Hi", start=0.1, end=0.4), TimedWord(word="Bob", start=0.5, end=0.9)]),
+        ],
+        detected_language="en",
+    )
+    srt = render(r, "x")["x.srt"].decode()
+    assert "00:00:00,100 --> 00:00:00,900\n[Alice]: Hi Bob" in srt
+
+
+def test_empty_result_renders():
+    files = render(TranscriptionResult(segments=[], detected_language=None), "quiet")
+    assert json.loads(files["quiet.json"]) == {"segments": [], "detected_language": None}
+    assert files["quiet.srt"] == b"" and files["quiet.vtt"].startswith(b"WEBVTT")
+
+
+def test_local_store_writes_all_or_nothing(tmp_path):
+    store = LocalStore(tmp_path / "out")
+    refs = store.write({"a.json": b"{}", "a.srt": b""})
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.json", "a.srt"]
+    assert {r.name for r in refs} == {"a.json", "a.srt"}

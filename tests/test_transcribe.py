@@ -1,0 +1,141 @@
+"""Real WhisperX inference with the bundled Whisper base on synthesized speech."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from speech import models
+from speech.audio import load_audio, read_samples
+from speech.errors import ModelError
+from speech.schema import TranscribeParams
+from speech.settings import get_settings
+from speech.transcribe import transcribe
+from tests.conftest import wer
+
+DATA = Path(__file__).parent / "data"
+
+
+def samples(name: str) -> np.ndarray:
+    return np.asarray(read_samples(load_audio(str(DATA / name))))
+
+
+@pytest.fixture(scope="module")
+def two_speaker():
+    return transcribe(samples("sample_2spk.wav"), TranscribeParams(batch_size=8))
+
+
+@pytest.mark.parametrize("name", ["sample_2spk.wav", "heldout_3spk.wav"])
+def test_english_wer(name, manifest, two_speaker):
+    tr = two_speaker if name == "sample_2spk.wav" else transcribe(samples(name), TranscribeParams(language="en"))
+    hyp = " ".join(s.text for s in tr.segments)
+    score = wer(manifest[name]["text"], hyp)
+    print(f"{name}: WER {score:.3f}: {hyp}")
+    assert score <= 0.12
+    assert tr.language == "en"
+    for seg in tr.segments:
+        assert 0 <= seg.start < seg.end <= manifest[name]["duration"] + 0.05
+
+
+def test_language_is_detected_with_probability(two_speaker):
+    assert two_speaker.language == "en" and two_speaker.language_probability > 0.9
+    assert two_speaker.language_detection_tries == 1
+
+
+@pytest.mark.parametrize("name, lang", [("de_espeak.wav", "de"), ("es_espeak.wav", "es")])
+def test_foreign_language_detected(name, lang, manifest):
+    tr = transcribe(samples(name), TranscribeParams())
+    assert tr.language == lang and tr.language_probability > 0.5
+    assert wer(manifest[name]["text"], " ".join(s.text for s in tr.segments)) < 0.5
+
+
+@pytest.fixture(scope="module")
+def long_spanish():
+    """~34 s of Spanish speech (+gaps) so there are two 30 s windows of speech."""
+    clip = samples("es_espeak.wav")
+    gap = np.zeros(8000, np.float32)
+    return np.concatenate([clip, gap, clip, gap, clip, gap, clip, gap, clip])
+
+
+def test_min_prob_zero_uses_one_window(long_spanish):
+    tr = transcribe(long_spanish, TranscribeParams(language_detection_min_prob=0, batch_size=8))
+    assert tr.language == "es" and tr.language_detection_tries == 1
+
+
+def test_unreachable_min_prob_tries_every_window_up_to_max(long_spanish):
+    tr = transcribe(long_spanish, TranscribeParams(language_detection_min_prob=1.0, language_detection_max_tries=5))
+    assert tr.language == "es"
+    assert tr.language_detection_tries == 2  # only two windows of speech exist
+    tr = transcribe(long_spanish, TranscribeParams(language_detection_min_prob=1.0, language_detection_max_tries=1))
+    assert tr.language_detection_tries == 1
+
+
+def test_reachable_min_prob_stops_early(long_spanish):
+    tr = transcribe(long_spanish, TranscribeParams(language_detection_min_prob=0.5, language_detection_max_tries=5))
+    assert tr.language_detection_tries == 1 and tr.language_probability >= 0.5
+
+
+def test_silence_gives_empty_transcript():
+    tr = transcribe(np.zeros(16000 * 4, np.float32), TranscribeParams())
+    assert tr.segments == [] and tr.language is None
+
+
+def test_options_reach_the_decoder(two_speaker):
+    tr = transcribe(samples("sample_2spk.wav"), TranscribeParams(language="en", beam_size=1, batch_size=2,
+                                                                  initial_prompt="Harvard sentences."))
+    assert wer(" ".join(s.text for s in two_speaker.segments), " ".join(s.text for s in tr.segments)) < 0.3
+
+
+def test_model_loads_once_per_process(two_speaker):
+    before = models.CACHE.load_count
+    transcribe(samples("heldout_3spk.wav"), TranscribeParams(language="en"))
+    assert models.CACHE.load_count == before
+
+
+def test_bundled_tiny_en(manifest):
+    tr = transcribe(samples("heldout_3spk.wav"), TranscribeParams(model="bundled:tiny.en"))
+    assert tr.model == "bundled:tiny.en" and tr.language == "en"
+    assert wer(manifest["heldout_3spk.wav"]["text"], " ".join(s.text for s in tr.segments)) < 0.3
+
+
+def test_model_resolution_order(monkeypatch, tmp_path):
+    s = get_settings()
+    assert models.resolve_model(None, s, assemble=False).label == "bundled:base"
+    assert models.resolve_model("large-v3", s).source == "large-v3"
+    monkeypatch.setenv("WHISPERX_MODEL_NAME", "small")
+    get_settings.cache_clear()
+    assert models.resolve_model(None, get_settings()).label == "small"
+    assert models.resolve_model("medium", get_settings()).label == "medium"  # run parameter wins
+    monkeypatch.delenv("WHISPERX_MODEL_NAME")
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    monkeypatch.setenv("WHISPERX_MODEL_DIR", str(model_dir))
+    get_settings.cache_clear()
+    assert models.resolve_model(None, get_settings(), assemble=False).label == "bundled:base"  # no model.bin yet
+    (model_dir / "model.bin").write_bytes(b"x")
+    assert models.resolve_model(None, get_settings()).source == str(model_dir.resolve())
+    monkeypatch.delenv("WHISPERX_MODEL_DIR")
+    get_settings.cache_clear()
+    with pytest.raises(ModelError, match="no model.bin"):
+        models.resolve_model(str(tmp_path), get_settings())
+    with pytest.raises(ModelError, match="unknown bundled"):
+        models.resolve_model("bundled:huge", get_settings())
+
+
+def test_hub_model_offline_gives_clear_error():
+    spec = models.resolve_model("large-v3")
+    with pytest.raises(ModelError, match="Hugging Face hub"):
+        models.CACHE.get_whisper(spec, "cpu", "int8", get_settings())
+
+
+def test_device_choice(monkeypatch):
+    monkeypatch.setenv("WHISPERX_DEVICE", "cpu")
+    get_settings.cache_clear()
+    assert models.resolve_device(get_settings()) == ("cpu", "int8")
+    monkeypatch.setenv("WHISPERX_COMPUTE_TYPE", "float32")
+    get_settings.cache_clear()
+    assert models.resolve_device(get_settings()) == ("cpu", "float32")
+    monkeypatch.delenv("WHISPERX_DEVICE")
+    monkeypatch.delenv("WHISPERX_COMPUTE_TYPE")
+    get_settings.cache_clear()
