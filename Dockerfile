@@ -1,0 +1,113 @@
+# syntax=docker/dockerfile:1.7
+#
+# CUDA image for the WhisperX Prefect pipeline (flows/, tasks/, speech/).
+#
+# Build (BuildKit is required for the cache and secret mounts):
+#   docker build -t whisperx-prefect:latest .
+#   # bake Whisper large-v3 into the image; the HF token is optional (the model is public):
+#   docker build -t whisperx-prefect:latest --build-arg PRELOAD_MODELS=1 \
+#       --secret id=hf_token,env=HF_TOKEN .
+#
+# Run the CLI directly:
+#   docker run --rm --gpus all -v "$PWD/audio:/data:ro" whisperx-prefect:latest \
+#       python -m flows.transcribe /data/meeting.wav --download-dir /tmp/jobs/out
+#
+# Run on a Prefect docker work pool (infra/README.md; prefect.yaml, deployment
+# `transcribe-gpu`): the docker worker (prefect-docker) creates one container per flow run
+# from this image and replaces CMD with its own command (`prefect flow-run execute`), passing
+# PREFECT_API_URL and the flow-run id in the environment. The deployment's pull step
+# (`prefect.deployments.steps.set_working_directory`, directory /app) points the run at the
+# code copied below, so the entrypoint `flows/transcribe.py:transcribe_audio` resolves inside
+# the image. GPUs come from the pool's job template (`container_create_kwargs.device_requests`).
+
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
+
+# --------------------------------------------------------------------------- builder ---
+FROM ${CUDA_IMAGE} AS builder
+ARG DEBIAN_FRONTEND=noninteractive
+# Python 3.11 from the deadsnakes PPA (Ubuntu 22.04 ships 3.10); gcc + headers build webrtcvad.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
+ && add-apt-repository -y ppa:deadsnakes/ppa \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends \
+      python3.11 python3.11-venv python3.11-dev build-essential \
+ && rm -rf /var/lib/apt/lists/*
+
+RUN python3.11 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY requirements.txt constraints.txt /tmp/req/
+# The same two files as `make setup`: direct pins + the full transitive pin set.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --upgrade pip setuptools wheel \
+ && pip install -r /tmp/req/requirements.txt -c /tmp/req/constraints.txt \
+ && pip check
+
+# --------------------------------------------------------------------------- runtime ---
+FROM ${CUDA_IMAGE} AS runtime
+ARG DEBIAN_FRONTEND=noninteractive
+# Reuse the builder's deadsnakes apt source + key; install only the interpreter.
+COPY --from=builder /etc/apt/sources.list.d/ /etc/apt/sources.list.d/
+COPY --from=builder /etc/apt/trusted.gpg.d/ /etc/apt/trusted.gpg.d/
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.11 ca-certificates tini \
+ && rm -rf /var/lib/apt/lists/*
+
+ARG APP_UID=10001
+RUN groupadd --gid ${APP_UID} app \
+ && useradd --uid ${APP_UID} --gid app --create-home --shell /bin/bash app \
+ && mkdir -p /models/hf /tmp/jobs /app/out \
+ && chown -R app:app /models /tmp/jobs /app
+
+COPY --from=builder /opt/venv /opt/venv
+
+# Environment of the original WhisperX worker. Read by speech/settings.py: WHISPERX_MODEL,
+# WHISPERX_MODEL_DIR, DEBUG (WHISPERX_DEVICE is set per deployment, default auto); HF_HOME is
+# honoured by huggingface_hub (hub downloads + cache). JOBS_DIR, CONSOLE_LOG_LEVEL and
+# PRINT_MOUNTS are kept for parity with the original worker's image. VAD_MODEL_PATH is left
+# unset on purpose (= whisperx's bundled pyannote VAD); set it at run time to override.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    WHISPERX_MODEL=large-v3 \
+    WHISPERX_MODEL_DIR=/models/faster-whisper-large-v3 \
+    HF_HOME=/models/hf \
+    JOBS_DIR=/tmp/jobs \
+    TMPDIR=/tmp \
+    DEBUG=0 \
+    CONSOLE_LOG_LEVEL=INFO \
+    PRINT_MOUNTS=0 \
+    PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    DO_NOT_TRACK=1
+
+# Optional: bake large-v3 into WHISPERX_MODEL_DIR (~3 GB). The token, when given, is read
+# from the BuildKit secret in this one RUN step only: it never reaches a layer or ENV. The
+# hub's download caches go to a scratch HF_HOME that is removed in the same step.
+ARG PRELOAD_MODELS=0
+RUN --mount=type=secret,id=hf_token,required=false \
+    case "$PRELOAD_MODELS" in \
+      0) ;; \
+      1) if [ -s /run/secrets/hf_token ]; then export HF_TOKEN="$(cat /run/secrets/hf_token)"; fi \
+         && HF_HOME=/tmp/hf-preload python -c 'import os, faster_whisper; print(faster_whisper.download_model("large-v3", output_dir=os.environ["WHISPERX_MODEL_DIR"]))' \
+         && rm -rf /tmp/hf-preload "$WHISPERX_MODEL_DIR/.cache" \
+         && chown -R app:app /models ;; \
+      *) echo "PRELOAD_MODELS must be 0 or 1, got '$PRELOAD_MODELS'" >&2; exit 1 ;; \
+    esac
+
+WORKDIR /app
+COPY --chown=app:app speech/ ./speech/
+COPY --chown=app:app tasks/ ./tasks/
+COPY --chown=app:app flows/ ./flows/
+COPY --chown=app:app deployments/ ./deployments/
+COPY --chown=app:app prefect.yaml ./
+
+USER app
+# Build-time smoke check: the CLI parses its flags and the flow module imports.
+RUN python -m flows.transcribe --help >/dev/null \
+ && python -c 'import flows.transcribe'
+
+# tini is PID 1: it forwards the worker's stop signal (flow-run cancellation) and reaps children.
+ENTRYPOINT ["/usr/bin/tini", "--"]
+CMD ["python", "-m", "flows.transcribe", "--help"]

@@ -1,0 +1,79 @@
+"""Serve the pipeline's deployments from one process: the single-machine default.
+
+    python deployments/serve.py            # needs a Prefect API (PREFECT_API_URL or `prefect server start`)
+    prefect deployment run 'transcribe-audio/transcribe-local' -p audio_file=tests/data/sample_2spk.wav
+
+Every flow run executes in a subprocess of this one, in the repository root, so relative
+paths (audio files, ``out/``) mean the same as for ``python -m flows.transcribe``. Work pools,
+workers and Docker are not needed; for those see prefect.yaml and infra/.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TAGS = ["whisperx", "transcription", "local"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python deployments/serve.py",
+        description="Serve the WhisperX transcription deployments from this process "
+        "(Prefect UI: Deployments -> transcribe-local -> Run).",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=1,
+        metavar="N",
+        help="most flow runs executing at once (default 1: each run loads its own Whisper model)",
+    )
+    return p
+
+
+def build_deployments() -> list[Any]:
+    """The deployments this process serves (imports Prefect and the flow: call lazily)."""
+    import speech
+    from flows.transcribe import transcribe_audio
+
+    deployments = [
+        transcribe_audio.to_deployment(
+            name="transcribe-local",
+            description=(
+                "Transcribe one audio file (local path, http(s) URL or s3:// URI) with WhisperX and "
+                "detect its language; writes <stem>.json, .segments.json, .srt and .vtt to "
+                "download_dir (default ./out) or an S3 bucket."
+            ),
+            tags=TAGS,
+            version=speech.__version__,
+        ),
+    ]
+    # Scheduled sweeps (a folder or an S3 prefix, each new file transcribed once) are served
+    # from here too once flows/sweep.py exists: append `sweep_flow.to_deployment(..., cron=...)`.
+    return deployments
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.limit < 1:
+        build_parser().error("--limit must be at least 1")
+
+    # Flow runs are subprocesses: give them the repository root as cwd and on sys.path.
+    os.chdir(ROOT)
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+
+    from prefect import serve
+
+    serve(*build_deployments(), limit=args.limit)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Create (or update) the work pools this project deploys to, from the job templates in infra/,
+# and register the prefect-aws block types.
+#
+#   PREFECT_API_URL=http://localhost:4200/api infra/bootstrap.sh [--compose] [POOL ...]
+#
+# POOL: cpu          cpu-pool          process     Prefect's default process template
+#       docker-gpu   gpu-docker-pool   docker      infra/docker-gpu-job-template.json
+#       process-gpu  gpu-process-pool  process     infra/process-gpu-job-template.json
+#       k8s-gpu      gpu-k8s-pool      kubernetes  infra/k8s-gpu-job-template.json
+#       all          every pool above
+# Default: cpu docker-gpu (the pools prefect.yaml deploys to). Re-running is safe: existing
+# pools get the template again (--overwrite).
+#
+# --compose  for infra/docker-compose.yml: flow-run containers of gpu-docker-pool join the
+#            compose network (whisperx-prefect) and get its MinIO settings as default env.
+#
+# Environment: PREFECT (CLI to use; default: `prefect` on PATH, else .venv/bin/prefect),
+# PYTHON (default python3), COMPOSE_NETWORK, RESULTS_BUCKET, MINIO_ROOT_USER,
+# MINIO_ROOT_PASSWORD (same defaults as infra/docker-compose.yml).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$HERE")"
+
+usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+
+if [[ -z "${PREFECT:-}" ]]; then
+  if command -v prefect >/dev/null 2>&1; then
+    PREFECT=prefect
+  elif [[ -x "$ROOT/.venv/bin/prefect" ]]; then
+    PREFECT="$ROOT/.venv/bin/prefect"
+  else
+    echo "error: no prefect CLI found (run \`make setup\`, or set PREFECT=/path/to/prefect)" >&2
+    exit 1
+  fi
+fi
+PYTHON="${PYTHON:-python3}"
+
+compose=0
+pools=()
+for arg in "$@"; do
+  case "$arg" in
+    --compose) compose=1 ;;
+    -h|--help) usage; exit 0 ;;
+    all) pools+=(cpu docker-gpu process-gpu k8s-gpu) ;;
+    cpu|docker-gpu|process-gpu|k8s-gpu) pools+=("$arg") ;;
+    *) echo "error: unknown argument '$arg'" >&2; usage >&2; exit 2 ;;
+  esac
+done
+if [[ ${#pools[@]} -eq 0 ]]; then
+  pools=(cpu docker-gpu)
+fi
+
+api_url="$("$PREFECT" config view 2>/dev/null | sed -n "s/^PREFECT_API_URL='\([^']*\)'.*/\1/p")"
+if [[ -z "$api_url" ]]; then
+  echo "error: PREFECT_API_URL is not set: pools would go to a throw-away ephemeral server." >&2
+  echo "       e.g. PREFECT_API_URL=http://localhost:4200/api $0 $*" >&2
+  exit 1
+fi
+echo "Prefect API: $api_url"
+
+tmpdir="$(mktemp -d)"
+trap 'rm -rf "$tmpdir"' EXIT
+
+# Docker GPU template, with the compose network and MinIO settings when --compose is given.
+docker_template() {
+  if [[ $compose -eq 0 ]]; then
+    echo "$HERE/docker-gpu-job-template.json"
+    return
+  fi
+  local out="$tmpdir/docker-gpu-job-template.compose.json"
+  COMPOSE_NETWORK="${COMPOSE_NETWORK:-whisperx-prefect}" \
+  RESULTS_BUCKET="${RESULTS_BUCKET:-transcripts}" \
+  MINIO_ROOT_USER="${MINIO_ROOT_USER:-minioadmin}" \
+  MINIO_ROOT_PASSWORD="${MINIO_ROOT_PASSWORD:-minioadmin}" \
+  "$PYTHON" - "$HERE/docker-gpu-job-template.json" "$out" <<'PY'
+import json, os, sys
+
+src, dst = sys.argv[1], sys.argv[2]
+with open(src) as f:
+    template = json.load(f)
+props = template["variables"]["properties"]
+props["networks"]["default"] = [os.environ["COMPOSE_NETWORK"]]
+props["env"]["default"] = {
+    **props["env"].get("default", {}),
+    "RESULTS_BUCKET": os.environ["RESULTS_BUCKET"],
+    "AWS_ENDPOINT_URL_S3": "http://minio:9000",
+    "AWS_ACCESS_KEY_ID": os.environ["MINIO_ROOT_USER"],
+    "AWS_SECRET_ACCESS_KEY": os.environ["MINIO_ROOT_PASSWORD"],
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+with open(dst, "w") as f:
+    json.dump(template, f, indent=2)
+PY
+  echo "$out"
+}
+
+create_pool() {  # name type [template]
+  local name="$1" type="$2" template="${3:-}"
+  local args=(work-pool create "$name" --type "$type" --overwrite)
+  if [[ -n "$template" ]]; then
+    args+=(--base-job-template "$template")
+  fi
+  echo "==> $name ($type${template:+, $(basename "$template")})"
+  "$PREFECT" --no-prompt "${args[@]}"
+}
+
+for pool in "${pools[@]}"; do
+  case "$pool" in
+    cpu)         create_pool cpu-pool process ;;
+    docker-gpu)  create_pool gpu-docker-pool docker "$(docker_template)" ;;
+    process-gpu) create_pool gpu-process-pool process "$HERE/process-gpu-job-template.json" ;;
+    k8s-gpu)     create_pool gpu-k8s-pool kubernetes "$HERE/k8s-gpu-job-template.json" ;;
+  esac
+done
+
+# S3 / MinIO credentials as Prefect blocks (prefect-aws is pinned in requirements.txt).
+echo "==> prefect-aws block types"
+"$PREFECT" --no-prompt block register -m prefect_aws
+
+cat <<'EOF'
+
+Work pools are ready. Next:
+  prefect deploy --all                                    # deployments from prefect.yaml
+  prefect worker start --pool cpu-pool --type process     # unless docker-compose runs the workers
+  prefect worker start --pool gpu-docker-pool --type docker   # needs: pip install prefect-docker==0.7.4
+
+To keep S3 / MinIO credentials in Prefect blocks (the block types are registered above), save
+them once, e.g. for the compose stack's MinIO (use your own keys and endpoint; for AWS S3 drop
+aws_client_parameters):
+
+  python - <<'PY'
+  from prefect_aws import AwsCredentials, S3Bucket
+  creds = AwsCredentials(
+      aws_access_key_id="minioadmin",
+      aws_secret_access_key="minioadmin",
+      region_name="us-east-1",
+      aws_client_parameters={"endpoint_url": "http://localhost:9000"},
+  )
+  creds.save("minio-credentials", overwrite=True)
+  S3Bucket(bucket_name="transcripts", credentials=creds).save("transcripts", overwrite=True)
+  PY
+
+  then load them by name: AwsCredentials.load("minio-credentials"), S3Bucket.load("transcripts").
+The flows themselves write outputs to RESULTS_BUCKET with the standard AWS variables
+(AWS_ENDPOINT_URL_S3 for MinIO / R2), as set for the workers in infra/docker-compose.yml.
+EOF
