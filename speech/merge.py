@@ -16,7 +16,7 @@ def build_result(
     """The worker's JSON: segments, detected_language, language_probability (+ debug)."""
     extra: Optional[dict[str, Any]] = None
     if debug:
-        asr_seconds = sum(transcript.timings.values())
+        asr_seconds = transcript.processing_seconds()
         extra = {
             "model": transcript.model,
             "device": transcript.device,

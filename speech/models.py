@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -165,8 +166,12 @@ class ModelCache:
 
                 model_fp = str(settings.vad_model_path) if settings.vad_model_path else None
                 # the thresholds passed here are unused by whisperx: onset/offset apply per run
-                with contextlib.redirect_stdout(io.StringIO()):
-                    self.vad[device] = Pyannote(device, model_fp=model_fp, vad_onset=0.5, vad_offset=0.363)
+                with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    vad = Pyannote(device, model_fp=model_fp, vad_onset=0.5, vad_offset=0.363)
+                # whisperx scores 5 s windows every 0.5 s; a longer hop is the same model, fewer passes
+                vad.vad_pipeline._segmentation.step = settings.vad_step_seconds
+                self.vad[device] = vad
                 self.load_count += 1
             return self.vad[device]
 

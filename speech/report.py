@@ -15,7 +15,7 @@ def summary_markdown(
     store: str,
     cached_stages: Optional[list[str]] = None,
 ) -> str:
-    asr = sum(transcript.timings.values())
+    asr = transcript.processing_seconds()
     rtf = asr / audio.duration if audio.duration else 0.0
     prob = "" if result.language_probability is None else f" (p={result.language_probability:.2f})"
     lines = [

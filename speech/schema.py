@@ -214,6 +214,10 @@ class Transcript(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     peak_memory_mb: Optional[float] = None
 
+    def processing_seconds(self) -> float:
+        """VAD + language detection + decoding: the part that scales with audio length."""
+        return sum(v for k, v in self.timings.items() if k not in ("import", "model_load"))
+
 
 class SpeakerInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -96,10 +96,13 @@ def transcribe(
     cache: ModelCache = CACHE,
 ) -> Transcript:
     """Transcribe 16 kHz mono float32 samples into segments (no word times yet)."""
-    from whisperx.asr import load_model
-
     settings = settings or get_settings()
     timings: dict[str, float] = {}
+    t = time.perf_counter()
+    from whisperx.asr import load_model  # torch, transformers, pyannote: seconds on first use
+
+    if time.perf_counter() - t > 0.05:
+        timings["import"] = round(time.perf_counter() - t, 3)
     audio = np.array(audio, dtype=np.float32)  # writable copy: torch dislikes read-only maps
 
     t = time.perf_counter()

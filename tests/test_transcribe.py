@@ -11,7 +11,7 @@ from speech.audio import load_audio, read_samples
 from speech.errors import ModelError
 from speech.schema import TranscribeParams
 from speech.settings import get_settings
-from speech.transcribe import transcribe
+from speech.transcribe import detect_language, transcribe
 from tests.conftest import wer
 
 DATA = Path(__file__).parent / "data"
@@ -52,28 +52,38 @@ def test_foreign_language_detected(name, lang, manifest):
 
 @pytest.fixture(scope="module")
 def long_spanish():
-    """~34 s of Spanish speech (+gaps) so there are two 30 s windows of speech."""
+    """~42 s of Spanish speech (+gaps): two 30 s windows of speech after VAD."""
+    from speech.transcribe import speech_chunks
+
     clip = samples("es_espeak.wav")
     gap = np.zeros(8000, np.float32)
-    return np.concatenate([clip, gap, clip, gap, clip, gap, clip, gap, clip])
+    audio = np.concatenate([clip, gap, clip, gap, clip, gap, clip, gap, clip])
+    device, compute = models.resolve_device()
+    whisper = models.CACHE.get_whisper(models.resolve_model(None), device, compute, get_settings()).whisper
+    _, chunks = speech_chunks(models.CACHE.get_vad(device, get_settings()), audio, 0.5, 0.363)
+    return whisper, audio, chunks
 
 
 def test_min_prob_zero_uses_one_window(long_spanish):
-    tr = transcribe(long_spanish, TranscribeParams(language_detection_min_prob=0, batch_size=8))
-    assert tr.language == "es" and tr.language_detection_tries == 1
+    lang, prob, tries = detect_language(*long_spanish, min_prob=0, max_tries=5)
+    assert (lang, tries) == ("es", 1) and prob > 0.5
 
 
 def test_unreachable_min_prob_tries_every_window_up_to_max(long_spanish):
-    tr = transcribe(long_spanish, TranscribeParams(language_detection_min_prob=1.0, language_detection_max_tries=5))
-    assert tr.language == "es"
-    assert tr.language_detection_tries == 2  # only two windows of speech exist
-    tr = transcribe(long_spanish, TranscribeParams(language_detection_min_prob=1.0, language_detection_max_tries=1))
-    assert tr.language_detection_tries == 1
+    lang, prob, tries = detect_language(*long_spanish, min_prob=1.0, max_tries=5)
+    assert lang == "es" and tries == 2  # only two windows of speech exist; the most probable wins
+    assert detect_language(*long_spanish, min_prob=1.0, max_tries=1)[2] == 1
 
 
 def test_reachable_min_prob_stops_early(long_spanish):
-    tr = transcribe(long_spanish, TranscribeParams(language_detection_min_prob=0.5, language_detection_max_tries=5))
-    assert tr.language_detection_tries == 1 and tr.language_probability >= 0.5
+    lang, prob, tries = detect_language(*long_spanish, min_prob=0.5, max_tries=5)
+    assert tries == 1 and prob >= 0.5
+
+
+def test_min_prob_through_the_stage(long_spanish):
+    _, audio, _ = long_spanish
+    tr = transcribe(audio, TranscribeParams(language_detection_min_prob=1.0, language_detection_max_tries=3))
+    assert tr.language == "es" and tr.language_detection_tries == 2 and tr.segments
 
 
 def test_silence_gives_empty_transcript():
