@@ -134,7 +134,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ) as bar:
         task_id = bar.add_task("starting Prefect", total=1.0)
 
+        where: list[str] = []
+
         def on_event(stage: str, fraction: float, message: str) -> None:
+            if stage == "outputs":
+                where.append(message)
             bar.update(task_id, description=f"{stage}: {message}" if message else stage, completed=fraction)
 
         try:
@@ -161,7 +165,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
         _print_transcript(result)
-    out = _where(req)
+    stem = req.output_name or _stem(req.audio_file)
+    out = f"{where[-1].rstrip('/')}/{stem}.{{json,segments.json,srt,vtt}}" if where else "(not reported)"
     prob = result.get("language_probability")
     console.print(
         f"[green]done[/green] in {time.perf_counter() - started:.1f} s: {len(result['segments'])} segments, "
@@ -200,13 +205,10 @@ def _flow_kwargs(req: Any) -> dict[str, Any]:
     return kwargs
 
 
-def _where(req: Any) -> str:
-    from speech.storage import open_store
-
+def _stem(audio_file: str) -> str:
     from speech.audio import stem_of
 
-    store = open_store(download_dir=req.download_dir, bucket=req.bucket, prefix=req.prefix_transcripts, client=object())
-    return f"{store.describe().rstrip('/')}/{req.output_name or stem_of(req.audio_file)}.{{json,segments.json,srt,vtt}}"
+    return stem_of(audio_file)
 
 
 def _print_transcript(result: dict[str, Any]) -> None:

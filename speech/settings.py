@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     s3_endpoint_url: Optional[str] = Field(
         None, validation_alias=AliasChoices("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
     )
+    s3_block: Optional[str] = Field(
+        None,
+        validation_alias="RESULTS_S3_BLOCK",
+        description="Name of a saved prefect-aws S3Bucket block for results (resolved by tasks/).",
+    )
     s3_region: Optional[str] = Field(None, validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"))
 
     # --- secrets (never logged) -------------------------------------------------------

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
+from speech import progress
 from speech.errors import StorageError
 from speech.schema import OutputRef
 from speech.settings import Settings, get_settings
@@ -45,6 +46,7 @@ class LocalStore:
                 final = self.root / name
                 os.replace(staging / name, final)
                 refs.append(OutputRef(name=name, uri=str(final.resolve()), size_bytes=len(data)))
+            progress.report("outputs", 1.0, self.describe())
             return refs
         except OSError as exc:
             raise StorageError(f"cannot write outputs to {self.root}: {exc.strerror or exc}") from None
@@ -76,6 +78,7 @@ class S3Store:
             except (ClientError, BotoCoreError) as exc:
                 raise StorageError(f"cannot write s3://{self.bucket}/{key}: {exc}") from None
             refs.append(OutputRef(name=name, uri=f"s3://{self.bucket}/{key}", size_bytes=len(files[name])))
+        progress.report("outputs", 1.0, self.describe())
         return refs
 
 

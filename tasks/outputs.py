@@ -11,8 +11,8 @@ from speech.formats import render
 from speech.merge import build_result
 from speech.report import summary_markdown
 from speech.schema import AudioRef, OutputRef, Transcript
-from speech.storage import open_store
 from tasks.common import artifact_key
+from tasks.storage import results_store
 
 
 @task(name="write-outputs", cache_policy=NO_CACHE, persist_result=False)
@@ -30,7 +30,7 @@ def write_outputs(
     log = get_run_logger()
     result = build_result(audio, transcript, debug=debug, stage_seconds=stage_seconds, cached_stages=cached_stages)
     files = render(result, audio.stem)
-    store = open_store(download_dir=download_dir, bucket=bucket, prefix=prefix)
+    store = results_store(download_dir, bucket, prefix)
     refs = store.write(files)
     log.info("wrote %d outputs to %s", len(refs), store.describe())
     key = artifact_key(f"transcript-{audio.stem}")

@@ -139,3 +139,30 @@ def test_silence_is_an_empty_transcript_not_an_error(prefect_harness, tmp_path):
     assert state.is_completed()
     assert result["segments"] == []
     assert json.loads((tmp_path / "out" / "silence.json").read_text())["segments"] == []
+
+
+def test_results_to_a_saved_prefect_aws_block(prefect_harness, s3, s3_server, tmp_path, monkeypatch):
+    """RESULTS_S3_BLOCK names a saved S3Bucket block; its credentials and folder are used."""
+    from prefect_aws import AwsCredentials, S3Bucket
+
+    from speech.settings import get_settings
+
+    s3.create_bucket(Bucket="block-results")
+    creds = AwsCredentials(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1",
+        aws_client_parameters={"endpoint_url": s3_server},
+    )
+    S3Bucket(bucket_name="block-results", credentials=creds, bucket_folder="from-block/").save(
+        "test-results", overwrite=True
+    )
+    monkeypatch.setenv("RESULTS_S3_BLOCK", "test-results")
+    # the block, not the environment, points at the server: without it boto3 would go to AWS
+    monkeypatch.delenv("S3_ENDPOINT_URL")
+    get_settings.cache_clear()
+    try:
+        state, result = run(audio_file=str(DATA / "heldout_3spk.wav"), language="en")
+    finally:
+        get_settings.cache_clear()
+    assert state.is_completed(), state
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="block-results")["Contents"]}
+    assert keys == {f"from-block/heldout_3spk.{ext}" for ext in ("json", "segments.json", "srt", "vtt")}
