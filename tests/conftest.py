@@ -57,10 +57,14 @@ def free_port() -> int:
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
+    hits: dict[str, int] = {}
+
     def log_message(self, *args):  # keep test output clean
         pass
 
     def do_GET(self):
+        path = self.path.split("?")[0]
+        _Handler.hits[path] = _Handler.hits.get(path, 0) + 1
         if self.path.startswith("/error500"):
             self.send_error(500, "boom")
             return
@@ -69,13 +73,21 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="session")
 def http_server():
-    """Serves tests/data on 127.0.0.1; /error500 answers 500."""
+    """Serves tests/data on 127.0.0.1; /error500 answers 500; ``server.hits`` counts GETs per path."""
     handler = functools.partial(_Handler, directory=str(DATA))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    yield HttpServer(f"http://127.0.0.1:{server.server_address[1]}")
     server.shutdown()
+
+
+class HttpServer(str):
+    """The base URL (a str) plus the request counter."""
+
+    @property
+    def hits(self) -> dict[str, int]:
+        return _Handler.hits
 
 
 @pytest.fixture(scope="session")

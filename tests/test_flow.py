@@ -166,3 +166,17 @@ def test_results_to_a_saved_prefect_aws_block(prefect_harness, s3, s3_server, tm
     assert state.is_completed(), state
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="block-results")["Contents"]}
     assert keys == {f"from-block/heldout_3spk.{ext}" for ext in ("json", "segments.json", "srt", "vtt")}
+
+
+def test_fetch_retries_transient_errors_only(prefect_harness, http_server):
+    """5xx is retried (1 + 3 attempts); a 404 fails at once: deterministic errors never retry."""
+    from speech.errors import TransientFetchError
+    from tasks.fetch import fetch_audio
+
+    fast = fetch_audio.with_options(retry_delay_seconds=0)
+    with pytest.raises(TransientFetchError):
+        fast(f"{http_server}/error500")
+    assert http_server.hits["/error500"] == 4
+    with pytest.raises(FetchError, match="404"):
+        fast(f"{http_server}/nothing-here.wav")
+    assert http_server.hits["/nothing-here.wav"] == 1
