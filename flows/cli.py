@@ -94,6 +94,9 @@ def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _quiet_libraries(verbose: bool) -> None:
+    # the CLI's private ephemeral API: no telemetry, and patience on a loaded 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if verbose:
         return
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
