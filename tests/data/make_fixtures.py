@@ -8,11 +8,22 @@ Every fixture is 16 kHz mono 16-bit PCM. ``fixtures.json`` records, per file, th
 text and the ground-truth turns (speaker, start, end, text) so tests can assert WER and,
 later, diarization error against known answers.
 
+For the flite conversations it also records ``words``: one entry per whitespace token of each
+turn's text (punctuation kept) with ground-truth ``start``/``end`` in absolute file time and the
+``speaker``. They come from the very flite call that makes the audio (``-psdur`` prints each
+phone's end time; it does not change the waveform): ``pau`` phones are dropped and the rest are
+assigned to tokens in order, each token owning as many phones as ``t2p`` gives for it (phone
+identities are checked; where flite's post-lexical rules change the sentence's phones, an
+edit-distance alignment of the two phone strings decides). A word starts where the phone before
+its first phone ends and ends where its last phone ends; the trimmed leading silence and the turn
+offset are applied.
+
 Usage: python tests/data/make_fixtures.py   (writes next to this script)
 """
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import tempfile
 import wave
@@ -55,6 +66,18 @@ FOREIGN = {
     ),
 }
 
+# Alignment fixture: digits, a one-word turn, a hyphenated word and an out-of-vocabulary name.
+ALIGN = [
+    ("slt", "The 2 dogs ran 40 yards."),
+    ("rms", "Yes."),
+    ("awb", "A pot of tea helps to pass the evening."),
+    ("slt", "The well-worn path led to Zorvath's hut."),
+    ("rms", "The small pup gnawed a hole in the sock."),
+    ("awb", "The fish twisted and turned on the bent hook."),
+    ("slt", "Press the pants and sew a button on the vest."),
+    ("rms", "Her purse was full of 12 useless coins."),
+]
+
 GAP_S = 0.6  # silence between turns
 LEAD_S = 0.3  # silence at start/end
 
@@ -73,10 +96,81 @@ def write_wav(path: Path, samples: np.ndarray) -> None:
         w.writeframes(samples.astype(np.int16).tobytes())
 
 
-def flite(voice: str, text: str, tmp: Path) -> np.ndarray:
+def flite(voice: str, text: str, tmp: Path) -> tuple[np.ndarray, list[tuple[str, float]]]:
+    """Synthesize ``text``; return the samples and flite's phones as (phone, end time)."""
     out = tmp / "u.wav"
-    subprocess.run(["flite", "-voice", voice, "-t", text, "-o", str(out)], check=True)
-    return read_wav(out)
+    # -psdur only prints the phone segmentation; the waveform is the same as without it.
+    proc = subprocess.run(
+        ["flite", "-voice", voice, "-psdur", "-t", text, "-o", str(out)],
+        check=True, capture_output=True, text=True,
+    )
+    phones = [(ph, float(t)) for ph, t in re.findall(r"(\S+?):([0-9.]+)", proc.stdout)]
+    return read_wav(out), phones
+
+
+def t2p(token: str) -> list[str]:
+    """flite's phones for one token, without pauses and stress digits."""
+    out = subprocess.run(["t2p", token], check=True, capture_output=True, text=True).stdout
+    return [re.sub(r"\d", "", ph) for ph in out.split() if ph != "pau"]
+
+
+def _assign_phones(sent: list[str], per_token: list[list[str]]) -> list[int]:
+    """Token index for each phone of ``sent`` (the sentence's phones, pauses removed).
+
+    When every phone matches the tokens' own phones (the usual case) this is a plain count;
+    otherwise (post-lexical changes, e.g. a reduced or inserted phone) a minimum edit-distance
+    alignment of the two strings maps each sentence phone to a token.
+    """
+    ref = [(ph, i) for i, phs in enumerate(per_token) for ph in phs]
+    if [p for p, _ in ref] == sent:
+        return [i for _, i in ref]
+    n, m = len(sent), len(ref)
+    cost = np.zeros((n + 1, m + 1))
+    cost[:, 0] = np.arange(n + 1)
+    cost[0, :] = np.arange(m + 1)
+    for a in range(1, n + 1):
+        for b in range(1, m + 1):
+            sub = 0.0 if sent[a - 1] == ref[b - 1][0] else 1.0
+            cost[a, b] = min(cost[a - 1, b - 1] + sub, cost[a - 1, b] + 1, cost[a, b - 1] + 1)
+    owner: list[int | None] = [None] * n
+    a, b = n, m
+    while a > 0 and b > 0:
+        sub = 0.0 if sent[a - 1] == ref[b - 1][0] else 1.0
+        if cost[a, b] == cost[a - 1, b - 1] + sub:
+            owner[a - 1] = ref[b - 1][1]
+            a, b = a - 1, b - 1
+        elif cost[a, b] == cost[a - 1, b] + 1:
+            a -= 1  # phone only in the sentence: owned by a neighbour below
+        else:
+            b -= 1
+    last = 0
+    for k in range(n):  # inserted phones belong to the preceding word
+        if owner[k] is None:
+            owner[k] = last
+        last = owner[k]
+    return owner  # type: ignore[return-value]
+
+
+def word_times(text: str, phones: list[tuple[str, float]]) -> list[tuple[str, float, float]]:
+    """(token, start, end) per whitespace token, in the time base of flite's output."""
+    tokens = text.split()
+    per_token = [t2p(tok) for tok in tokens]
+    prev_end: list[float] = []  # end time of the phone before each non-pause phone
+    sent: list[tuple[str, float]] = []
+    t_prev = 0.0
+    for ph, t in phones:
+        if ph != "pau":
+            prev_end.append(t_prev)
+            sent.append((ph, t))
+        t_prev = t
+    owner = _assign_phones([p for p, _ in sent], per_token)
+    words = []
+    for i, tok in enumerate(tokens):
+        idx = [k for k, o in enumerate(owner) if o == i]
+        if not idx:
+            raise RuntimeError(f"no phones for token {tok!r} in {text!r}")
+        words.append((tok, prev_end[idx[0]], sent[idx[-1]][1]))
+    return words
 
 
 def espeak(lang: str, text: str, tmp: Path) -> np.ndarray:
@@ -88,34 +182,46 @@ def espeak(lang: str, text: str, tmp: Path) -> np.ndarray:
     return read_wav(out)
 
 
-def conversation(turns, tmp: Path) -> tuple[np.ndarray, list[dict]]:
+def conversation(turns, tmp: Path) -> tuple[np.ndarray, list[dict], list[dict]]:
     pieces = [np.zeros(int(LEAD_S * SR), np.int16)]
     t = LEAD_S
     meta = []
+    words = []
     for voice, text in turns:
-        audio = flite(voice, text, tmp)
+        audio, phones = flite(voice, text, tmp)
         # trim flite's own leading/trailing near-silence so turn bounds are tight
         nz = np.flatnonzero(np.abs(audio) > 200)
+        lead = nz[0] / SR if nz.size else 0.0
         audio = audio[nz[0] : nz[-1] + 1] if nz.size else audio
         dur = len(audio) / SR
         meta.append({"speaker": voice, "start": round(t, 3), "end": round(t + dur, 3), "text": text})
+        for tok, ws, we in word_times(text, phones):
+            # flite time -> file time; clip to the (trimmed) turn
+            ws = min(max(t + ws - lead, t), t + dur)
+            we = min(max(t + we - lead, t), t + dur)
+            words.append({"word": tok, "start": round(ws, 3), "end": round(we, 3), "speaker": voice})
         pieces += [audio, np.zeros(int(GAP_S * SR), np.int16)]
         t += dur + GAP_S
     pieces[-1] = np.zeros(int(LEAD_S * SR), np.int16)
-    return np.concatenate(pieces), meta
+    return np.concatenate(pieces), meta, words
 
 
 def main() -> None:
     manifest: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        for name, turns in (("sample_2spk.wav", CONVERSATION), ("heldout_3spk.wav", HELDOUT)):
-            audio, turns_meta = conversation(turns, tmp)
+        for name, turns in (
+            ("sample_2spk.wav", CONVERSATION),
+            ("heldout_3spk.wav", HELDOUT),
+            ("align_3spk.wav", ALIGN),
+        ):
+            audio, turns_meta, words = conversation(turns, tmp)
             write_wav(HERE / name, audio)
             manifest[name] = {
                 "language": "en",
                 "text": " ".join(t for _, t in turns),
                 "turns": turns_meta,
+                "words": words,
                 "duration": round(len(audio) / SR, 3),
             }
         for name, (lang, text) in FOREIGN.items():
