@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("stages")
     s.add_argument("--align-output", dest="align_output", action="store_true", default=None)
     s.add_argument("--no-align", dest="align_output", action="store_false")
+    s.add_argument("--align-backend", choices=["auto", "wav2vec2", "pocketsphinx", "whisper"],
+                   help="word aligner (default auto: wav2vec2 if it loads, else pocketsphinx for English, else whisper)")
+    s.add_argument("--align-model", help="wav2vec2 align model name or local directory")
     s.add_argument("--diarization", dest="diarization", action="store_true", default=None)
     s.add_argument("--no-diarization", dest="diarization", action="store_false")
     s.add_argument("--num-speakers", type=int)

@@ -21,7 +21,9 @@ from prefect import flow
 from prefect.logging import get_run_logger
 from pydantic import SecretStr
 
+from speech.align import AlignParams
 from speech.schema import TranscribeParams, TranscriptionRequest
+from tasks.align import align_words
 from tasks.fetch import fetch_audio
 from tasks.outputs import write_outputs
 from tasks.transcribe import transcribe
@@ -46,6 +48,8 @@ def transcribe_audio(
     debug: bool = False,
     speaker_verification: bool = False,
     speaker_samples: Optional[list[dict[str, Any]]] = None,
+    align_backend: str = "auto",
+    align_model: Optional[str] = None,
     model: Optional[str] = None,
     beam_size: Optional[int] = None,
     num_speakers: Optional[int] = None,
@@ -75,6 +79,8 @@ def transcribe_audio(
         debug: Add stage timings, model load time and peak memory to the result.
         speaker_verification: Relabel speakers with enrolled names.
         speaker_samples: Enrolment clips, a list of {name?, url}.
+        align_backend: Word aligner: auto, wav2vec2 (WhisperX), pocketsphinx (English, offline) or whisper.
+        align_model: wav2vec2 align model name or local directory (default: the language's WhisperX model).
         model: Whisper model name (large-v3, ...), model directory, or bundled:base / bundled:tiny.en.
         beam_size: Beam size (default 5).
         num_speakers: Exact number of speakers, when known.
@@ -135,14 +141,23 @@ def run_pipeline(req: TranscriptionRequest) -> dict[str, Any]:
         cached.append("transcribe")
     stage_seconds["transcribe"] = round(time.perf_counter() - t, 3)
 
+    alignment = None
     if req.align_output:
-        log.warning("align_output: the alignment stage is not part of this build yet; segment times only")
+        t = time.perf_counter()
+        state = align_words.with_options(refresh_cache=req.force)(
+            audio, transcript, AlignParams(backend=req.align_backend, align_model=req.align_model), return_state=True
+        )
+        alignment = state.result()
+        if state.name == "Cached":
+            cached.append("align")
+        stage_seconds["align"] = round(time.perf_counter() - t, 3)
     if req.diarization:
         log.warning("diarization: the diarization stage is not part of this build yet; no speaker labels")
 
     result, _refs = write_outputs(
         audio,
         transcript,
+        alignment,
         debug=req.debug,
         download_dir=req.download_dir,
         bucket=req.bucket,

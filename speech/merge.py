@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from speech.align import AlignOutcome
 from speech.schema import AudioRef, Transcript, TranscriptionResult
 
 
 def build_result(
     audio: AudioRef,
     transcript: Transcript,
+    alignment: Optional[AlignOutcome] = None,
     debug: bool = False,
     stage_seconds: Optional[dict[str, float]] = None,
     cached_stages: Optional[list[str]] = None,
@@ -33,8 +35,11 @@ def build_result(
             extra["stage_seconds"] = stage_seconds
         # timings of a cached stage are those of the run that computed it
         extra["cached_stages"] = cached_stages or []
+        if alignment is not None:
+            extra["align_seconds"] = alignment.seconds
     return TranscriptionResult(
-        segments=transcript.segments,
+        segments=alignment.segments if alignment is not None else transcript.segments,
+        alignment=None if alignment is None else alignment.summary(),
         detected_language=transcript.language,
         language_probability=transcript.language_probability,
         debug=extra,

@@ -143,6 +143,7 @@ class ModelCache:
 
     whisper: dict[tuple[str, str, str], LoadedModel] = field(default_factory=dict)
     vad: dict[str, Any] = field(default_factory=dict)
+    align: dict[tuple[str, str, str], Any] = field(default_factory=dict)
     load_count: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -175,10 +176,43 @@ class ModelCache:
                 self.load_count += 1
             return self.vad[device]
 
+    def get_align_model(self, language: str, model_name: Optional[str], device: str, settings: Settings) -> tuple[Any, dict]:
+        """WhisperX's wav2vec2 aligner for a language (default model or a name / local dir).
+
+        A failed load is remembered for the process, so ``auto`` does not retry an
+        unreachable hub on every file."""
+        key = (language, model_name or "", device)
+        with self._lock:
+            if key in self.align:
+                found = self.align[key]
+                if isinstance(found, ModelError):
+                    raise found
+                return found
+            import whisperx
+
+            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+            try:
+                with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    loaded = whisperx.load_align_model(
+                        language_code=language, device=device, model_name=model_name,
+                        model_dir=str(settings.align_model_dir) if settings.align_model_dir else None,
+                        model_cache_only=offline,
+                    )
+            except Exception as exc:  # torchaudio/hf/network errors of many kinds
+                err = ModelError(f"cannot load the wav2vec2 aligner for {language!r} "
+                                 f"({model_name or 'default model'}): {type(exc).__name__}: {str(exc)[:200]}")
+                self.align[key] = err
+                raise err from None
+            self.align[key] = loaded
+            self.load_count += 1
+            return loaded
+
     def clear(self) -> None:
         with self._lock:
             self.whisper.clear()
             self.vad.clear()
+            self.align.clear()
 
 
 CACHE = ModelCache()

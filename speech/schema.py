@@ -8,7 +8,7 @@ references and metadata, never big arrays.
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -75,6 +75,10 @@ class TranscriptionRequest(BaseModel):
     speaker_samples: list[SpeakerSample] = Field(default_factory=list, description="Enrolment clips [{name?, url}].")
 
     # ---- the pipeline script's controls --------------------------------------------
+    align_backend: Literal["auto", "wav2vec2", "pocketsphinx", "whisper"] = Field(
+        "auto", description="Word aligner: wav2vec2 (WhisperX), pocketsphinx (English, offline), whisper, or auto."
+    )
+    align_model: Optional[str] = Field(None, description="wav2vec2 align model name or local directory.")
     model: Optional[str] = Field(
         None, description="Whisper model: a name (large-v3, base, ...), a directory, or bundled:base / bundled:tiny.en."
     )
@@ -100,7 +104,7 @@ class TranscriptionRequest(BaseModel):
     def _language(cls, v: Any) -> Optional[str]:
         return normalize_language(v)
 
-    @field_validator("initial_prompt", "model", "download_dir", "bucket", "prefix_transcripts", mode="before")
+    @field_validator("initial_prompt", "model", "align_model", "download_dir", "bucket", "prefix_transcripts", mode="before")
     @classmethod
     def _blank_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
@@ -209,6 +213,7 @@ class Transcript(BaseModel):
     language_probability: Optional[float] = None
     language_detection_tries: int = 0
     model: str
+    model_source: str = Field("", description="the directory or hub name that was loaded")
     device: str
     compute_type: str
     timings: dict[str, float] = Field(default_factory=dict)
@@ -233,6 +238,7 @@ class TranscriptionResult(BaseModel):
     detected_language: Optional[str] = Field(None, description="None only when the audio holds no speech")
     language_probability: Optional[float] = None
     speakers: Optional[dict[str, SpeakerInfo]] = None
+    alignment: Optional[dict[str, Any]] = None
     debug: Optional[dict[str, Any]] = None
     confidence: Optional[dict[str, Any]] = None
     unclear_intervals: Optional[list[dict[str, Any]]] = None

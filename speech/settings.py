@@ -48,6 +48,9 @@ class Settings(BaseSettings):
         description="Hop between the VAD's 5 s scoring windows. whisperx uses 0.5 (10x overlap); "
         "1.0 gave identical speech chunks on our fixtures at half the VAD time.",
     )
+    align_model_dir: Optional[Path] = Field(
+        None, validation_alias="ALIGN_MODEL_DIR", description="Cache/download dir for wav2vec2 align models."
+    )
     cache_dir: Path = Field(default_factory=_default_cache_dir, validation_alias="SPEECH_CACHE_DIR")
 
     # --- inputs -----------------------------------------------------------------------

@@ -168,6 +168,7 @@ def transcribe(
         language_probability=None if probability is None else round(probability, 4),
         language_detection_tries=tries,
         model=spec.label,
+        model_source=spec.source,
         device=device,
         compute_type=compute_type,
         timings=timings,

@@ -7,6 +7,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
+from speech.align import AlignOutcome
 from speech.formats import render
 from speech.merge import build_result
 from speech.report import summary_markdown
@@ -19,6 +20,7 @@ from tasks.storage import results_store
 def write_outputs(
     audio: AudioRef,
     transcript: Transcript,
+    alignment: Optional[AlignOutcome] = None,
     debug: bool = False,
     download_dir: Optional[str] = None,
     bucket: Optional[str] = None,
@@ -28,7 +30,7 @@ def write_outputs(
 ) -> tuple[dict, list[OutputRef]]:
     """Merge into the worker's JSON, render json/srt/vtt, store them, publish artifacts."""
     log = get_run_logger()
-    result = build_result(audio, transcript, debug=debug, stage_seconds=stage_seconds, cached_stages=cached_stages)
+    result = build_result(audio, transcript, alignment, debug=debug, stage_seconds=stage_seconds, cached_stages=cached_stages)
     files = render(result, audio.stem)
     store = results_store(download_dir, bucket, prefix)
     refs = store.write(files)

@@ -138,3 +138,19 @@ def wer(reference: str, hypothesis: str) -> float:
     import jiwer
 
     return jiwer.wer(normalize_text(reference), normalize_text(hypothesis))
+
+
+def word_time_error(reference: list[dict], hypothesis: list[dict]) -> tuple[float, float, int]:
+    """Mean |start| and |end| error over words matched by text (difflib on normalized tokens)."""
+    import difflib
+
+    ref = [normalize_text(w["word"]) for w in reference]
+    hyp = [normalize_text(w["word"]) for w in hypothesis]
+    starts, ends = [], []
+    for block in difflib.SequenceMatcher(a=ref, b=hyp, autojunk=False).get_matching_blocks():
+        for k in range(block.size):
+            r, h = reference[block.a + k], hypothesis[block.b + k]
+            starts.append(abs(r["start"] - h["start"]))
+            ends.append(abs(r["end"] - h["end"]))
+    n = len(starts)
+    return (sum(starts) / n if n else float("inf"), sum(ends) / n if n else float("inf"), n)

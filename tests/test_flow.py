@@ -181,3 +181,23 @@ def test_fetch_retries_transient_errors_only(prefect_harness, http_server):
     with pytest.raises(FetchError, match="404"):
         fast(f"{http_server}/nothing-here.wav")
     assert http_server.hits["/nothing-here.wav"] - before.get("/nothing-here.wav", 0) == 1
+
+
+def test_alignment_stage_in_the_flow(prefect_harness, tmp_path):
+    """align_output adds word times; changing align settings reuses the cached transcript."""
+    out = tmp_path / "out"
+    audio = str(DATA / "heldout_3spk.wav")
+    state, result = run(audio_file=audio, language="en", align_output=True, download_dir=str(out))
+    assert state.is_completed(), state
+    assert result["alignment"]["backend"] in ("pocketsphinx", "whisper", "wav2vec2")
+    words = [w for s in result["segments"] for w in s["words"]]
+    assert len(words) == len(" ".join(s["text"] for s in result["segments"]).split())
+    assert all(w["start"] <= w["end"] for w in words)
+    assert len(result["segments"]) == 4  # one per sentence
+    assert (out / "heldout_3spk.srt").read_text().count("-->") == 4
+
+    state2, result2 = run(audio_file=audio, language="en", align_output=True, align_backend="whisper",
+                          download_dir=str(out))
+    states = task_states(state2.state_details.flow_run_id)
+    assert states["transcribe"] == "Cached" and states["align"] == "Completed"
+    assert result2["alignment"] == {"backend": "whisper"}

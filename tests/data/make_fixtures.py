@@ -18,7 +18,8 @@ edit-distance alignment of the two phone strings decides). A word starts where t
 its first phone ends and ends where its last phone ends; the trimmed leading silence and the turn
 offset are applied.
 
-Usage: python tests/data/make_fixtures.py   (writes next to this script)
+Usage: python tests/data/make_fixtures.py [--force-espeak]   (writes next to this script;
+existing espeak WAVs are kept unless --force-espeak, see main())
 """
 from __future__ import annotations
 
@@ -132,6 +133,8 @@ def _assign_phones(sent: list[str], per_token: list[list[str]]) -> list[int]:
         for b in range(1, m + 1):
             sub = 0.0 if sent[a - 1] == ref[b - 1][0] else 1.0
             cost[a, b] = min(cost[a - 1, b - 1] + sub, cost[a - 1, b] + 1, cost[a, b - 1] + 1)
+    if cost[n, m] > max(2, 0.2 * n):
+        raise RuntimeError(f"flite's phones {sent} are too far from t2p's {[p for p, _ in ref]}")
     owner: list[int | None] = [None] * n
     a, b = n, m
     while a > 0 and b > 0:
@@ -176,9 +179,10 @@ def word_times(text: str, phones: list[tuple[str, float]]) -> list[tuple[str, fl
 def espeak(lang: str, text: str, tmp: Path) -> np.ndarray:
     raw = tmp / "e.wav"
     subprocess.run(["espeak-ng", "-v", lang, "-s", "150", "-w", str(raw), text], check=True)
-    # espeak-ng writes 22.05 kHz; resample with sox to 16 kHz.
+    # espeak-ng writes 22.05 kHz; resample with sox to 16 kHz. sox dithers with a random seed
+    # unless -R (repeatable) is given; -R keeps reruns byte-identical from now on.
     out = tmp / "e16.wav"
-    subprocess.run(["sox", str(raw), "-r", str(SR), "-c", "1", "-b", "16", str(out)], check=True)
+    subprocess.run(["sox", "-R", str(raw), "-r", str(SR), "-c", "1", "-b", "16", str(out)], check=True)
     return read_wav(out)
 
 
@@ -206,7 +210,13 @@ def conversation(turns, tmp: Path) -> tuple[np.ndarray, list[dict], list[dict]]:
     return np.concatenate(pieces), meta, words
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Regenerate the speech fixtures in tests/data.")
+    ap.add_argument("--force-espeak", action="store_true",
+                    help="also remake the espeak-ng WAVs (kept as committed by default)")
+    force_espeak = ap.parse_args(argv).force_espeak
     manifest: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -225,8 +235,13 @@ def main() -> None:
                 "duration": round(len(audio) / SR, 3),
             }
         for name, (lang, text) in FOREIGN.items():
-            audio = espeak(lang, text, tmp)
-            write_wav(HERE / name, audio)
+            if (HERE / name).exists() and not force_espeak:
+                # The committed espeak WAVs were made with sox's random dither, so a rerun
+                # cannot reproduce their bytes; keep them unless asked to remake them.
+                audio = read_wav(HERE / name)
+            else:
+                audio = espeak(lang, text, tmp)
+                write_wav(HERE / name, audio)
             manifest[name] = {"language": lang, "text": text, "duration": round(len(audio) / SR, 3)}
     (HERE / "fixtures.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     for k, v in manifest.items():

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+import speech.align as engine
+import speech.align_sphinx as sphinx
+from speech.align import AlignOutcome, AlignParams
+from speech.audio import read_samples
+from speech.schema import AudioRef, Transcript
+from tasks.common import code_version, stage_key
+
+VERSION = code_version(engine, sphinx)
+
+
+def align_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
+    audio: AudioRef = parameters["audio"]
+    transcript: Transcript = parameters["transcript"]
+    params: AlignParams = parameters["params"]
+    words = hashlib.sha256(transcript.model_dump_json(include={"segments", "language"}).encode()).hexdigest()
+    return stage_key("align", audio.sha256, [params.model_dump(), words], VERSION)
+
+
+@task(name="align", cache_key_fn=align_cache_key, persist_result=True)
+def align_words(audio: AudioRef, transcript: Transcript, params: AlignParams) -> AlignOutcome:
+    """Word timestamps; cached on audio hash + transcript + align settings."""
+    outcome = engine.align(read_samples(audio), transcript, params)
+    log = get_run_logger()
+    if outcome.backend:
+        log.info("aligned %d segments with %s in %.2f s", len(outcome.segments), outcome.backend, outcome.seconds)
+    else:
+        log.warning("alignment failed, keeping segment-level times: %s", outcome.error)
+    return outcome

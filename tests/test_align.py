@@ -1,0 +1,153 @@
+"""The align stage: backends, fallbacks and word-time accuracy on synthesized speech."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from speech.align import AlignParams, align, split_sentences
+from speech.audio import load_audio, read_samples
+from speech.schema import Segment, TimedWord, TranscribeParams, Transcript
+from speech.transcribe import transcribe
+
+DATA = Path(__file__).parent / "data"
+
+
+def samples(name: str) -> np.ndarray:
+    return np.asarray(read_samples(load_audio(str(DATA / name))))
+
+
+def transcript_of(segments: list[tuple[float, float, str]], language: str = "en") -> Transcript:
+    from speech import models
+
+    spec = models.resolve_model(None)
+    return Transcript(
+        segments=[Segment(start=a, end=b, text=t) for a, b, t in segments], language=language,
+        model=spec.label, model_source=spec.source, device="cpu", compute_type="int8",
+    )
+
+
+def assert_well_formed(outcome, span: tuple[float, float]):
+    assert outcome.segments
+    last = span[0] - 1e-6
+    for seg in outcome.segments:
+        assert seg.words, seg
+        for w in seg.words:
+            assert w.start is not None and w.end is not None, w
+            assert span[0] - 0.25 <= w.start <= w.end <= span[1] + 0.25, (w, span)
+            assert w.start >= last - 1e-6, (w, last)  # monotonic
+            last = w.start
+        assert seg.start == seg.words[0].start and seg.end == max(w.end for w in seg.words)
+
+
+@pytest.fixture(scope="module")
+def sample_transcript():
+    audio = samples("sample_2spk.wav")
+    return audio, transcribe(audio, TranscribeParams(language="en", batch_size=8))
+
+
+def test_whisper_backend_times_every_word(sample_transcript):
+    audio, tr = sample_transcript
+    out = align(audio, tr, AlignParams(backend="whisper"))
+    assert out.backend == "whisper" and out.error is None
+    assert_well_formed(out, (0.0, len(audio) / 16000))
+    # punctuation kept, sentences become segments
+    assert len(out.segments) == 8 and out.segments[0].words[-1].word.endswith(".")
+    text = " ".join(w.word for s in out.segments for w in s.words)
+    assert text == " ".join(s.text for s in tr.segments)
+
+
+def test_whisper_backend_other_language():
+    audio = samples("de_espeak.wav")
+    tr = transcribe(audio, TranscribeParams())
+    out = align(audio, tr, AlignParams(backend="whisper"))
+    assert out.backend == "whisper" and tr.language == "de"
+    assert_well_formed(out, (0.0, len(audio) / 16000))
+
+
+def test_unavailable_backend_keeps_segment_times(sample_transcript):
+    audio, tr = sample_transcript
+    out = align(audio, tr, AlignParams(backend="wav2vec2"))  # default model needs the network here
+    assert out.backend is None and "wav2vec2" in out.error
+    assert out.segments == tr.segments
+    assert out.summary() == {"backend": None, "error": out.error}
+
+
+def test_auto_falls_back_offline(sample_transcript):
+    audio, tr = sample_transcript
+    out = align(audio, tr, AlignParams())
+    assert out.backend in ("pocketsphinx", "whisper")
+    assert_well_formed(out, (0.0, len(audio) / 16000))
+
+
+@pytest.fixture(scope="module")
+def tiny_wav2vec2(tmp_path_factory) -> str:
+    """A randomly initialised Wav2Vec2ForCTC + processor saved like a hub model directory."""
+    from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,
+                              Wav2Vec2Processor)
+
+    d = tmp_path_factory.mktemp("tiny-w2v2")
+    vocab = {"<pad>": 0, "<unk>": 1, "|": 2, "'": 3, **{c: i + 4 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = Wav2Vec2CTCTokenizer(str(d / "vocab.json"), unk_token="<unk>", pad_token="<pad>", word_delimiter_token="|")
+    processor = Wav2Vec2Processor(feature_extractor=Wav2Vec2FeatureExtractor(), tokenizer=tokenizer)
+    config = Wav2Vec2Config(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, pad_token_id=0,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    Wav2Vec2ForCTC(config).save_pretrained(str(d))
+    processor.save_pretrained(str(d))
+    return str(d)
+
+
+def test_wav2vec2_loads_a_local_directory_and_aligns(sample_transcript, tiny_wav2vec2):
+    audio, tr = sample_transcript
+    out = align(audio, tr, AlignParams(backend="wav2vec2", align_model=tiny_wav2vec2))
+    assert out.backend == "wav2vec2", out.error
+    assert_well_formed(out, (0.0, len(audio) / 16000))
+    words = [w.word for s in out.segments for w in s.words]
+    assert words == " ".join(s.text for s in tr.segments).split()
+
+
+def test_edge_cases_digits_single_word_long_segment_and_silence():
+    audio = samples("sample_2spk.wav")
+    long_audio = np.concatenate([audio, audio])  # a 46 s segment
+    text = "The birch canoe slid on the smooth planks. " * 2
+    tr = transcript_of([(0.3, 2.9, "The 2 birch-canoes slid, 100% smooth!"), (3.2, 6.0, "Glue."),
+                        (7.0, 45.0, text.strip())])
+    out = align(long_audio, tr, AlignParams(backend="whisper"))
+    assert_well_formed(out, (0.0, len(long_audio) / 16000))
+    words = [w.word for s in out.segments for w in s.words]
+    assert words[:6] == ["The", "2", "birch-canoes", "slid,", "100%", "smooth!"] and "Glue." in words
+    assert len(words) == 6 + 1 + len(text.split())
+    silence = transcript_of([])
+    assert align(np.zeros(16000, np.float32), silence).segments == []
+
+
+def test_split_sentences_keeps_words():
+    seg = Segment(start=0, end=3, text="Hi there. How are you?",
+                  words=[TimedWord(word=w, start=i * 0.5, end=i * 0.5 + 0.4) for i, w in enumerate("Hi there. How are you?".split())])
+    parts = split_sentences(seg)
+    assert [p.text for p in parts] == ["Hi there.", "How are you?"]
+    assert parts[1].start == 1.0 and parts[1].end == 2.4
+
+
+@pytest.mark.parametrize("name", ["heldout_3spk.wav", "align_3spk.wav"])
+def test_pipeline_word_times_within_30ms(name, manifest):
+    """Transcribe + align (auto, offline) vs flite's ground truth: the acceptance metric."""
+    from tests.conftest import word_time_error
+
+    audio = samples(name)
+    tr = transcribe(audio, TranscribeParams(language="en", batch_size=8))
+    out = align(audio, tr, AlignParams())
+    assert out.backend == "pocketsphinx"
+    hyp = [w.model_dump() for s in out.segments for w in s.words]
+    start_err, end_err, matched = word_time_error(manifest[name]["words"], hyp)
+    print(f"{name}: start MAE {start_err * 1000:.1f} ms, end MAE {end_err * 1000:.1f} ms over {matched} words")
+    assert matched >= 0.85 * len(manifest[name]["words"])
+    assert start_err <= 0.030 and end_err <= 0.030
