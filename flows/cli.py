@@ -104,7 +104,8 @@ def _quiet_libraries(verbose: bool) -> None:
         return
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     warnings.filterwarnings("ignore")
-    for name in ("whisperx", "lightning", "lightning.pytorch", "pytorch_lightning", "speechbrain", "pyannote"):
+    for name in ("whisperx", "lightning", "lightning.pytorch", "lightning.pytorch.utilities.migration.utils",
+                 "pytorch_lightning", "speechbrain", "pyannote"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
