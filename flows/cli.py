@@ -46,12 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--align-model", help="wav2vec2 align model name or local directory")
     s.add_argument("--diarization", dest="diarization", action="store_true", default=None)
     s.add_argument("--no-diarization", dest="diarization", action="store_false")
+    s.add_argument("--diarization-backend", choices=["auto", "pyannote", "pyannote-api", "builtin"])
+    s.add_argument("--diarization-model", help="local pyannote pipeline: hub name or directory")
     s.add_argument("--num-speakers", type=int)
     s.add_argument("--min-speakers", type=int)
     s.add_argument("--max-speakers", type=int)
     s.add_argument("--speaker-verification", action="store_true", default=None)
     s.add_argument("--speaker-sample", action="append", metavar="NAME=URL_OR_PATH",
                    help="enrolment clip (repeatable); a bare URL/path derives the name")
+    s.add_argument("--speaker-encoder", choices=["auto", "builtin", "ecapa"])
+    a = p.add_argument_group("pyannoteAI (hosted diarization)")
+    a.add_argument("--pyannote-api-key", help="API key (prefer the PYANNOTE_API_KEY env var)")
+    a.add_argument("--pyannote-model", choices=["precision-2", "community-1"])
+    a.add_argument("--pyannote-exclusive", action="store_true", default=None)
+    a.add_argument("--pyannote-poll-interval", type=float)
+    a.add_argument("--pyannote-timeout", type=float)
+    a.add_argument("--pyannote-json-in", help="reuse a saved <stem>.pyannote.job.json (no request)")
     o = p.add_argument_group("output")
     o.add_argument("--download-dir", help="local folder for outputs (default RESULTS_DIR or ./out)")
     o.add_argument("--bucket", help="S3 bucket for outputs (default RESULTS_BUCKET)")
@@ -206,9 +216,12 @@ def _quiet_prefect_console() -> None:
 
 def _flow_kwargs(req: Any) -> dict[str, Any]:
     """Request -> flow kwargs; the token stays a SecretStr so Prefect stores it masked."""
-    kwargs = req.model_dump(exclude={"huggingface_access_token"})
-    if req.huggingface_access_token is not None:
-        kwargs["huggingface_access_token"] = req.huggingface_access_token
+    from speech.schema import SECRET_FIELDS
+
+    kwargs = req.model_dump(exclude=set(SECRET_FIELDS))
+    for name in SECRET_FIELDS:
+        if getattr(req, name) is not None:
+            kwargs[name] = getattr(req, name)
     return kwargs
 
 

@@ -22,8 +22,10 @@ from prefect.logging import get_run_logger
 from pydantic import SecretStr
 
 from speech.align import AlignParams
-from speech.schema import TranscribeParams, TranscriptionRequest
+from speech.diarize import DiarizeParams
+from speech.schema import SECRET_FIELDS, TranscribeParams, TranscriptionRequest
 from tasks.align import align_words
+from tasks.speakers import diarize, enroll_speakers, label_speakers
 from tasks.fetch import fetch_audio
 from tasks.outputs import write_outputs
 from tasks.transcribe import transcribe
@@ -50,6 +52,15 @@ def transcribe_audio(
     speaker_samples: Optional[list[dict[str, Any]]] = None,
     align_backend: str = "auto",
     align_model: Optional[str] = None,
+    diarization_backend: str = "auto",
+    diarization_model: Optional[str] = None,
+    pyannote_api_key: Optional[SecretStr] = None,
+    pyannote_model: str = "precision-2",
+    pyannote_exclusive: bool = False,
+    pyannote_poll_interval: float = 5.0,
+    pyannote_timeout: float = 1800.0,
+    pyannote_json_in: Optional[str] = None,
+    speaker_encoder: str = "auto",
     model: Optional[str] = None,
     beam_size: Optional[int] = None,
     num_speakers: Optional[int] = None,
@@ -81,6 +92,15 @@ def transcribe_audio(
         speaker_samples: Enrolment clips, a list of {name?, url}.
         align_backend: Word aligner: auto, wav2vec2 (WhisperX), pocketsphinx (English, offline) or whisper.
         align_model: wav2vec2 align model name or local directory (default: the language's WhisperX model).
+        diarization_backend: Diarizer: auto, pyannote (local pipeline), pyannote-api (hosted pyannoteAI) or builtin (offline).
+        diarization_model: Local pyannote pipeline, hub name or directory (default WhisperX's community-1).
+        pyannote_api_key: pyannoteAI API key (prefer the PYANNOTE_API_KEY env var or a Secret block).
+        pyannote_model: pyannoteAI model, precision-2 or community-1.
+        pyannote_exclusive: Use pyannoteAI's exclusive (non-overlapping) diarization.
+        pyannote_poll_interval: Seconds between pyannoteAI job polls.
+        pyannote_timeout: Give up on a pyannoteAI job after this many seconds.
+        pyannote_json_in: Reuse a saved <stem>.pyannote.job.json instead of calling the API.
+        speaker_encoder: Speaker-verification encoder: auto, ecapa (SpeechBrain) or builtin (offline).
         model: Whisper model name (large-v3, ...), model directory, or bundled:base / bundled:tiny.en.
         beam_size: Beam size (default 5).
         num_speakers: Exact number of speakers, when known.
@@ -97,7 +117,7 @@ def transcribe_audio(
     return run_pipeline(req)
 
 
-SECRET_PARAMETERS = ("huggingface_access_token",)
+SECRET_PARAMETERS = SECRET_FIELDS
 
 
 def _redact_stored_secrets(args: dict[str, Any]) -> None:
@@ -132,6 +152,12 @@ def run_pipeline(req: TranscriptionRequest) -> dict[str, Any]:
     audio = fetch_audio(req.audio_file, req.output_name)
     stage_seconds["fetch"] = round(time.perf_counter() - t, 3)
 
+    enrolled = None
+    if req.speaker_verification:  # fetch + embed the samples first: a bad sample fails fast
+        t = time.perf_counter()
+        enrolled = enroll_speakers(req.speaker_samples, req.speaker_encoder)
+        stage_seconds["enroll"] = round(time.perf_counter() - t, 3)
+
     t = time.perf_counter()
     state = transcribe.with_options(refresh_cache=req.force)(
         audio, TranscribeParams.from_request(req), return_state=True
@@ -141,6 +167,7 @@ def run_pipeline(req: TranscriptionRequest) -> dict[str, Any]:
         cached.append("transcribe")
     stage_seconds["transcribe"] = round(time.perf_counter() - t, 3)
 
+    extra_files: dict[str, Any] = {}
     alignment = None
     if req.align_output:
         t = time.perf_counter()
@@ -151,18 +178,50 @@ def run_pipeline(req: TranscriptionRequest) -> dict[str, Any]:
         if state.name == "Cached":
             cached.append("align")
         stage_seconds["align"] = round(time.perf_counter() - t, 3)
-    if req.diarization:
-        log.warning("diarization: the diarization stage is not part of this build yet; no speaker labels")
+    speakers = None
+    if req.diarization or req.speaker_verification:
+        segments = alignment.segments if alignment is not None else transcript.segments
+        t = time.perf_counter()
+        state = diarize.with_options(refresh_cache=req.force)(
+            audio, segments, DiarizeParams.from_request(req), _api_options(req), return_state=True
+        )
+        outcome = state.result()
+        if state.name == "Cached":
+            cached.append("diarize")
+        speakers = label_speakers(audio, segments, outcome, enrolled, req.speaker_encoder)
+        stage_seconds["diarize"] = round(time.perf_counter() - t, 3)
+        if outcome.job is not None:
+            extra_files[f"{audio.stem}.pyannote.job.json"] = outcome.job
 
     result, _refs = write_outputs(
         audio,
         transcript,
         alignment,
+        speakers,
         debug=req.debug,
         download_dir=req.download_dir,
         bucket=req.bucket,
         prefix=req.prefix_transcripts,
         stage_seconds=stage_seconds,
         cached_stages=cached,
+        extra_files=extra_files,
     )
     return result
+
+
+def _api_options(req: TranscriptionRequest) -> dict[str, Any]:
+    """Options of the hosted diarization call; the key stays out of cache keys and logs."""
+    from speech.settings import get_settings
+
+    settings = get_settings()
+    key = req.pyannote_api_key or settings.pyannote_api_key
+    hf = req.huggingface_access_token
+    return {
+        "api_key": key.get_secret_value() if key else None,
+        "hf_token": hf.get_secret_value() if hf else None,
+        "model": req.pyannote_model,
+        "exclusive": req.pyannote_exclusive,
+        "poll_interval": req.pyannote_poll_interval,
+        "timeout": req.pyannote_timeout,
+        "json_in": req.pyannote_json_in,
+    }

@@ -36,3 +36,15 @@ class ModelError(SpeechError):
 
 class StorageError(SpeechError):
     """The results store could not be written."""
+
+
+class DiarizationError(SpeechError):
+    """Diarization failed: a failed or timed-out hosted job, a rejected key, bad output.
+
+    Deterministic by default; network trouble (connection refused, 429, 5xx) is raised with
+    ``retryable=True`` so orchestration retries it.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
+from typing import Any, Optional
 
 from speech.schema import TranscriptionResult
 
@@ -20,13 +20,16 @@ def _subtitles(writer_cls: Any, data: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def render(result: TranscriptionResult, stem: str) -> dict[str, bytes]:
-    """All output files of one result, as name -> bytes (rendered fully before any write)."""
+def render(result: TranscriptionResult, stem: str, extra: Optional[dict[str, Any]] = None) -> dict[str, bytes]:
+    """All output files of one result, as name -> bytes (rendered fully before any write).
+
+    ``extra`` adds helper artefacts by file name (e.g. ``<stem>.pyannote.job.json``)."""
     from whisperx.utils import WriteSRT, WriteVTT
 
     full = result.to_json()
     sub_input = {"segments": full["segments"], "language": full.get("detected_language") or "en"}
-    return {
+    files = {name: _dumps(obj) for name, obj in (extra or {}).items()}
+    return files | {
         f"{stem}.json": _dumps(full),
         f"{stem}.segments.json": _dumps(full["segments"]),
         f"{stem}.srt": _subtitles(WriteSRT, sub_input).encode(),

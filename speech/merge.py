@@ -4,13 +4,14 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from speech.align import AlignOutcome
-from speech.schema import AudioRef, Transcript, TranscriptionResult
+from speech.schema import AudioRef, SpeakerLabels, Transcript, TranscriptionResult
 
 
 def build_result(
     audio: AudioRef,
     transcript: Transcript,
     alignment: Optional[AlignOutcome] = None,
+    speakers: Optional[SpeakerLabels] = None,
     debug: bool = False,
     stage_seconds: Optional[dict[str, float]] = None,
     cached_stages: Optional[list[str]] = None,
@@ -37,8 +38,12 @@ def build_result(
         extra["cached_stages"] = cached_stages or []
         if alignment is not None:
             extra["align_seconds"] = alignment.seconds
+        if speakers is not None:
+            extra["diarization"] = speakers.summary
+    segments = alignment.segments if alignment is not None else transcript.segments
     return TranscriptionResult(
-        segments=alignment.segments if alignment is not None else transcript.segments,
+        segments=speakers.segments if speakers is not None and speakers.speakers else segments,
+        speakers=speakers.speakers if speakers is not None and speakers.speakers else None,
         alignment=None if alignment is None else alignment.summary(),
         detected_language=transcript.language,
         language_probability=transcript.language_probability,

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 BUNDLED = ("bundled:base", "bundled:tiny.en")
 DEFAULT_MODEL = "bundled:base"
+DEFAULT_DIARIZATION_MODEL = "pyannote/speaker-diarization-community-1"  # whisperx's default
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ class ModelCache:
     whisper: dict[tuple[str, str, str], LoadedModel] = field(default_factory=dict)
     vad: dict[str, Any] = field(default_factory=dict)
     align: dict[tuple[str, str, str], Any] = field(default_factory=dict)
+    diarization: dict[tuple[str, str], Any] = field(default_factory=dict)
     load_count: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -208,11 +210,40 @@ class ModelCache:
             self.load_count += 1
             return loaded
 
+    def get_diarization_pipeline(self, model: Optional[str], device: str, token: Optional[str],
+                                 settings: Settings) -> Any:
+        """WhisperX's pyannote.audio diarization pipeline (hub name or local directory).
+
+        Gated hub models need a token; offline, only a local directory or the HF cache works.
+        A failed load is remembered for the process (``auto`` then goes straight to builtin)."""
+        key = (model or DEFAULT_DIARIZATION_MODEL, device)
+        with self._lock:
+            found = self.diarization.get(key)
+            if isinstance(found, ModelError):
+                raise found
+            if found is not None:
+                return found
+            try:
+                with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    from whisperx.diarize import DiarizationPipeline
+
+                    pipeline = DiarizationPipeline(model_name=key[0], token=token, device=device)
+            except Exception as exc:  # hub/network/gating/format errors of many kinds
+                err = ModelError(f"cannot load the pyannote pipeline {key[0]!r}: {type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
+                self.diarization[key] = err
+                raise err from None
+            self.diarization[key] = pipeline
+            self.load_count += 1
+            return pipeline
+
     def clear(self) -> None:
         with self._lock:
             self.whisper.clear()
             self.vad.clear()
             self.align.clear()
+            self.diarization.clear()
 
 
 CACHE = ModelCache()

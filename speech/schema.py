@@ -33,6 +33,17 @@ def normalize_language(value: Optional[str]) -> Optional[str]:
     raise ValueError(f"unknown language {value!r}; use a Whisper language code such as 'en', 'de', 'es'")
 
 
+SECRET_FIELDS = ("huggingface_access_token", "pyannote_api_key")
+
+
+def check_speaker_counts(n: Optional[int], lo: Optional[int], hi: Optional[int]) -> None:
+    """min_speakers <= num_speakers <= max_speakers, where given."""
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"min_speakers ({lo}) must not exceed max_speakers ({hi})")
+    if n is not None and ((lo is not None and n < lo) or (hi is not None and n > hi)):
+        raise ValueError(f"num_speakers ({n}) must lie within min_speakers..max_speakers")
+
+
 class SpeakerSample(BaseModel):
     """An enrolment clip for speaker verification: ``{name?, url}``."""
 
@@ -79,6 +90,22 @@ class TranscriptionRequest(BaseModel):
         "auto", description="Word aligner: wav2vec2 (WhisperX), pocketsphinx (English, offline), whisper, or auto."
     )
     align_model: Optional[str] = Field(None, description="wav2vec2 align model name or local directory.")
+    diarization_backend: Literal["auto", "pyannote", "pyannote-api", "builtin"] = Field(
+        "auto", description="Diarizer: pyannote (local pipeline), pyannote-api (hosted pyannoteAI), builtin "
+        "(offline), or auto (pyannote if it loads, else builtin; the API when pyannote_json_in is given)."
+    )
+    diarization_model: Optional[str] = Field(
+        None, description="Local pyannote pipeline: hub name or directory (default WhisperX's community-1)."
+    )
+    pyannote_api_key: Optional[SecretStr] = Field(None, description="pyannoteAI key (prefer PYANNOTE_API_KEY).")
+    pyannote_model: Literal["precision-2", "community-1"] = Field("precision-2", description="pyannoteAI model.")
+    pyannote_exclusive: bool = Field(False, description="Use pyannoteAI's exclusive (non-overlapping) output.")
+    pyannote_poll_interval: float = Field(5.0, gt=0, le=600, description="Seconds between pyannoteAI job polls.")
+    pyannote_timeout: float = Field(1800.0, gt=0, description="Give up on a pyannoteAI job after this many seconds.")
+    pyannote_json_in: Optional[str] = Field(None, description="Reuse a saved <stem>.pyannote.job.json (no request).")
+    speaker_encoder: Literal["auto", "builtin", "ecapa"] = Field(
+        "auto", description="Verification encoder: SpeechBrain ECAPA, the builtin GE2E, or auto."
+    )
     model: Optional[str] = Field(
         None, description="Whisper model: a name (large-v3, base, ...), a directory, or bundled:base / bundled:tiny.en."
     )
@@ -104,12 +131,13 @@ class TranscriptionRequest(BaseModel):
     def _language(cls, v: Any) -> Optional[str]:
         return normalize_language(v)
 
-    @field_validator("initial_prompt", "model", "align_model", "download_dir", "bucket", "prefix_transcripts", mode="before")
+    @field_validator("initial_prompt", "model", "align_model", "diarization_model", "pyannote_json_in", "download_dir",
+                     "bucket", "prefix_transcripts", mode="before")
     @classmethod
     def _blank_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
 
-    @field_validator("huggingface_access_token", mode="before")
+    @field_validator("huggingface_access_token", "pyannote_api_key", mode="before")
     @classmethod
     def _blank_token(cls, v: Any) -> Any:
         return None if v in ("", None) else v
@@ -132,11 +160,7 @@ class TranscriptionRequest(BaseModel):
 
     @model_validator(mode="after")
     def _speakers(self) -> "TranscriptionRequest":
-        lo, hi, n = self.min_speakers, self.max_speakers, self.num_speakers
-        if lo is not None and hi is not None and lo > hi:
-            raise ValueError(f"min_speakers ({lo}) must not exceed max_speakers ({hi})")
-        if n is not None and ((lo is not None and n < lo) or (hi is not None and n > hi)):
-            raise ValueError(f"num_speakers ({n}) must lie within min_speakers..max_speakers")
+        check_speaker_counts(self.num_speakers, self.min_speakers, self.max_speakers)
         if self.speaker_verification and not self.speaker_samples:
             raise ValueError("speaker_verification needs at least one entry in speaker_samples")
         return self
@@ -152,7 +176,7 @@ class TranscriptionRequest(BaseModel):
 
     def public_dict(self) -> dict[str, Any]:
         """Parameters safe to log or store: secrets dropped, not just masked."""
-        return self.model_dump(mode="json", exclude={"huggingface_access_token"})
+        return self.model_dump(mode="json", exclude=set(SECRET_FIELDS))
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -228,6 +252,14 @@ class SpeakerInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     time: float
+
+
+class SpeakerLabels(BaseModel):
+    """Output of the speaker stages: labelled (and possibly split) segments + talk times."""
+
+    segments: list[Segment]
+    speakers: dict[str, SpeakerInfo]
+    summary: dict[str, Any] = Field(default_factory=dict, description="backend, errors, names matched")
 
 
 class TranscriptionResult(BaseModel):

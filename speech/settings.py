@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     )
     s3_region: Optional[str] = Field(None, validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"))
 
+    # --- hosted APIs ------------------------------------------------------------------
+    pyannote_api_url: Optional[str] = Field(
+        None,
+        validation_alias="PYANNOTE_API_URL",
+        description="pyannoteAI API base URL (default https://api.pyannote.ai/v1; a bare host gets /v1).",
+    )
+
     # --- secrets (never logged) -------------------------------------------------------
     hf_token: Optional[SecretStr] = Field(
         None, validation_alias=AliasChoices("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_ACCESS_TOKEN")

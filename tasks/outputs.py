@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -11,7 +11,7 @@ from speech.align import AlignOutcome
 from speech.formats import render
 from speech.merge import build_result
 from speech.report import summary_markdown
-from speech.schema import AudioRef, OutputRef, Transcript
+from speech.schema import AudioRef, OutputRef, SpeakerLabels, Transcript
 from tasks.common import artifact_key
 from tasks.storage import results_store
 
@@ -21,17 +21,19 @@ def write_outputs(
     audio: AudioRef,
     transcript: Transcript,
     alignment: Optional[AlignOutcome] = None,
+    speakers: Optional[SpeakerLabels] = None,
     debug: bool = False,
     download_dir: Optional[str] = None,
     bucket: Optional[str] = None,
     prefix: Optional[str] = None,
     stage_seconds: Optional[dict[str, float]] = None,
     cached_stages: Optional[list[str]] = None,
+    extra_files: Optional[dict[str, Any]] = None,
 ) -> tuple[dict, list[OutputRef]]:
     """Merge into the worker's JSON, render json/srt/vtt, store them, publish artifacts."""
     log = get_run_logger()
-    result = build_result(audio, transcript, alignment, debug=debug, stage_seconds=stage_seconds, cached_stages=cached_stages)
-    files = render(result, audio.stem)
+    result = build_result(audio, transcript, alignment, speakers, debug=debug, stage_seconds=stage_seconds, cached_stages=cached_stages)
+    files = render(result, audio.stem, extra_files)
     store = results_store(download_dir, bucket, prefix)
     refs = store.write(files)
     log.info("wrote %d outputs to %s", len(refs), store.describe())

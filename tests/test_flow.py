@@ -201,3 +201,57 @@ def test_alignment_stage_in_the_flow(prefect_harness, tmp_path):
     states = task_states(state2.state_details.flow_run_id)
     assert states["transcribe"] == "Cached" and states["align"] == "Completed"
     assert result2["alignment"] == {"backend": "whisper"}
+
+
+def test_diarization_and_enrolled_names_in_the_flow(prefect_harness, tmp_path, manifest):
+    """diarization + verification offline: every word gets a speaker, speakers carry names."""
+    out = tmp_path / "out"
+    samples = [{"name": voice, "url": str(DATA / f"enrol_{voice}.wav")} for voice in ("slt", "rms", "awb")]
+    state, result = run(audio_file=str(DATA / "diar_3spk.wav"), language="en", align_output=True, diarization=True,
+                        speaker_verification=True, speaker_samples=samples, download_dir=str(out), debug=True)
+    assert state.is_completed(), state
+    assert set(result["speakers"]) == {"SPEAKER_00", "SPEAKER_01", "SPEAKER_02"}
+    assert {s["name"] for s in result["speakers"].values()} == {"slt", "rms", "awb"}
+    assert result["debug"]["diarization"]["backend"] == "builtin"
+    # share of reference speech time whose words carry the right name
+    ref = manifest["diar_3spk.wav"]["turns"]
+    right = total = 0.0
+    for seg in result["segments"]:
+        for w in seg["words"]:
+            mid = (w["start"] + w["end"]) / 2
+            truth = next((t["speaker"] for t in ref if t["start"] <= mid <= t["end"]), None)
+            if truth:
+                total += w["end"] - w["start"]
+                right += (w["end"] - w["start"]) * (w["speaker"] == truth)
+            assert w["speaker"] == seg["speaker"]
+    assert right / total >= 0.95
+    assert "[slt]" in (out / "diar_3spk.srt").read_text() or "[rms]" in (out / "diar_3spk.srt").read_text()
+
+    # changing only speaker settings reuses transcription and alignment
+    state2, _ = run(audio_file=str(DATA / "diar_3spk.wav"), language="en", align_output=True, diarization=True,
+                    num_speakers=3, download_dir=str(out))
+    states = task_states(state2.state_details.flow_run_id)
+    assert states["transcribe"] == "Cached" and states["align"] == "Cached" and states["diarize"] == "Completed"
+
+
+def test_bad_speaker_sample_fails_before_transcribing(prefect_harness, tmp_path, http_server):
+    out = tmp_path / "out"
+    state, exc = run(audio_file=str(DATA / "diar_2spk.wav"), diarization=True, speaker_verification=True,
+                     speaker_samples=[{"name": "x", "url": f"{http_server}/missing.wav"}], download_dir=str(out))
+    assert state.is_failed() and "404" in str(exc) and "speaker sample" in str(exc)
+    assert not out.exists()
+    assert "transcribe" not in task_states(state.state_details.flow_run_id)
+
+
+def test_saved_pyannote_job_is_reused_without_a_request(prefect_harness, tmp_path, manifest):
+    turns = manifest["diar_2spk.wav"]["turns"]
+    job = {"jobId": "j1", "status": "succeeded",
+           "output": {"diarization": [{"start": t["start"], "end": t["end"], "speaker": t["speaker"]} for t in turns]}}
+    saved = tmp_path / "job.json"
+    saved.write_text(json.dumps(job))
+    out = tmp_path / "out"
+    state, result = run(audio_file=str(DATA / "diar_2spk.wav"), language="en", diarization=True,
+                        pyannote_json_in=str(saved), download_dir=str(out))
+    assert state.is_completed(), state
+    assert {s["name"] for s in result["speakers"].values()} == {"slt", "rms"}
+    assert json.loads((out / "diar_2spk.pyannote.job.json").read_text())["jobId"] == "j1"

@@ -5,8 +5,10 @@ Needs the Debian packages `flite` and `espeak-ng` (``apt-get install flite espea
 the tests themselves only read the committed WAVs and ``fixtures.json``, so they need no TTS.
 
 Every fixture is 16 kHz mono 16-bit PCM. ``fixtures.json`` records, per file, the spoken
-text and the ground-truth turns (speaker, start, end, text) so tests can assert WER and,
-later, diarization error against known answers.
+text and the ground-truth turns (speaker, start, end, text) so tests can assert WER and
+diarization error against known answers. ``diar_{2,3,4}spk.wav`` are conversations of 2-4 flite
+voices with recurring speakers and short varied gaps; ``enrol_<voice>.wav`` are single-voice
+enrolment clips whose sentences occur in no conversation.
 
 For the flite conversations it also records ``words``: one entry per whitespace token of each
 turn's text (punctuation kept) with ground-truth ``start``/``end`` in absolute file time and the
@@ -78,6 +80,73 @@ ALIGN = [
     ("slt", "Press the pants and sew a button on the vest."),
     ("rms", "Her purse was full of 12 useless coins."),
 ]
+
+# Diarization fixtures: 2, 3 and 4 distinct flite voices, several turns per speaker (speakers
+# recur, in varied order), one two-sentence turn, short and varied gaps (DIAR_GAPS).
+DIAR_2SPK = [
+    ("slt", "Kick the ball straight and follow through."),
+    ("rms", "Help the woman get back to her feet."),
+    ("slt", "Smoky fires lack flame and heat."),
+    ("rms", "The salt breeze came across from the sea."),
+    ("slt", "The swan dive was far short of perfect."),
+    ("rms", "The beauty of the view stunned the young boy."),
+    ("slt", "Two blue fish swam in the tank."),
+    ("rms", "The colt reared and threw the tall rider."),
+    ("slt", "Read verse out loud for pleasure. Hoist the load to your left shoulder."),
+    ("rms", "Take the winding path to reach the lake."),
+    ("slt", "Note closely the size of the gas tank."),
+    ("rms", "Wipe the grease off his dirty face."),
+    ("slt", "Mend the coat before you go out."),
+    ("rms", "The stray cat gave birth to kittens."),
+]
+
+DIAR_3SPK = [
+    ("awb", "The young girl gave no clear response."),
+    ("slt", "The meal was cooked before the bell rang."),
+    ("rms", "A king ruled the state in the early days."),
+    ("awb", "The ship was torn apart on the sharp reef."),
+    ("rms", "Sickness kept him home the third week."),
+    ("slt", "The wide road shimmered in the hot sun."),
+    ("awb", "The lazy cow lay in the cool grass."),
+    ("slt", "Lift the square stone over the fence."),
+    ("rms", "The rope will bind the seven books at once."),
+    ("awb", "Hop over the fence and plunge in."),
+    ("slt", "The friendly gang left the drug store."),
+    ("rms", "The frosty air passed through the coat."),
+    ("slt", "The crooked maze failed to fool the mouse."),
+    ("awb", "The show was a flop from the very start."),
+    ("rms", "A saw is a tool used for making boards."),
+]
+
+DIAR_4SPK = [
+    ("slt", "The wagon moved on well oiled wheels."),
+    ("kal16", "March the soldiers past the next hill."),
+    ("rms", "A cup of sugar makes sweet fudge."),
+    ("awb", "Place a rosebush near the porch steps."),
+    ("kal16", "We talked of the side show in the circus."),
+    ("slt", "Use a pencil to write the first draft."),
+    ("awb", "He ran half way to the hardware store."),
+    ("rms", "The clock struck to mark the third period."),
+    ("kal16", "A small creek cut across the field."),
+    ("slt", "Cars and busses stalled in snow drifts."),
+    ("rms", "The set of china hit the floor with a crash."),
+    ("awb", "This is a grand season for hikes on the road."),
+    ("slt", "The dune rose from the edge of the water."),
+    ("kal16", "Those words were the cue for the actor to leave."),
+    ("awb", "A yacht slid around the point into the bay."),
+    ("rms", "The two met while playing on the sand."),
+]
+
+# Silence after each turn of the diarization conversations, cycled (0.3-0.8 s).
+DIAR_GAPS = (0.45, 0.3, 0.7, 0.5, 0.8, 0.35, 0.6, 0.4, 0.75, 0.55, 0.3, 0.65)
+
+# Enrolment clips for speaker verification: one voice each, sentences used in no conversation.
+ENROL = {
+    "enrol_slt.wav": ("slt", "The ink stain dried on the finished page. The walled town was seized without a fight."),
+    "enrol_rms.wav": ("rms", "A tame squirrel makes a nice pet. The heart beat strongly and with firm strokes."),
+    "enrol_awb.wav": ("awb", "The pearl was worn in a thin silver ring. The fruit peel was cut in thick slices."),
+    "enrol_kal16.wav": ("kal16", "The Navy attacked the big task force. See the cat glaring at the scared mouse."),
+}
 
 GAP_S = 0.6  # silence between turns
 LEAD_S = 0.3  # silence at start/end
@@ -186,12 +255,14 @@ def espeak(lang: str, text: str, tmp: Path) -> np.ndarray:
     return read_wav(out)
 
 
-def conversation(turns, tmp: Path) -> tuple[np.ndarray, list[dict], list[dict]]:
+def conversation(turns, tmp: Path, gaps=None) -> tuple[np.ndarray, list[dict], list[dict]]:
+    """Concatenate the turns with ``gaps`` (cycled; default GAP_S) of silence between them."""
     pieces = [np.zeros(int(LEAD_S * SR), np.int16)]
     t = LEAD_S
     meta = []
     words = []
-    for voice, text in turns:
+    for k, (voice, text) in enumerate(turns):
+        gap = GAP_S if gaps is None else gaps[k % len(gaps)]
         audio, phones = flite(voice, text, tmp)
         # trim flite's own leading/trailing near-silence so turn bounds are tight
         nz = np.flatnonzero(np.abs(audio) > 200)
@@ -204,8 +275,8 @@ def conversation(turns, tmp: Path) -> tuple[np.ndarray, list[dict], list[dict]]:
             ws = min(max(t + ws - lead, t), t + dur)
             we = min(max(t + we - lead, t), t + dur)
             words.append({"word": tok, "start": round(ws, 3), "end": round(we, 3), "speaker": voice})
-        pieces += [audio, np.zeros(int(GAP_S * SR), np.int16)]
-        t += dur + GAP_S
+        pieces += [audio, np.zeros(int(gap * SR), np.int16)]
+        t += dur + gap
     pieces[-1] = np.zeros(int(LEAD_S * SR), np.int16)
     return np.concatenate(pieces), meta, words
 
@@ -220,12 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     manifest: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        for name, turns in (
-            ("sample_2spk.wav", CONVERSATION),
-            ("heldout_3spk.wav", HELDOUT),
-            ("align_3spk.wav", ALIGN),
-        ):
-            audio, turns_meta, words = conversation(turns, tmp)
+
+        def flite_fixture(name: str, turns, gaps=None) -> None:
+            audio, turns_meta, words = conversation(turns, tmp, gaps)
             write_wav(HERE / name, audio)
             manifest[name] = {
                 "language": "en",
@@ -234,6 +302,13 @@ def main(argv: list[str] | None = None) -> None:
                 "words": words,
                 "duration": round(len(audio) / SR, 3),
             }
+
+        for name, turns in (
+            ("sample_2spk.wav", CONVERSATION),
+            ("heldout_3spk.wav", HELDOUT),
+            ("align_3spk.wav", ALIGN),
+        ):
+            flite_fixture(name, turns)
         for name, (lang, text) in FOREIGN.items():
             if (HERE / name).exists() and not force_espeak:
                 # The committed espeak WAVs were made with sox's random dither, so a rerun
@@ -243,6 +318,11 @@ def main(argv: list[str] | None = None) -> None:
                 audio = espeak(lang, text, tmp)
                 write_wav(HERE / name, audio)
             manifest[name] = {"language": lang, "text": text, "duration": round(len(audio) / SR, 3)}
+        # diarization conversations and enrolment clips (speaker verification)
+        for name, turns in (("diar_2spk.wav", DIAR_2SPK), ("diar_3spk.wav", DIAR_3SPK), ("diar_4spk.wav", DIAR_4SPK)):
+            flite_fixture(name, turns, DIAR_GAPS)
+        for name, turn in ENROL.items():
+            flite_fixture(name, [turn])
     (HERE / "fixtures.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     for k, v in manifest.items():
         print(f"{k}: {v['duration']} s")

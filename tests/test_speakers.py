@@ -1,0 +1,377 @@
+"""Speaker verification: names, enrolment, embeddings, one-to-one matching, relabelling.
+
+Real encoder (resemblyzer GE2E, shipped in its wheel), real fixture audio: each voice is enrolled
+from its turns in align_3spk.wav (clips written at test time), then the ground-truth turns of
+other conversations (different sentences) are matched under arbitrary SPEAKER_XX labels.
+"""
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from speech import speakers as sp
+from speech.audio import load_audio, read_samples
+from speech.errors import AudioError, InvalidRequest, ModelError
+from speech.schema import Segment, SpeakerInfo, SpeakerSample, TimedWord
+
+DATA = Path(__file__).parent / "data"
+SR = 16000
+
+
+def fixture_audio(name: str) -> np.ndarray:
+    return np.asarray(read_samples(load_audio(str(DATA / name))), dtype=np.float32)
+
+
+def write_wav(path: Path, samples: np.ndarray) -> Path:
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SR)
+        w.writeframes(pcm.tobytes())
+    return path
+
+
+def cut(audio: np.ndarray, start: float, end: float) -> np.ndarray:
+    return audio[int(start * SR):int(end * SR)]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return sp.get_encoder("builtin")
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory, manifest):
+    """Per voice: its turns of align_3spk.wav joined by 0.2 s pauses, as <voice>.wav."""
+    audio = fixture_audio("align_3spk.wav")
+    out = tmp_path_factory.mktemp("enrol")
+    voices = sorted({t["speaker"] for t in manifest["align_3spk.wav"]["turns"]})
+    for voice in voices:
+        parts = []
+        for t in manifest["align_3spk.wav"]["turns"]:
+            if t["speaker"] == voice:
+                parts += [cut(audio, t["start"], t["end"]), np.zeros(int(0.2 * SR), np.float32)]
+        write_wav(out / f"{voice}.wav", np.concatenate(parts))
+    return out
+
+
+@pytest.fixture(scope="module")
+def enrolled(clip_dir, encoder):
+    # no names given: each is derived from the clip's file stem
+    return sp.enroll([SpeakerSample(url=str(p)) for p in sorted(clip_dir.glob("*.wav"))], encoder)
+
+
+def labelled_turns(manifest, name: str) -> tuple[list[tuple[float, float, str]], dict[str, str]]:
+    """Ground-truth turns under arbitrary labels (voices in reverse order -> SPEAKER_00..)."""
+    turns = manifest[name]["turns"]
+    voices = sorted({t["speaker"] for t in turns}, reverse=True)
+    label_of = {v: f"SPEAKER_{i:02d}" for i, v in enumerate(voices)}
+    return [(t["start"], t["end"], label_of[t["speaker"]]) for t in turns], {l: v for v, l in label_of.items()}
+
+
+def segments_from(manifest, name: str, label_of_voice: dict[str, str]) -> list[Segment]:
+    segs = []
+    for t in manifest[name]["turns"]:
+        label = label_of_voice[t["speaker"]]
+        words = [
+            TimedWord(word=w["word"], start=w["start"], end=w["end"], speaker=label)
+            for w in manifest[name]["words"]
+            if t["start"] - 1e-3 <= w["start"] < t["end"]
+        ]
+        segs.append(Segment(start=t["start"], end=t["end"], text=t["text"], words=words, speaker=label))
+    return segs
+
+
+# ----------------------------------------------------------------------------------
+# accuracy on the fixtures
+
+
+@pytest.mark.parametrize("name", ["heldout_3spk.wav", "sample_2spk.wav"])
+def test_enrolled_names_cover_the_speech_time(manifest, encoder, enrolled, name):
+    assert sorted(enrolled) == ["awb", "rms", "slt"]
+    turns, truth = labelled_turns(manifest, name)
+    centroids = sp.speaker_embeddings(fixture_audio(name), turns, encoder)
+    assert set(centroids) == set(truth)
+    for vec in centroids.values():
+        assert abs(float(np.linalg.norm(vec)) - 1.0) < 1e-4
+
+    # the similarity bands the defaults were chosen from: same voice well above, others well below
+    labels, names, sim = sp.similarity_matrix(centroids, enrolled)
+    same = [sim[i, j] for i, l in enumerate(labels) for j, n in enumerate(names) if truth[l] == n]
+    other = [sim[i, j] for i, l in enumerate(labels) for j, n in enumerate(names) if truth[l] != n]
+    assert min(same) >= sp.BUILTIN_THRESHOLD + 0.05, (labels, names, sim)
+    assert max(other) <= sp.BUILTIN_THRESHOLD - 0.03, (labels, names, sim)
+
+    mapping = sp.match_names(centroids, enrolled)
+    assert mapping == truth
+
+    label_of_voice = {v: l for l, v in truth.items()}
+    segs, speakers = sp.relabel(
+        segments_from(manifest, name, label_of_voice),
+        {l: SpeakerInfo(name=l, time=1.0) for l in truth},
+        mapping,
+    )
+    total = sum(t["end"] - t["start"] for t in manifest[name]["turns"])
+    right = sum(
+        s.end - s.start for s, t in zip(segs, manifest[name]["turns"]) if s.speaker == t["speaker"]
+    )
+    assert right / total >= 0.95
+    assert all(w.speaker == s.speaker for s in segs for w in s.words)
+    assert {l: i.name for l, i in speakers.items()} == truth
+
+
+def test_an_unenrolled_voice_keeps_its_label(manifest, encoder, enrolled):
+    turns, truth = labelled_turns(manifest, "heldout_3spk.wav")
+    centroids = sp.speaker_embeddings(fixture_audio("heldout_3spk.wav"), turns, encoder)
+    two = {n: v for n, v in enrolled.items() if n != "awb"}
+    mapping = sp.match_names(centroids, two)
+    awb_label = next(l for l, v in truth.items() if v == "awb")
+    assert mapping == {l: v for l, v in truth.items() if v != "awb"}
+    label_of_voice = {v: l for l, v in truth.items()}
+    segs, speakers = sp.relabel(
+        segments_from(manifest, "heldout_3spk.wav", label_of_voice),
+        {l: SpeakerInfo(name=l, time=1.0) for l in truth},
+        mapping,
+    )
+    awb_segs = [s for s in segs if s.start < 3.0]  # awb speaks the first turn
+    assert awb_segs and all(s.speaker == awb_label for s in awb_segs)
+    assert speakers[awb_label].name == awb_label
+    assert {s.speaker for s in segs} == {awb_label, "slt", "rms"}
+
+
+def test_duplicate_names_are_pooled(tmp_path, manifest, encoder, enrolled):
+    """Several clips with one name enrol one voice: the renormalised mean of their embeddings."""
+    audio = fixture_audio("align_3spk.wav")
+    slt_turns = [t for t in manifest["align_3spk.wav"]["turns"] if t["speaker"] == "slt"]
+    clips = [write_wav(tmp_path / f"turn{i}.wav", cut(audio, t["start"], t["end"])) for i, t in enumerate(slt_turns)]
+    samples = [SpeakerSample(name="Sally", url=str(p)) for p in clips]
+    pooled = sp.enroll(samples, encoder)
+    assert list(pooled) == ["Sally"]
+    singles = [sp.enroll([s], encoder)["Sally"] for s in samples]
+    expected = np.mean(singles, axis=0)
+    expected /= np.linalg.norm(expected)
+    assert np.allclose(pooled["Sally"], expected, atol=1e-5)
+    # and the pooled voice is still slt's
+    assert float(pooled["Sally"] @ enrolled["slt"]) > 0.9
+
+
+def test_sample_over_http_named_by_query(http_server, encoder):
+    out = sp.enroll([SpeakerSample(url=f"{http_server}/sample_2spk.wav?name=Guest%20Host")], encoder)
+    assert list(out) == ["Guest Host"] and out["Guest Host"].shape == (256,)
+
+
+# ----------------------------------------------------------------------------------
+# bad samples
+
+
+def test_404_sample_is_named(http_server, clip_dir, encoder):
+    samples = [SpeakerSample(url=str(clip_dir / "slt.wav")), SpeakerSample(url=f"{http_server}/nobody.wav")]
+    with pytest.raises(InvalidRequest, match=r"speaker sample 'nobody'.*404"):
+        sp.enroll(samples, encoder)
+
+
+def test_missing_local_sample(tmp_path, encoder):
+    with pytest.raises(InvalidRequest, match=r"speaker sample 'Ann'.*not found"):
+        sp.enroll([SpeakerSample(name="Ann", url=str(tmp_path / "gone.wav"))], encoder)
+
+
+def test_non_audio_sample(tmp_path, encoder):
+    notes = tmp_path / "notes.wav"
+    notes.write_text("these are meeting notes, not audio\n" * 20)
+    with pytest.raises(AudioError, match=r"speaker sample 'notes'.*not a readable audio file"):
+        sp.enroll([SpeakerSample(url=str(notes))], encoder)
+
+
+def test_too_short_sample(tmp_path, encoder):
+    short = write_wav(tmp_path / "blip.wav", cut(fixture_audio("sample_2spk.wav"), 0.5, 1.0))
+    with pytest.raises(AudioError, match=r"speaker sample 'blip'.*at least 1 s"):
+        sp.enroll([SpeakerSample(url=str(short))], encoder)
+
+
+def test_silent_sample(tmp_path, encoder):
+    quiet = write_wav(tmp_path / "quiet.wav", np.zeros(2 * SR, np.float32))
+    with pytest.raises(AudioError, match=r"speaker sample 'quiet'.*silent"):
+        sp.enroll([SpeakerSample(url=str(quiet))], encoder)
+
+
+def test_local_sample_with_name_fragment(clip_dir, encoder):
+    out = sp.enroll([SpeakerSample(url=f"{clip_dir / 'rms.wav'}#Richard")], encoder)
+    assert list(out) == ["Richard"]
+
+
+# ----------------------------------------------------------------------------------
+# names
+
+
+@pytest.mark.parametrize(
+    "name, url, expected",
+    [
+        ("Alice", "http://h/clips/x.wav?name=Bob#Carol", "Alice"),
+        (None, "http://h/clips/x.wav?name=Bob#Carol", "Bob"),
+        (None, "https://h/clips/x.wav?X-Amz-Signature=abc#Carol%20King", "Carol King"),
+        (None, "s3://bucket/voices/dave.mp3", "dave"),
+        (None, "/srv/clips/Eve Smith.wav", "Eve Smith"),
+        (None, "clips/frank.v2.flac", "frank.v2"),
+        ("  José  Núñez ", "x.wav", "José Núñez"),
+        ("../../etc/passwd", "x.wav", "etc passwd"),
+        (None, "http://h/x.wav?name=..%2F..%2Fetc%2Fpasswd", "etc passwd"),
+        (None, "http://h/a/..%2F..%2Fsecret.wav", "secret"),
+        (None, "C:\\voices\\gina.wav", "gina"),
+        ("Bob\x00\x1b[31m\nRed\u200b", "x.wav", "Bob [31m Red"),
+        ("x" * 200, "x.wav", "x" * 64),
+    ],
+)
+def test_derive_name(name, url, expected):
+    got = sp.derive_name(SpeakerSample(name=name, url=url))
+    assert got == expected
+    assert "/" not in got and "\\" not in got and not got.startswith(".")
+    assert all(ch.isprintable() for ch in got) and len(got) <= 64
+
+
+@pytest.mark.parametrize(
+    "name, url",
+    [("   ", "x.wav"), ("../", "x.wav"), ("\x00\x07", "x.wav"), (None, "http://h/"), (None, "http://h/x/..%2F")],
+)
+def test_underivable_name_is_an_invalid_request(name, url):
+    with pytest.raises(InvalidRequest, match="speaker name"):
+        sp.derive_name(SpeakerSample(name=name, url=url))
+
+
+# ----------------------------------------------------------------------------------
+# matching and relabelling (unit level)
+
+
+def unit(*xs):
+    v = np.asarray(xs, np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_match_names_threshold_margin_and_one_to_one():
+    enrolled = {"Alice": unit(1, 0, 0), "Bob": unit(0, 1, 0)}
+    # both labels are closest to Alice: only one may have her; the other is not Bob either
+    centroids = {"SPEAKER_00": unit(1, 0.05, 0.1), "SPEAKER_01": unit(1, 0.2, 0.2)}
+    assert sp.match_names(centroids, enrolled, threshold=0.8, margin=0.1) == {"SPEAKER_00": "Alice"}
+    # below the threshold
+    assert sp.match_names({"SPEAKER_00": unit(1, 0, 1.2)}, enrolled, threshold=0.8, margin=0.0) == {}
+    # above the threshold but too close to a second name
+    between = {"SPEAKER_00": unit(1, 0.95, 0)}  # 0.725 vs 0.689
+    assert sp.match_names(between, enrolled, threshold=0.6, margin=0.1) == {}
+    assert sp.match_names(between, enrolled, threshold=0.6, margin=0.0) == {"SPEAKER_00": "Alice"}
+    # one enrolled name: no second best to beat
+    assert sp.match_names({"SPEAKER_03": unit(0, 1, 0.1)}, {"Bob": unit(0, 1, 0)}) == {"SPEAKER_03": "Bob"}
+    assert sp.match_names({}, enrolled) == {} and sp.match_names(centroids, {}) == {}
+
+
+def test_relabel_puts_names_everywhere_and_keeps_keys():
+    segs = [
+        Segment(start=0, end=1, text="hi there", speaker="SPEAKER_00", words=[
+            TimedWord(word="hi", start=0, end=0.4, speaker="SPEAKER_00"),
+            TimedWord(word="there", start=0.5, end=1, speaker="SPEAKER_01"),
+        ]),
+        Segment(start=1, end=2, text="yes", speaker="SPEAKER_01", words=[TimedWord(word="yes", start=1, end=2, speaker="SPEAKER_01")]),
+        Segment(start=2, end=3, text="hmm", speaker="SPEAKER_02", words=None),
+        Segment(start=3, end=4, text="no speaker"),
+    ]
+    speakers = {f"SPEAKER_0{i}": SpeakerInfo(name=f"SPEAKER_0{i}", time=1.0 + i) for i in range(3)}
+    new_segs, new_speakers = sp.relabel(segs, speakers, {"SPEAKER_00": "Alice", "SPEAKER_02": "Carol"})
+    assert [s.speaker for s in new_segs] == ["Alice", "SPEAKER_01", "Carol", None]
+    assert [w.speaker for w in new_segs[0].words] == ["Alice", "SPEAKER_01"]
+    assert new_segs[1].words[0].speaker == "SPEAKER_01"
+    assert list(new_speakers) == ["SPEAKER_00", "SPEAKER_01", "SPEAKER_02"]
+    assert {k: (v.name, v.time) for k, v in new_speakers.items()} == {
+        "SPEAKER_00": ("Alice", 1.0), "SPEAKER_01": ("SPEAKER_01", 2.0), "SPEAKER_02": ("Carol", 3.0)
+    }
+    assert segs[0].speaker == "SPEAKER_00" and speakers["SPEAKER_00"].name == "SPEAKER_00"  # inputs untouched
+
+
+def test_short_turns_are_skipped_and_long_ones_windowed(encoder):
+    assert sp._windows(0.0, 0.4) == []
+    wins = sp._windows(1.0, 8.5)
+    assert len(wins) == 3 and all(e - s <= 3.0 + 1e-9 for s, e in wins) and wins[-1][1] == pytest.approx(8.5)
+    audio = fixture_audio("sample_2spk.wav")
+    out = sp.speaker_embeddings(audio, [(0.3, 2.4, "SPEAKER_00"), (3.1, 3.4, "SPEAKER_01")], encoder)
+    assert list(out) == ["SPEAKER_00"]  # SPEAKER_01 has no turn of 0.5 s or more
+
+
+# ----------------------------------------------------------------------------------
+# encoder selection
+
+
+@pytest.fixture
+def fresh_encoders(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("SPEAKER_ENCODER_DIR", raising=False)
+    sp.clear_encoders()
+    yield monkeypatch
+    sp.clear_encoders()
+
+
+def test_auto_falls_back_to_builtin_offline(fresh_encoders):
+    enc = sp.get_encoder("auto")
+    assert enc.name.startswith("builtin") and sp.encoder_defaults(enc) == (sp.BUILTIN_THRESHOLD, sp.BUILTIN_MARGIN)
+    assert sp.get_encoder("auto") is enc and sp.get_encoder("builtin") is enc
+    with pytest.raises(InvalidRequest, match="unknown speaker encoder"):
+        sp.get_encoder("xvector")
+
+
+def test_ecapa_dir_without_model(fresh_encoders, tmp_path):
+    fresh_encoders.setenv("SPEAKER_ENCODER_DIR", str(tmp_path))
+    with pytest.raises(ModelError, match="hyperparams.yaml"):
+        sp.get_encoder("ecapa")
+    assert sp.get_encoder("auto").name.startswith("builtin")
+
+
+TINY_ECAPA = """\
+pretrained_path: speechbrain/spkrec-ecapa-voxceleb
+n_mels: 80
+compute_features: !new:speechbrain.lobes.features.Fbank
+    n_mels: !ref <n_mels>
+mean_var_norm: !new:speechbrain.processing.features.InputNormalization
+    norm_type: sentence
+    std_norm: False
+embedding_model: !new:speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN
+    input_size: !ref <n_mels>
+    channels: [32, 32, 32, 32, 96]
+    kernel_sizes: [5, 3, 3, 3, 1]
+    dilations: [1, 2, 3, 4, 1]
+    attention_channels: 8
+    lin_neurons: 24
+modules:
+    compute_features: !ref <compute_features>
+    mean_var_norm: !ref <mean_var_norm>
+    embedding_model: !ref <embedding_model>
+pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
+    loadables:
+        embedding_model: !ref <embedding_model>
+    paths:
+        embedding_model: !ref <pretrained_path>/embedding_model.ckpt
+"""
+
+
+def test_ecapa_loads_from_a_local_directory(fresh_encoders, tmp_path):
+    """A local copy laid out like the hub repo (its yaml still names the hub) loads offline.
+
+    The weights are random (the real ones are not available offline); this checks the loading
+    path and the embedding contract, not accuracy."""
+    import torch
+    from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
+
+    model_dir = tmp_path / "ecapa"
+    model_dir.mkdir()
+    (model_dir / "hyperparams.yaml").write_text(TINY_ECAPA)
+    torch.manual_seed(0)
+    net = ECAPA_TDNN(80, channels=[32, 32, 32, 32, 96], attention_channels=8, lin_neurons=24)
+    torch.save(net.state_dict(), model_dir / "embedding_model.ckpt")
+    fresh_encoders.setenv("SPEAKER_ENCODER_DIR", str(model_dir))
+
+    enc = sp.get_encoder("ecapa")
+    assert enc.name == f"ecapa:{model_dir}" and sp.encoder_defaults(enc) == (sp.ECAPA_THRESHOLD, sp.ECAPA_MARGIN)
+    assert sp.get_encoder("auto") is enc
+    vec = enc.embed(fixture_audio("sample_2spk.wav")[: 2 * SR])
+    assert vec.shape == (24,) and abs(float(np.linalg.norm(vec)) - 1.0) < 1e-5
+    again = enc.embed(fixture_audio("sample_2spk.wav")[: 2 * SR])
+    assert np.allclose(vec, again, atol=1e-5)
