@@ -169,7 +169,10 @@ def run_pipeline(req: TranscriptionRequest) -> dict[str, Any]:
 
     extra_files: dict[str, Any] = {}
     alignment = None
-    if req.align_output:
+    wants_speakers = req.diarization or req.speaker_verification
+    if req.align_output or wants_speakers:
+        if not req.align_output:
+            log.info("speaker labels are assigned per word: aligning words for diarization")
         t = time.perf_counter()
         state = align_words.with_options(refresh_cache=req.force)(
             audio, transcript, AlignParams(backend=req.align_backend, align_model=req.align_model), return_state=True
@@ -179,7 +182,7 @@ def run_pipeline(req: TranscriptionRequest) -> dict[str, Any]:
             cached.append("align")
         stage_seconds["align"] = round(time.perf_counter() - t, 3)
     speakers = None
-    if req.diarization or req.speaker_verification:
+    if wants_speakers:
         segments = alignment.segments if alignment is not None else transcript.segments
         t = time.perf_counter()
         state = diarize.with_options(refresh_cache=req.force)(

@@ -601,7 +601,7 @@ def speech_regions(segments: list[Segment]) -> list[tuple[float, float]]:
 def _diarize_pyannote_local(audio: np.ndarray, params: DiarizeParams, settings: Settings, hf_token: Optional[str],
                             cache: ModelCache) -> DiarizationOutcome:
     device, _ = resolve_device(settings)
-    pipeline = cache.get_diarization_pipeline(params.model, device, hf_token, settings)
+    pipeline = cache.get_diarization_pipeline(params.model, device, hf_token, settings, probe=params.backend == "auto")
     frame = pipeline(np.ascontiguousarray(audio, dtype=np.float32), num_speakers=params.num_speakers,
                      min_speakers=params.min_speakers, max_speakers=params.max_speakers)
     turns = [Turn(start=round(float(r.start), 3), end=round(float(r.end), 3), speaker=str(r.speaker))

@@ -129,6 +129,30 @@ def resolve_device(settings: Optional[Settings] = None) -> tuple[str, str]:
     return device, compute
 
 
+def hub_reachable(repo_id: str, probe_file: str) -> bool:
+    """Cheap check before a hub download: cached files, offline mode, or a 3 s HEAD request.
+
+    huggingface_hub retries a dead network for ~25 s; ``auto`` choices should not pay that
+    on an offline machine."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo_id, probe_file), str):
+            return True
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        import requests
+
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        requests.head(f"{endpoint}/api/models/{repo_id}", timeout=3)
+        return True
+    except Exception:
+        return False
+
+
 @dataclass
 class LoadedModel:
     whisper: Any  # whisperx.asr.WhisperModel
@@ -211,7 +235,7 @@ class ModelCache:
             return loaded
 
     def get_diarization_pipeline(self, model: Optional[str], device: str, token: Optional[str],
-                                 settings: Settings) -> Any:
+                                 settings: Settings, probe: bool = False) -> Any:
         """WhisperX's pyannote.audio diarization pipeline (hub name or local directory).
 
         Gated hub models need a token; offline, only a local directory or the HF cache works.
@@ -223,6 +247,10 @@ class ModelCache:
                 raise found
             if found is not None:
                 return found
+            if probe and not Path(key[0]).is_dir() and not hub_reachable(key[0], "config.yaml"):
+                err = ModelError(f"cannot load the pyannote pipeline {key[0]!r}: not cached and the hub is unreachable")
+                self.diarization[key] = err
+                raise err
             try:
                 with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
                     warnings.simplefilter("ignore")

@@ -47,6 +47,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 
+from speech.models import hub_reachable
 from speech.errors import AudioError, FetchError, InvalidRequest, ModelError, SpeechError, TransientFetchError
 from speech.schema import Segment, SpeakerInfo, SpeakerSample
 
@@ -224,28 +225,7 @@ def _ecapa_source() -> tuple[str, bool]:
 
 
 def _hub_reachable(source: str) -> bool:
-    """Cheap check before a hub download: cached files, offline mode, or a 3 s HEAD request.
-
-    huggingface_hub retries a dead network for ~25 s; ``auto`` should not pay that per process
-    on an offline machine.
-    """
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        if isinstance(try_to_load_from_cache(source, "hyperparams.yaml"), str):
-            return True
-    except Exception:
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return False
-    try:
-        import requests
-
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-        requests.head(f"{endpoint}/api/models/{source}", timeout=3)
-        return True
-    except Exception:
-        return False
+    return hub_reachable(source, "hyperparams.yaml")
 
 
 def _load_ecapa(probe: bool) -> EcapaEncoder:
