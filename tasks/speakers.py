@@ -1,6 +1,7 @@
 """Speaker stages: enrolment (early, fails fast on bad samples), diarization (cached), naming."""
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import wave
@@ -33,7 +34,9 @@ def _write_wav(samples: np.ndarray, path: Path) -> None:
 def diarize_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
     audio: AudioRef = parameters["audio"]
     regions = engine.speech_regions(parameters["segments"])
-    api_opts = {k: v for k, v in parameters["api_options"].items() if k != "api_key"}
+    api_opts = {k: v for k, v in parameters["api_options"].items() if k not in ("api_key", "hf_token")}
+    if api_opts.get("json_in") and Path(api_opts["json_in"]).is_file():  # the saved job's content, not its path
+        api_opts["json_in"] = hashlib.sha256(Path(api_opts["json_in"]).read_bytes()).hexdigest()
     return stage_key("diarize", audio.sha256, [parameters["params"].model_dump(), api_opts, regions], VERSION)
 
 

@@ -291,3 +291,20 @@ def test_assign_on_real_conversation(diarized, manifest):
         assert info.time == round(sum(t.end - t.start for t in out.turns if t.speaker == label), 2)
     truth_total = sum(t["end"] - t["start"] for t in turns)
     assert sum(v.time for v in speakers.values()) == pytest.approx(truth_total, abs=1.0)
+
+
+def test_local_pyannote_that_cannot_load_falls_back_clearly(tmp_path):
+    """An unloadable local pipeline is named in the outcome; auto carries on with builtin."""
+    from speech.audio import load_audio, read_samples
+    from speech.diarize import DiarizeParams, diarize
+    from speech.schema import Segment
+
+    audio = np.asarray(read_samples(load_audio(str(DATA / "diar_2spk.wav"))))
+    segments = [Segment(start=0.0, end=len(audio) / 16000, text="x")]
+    (tmp_path / "config.yaml").write_text("not: a pipeline\n")
+    strict = diarize(audio, segments, DiarizeParams(backend="pyannote", model=str(tmp_path)))
+    assert strict.backend is None and strict.turns == []
+    assert "cannot load the pyannote pipeline" in strict.error and str(tmp_path) in strict.error
+    fallback = diarize(audio, segments, DiarizeParams(model=str(tmp_path), num_speakers=2))
+    assert fallback.backend == "builtin" and "pyannote" in fallback.error
+    assert len({t.speaker for t in fallback.turns}) == 2

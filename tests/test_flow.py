@@ -253,5 +253,17 @@ def test_saved_pyannote_job_is_reused_without_a_request(prefect_harness, tmp_pat
     state, result = run(audio_file=str(DATA / "diar_2spk.wav"), language="en", diarization=True,
                         pyannote_json_in=str(saved), download_dir=str(out))
     assert state.is_completed(), state
-    assert {s["name"] for s in result["speakers"].values()} == {"slt", "rms"}
+    assert {s["name"] for s in result["speakers"].values()} == {"slt", "rms"}  # the job's own labels
     assert json.loads((out / "diar_2spk.pyannote.job.json").read_text())["jobId"] == "j1"
+
+    # enrolled names also apply to the hosted API's speakers
+    samples = [{"url": str(DATA / "enrol_slt.wav") + "#Sally"}, {"name": "Rob", "url": str(DATA / "enrol_rms.wav")}]
+    job["output"]["diarization"] = [{**d, "speaker": {"slt": "A", "rms": "B"}[d["speaker"]]}
+                                    for d in job["output"]["diarization"]]
+    saved.write_text(json.dumps(job))
+    state, result = run(audio_file=str(DATA / "diar_2spk.wav"), language="en", diarization=True,
+                        speaker_verification=True, speaker_samples=samples, pyannote_json_in=str(saved),
+                        download_dir=str(out))
+    assert state.is_completed(), state
+    assert {s["name"] for s in result["speakers"].values()} == {"Sally", "Rob"}
+    assert task_states(state.state_details.flow_run_id)["diarize"] == "Completed"  # new job content: no stale hit
