@@ -15,6 +15,7 @@ if __name__ == "__main__":  # CLI first, before the heavy imports: keeps --help 
     raise SystemExit(main())
 
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 from prefect import flow
@@ -22,9 +23,14 @@ from prefect.logging import get_run_logger
 from pydantic import SecretStr
 
 from speech.align import AlignParams
+from speech.confidence import DeepgramOptions
 from speech.diarize import DiarizeParams
+from speech.errors import InvalidRequest
+from speech.settings import get_settings
 from speech.schema import SECRET_FIELDS, TranscribeParams, TranscriptionRequest
 from tasks.align import align_words
+from tasks.confidence import deepgram, word_confidence
+from tasks.upload import upload
 from tasks.speakers import diarize, enroll_speakers, label_speakers
 from tasks.fetch import fetch_audio
 from tasks.outputs import write_outputs
@@ -60,6 +66,21 @@ def transcribe_audio(
     pyannote_poll_interval: float = 5.0,
     pyannote_timeout: float = 1800.0,
     pyannote_json_in: Optional[str] = None,
+    deepgram_api_key: Optional[SecretStr] = None,
+    deepgram_json_in: Optional[str] = None,
+    deepgram_model: str = "nova-3",
+    deepgram_tier: Optional[str] = None,
+    deepgram_version: Optional[str] = None,
+    word_confidence_low_threshold: float = 0.6,
+    word_confidence_high_threshold: float = 0.85,
+    low_confidence_min_dur: float = 0.5,
+    s3_endpoint: Optional[str] = None,
+    access_key: Optional[SecretStr] = None,
+    secret_key: Optional[SecretStr] = None,
+    upload: bool = False,
+    prefix_audio: Optional[str] = None,
+    url_expiry: int = 3600,
+    download_transcript: bool = False,
     speaker_encoder: str = "auto",
     model: Optional[str] = None,
     beam_size: Optional[int] = None,
@@ -100,6 +121,21 @@ def transcribe_audio(
         pyannote_poll_interval: Seconds between pyannoteAI job polls.
         pyannote_timeout: Give up on a pyannoteAI job after this many seconds.
         pyannote_json_in: Reuse a saved <stem>.pyannote.job.json instead of calling the API.
+        deepgram_api_key: Deepgram key for word confidence (prefer the DEEPGRAM_API_KEY env var or a Secret block).
+        deepgram_json_in: Reuse a saved <stem>.deepgram.json instead of calling Deepgram.
+        deepgram_model: Deepgram model (default nova-3).
+        deepgram_tier: Deepgram tier (older models only).
+        deepgram_version: Deepgram model version.
+        word_confidence_low_threshold: A segment is flagged low below this average word confidence.
+        word_confidence_high_threshold: A segment is flagged high at or above this average word confidence.
+        low_confidence_min_dur: Seconds of contiguous low-confidence speech that flag a segment low.
+        s3_endpoint: S3-compatible endpoint URL (MinIO, R2); default from the environment.
+        access_key: S3 access key id (prefer AWS_ACCESS_KEY_ID or an AwsCredentials block).
+        secret_key: S3 secret key (prefer AWS_SECRET_ACCESS_KEY or an AwsCredentials block).
+        upload: Upload the audio to the bucket under prefix_audio (skipped when already there) and presign it.
+        prefix_audio: Key prefix for uploaded audio (default audio/).
+        url_expiry: Presigned URL lifetime in seconds.
+        download_transcript: With a bucket, also write the outputs to download_dir.
         speaker_encoder: Speaker-verification encoder: auto, ecapa (SpeechBrain) or builtin (offline).
         model: Whisper model name (large-v3, ...), model directory, or bundled:base / bundled:tiny.en.
         beam_size: Beam size (default 5).
@@ -152,6 +188,20 @@ def run_pipeline(req: TranscriptionRequest) -> dict[str, Any]:
     audio = fetch_audio(req.audio_file, req.output_name)
     stage_seconds["fetch"] = round(time.perf_counter() - t, 3)
 
+    s3_options = {"endpoint": req.s3_endpoint,
+                  "access_key": req.access_key.get_secret_value() if req.access_key else None,
+                  "secret_key": req.secret_key.get_secret_value() if req.secret_key else None}
+    uploaded = None
+    if req.upload:
+        bucket = req.bucket or get_settings().s3_bucket
+        if not bucket:
+            raise InvalidRequest("upload needs a bucket: pass bucket (--bucket) or set RESULTS_BUCKET")
+        if not Path(req.audio_file).is_file():
+            log.info("upload skipped: %s is not a local file", audio.source)
+        else:
+            uploaded = upload(req.audio_file, audio, bucket, req.prefix_audio or get_settings().prefix_audio,
+                              req.force, req.url_expiry, s3_options)
+
     enrolled = None
     if req.speaker_verification:  # fetch + embed the samples first: a bad sample fails fast
         t = time.perf_counter()
@@ -170,9 +220,14 @@ def run_pipeline(req: TranscriptionRequest) -> dict[str, Any]:
     extra_files: dict[str, Any] = {}
     alignment = None
     wants_speakers = req.diarization or req.speaker_verification
-    if req.align_output or wants_speakers:
+    settings = get_settings()
+    dg_key = req.deepgram_api_key or settings.deepgram_api_key
+    wants_confidence = bool(dg_key or req.deepgram_json_in)
+    if not wants_confidence:
+        log.info("Deepgram confidence skipped: no DEEPGRAM_API_KEY and no deepgram_json_in")
+    if req.align_output or wants_speakers or wants_confidence:
         if not req.align_output:
-            log.info("speaker labels are assigned per word: aligning words for diarization")
+            log.info("speakers and confidence are matched per word: aligning words")
         t = time.perf_counter()
         state = align_words.with_options(refresh_cache=req.force)(
             audio, transcript, AlignParams(backend=req.align_backend, align_model=req.align_model), return_state=True
@@ -196,11 +251,30 @@ def run_pipeline(req: TranscriptionRequest) -> dict[str, Any]:
         if outcome.job is not None:
             extra_files[f"{audio.stem}.pyannote.job.json"] = outcome.job
 
+    confidence = None
+    if wants_confidence:
+        final = speakers.segments if speakers is not None and speakers.speakers else (
+            alignment.segments if alignment is not None else transcript.segments)
+        url = uploaded.presigned_url if uploaded else (req.audio_file if req.audio_file.startswith(("http://", "https://")) else None)
+        t = time.perf_counter()
+        options = DeepgramOptions(model=req.deepgram_model, tier=req.deepgram_tier, version=req.deepgram_version)
+        state = deepgram.with_options(refresh_cache=req.force)(
+            audio, options, dg_key.get_secret_value() if dg_key else None, url, req.deepgram_json_in, return_state=True
+        )
+        response = state.result()
+        if state.name == "Cached":
+            cached.append("deepgram")
+        confidence = word_confidence(final, response, req.word_confidence_low_threshold,
+                                     req.word_confidence_high_threshold, req.low_confidence_min_dur)
+        extra_files[f"{audio.stem}.deepgram.json"] = response
+        stage_seconds["deepgram"] = round(time.perf_counter() - t, 3)
+
     result, _refs = write_outputs(
         audio,
         transcript,
         alignment,
         speakers,
+        confidence,
         debug=req.debug,
         download_dir=req.download_dir,
         bucket=req.bucket,
@@ -208,6 +282,8 @@ def run_pipeline(req: TranscriptionRequest) -> dict[str, Any]:
         stage_seconds=stage_seconds,
         cached_stages=cached,
         extra_files=extra_files,
+        s3_options=s3_options,
+        download_transcript=req.download_transcript,
     )
     return result
 

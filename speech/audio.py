@@ -139,15 +139,42 @@ def _fetch_http(source: str, settings: Settings, dir_: Path) -> FetchedFile:
 
 
 def s3_client(settings: Settings, endpoint_url: Optional[str] = None):
-    """A boto3 S3 client; credentials come from the usual AWS env vars/profiles."""
+    """A boto3 S3 client.
+
+    Credentials come from settings when both keys are set (``AWS_ACCESS_KEY_ID`` /
+    ``AWS_SECRET_ACCESS_KEY`` or the original pipeline's ``SWAMI_STORAGE_ACCESS_KEY`` /
+    ``SWAMI_STORAGE_SECRET_KEY``), else from boto3's usual chain (env, profiles, roles).
+    """
     import boto3
     from botocore.config import Config
 
+    def plain(value) -> Optional[str]:  # str or SecretStr (model_copy(update=...) skips validation)
+        value = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+        return value or None
+
+    access_key, secret_key = plain(settings.s3_access_key), plain(settings.s3_secret_key)
+    creds = {}
+    if access_key and secret_key:
+        creds = {
+            "aws_access_key_id": access_key,
+            "aws_secret_access_key": secret_key,
+            # explicit keys make boto3 skip its env chain: keep a temporary session's token
+            # when the key is the AWS_* env one it belongs to
+            "aws_session_token": (
+                os.environ.get("AWS_SESSION_TOKEN") or None
+                if os.environ.get("AWS_ACCESS_KEY_ID") == access_key
+                else None
+            ),
+        }
     return boto3.client(
         "s3",
         endpoint_url=endpoint_url or settings.s3_endpoint_url,
         region_name=settings.s3_region,
+        **creds,
         config=Config(
+            # SigV4 everywhere: R2/MinIO and newer AWS regions need it, and presigned URLs
+            # otherwise fall back to legacy SigV2 on us-east-1
+            signature_version="s3v4",
             connect_timeout=settings.http_connect_timeout,
             read_timeout=settings.http_read_timeout,
             retries={"max_attempts": 3, "mode": "standard"},

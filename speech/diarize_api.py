@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, SecretStr
 
+from speech.formats import load_saved_json
 from speech.errors import DiarizationError, InvalidRequest
 from speech.settings import get_settings
 
@@ -178,18 +179,7 @@ def turns_from_job(job: dict, *, exclusive: bool = False) -> list[ApiTurn]:
 
 def load_job_json(path: Union[str, Path]) -> dict:
     """A saved ``<stem>.pyannote.job.json``."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise InvalidRequest(f"pyannote job JSON not found: {p}")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"pyannote job JSON {p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"cannot read pyannote job JSON {p}: {exc.__class__.__name__}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest(f"pyannote job JSON {p} is not an object")
-    return data
+    return load_saved_json(path, "pyannote job JSON")
 
 
 # ----------------------------------------------------------------------------------

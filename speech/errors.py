@@ -48,3 +48,21 @@ class DiarizationError(SpeechError):
     def __init__(self, message: str, *, retryable: bool = False):
         super().__init__(message)
         self.retryable = retryable
+
+
+class TransientStorageError(StorageError):
+    """The store could not be reached (connection refused, timeout, 5xx, throttling); retry."""
+
+    retryable = True
+
+
+class ConfidenceError(SpeechError):
+    """The Deepgram confidence stage failed: a rejected key, a bad request, a malformed response.
+
+    Deterministic by default; network trouble (connection refused, timeouts, 429, 5xx after the
+    SDK's own retries) is raised with ``retryable=True`` so orchestration may retry it later.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable

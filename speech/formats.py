@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 from typing import Any, Optional
 
 from speech.schema import TranscriptionResult
@@ -39,3 +40,21 @@ def render(result: TranscriptionResult, stem: str, extra: Optional[dict[str, Any
 
 def _dumps(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def load_saved_json(path: "str | Path", what: str) -> dict:
+    """A saved API response (``<stem>.deepgram.json``, ``<stem>.pyannote.job.json``) for reuse."""
+    from speech.errors import InvalidRequest
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InvalidRequest(f"{what} not found: {p}")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{what} {p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"cannot read {what} {p}: {exc.__class__.__name__}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"{what} {p} is not an object")
+    return data

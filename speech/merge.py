@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from speech.align import AlignOutcome
-from speech.schema import AudioRef, SpeakerLabels, Transcript, TranscriptionResult
+from speech.schema import AudioRef, ConfidenceLabels, SpeakerLabels, Transcript, TranscriptionResult
 
 
 def build_result(
@@ -12,6 +12,7 @@ def build_result(
     transcript: Transcript,
     alignment: Optional[AlignOutcome] = None,
     speakers: Optional[SpeakerLabels] = None,
+    confidence: Optional[ConfidenceLabels] = None,
     debug: bool = False,
     stage_seconds: Optional[dict[str, float]] = None,
     cached_stages: Optional[list[str]] = None,
@@ -41,9 +42,15 @@ def build_result(
         if speakers is not None:
             extra["diarization"] = speakers.summary
     segments = alignment.segments if alignment is not None else transcript.segments
+    if speakers is not None and speakers.speakers:
+        segments = speakers.segments
+    if confidence is not None:
+        segments = confidence.segments
     return TranscriptionResult(
-        segments=speakers.segments if speakers is not None and speakers.speakers else segments,
+        segments=segments,
         speakers=speakers.speakers if speakers is not None and speakers.speakers else None,
+        confidence=confidence.summary if confidence is not None else None,
+        unclear_intervals=confidence.unclear_intervals if confidence is not None else None,
         alignment=None if alignment is None else alignment.summary(),
         detected_language=transcript.language,
         language_probability=transcript.language_probability,

@@ -33,7 +33,7 @@ def normalize_language(value: Optional[str]) -> Optional[str]:
     raise ValueError(f"unknown language {value!r}; use a Whisper language code such as 'en', 'de', 'es'")
 
 
-SECRET_FIELDS = ("huggingface_access_token", "pyannote_api_key")
+SECRET_FIELDS = ("huggingface_access_token", "pyannote_api_key", "deepgram_api_key", "access_key", "secret_key")
 
 
 def check_speaker_counts(n: Optional[int], lo: Optional[int], hi: Optional[int]) -> None:
@@ -103,6 +103,21 @@ class TranscriptionRequest(BaseModel):
     pyannote_poll_interval: float = Field(5.0, gt=0, le=600, description="Seconds between pyannoteAI job polls.")
     pyannote_timeout: float = Field(1800.0, gt=0, description="Give up on a pyannoteAI job after this many seconds.")
     pyannote_json_in: Optional[str] = Field(None, description="Reuse a saved <stem>.pyannote.job.json (no request).")
+    deepgram_api_key: Optional[SecretStr] = Field(None, description="Deepgram key (prefer DEEPGRAM_API_KEY).")
+    deepgram_json_in: Optional[str] = Field(None, description="Reuse a saved <stem>.deepgram.json (no request).")
+    deepgram_model: str = Field("nova-3", min_length=1, description="Deepgram model for word confidence.")
+    deepgram_tier: Optional[str] = Field(None, description="Deepgram tier (older models).")
+    deepgram_version: Optional[str] = Field(None, description="Deepgram model version.")
+    word_confidence_low_threshold: float = Field(0.6, ge=0, le=1, description="Segment flag 'low' below this average.")
+    word_confidence_high_threshold: float = Field(0.85, ge=0, le=1, description="Segment flag 'high' at or above this.")
+    low_confidence_min_dur: float = Field(0.5, ge=0, description="Seconds of contiguous low confidence that flag a segment low.")
+    s3_endpoint: Optional[str] = Field(None, description="S3-compatible endpoint URL (MinIO, R2); default from env.")
+    access_key: Optional[SecretStr] = Field(None, description="S3 access key id (prefer AWS_ACCESS_KEY_ID).")
+    secret_key: Optional[SecretStr] = Field(None, description="S3 secret key (prefer AWS_SECRET_ACCESS_KEY).")
+    upload: bool = Field(False, description="Upload the audio to the bucket under prefix_audio and presign it.")
+    prefix_audio: Optional[str] = Field(None, description="Key prefix for uploaded audio (default audio/).")
+    url_expiry: int = Field(3600, ge=1, le=604800, description="Presigned URL lifetime in seconds.")
+    download_transcript: bool = Field(False, description="With a bucket: also write the outputs to download_dir.")
     speaker_encoder: Literal["auto", "builtin", "ecapa"] = Field(
         "auto", description="Verification encoder: SpeechBrain ECAPA, the builtin GE2E, or auto."
     )
@@ -132,12 +147,13 @@ class TranscriptionRequest(BaseModel):
         return normalize_language(v)
 
     @field_validator("initial_prompt", "model", "align_model", "diarization_model", "pyannote_json_in", "download_dir",
-                     "bucket", "prefix_transcripts", mode="before")
+                     "bucket", "prefix_transcripts", "deepgram_json_in", "deepgram_tier", "deepgram_version",
+                     "s3_endpoint", "prefix_audio", mode="before")
     @classmethod
     def _blank_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
 
-    @field_validator("huggingface_access_token", "pyannote_api_key", mode="before")
+    @field_validator(*SECRET_FIELDS, mode="before")
     @classmethod
     def _blank_token(cls, v: Any) -> Any:
         return None if v in ("", None) else v
@@ -161,6 +177,8 @@ class TranscriptionRequest(BaseModel):
     @model_validator(mode="after")
     def _speakers(self) -> "TranscriptionRequest":
         check_speaker_counts(self.num_speakers, self.min_speakers, self.max_speakers)
+        if self.word_confidence_low_threshold > self.word_confidence_high_threshold:
+            raise ValueError("word_confidence_low_threshold must not exceed word_confidence_high_threshold")
         if self.speaker_verification and not self.speaker_samples:
             raise ValueError("speaker_verification needs at least one entry in speaker_samples")
         return self
@@ -260,6 +278,14 @@ class SpeakerLabels(BaseModel):
     segments: list[Segment]
     speakers: dict[str, SpeakerInfo]
     summary: dict[str, Any] = Field(default_factory=dict, description="backend, errors, names matched")
+
+
+class ConfidenceLabels(BaseModel):
+    """Output of the confidence stage: annotated segments, a summary, unclear intervals."""
+
+    segments: list[Segment]
+    summary: dict[str, Any] = Field(default_factory=dict)
+    unclear_intervals: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class TranscriptionResult(BaseModel):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 from prefect import task
@@ -11,7 +12,9 @@ from speech.align import AlignOutcome
 from speech.formats import render
 from speech.merge import build_result
 from speech.report import summary_markdown
-from speech.schema import AudioRef, OutputRef, SpeakerLabels, Transcript
+from speech.schema import AudioRef, ConfidenceLabels, OutputRef, SpeakerLabels, Transcript
+from speech.settings import get_settings
+from speech.storage import LocalStore, S3Store
 from tasks.common import artifact_key
 from tasks.storage import results_store
 
@@ -22,6 +25,7 @@ def write_outputs(
     transcript: Transcript,
     alignment: Optional[AlignOutcome] = None,
     speakers: Optional[SpeakerLabels] = None,
+    confidence: Optional[ConfidenceLabels] = None,
     debug: bool = False,
     download_dir: Optional[str] = None,
     bucket: Optional[str] = None,
@@ -29,13 +33,18 @@ def write_outputs(
     stage_seconds: Optional[dict[str, float]] = None,
     cached_stages: Optional[list[str]] = None,
     extra_files: Optional[dict[str, Any]] = None,
+    s3_options: Optional[dict[str, Any]] = None,
+    download_transcript: bool = False,
 ) -> tuple[dict, list[OutputRef]]:
     """Merge into the worker's JSON, render json/srt/vtt, store them, publish artifacts."""
     log = get_run_logger()
-    result = build_result(audio, transcript, alignment, speakers, debug=debug, stage_seconds=stage_seconds, cached_stages=cached_stages)
+    result = build_result(audio, transcript, alignment, speakers, confidence, debug=debug, stage_seconds=stage_seconds, cached_stages=cached_stages)
     files = render(result, audio.stem, extra_files)
-    store = results_store(download_dir, bucket, prefix)
+    store = results_store(download_dir, bucket, prefix, s3_options)
     refs = store.write(files)
+    if download_transcript and isinstance(store, S3Store):  # the original script's --download-transcript
+        local = LocalStore(Path(download_dir) if download_dir else get_settings().results_dir)
+        refs += local.write(files)
     log.info("wrote %d outputs to %s", len(refs), store.describe())
     key = artifact_key(f"transcript-{audio.stem}")
     create_markdown_artifact(

@@ -24,7 +24,7 @@ from tasks.common import NETWORK_BACKOFF, code_version, retry_transient, stage_k
 VERSION = code_version(engine, api_engine)
 
 
-def _write_wav(samples: np.ndarray, path: Path) -> None:
+def write_wav(samples: np.ndarray, path: Path) -> None:
     pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
@@ -54,7 +54,7 @@ def diarize(audio: AudioRef, segments: list[Segment], params: DiarizeParams, api
         with tempfile.TemporaryDirectory() as tmp:
             wav = Path(tmp) / f"{audio.stem}.wav"
             if not api_options.get("json_in"):
-                _write_wav(samples, wav)  # compact 16 kHz PCM upload, whatever the source format
+                write_wav(samples, wav)  # compact 16 kHz PCM upload, whatever the source format
             result = api_engine.diarize_pyannote_api(
                 str(wav), api_options.get("api_key") or "", model=api_options["model"],
                 exclusive=api_options["exclusive"], num_speakers=params.num_speakers,

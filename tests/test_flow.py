@@ -267,3 +267,31 @@ def test_saved_pyannote_job_is_reused_without_a_request(prefect_harness, tmp_pat
     assert state.is_completed(), state
     assert {s["name"] for s in result["speakers"].values()} == {"Sally", "Rob"}
     assert task_states(state.state_details.flow_run_id)["diarize"] == "Completed"  # new job content: no stale hit
+
+
+def test_upload_and_deepgram_confidence_in_the_flow(prefect_harness, s3, tmp_path, manifest):
+    """upload (skip-if-same) + presign, a saved Deepgram response merged into words and segments."""
+    s3.create_bucket(Bucket="pipeline")
+    words = manifest["heldout_3spk.wav"]["words"]
+    dg = {"metadata": {"request_id": "r1"}, "results": {"channels": [{"alternatives": [{"words": [
+        {"word": w["word"].strip(".,").lower(), "punctuated_word": w["word"], "start": w["start"], "end": w["end"],
+         "confidence": 0.3 if i < 9 else 0.97} for i, w in enumerate(words)]}]}]}}
+    saved = tmp_path / "dg.json"
+    saved.write_text(json.dumps(dg))
+    out = tmp_path / "local"
+    kwargs = dict(audio_file=str(DATA / "heldout_3spk.wav"), language="en", bucket="pipeline", upload=True,
+                  deepgram_json_in=str(saved), download_transcript=True, download_dir=str(out))
+    state, result = run(**kwargs)
+    assert state.is_completed(), state
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="pipeline")["Contents"]}
+    assert "audio/heldout_3spk.wav" in keys and "transcripts/heldout_3spk.deepgram.json" in keys
+    assert (out / "heldout_3spk.json").exists()  # --download-transcript
+    flags = [s.get("confidence_flag") for s in result["segments"]]
+    assert flags[0] == "low" and flags[-1] == "high"
+    assert result["unclear_intervals"] and result["unclear_intervals"][0]["start"] < 1.0
+    assert result["confidence"]["matched"] >= 30
+    assert all("confidence" in w for s in result["segments"] for w in s["words"][:3])
+    head = s3.head_object(Bucket="pipeline", Key="audio/heldout_3spk.wav")
+    state2, _ = run(**kwargs)  # same content: no second upload
+    assert s3.head_object(Bucket="pipeline", Key="audio/heldout_3spk.wav")["LastModified"] == head["LastModified"]
+    assert task_states(state2.state_details.flow_run_id)["deepgram"] == "Cached"

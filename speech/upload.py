@@ -1,0 +1,245 @@
+"""Upload the source audio to an S3-compatible bucket and presign a GET URL for it.
+
+Engine code (no Prefect): the upload task in ``tasks/`` wraps :func:`upload_audio`.
+
+The object goes to ``<prefix_audio><name>``. An object already there with the same content
+is left alone (no PUT): content is compared by the ``sha256`` stored in the object's user
+metadata (every upload here writes it), falling back, for objects written by other tools,
+to size + ETag == MD5 (valid for single-part uploads only). ``force=True`` always uploads.
+
+The presigned URL carries credentials in its query string: it is returned, never logged;
+messages use :func:`speech.audio.redact_url`. ``UploadResult``'s repr hides it as well.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import mimetypes
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, Field
+
+from speech.audio import redact_url
+from speech.errors import InvalidRequest, StorageError, TransientStorageError
+
+log = logging.getLogger(__name__)
+
+MAX_URL_EXPIRY = 604800  # S3 SigV4 presigned URLs live at most 7 days
+
+_AUDIO_TYPES = {
+    ".mp3": "audio/mpeg",
+    ".m4a": "audio/mp4",
+    ".mp4": "video/mp4",
+    ".aac": "audio/aac",
+    ".wav": "audio/wav",
+    ".flac": "audio/flac",
+    ".ogg": "audio/ogg",
+    ".oga": "audio/ogg",
+    ".opus": "audio/ogg",
+    ".webm": "audio/webm",
+    ".weba": "audio/webm",
+    ".mka": "audio/x-matroska",
+    ".mkv": "video/x-matroska",
+    ".aif": "audio/aiff",
+    ".aiff": "audio/aiff",
+    ".wma": "audio/x-ms-wma",
+    ".amr": "audio/amr",
+}
+
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequests",
+    "RequestLimitExceeded",
+}
+_DENIED_CODES = {
+    "AccessDenied",
+    "403",
+    "Forbidden",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AllAccessDisabled",
+    "AccountProblem",
+}
+
+
+class UploadResult(BaseModel):
+    bucket: str
+    key: str
+    uri: str  # s3://bucket/key
+    presigned_url: str = Field(repr=False)  # carries credentials: never log it
+    uploaded: bool  # False: an identical object was already there
+    size_bytes: int
+    sha256: str
+
+
+def content_type_for(name: str) -> str:
+    ext = Path(name).suffix.lower()
+    return _AUDIO_TYPES.get(ext) or mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+def _md5_of(path: Path) -> str:
+    h = hashlib.md5()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _storage_error(exc: BaseException, what: str, bucket: str) -> StorageError:
+    """Map a botocore/boto3 failure to a one-line StorageError (retryable when transient)."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ReadTimeoutError,
+    )
+
+    # upload_file wraps a ClientError in S3UploadFailedError (raised inside its except block)
+    if isinstance(exc, S3UploadFailedError):
+        inner = exc.__cause__ or exc.__context__
+        if isinstance(inner, (ClientError, BotoCoreError)):
+            exc = inner
+        else:
+            text = str(exc)
+            for code in ("NoSuchBucket", *sorted(_DENIED_CODES), *sorted(_TRANSIENT_CODES)):
+                if f"({code})" in text:
+                    return _storage_error_for_code(code, 0, what, bucket)
+            return StorageError(f"{what}: upload failed")
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
+        return _storage_error_for_code(str(err.get("Code", "")), int(status), what, bucket)
+    if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)):
+        endpoint = getattr(exc, "kwargs", {}).get("endpoint_url", "")
+        where = f" ({redact_url(endpoint)})" if endpoint else ""
+        return TransientStorageError(f"{what}: cannot reach the S3 endpoint{where}: {type(exc).__name__}")
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return StorageError(
+            f"{what}: no S3 credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+            "or SWAMI_STORAGE_ACCESS_KEY/SWAMI_STORAGE_SECRET_KEY)"
+        )
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return TransientStorageError(f"{what}: connection failed: {type(exc).__name__}")
+    return StorageError(f"{what}: {type(exc).__name__}")
+
+
+def _storage_error_for_code(code: str, status: int, what: str, bucket: str) -> StorageError:
+    if code == "NoSuchBucket":
+        return StorageError(f"{what}: bucket {bucket!r} does not exist")
+    if code in _DENIED_CODES or status == 403:
+        return StorageError(f"{what}: access denied to bucket {bucket!r} ({code or status}); check the credentials")
+    if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+        return TransientStorageError(f"{what}: S3 error {code or status} (retryable)")
+    return StorageError(f"{what}: S3 error {code or status}")
+
+
+def _same_object(client: Any, bucket: str, key: str, path: Path, size: int, sha256: str) -> bool:
+    """True when ``bucket/key`` exists and holds the same bytes as ``path``."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in ("404", "NoSuchKey", "NotFound") or status == 404:
+            # also what HEAD says for a missing bucket: the upload then reports NoSuchBucket
+            return False
+        raise _storage_error(exc, f"cannot check s3://{bucket}/{key}", bucket) from None
+    except BotoCoreError as exc:
+        raise _storage_error(exc, f"cannot check s3://{bucket}/{key}", bucket) from None
+
+    stored_sha = (head.get("Metadata") or {}).get("sha256")
+    if stored_sha:
+        return stored_sha.lower() == sha256.lower()
+    if int(head.get("ContentLength", -1)) != size:
+        return False
+    etag = str(head.get("ETag", "")).strip('"').lower()
+    if not etag or "-" in etag:  # multipart ETags are not the content MD5
+        return False
+    return etag == _md5_of(path)
+
+
+def upload_audio(
+    local_path: str,
+    sha256: str,
+    *,
+    bucket: str,
+    prefix_audio: str = "audio/",
+    name: Optional[str] = None,
+    force: bool = False,
+    url_expiry: int = 3600,
+    client: Any = None,
+) -> UploadResult:
+    """Put ``local_path`` at ``s3://bucket/<prefix_audio><name>`` unless already there; presign it.
+
+    ``sha256`` is the hex digest of the file's bytes (computed by the fetch stage); it is
+    stored as object metadata and used to recognise an identical object on later runs.
+    Raises InvalidRequest for bad parameters, StorageError for a missing bucket or denied
+    access, TransientStorageError (retryable) for connection problems and S3 5xx/throttling.
+    """
+    if not bucket:
+        raise InvalidRequest("upload: no bucket given (--bucket / RESULTS_BUCKET / SWAMI_STORAGE_BUCKET)")
+    if isinstance(url_expiry, bool) or not isinstance(url_expiry, int) or not 1 <= url_expiry <= MAX_URL_EXPIRY:
+        raise InvalidRequest(f"url_expiry must be an integer from 1 to {MAX_URL_EXPIRY} seconds, got {url_expiry!r}")
+    if not sha256 or len(sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha256):
+        raise InvalidRequest("upload: sha256 must be a 64-character hex digest")
+    path = Path(local_path).expanduser()
+    if not path.is_file():
+        raise StorageError(f"upload: audio file not found: {path}")
+    object_name = name or path.name
+    if not object_name or object_name.endswith("/"):
+        raise InvalidRequest(f"upload: bad object name {object_name!r}")
+    prefix = prefix_audio or ""
+    key = prefix + object_name.lstrip("/") if prefix.endswith("/") or not prefix else f"{prefix}/{object_name.lstrip('/')}"
+    uri = f"s3://{bucket}/{key}"
+    size = path.stat().st_size
+    sha256 = sha256.lower()
+
+    if client is None:
+        from speech.audio import s3_client
+        from speech.settings import get_settings
+
+        client = s3_client(get_settings())
+
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    uploaded = False
+    if force or not _same_object(client, bucket, key, path, size, sha256):
+        try:
+            client.upload_file(
+                str(path),
+                bucket,
+                key,
+                ExtraArgs={"Metadata": {"sha256": sha256}, "ContentType": content_type_for(object_name)},
+            )
+        except (ClientError, BotoCoreError, Boto3Error) as exc:
+            raise _storage_error(exc, f"cannot upload {path.name} to {uri}", bucket) from None
+        uploaded = True
+        log.info("uploaded %s (%d bytes) to %s", path.name, size, uri)
+    else:
+        log.info("%s already holds this audio (sha256 %s…); upload skipped", uri, sha256[:12])
+
+    try:
+        url = client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=url_expiry
+        )
+    except (ClientError, BotoCoreError) as exc:
+        raise _storage_error(exc, f"cannot presign {uri}", bucket) from None
+    log.debug("presigned %s for %ds: %s", uri, url_expiry, redact_url(url))
+    return UploadResult(
+        bucket=bucket, key=key, uri=uri, presigned_url=url, uploaded=uploaded, size_bytes=size, sha256=sha256
+    )
