@@ -53,8 +53,22 @@ def build_deployments() -> list[Any]:
             version=speech.__version__,
         ),
     ]
-    # Scheduled sweeps (a folder or an S3 prefix, each new file transcribed once) are served
-    # from here too once flows/sweep.py exists: append `sweep_flow.to_deployment(..., cron=...)`.
+    from flows.batch import transcribe_batch
+    from flows.sweep import sweep_inbox
+
+    deployments.append(transcribe_batch.to_deployment(
+        name="transcribe-batch-local", tags=TAGS, version=speech.__version__,
+        description="Transcribe many files in one flow run, models loaded once (GPU throughput).",
+    ))
+    inbox = os.environ.get("SWEEP_SOURCE")
+    if inbox:  # e.g. SWEEP_SOURCE=./inbox or s3://bucket/incoming/ ; SWEEP_CRON defaults to every 5 minutes
+        deployments.append(sweep_inbox.to_deployment(
+            name="sweep-inbox-local", tags=TAGS, version=speech.__version__,
+            cron=os.environ.get("SWEEP_CRON", "*/5 * * * *"),
+            parameters={"source": inbox, "glob": os.environ.get("SWEEP_GLOB", "*"),
+                        "target": "transcribe-audio/transcribe-local"},
+            description="Sweep a folder or S3 prefix and transcribe each new file once.",
+        ))
     return deployments
 
 

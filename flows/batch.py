@@ -1,0 +1,96 @@
+"""Batch flow: transcribe many files in ONE flow run, so models load once per process.
+
+Python:  ``from flows.batch import transcribe_batch; transcribe_batch(["a.wav", "b.wav"], {"language": "en"})``
+
+Every file goes through the same DAG as ``transcribe-audio`` (:func:`flows.transcribe.run_pipeline`:
+the same tasks, cache keys, outputs and per-file artifacts); the Whisper/VAD models live in the
+process-wide :data:`speech.models.CACHE`, so only the first file pays the load. A file that
+fails (missing, corrupt, ...) is recorded and the batch goes on; a bad ``request`` (invalid
+parameters) fails the whole run up front, since every file would fail the same way.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+from prefect.logging import get_run_logger
+
+from flows.transcribe import SECRET_PARAMETERS, run_pipeline
+from speech.schema import TranscriptionRequest
+from tasks.common import artifact_key
+
+MASK = "**********"
+
+
+def _secret_value(value: Any) -> Optional[str]:
+    value = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+    return value if isinstance(value, str) and value and value != MASK else None
+
+
+def _redact_stored_request(request: dict[str, Any]) -> None:
+    """Like transcribe.py's ``_redact_stored_secrets``, for tokens nested in ``request``:
+    they are used for this run but erased from the stored flow-run parameters."""
+    if not any(_secret_value(request.get(k)) for k in SECRET_PARAMETERS):
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    stored = dict(ctx.flow_run.parameters)
+    masked = dict(stored.get("request") or {})
+    for k in SECRET_PARAMETERS:
+        if masked.get(k):
+            masked[k] = MASK
+    stored["request"] = masked
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(ctx.flow_run.id, parameters=stored)
+
+
+@flow(name="transcribe-batch", validate_parameters=False, log_prints=False)
+def transcribe_batch(audio_files: list[str], request: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Transcribe many audio files in one flow run (models load once); a failed file does not stop the batch.
+
+    Args:
+        audio_files: Local paths, http(s) URLs or s3:// URIs of the audio files.
+        request: Transcription settings shared by every file: any parameter of transcribe-audio except
+            audio_file (e.g. {"language": "en", "align_output": true}). Pass tokens as env vars or Secret
+            blocks; a token given here is used but redacted from the stored run.
+    """
+    log = get_run_logger()
+    request = dict(request or {})
+    _redact_stored_request(request)
+    request.pop("audio_file", None)
+    # a bad request would fail every file the same way: fail the run now, clearly
+    TranscriptionRequest.parse({**request, "audio_file": audio_files[0] if audio_files else "placeholder.wav"})
+
+    succeeded: list[str] = []
+    failed: list[dict[str, str]] = []
+    rows: list[dict[str, Any]] = []
+    for i, audio_file in enumerate(audio_files, 1):
+        t0 = time.perf_counter()
+        try:
+            result = run_pipeline(TranscriptionRequest.parse({**request, "audio_file": audio_file}))
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            log.warning("[%d/%d] %s failed: %s", i, len(audio_files), audio_file, error)
+            failed.append({"audio_file": audio_file, "error": error})
+            rows.append({"file": audio_file, "status": "failed", "language": None, "segments": None,
+                         "seconds": round(time.perf_counter() - t0, 2), "error": error})
+            continue
+        seconds = round(time.perf_counter() - t0, 2)
+        log.info("[%d/%d] %s done in %.1f s", i, len(audio_files), audio_file, seconds)
+        succeeded.append(audio_file)
+        rows.append({"file": audio_file, "status": "succeeded", "language": result.get("detected_language"),
+                     "segments": len(result.get("segments") or []), "seconds": seconds, "error": None})
+
+    create_table_artifact(
+        key=artifact_key(f"batch-{len(audio_files)}-files"),
+        table=rows,
+        description=f"Batch: {len(succeeded)} succeeded, {len(failed)} failed of {len(audio_files)}",
+    )
+    log.info("batch: %d succeeded, %d failed", len(succeeded), len(failed))
+    return {"succeeded": succeeded, "failed": failed}

@@ -1,0 +1,274 @@
+"""Sweep flow: trigger one transcription run per NEW audio file in a folder or S3 prefix.
+
+Python:  ``from flows.sweep import sweep_inbox; sweep_inbox("inbox/", glob="*.wav")``
+
+Each file gets an identity (sha256 of its bytes for local files, streamed; the ETag for S3
+objects, no download) and a ledger key ``<target>:<pipeline version>:<identity>``.
+
+"New" = no flow run carries that ledger key yet. The sweep asks the API once per sweep
+(``read_flow_runs`` filtered by idempotency key, and by the per-file tag that batch runs
+carry) and triggers only the rest, through ``run_deployment(..., idempotency_key=key,
+timeout=0)``. The idempotency key also makes the trigger itself safe against a concurrent
+sweep: Prefect returns the existing run instead of creating a second one, which the sweep
+notices (the run is older than the trigger) and reports as ``already-done``. A run that
+failed keeps its key: delete that flow run to have the next sweep retry the file.
+
+Renaming or copying a file does not retrigger it (same bytes); changing its bytes or
+bumping ``speech.__version__`` does. Unreadable/empty files and failed triggers are counted
+as failed and listed in the sweep's table artifact; they never stop the sweep.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.logging import get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+import speech
+from speech.errors import InvalidRequest
+from speech.schema import SECRET_FIELDS, TranscriptionRequest
+from tasks.common import artifact_key
+
+FILE_TAG_PREFIX = "sweep-file:"
+
+
+@dataclass
+class Candidate:
+    path: str  # local path or s3://bucket/key: what the triggered run gets as audio_file
+    identity: Optional[str] = None
+    error: Optional[str] = None
+    key: Optional[str] = None  # ledger key = target:version:identity
+    status: str = "pending"
+    flow_run_id: Optional[str] = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tag(self) -> str:
+        return FILE_TAG_PREFIX + hashlib.sha256(self.key.encode()).hexdigest()[:24]
+
+
+def list_local(folder: str, pattern: str) -> list[Candidate]:
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise InvalidRequest(f"sweep source {folder!r} is not a folder (nor an s3://bucket/prefix)")
+    return [Candidate(str(p)) for p in sorted(root.iterdir())
+            if p.is_file() and not p.name.startswith(".") and fnmatch.fnmatch(p.name, pattern)]
+
+
+def list_s3(uri: str, pattern: str) -> list[Candidate]:
+    """Paginated ``list_objects_v2``; the glob applies to the key's last component. Identity = ETag."""
+    from tasks.storage import s3_client_for
+
+    parts = urlsplit(uri)
+    bucket, prefix = parts.netloc, parts.path.lstrip("/")
+    if not bucket:
+        raise InvalidRequest(f"bad S3 sweep source {uri!r}; expected s3://bucket/prefix")
+    out: list[Candidate] = []
+    for page in s3_client_for().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            name = key.rsplit("/", 1)[-1]
+            if not name or name.startswith(".") or not fnmatch.fnmatch(name, pattern):
+                continue
+            c = Candidate(f"s3://{bucket}/{key}")
+            if obj.get("Size", 0) == 0:
+                c.error = "AudioError: empty object (0 bytes)"
+            else:
+                c.identity = "etag-" + obj["ETag"].strip('"')
+            out.append(c)
+    return sorted(out, key=lambda c: c.path)
+
+
+def local_identity(path: str) -> str:
+    """sha256 of the bytes, streamed (speech.audio.fetch: also rejects empty/oversized files)."""
+    from speech.audio import fetch
+
+    return fetch(path).sha256
+
+
+def _existing_runs(keys_to_candidates: dict[str, Candidate]) -> dict[str, Any]:
+    """Ledger key -> an existing flow run that carries it (as idempotency key or batch file tag)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterIdempotencyKey, FlowRunFilterTags
+
+    found: dict[str, Any] = {}
+    keys = list(keys_to_candidates)
+    by_tag = {c.tag: k for k, c in keys_to_candidates.items()}
+    with get_client(sync_client=True) as client:
+        for i in range(0, len(keys), 200):
+            chunk = keys[i:i + 200]
+            for run in client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(idempotency_key=FlowRunFilterIdempotencyKey(any_=chunk))):
+                found.setdefault(run.idempotency_key, run)
+            tags = [keys_to_candidates[k].tag for k in chunk]
+            for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(any_=tags))):
+                for t in run.tags:
+                    if t in by_tag:
+                        found.setdefault(by_tag[t], run)
+    return found
+
+
+def _retry_unless_missing(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry API hiccups, not a deployment that does not exist."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001
+        return type(exc).__name__ != "ObjectNotFound"
+    return False
+
+
+@task(name="trigger-run", retries=2, retry_delay_seconds=[1, 4], retry_condition_fn=_retry_unless_missing,
+      persist_result=False,
+      task_run_name="trigger {idempotency_key}")
+def trigger_run(target: str, parameters: dict[str, Any], idempotency_key: str, tags: list[str]) -> dict[str, Any]:
+    """Create (not wait for) a run of ``target``; an existing run with the key comes back instead."""
+    from prefect.deployments import run_deployment
+
+    before = datetime.now(timezone.utc)
+    run = run_deployment(name=target, parameters=parameters, idempotency_key=idempotency_key, timeout=0,
+                         tags=tags)
+    created = run.created
+    existed = created is not None and created < before
+    return {"flow_run_id": str(run.id), "existed": existed, "state": run.state.name if run.state else None}
+
+
+def _no_secrets(request: dict[str, Any]) -> None:
+    given = [k for k in SECRET_FIELDS if request.get(k)]
+    if given:
+        raise InvalidRequest(
+            f"sweep request must not carry secrets ({', '.join(given)}): they would be stored in every triggered "
+            "run's parameters; set them as env vars (HF_TOKEN, DEEPGRAM_API_KEY, PYANNOTE_API_KEY, AWS_*) or "
+            "Secret/AwsCredentials blocks on the worker instead")
+
+
+@flow(name="sweep-inbox", validate_parameters=True, log_prints=False)
+def sweep_inbox(
+    source: str,
+    glob: str = "*",
+    target: str = "transcribe-audio/transcribe-local",
+    request: Optional[dict[str, Any]] = None,
+    limit: int = 100,
+    concurrency: int = 4,
+    batch_size: int = 0,
+) -> dict[str, int]:
+    """Trigger one transcription run per new audio file in a folder or S3 prefix (each file once).
+
+    Args:
+        source: A local folder or s3://bucket/prefix to sweep.
+        glob: Pattern on the file name (e.g. '*.wav'; '*' = every file).
+        target: Deployment to trigger, 'flow-name/deployment-name' (a transcribe-batch deployment when batch_size > 0).
+        request: Transcription settings for every run (transcribe-audio parameters except audio_file); no secrets.
+        limit: Trigger at most this many new files per sweep; the rest wait for the next sweep.
+        concurrency: Runs created at once.
+        batch_size: 0 = one run per file; N > 0 = one transcribe-batch run per N files.
+    """
+    log = get_run_logger()
+    request = {k: v for k, v in (request or {}).items() if k != "audio_file"}
+    _no_secrets(request)
+    TranscriptionRequest.parse({**request, "audio_file": "placeholder.wav"})  # a bad request fails the sweep, not N runs
+    if limit < 0 or concurrency < 1 or batch_size < 0:
+        raise InvalidRequest("limit and batch_size must be >= 0 and concurrency >= 1")
+    version = speech.__version__
+
+    is_s3 = source.startswith("s3://")
+    candidates = list_s3(source, glob) if is_s3 else list_local(source, glob)
+    log.info("sweep %s (%s): %d candidate file(s)", source, glob, len(candidates))
+    for c in candidates:
+        if c.identity is None and c.error is None:
+            try:
+                c.identity = local_identity(c.path)
+            except Exception as exc:  # noqa: BLE001 - unreadable/empty file: report, go on
+                c.error = f"{type(exc).__name__}: {exc}"[:500]
+        if c.error:
+            c.status = "failed"
+        else:
+            c.key = f"{target}:{version}:{c.identity}"
+
+    # same bytes under several names: one ledger key, one run; the copies follow the first
+    keyed: dict[str, Candidate] = {}
+    copies: list[tuple[Candidate, Candidate]] = []
+    for c in candidates:
+        if c.key and c.key in keyed:
+            copies.append((c, keyed[c.key]))
+        elif c.key:
+            keyed[c.key] = c
+    try:
+        existing = _existing_runs(keyed)
+    except Exception as exc:  # noqa: BLE001
+        raise RuntimeError(f"cannot read existing flow runs from the Prefect API: {exc}") from exc
+    new: list[Candidate] = []
+    for key, c in keyed.items():
+        if key in existing:
+            c.status, c.flow_run_id = "already-done", str(existing[key].id)
+            c.detail["state"] = existing[key].state.name if existing[key].state else None
+        else:
+            new.append(c)
+    if len(new) > limit:
+        log.info("%d new file(s); triggering %d now (limit), the rest next sweep", len(new), limit)
+        for c in new[limit:]:
+            c.status = "deferred"
+        new = new[:limit]
+
+    # one job = one run: a single file, or a chunk of files for a batch deployment
+    jobs: list[tuple[list[Candidate], dict[str, Any], str]] = []
+    if batch_size > 0:
+        for i in range(0, len(new), batch_size):
+            chunk = new[i:i + batch_size]
+            digest = hashlib.sha256("\n".join(sorted(c.key for c in chunk)).encode()).hexdigest()
+            jobs.append((chunk, {"audio_files": [c.path for c in chunk], "request": request},
+                         f"{target}:{version}:batch-{digest}"))
+    else:
+        jobs = [([c], {**request, "audio_file": c.path}, c.key) for c in new]
+
+    with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
+        futures = [
+            (chunk, runner.submit(trigger_run, {"target": target, "parameters": params, "idempotency_key": key,
+                                                "tags": ["sweep"] + [c.tag for c in chunk]}))
+            for chunk, params, key in jobs
+        ]
+        for chunk, future in futures:
+            try:
+                out = future.result()
+            except Exception as exc:  # noqa: BLE001 - a failed trigger is reported, the sweep goes on
+                for c in chunk:
+                    c.status, c.error = "failed", f"trigger failed: {type(exc).__name__}: {exc}"[:500]
+                continue
+            for c in chunk:
+                c.status = "already-done" if out["existed"] else "triggered"
+                c.flow_run_id = out["flow_run_id"]
+
+    for copy, first in copies:
+        copy.flow_run_id, copy.error = first.flow_run_id, first.error
+        copy.status = "already-done" if first.status == "triggered" else first.status
+        copy.detail["same_bytes_as"] = first.path
+
+    counts = {
+        "triggered": sum(c.status == "triggered" for c in candidates),
+        "skipped": sum(c.status == "already-done" for c in candidates),
+        "failed": sum(c.status == "failed" for c in candidates),
+        "deferred": sum(c.status == "deferred" for c in candidates),
+    }
+    create_table_artifact(
+        key=artifact_key(f"sweep-{stem_key(source)}"),
+        table=[{"file": c.path, "identity": c.identity, "status": c.status,
+                "flow_run_id": c.flow_run_id, "error": c.error} for c in candidates],
+        description=(f"Sweep of {source} ({glob}) -> {target}: {counts['triggered']} triggered, "
+                     f"{counts['skipped']} already done, {counts['failed']} failed, {counts['deferred']} deferred"),
+    )
+    for c in candidates:
+        if c.status == "failed":
+            log.warning("sweep: %s failed: %s", c.path, c.error)
+    log.info("sweep: %s", counts)
+    return counts
+
+
+def stem_key(source: str) -> str:
+    return source.rstrip("/").replace("s3://", "s3-")[-40:]
