@@ -357,3 +357,15 @@ def read_samples(ref: AudioRef) -> np.ndarray:
         return np.load(ref.decoded_path, mmap_mode="r")
     except FileNotFoundError:
         raise AudioError(f"decoded audio cache {ref.decoded_path} vanished; rerun with force") from None
+
+
+def write_wav(samples: np.ndarray, path: Path) -> None:
+    """16 kHz mono 16-bit PCM: a compact upload for hosted APIs, whatever the source format."""
+    import wave
+
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes(pcm.tobytes())

@@ -11,11 +11,10 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 import speech.confidence as engine
-from speech.audio import read_samples
+from speech.audio import read_samples, write_wav
 from speech.confidence import DeepgramOptions
 from speech.schema import AudioRef, ConfidenceLabels, Segment
 from tasks.common import code_version, stage_key
-from tasks.speakers import write_wav
 
 VERSION = code_version(engine)
 

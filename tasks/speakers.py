@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-import wave
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,20 +14,13 @@ from prefect.logging import get_run_logger
 import speech.diarize as engine
 import speech.diarize_api as api_engine
 import speech.speakers as verification
-from speech.audio import read_samples
+from speech.audio import read_samples, write_wav
 from speech.diarize import DiarizationOutcome, DiarizeParams, Turn
 from speech.schema import AudioRef, Segment, SpeakerLabels, SpeakerSample
 from speech.settings import get_settings
 from tasks.common import NETWORK_BACKOFF, code_version, retry_transient, stage_key
 
 VERSION = code_version(engine, api_engine)
-
-
-def write_wav(samples: np.ndarray, path: Path) -> None:
-    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
-        w.writeframes(pcm.tobytes())
 
 
 def diarize_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
