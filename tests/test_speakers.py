@@ -6,7 +6,6 @@ other conversations (different sentences) are matched under arbitrary SPEAKER_XX
 """
 from __future__ import annotations
 
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +25,9 @@ def fixture_audio(name: str) -> np.ndarray:
 
 
 def write_wav(path: Path, samples: np.ndarray) -> Path:
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SR)
-        w.writeframes(pcm.tobytes())
+    from speech.audio import write_wav as write
+
+    write(samples, path)
     return path
 
 
