@@ -1,9 +1,12 @@
 """prefect.yaml and the work-pool job templates, validated by Prefect's own models."""
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +36,132 @@ def test_process_gpu_template_renders_with_the_workers_configuration(prefect_har
     assert "CUDA_VISIBLE_DEVICES" in config.env
 
 
-def test_gpu_templates_request_a_gpu():
-    docker = json.loads((ROOT / "infra" / "docker-gpu-job-template.json").read_text())
-    k8s = json.loads((ROOT / "infra" / "k8s-gpu-job-template.json").read_text())
-    docker_defaults = json.dumps(docker["variables"]["properties"])
-    assert "device_requests" in docker_defaults and "gpu" in docker_defaults
-    assert "nvidia.com/gpu" in json.dumps(k8s)
+class _DockerEngine(http.server.BaseHTTPRequestHandler):
+    """Just enough of the Docker Engine API (v1.44) for docker-py to create one container:
+    GET /version, POST /containers/create (body recorded), GET /containers/{id}/json."""
+
+    created: list[dict] = []
+
+    def log_message(self, *args):
+        pass
+
+    def _json(self, body: dict, status: int = 200):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path.endswith("/version"):
+            self._json({"Version": "27.3.1", "ApiVersion": "1.44", "Os": "linux"})
+        elif "/containers/" in self.path:
+            self._json({"Id": "c0ffee", "Name": "/whisperx-run", "State": {"Status": "created"}})
+        else:
+            self._json({"message": f"unexpected GET {self.path}"}, 404)
+
+    def do_POST(self):
+        if "/containers/create" in self.path:
+            length = int(self.headers.get("Content-Length", 0))
+            _DockerEngine.created.append({"path": self.path, "body": json.loads(self.rfile.read(length))})
+            self._json({"Id": "c0ffee", "Warnings": []}, 201)
+        else:
+            self._json({"message": f"unexpected POST {self.path}"}, 404)
+
+
+@pytest.fixture
+def docker_engine():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DockerEngine)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _DockerEngine.created.clear()
+    yield f"tcp://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _flow_run(**kw):
+    from uuid import uuid4
+
+    from prefect.client.schemas.objects import FlowRun
+
+    return FlowRun(id=uuid4(), name="calm-whale", flow_id=uuid4(), **kw)
+
+
+def _docker_container_request(docker_engine, template: dict, job_variables: dict) -> dict:
+    """Render ``template`` + ``job_variables`` with prefect-docker's DockerWorkerJobConfiguration
+    and create the container through DockerWorker's own code and docker-py, against the local
+    engine stub; return the JSON body docker-py POSTed to /containers/create."""
+    import asyncio
+
+    import docker
+    from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
+
+    config = asyncio.run(DockerWorkerJobConfiguration.from_template_and_values(template, job_variables))
+    config.prepare_for_flow_run(_flow_run())
+    client = docker.DockerClient(base_url=docker_engine, version="1.44")
+    worker = DockerWorker(work_pool_name="gpu-docker-pool")
+    settings = worker._build_container_settings(client, config)
+    worker._create_container(client, **settings)
+    (request,) = _DockerEngine.created
+    return request["body"]
+
+
+def _assert_gpu_container(body: dict) -> None:
+    host = body["HostConfig"]
+    assert host["DeviceRequests"] == [
+        {"Driver": "nvidia", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}]
+    assert host["ShmSize"] == 8 * 1024**3
+    assert "WHISPERX_DEVICE=cuda" in body["Env"]
+    assert body["Image"] == "whisperx-prefect:latest"
+
+
+def test_docker_gpu_pool_template_creates_a_gpu_container(docker_engine):
+    """infra/docker-gpu-job-template.json alone (no job variables) yields a container with all
+    GPUs, an 8 GiB /dev/shm, the model volume and WHISPERX_DEVICE=cuda."""
+    template = json.loads((ROOT / "infra" / "docker-gpu-job-template.json").read_text())
+    body = _docker_container_request(docker_engine, template, {})
+    _assert_gpu_container(body)
+    assert "whisperx-models:/models" in body["HostConfig"]["Binds"]
+
+
+def test_transcribe_gpu_deployment_gets_a_gpu_on_a_stock_docker_pool(docker_engine):
+    """prefect.yaml's transcribe-gpu job variables alone request the GPU: a pool made from
+    prefect-docker's stock template still runs it on a GPU."""
+    from prefect_docker.worker import DockerWorker
+
+    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    (gpu,) = [d for d in deployments if d["name"] == "transcribe-gpu"]
+    body = _docker_container_request(
+        docker_engine, DockerWorker.get_default_base_job_template(), gpu["work_pool"]["job_variables"])
+    _assert_gpu_container(body)
+
+
+def test_k8s_gpu_template_renders_a_valid_gpu_job():
+    """infra/k8s-gpu-job-template.json through prefect-kubernetes' KubernetesWorkerJobConfiguration,
+    then deserialized as a kubernetes V1Job: one nvidia.com/gpu, a GPU toleration, a memory-backed
+    /dev/shm, WHISPERX_DEVICE=cuda; gpu_limit is a job variable."""
+    import asyncio
+
+    from kubernetes_asyncio.client import ApiClient
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    template = json.loads((ROOT / "infra" / "k8s-gpu-job-template.json").read_text())
+
+    async def render(variables):
+        config = await KubernetesWorkerJobConfiguration.from_template_and_values(template, variables)
+        config.prepare_for_flow_run(_flow_run())
+        async with ApiClient() as api:  # the client's own model deserializer
+            return api._ApiClient__deserialize(config.job_manifest, "V1Job")
+
+    for variables, gpus in (({}, 1), ({"gpu_limit": 2}, 2)):
+        job = asyncio.run(render(variables))
+        pod = job.spec.template.spec
+        (container,) = pod.containers
+        assert container.resources.limits["nvidia.com/gpu"] == str(gpus)  # a k8s quantity
+        assert container.image == "whisperx-prefect:latest"
+        assert any(e.name == "WHISPERX_DEVICE" and e.value == "cuda" for e in container.env)
+        assert any(t.key == "nvidia.com/gpu" and t.effect == "NoSchedule" for t in pod.tolerations)
+        (shm,) = [v for v in pod.volumes if v.name == "dshm"]
+        assert shm.empty_dir.medium == "Memory" and shm.empty_dir.size_limit == "8Gi"
+        assert container.volume_mounts[0].mount_path == "/dev/shm"
+        assert container.args[:3] == ["prefect", "flow-run", "execute"]
