@@ -27,18 +27,19 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import wave
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from deployments.local_server import local_prefect_server, server_env  # noqa: E402
+
 FIXTURES = [REPO / "tests/data/sample_2spk.wav", REPO / "tests/data/heldout_3spk.wav"]
 SAMPLE_RATE = 16000
 NONCE_SAMPLES = 16  # 4 random bits each, |x| <= 8 of 32768 (-72 dBFS) in the leading silence
@@ -273,15 +274,7 @@ def in_process(args: argparse.Namespace, audio_path: Path, res: dict[str, Any]) 
 
 
 def base_env(prefect_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    for k in ("PREFECT_API_URL", "PREFECT_PROFILE"):
-        env.pop(k, None)
-    env.update(
-        PREFECT_HOME=str(prefect_home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DO_NOT_TRACK="1",
-        PYTHONPATH=os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
-    )
+    env = server_env(prefect_home)
     # a 2-core machine can take longer than Prefect's 20 s default to boot the ephemeral server
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     return env
@@ -318,41 +311,6 @@ def run_cli(audio: Path, out_dir: Path, env: dict[str, str], args: argparse.Name
     return info
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.5)
-    return False
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGINT)  # its own session: the server and its uvicorn child
-        proc.wait(timeout=20)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
-
-
 def cli_runs(args: argparse.Namespace, tmp: Path, min_seconds: float, res: dict[str, Any]) -> None:
     secs, ratios, check = res["seconds"], res["ratios"], res["check"]
 
@@ -373,38 +331,26 @@ def cli_runs(args: argparse.Namespace, tmp: Path, min_seconds: float, res: dict[
 
     if args.skip_server:
         return
-    home = tmp / "prefect_home_server"
-    env = base_env(home)
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    log_path = tmp / "prefect_server.log"
-    print(f"[cli] running Prefect server at {api}, fresh PREFECT_HOME, fresh audio bytes")
-    t = time.perf_counter()
-    with log_path.open("wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )
+    print("[cli] running Prefect server (prefect server start), fresh PREFECT_HOME, fresh audio bytes")
     try:
-        if not wait_healthy(f"{api}/health", server, 180):
-            print(f"  server did not become healthy; log tail:\n{log_path.read_text()[-2000:]}")
-            res["cli"]["server_error"] = log_path.read_text()[-2000:]
-            return
-        secs["server_start"] = round(time.perf_counter() - t, 3)
-        print(f"  server healthy after {secs['server_start']:.1f} s")
-        env["PREFECT_API_URL"] = api
-        audio2 = tmp / "bench_audio_server.wav"
-        build_audio(audio2, min_seconds)  # new nonce: (c') must not hit (c)'s decode cache either
-        c2 = run_cli(audio2, tmp / "out3", env, args, "(c') cold  ")
-        d2 = run_cli(audio2, tmp / "out4", env, args, "(d') cached") if c2["ok"] else {"ok": False}
-        res["cli"]["c_cold_server"], res["cli"]["d_cached_server"] = c2, d2
-        if c2["ok"] and d2["ok"]:
-            secs["c2_cli_cold_wall_server"], secs["d2_cli_cached_wall_server"] = c2["wall"], d2["wall"]
-            ratios["c2_over_d2"] = round(c2["wall"] / d2["wall"], 2)
-            check["cli_cached_same_text_server"] = c2["text"] == d2["text"]
-            check["cli_cached_transcribe_stage_s_server"] = d2["stage_seconds"].get("transcribe")
-    finally:
-        stop_server(server)
+        with local_prefect_server(tmp / "prefect_home_server") as server:
+            secs["server_start"] = server.startup_seconds
+            print(f"  server healthy at {server.url} after {secs['server_start']:.1f} s")
+            env = {**server.env, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+            audio2 = tmp / "bench_audio_server.wav"
+            build_audio(audio2, min_seconds)  # new nonce: (c') must not hit (c)'s decode cache either
+            c2 = run_cli(audio2, tmp / "out3", env, args, "(c') cold  ")
+            d2 = run_cli(audio2, tmp / "out4", env, args, "(d') cached") if c2["ok"] else {"ok": False}
+    except RuntimeError as exc:
+        print(f"  {exc}")
+        res["cli"]["server_error"] = str(exc)[-2000:]
+        return
+    res["cli"]["c_cold_server"], res["cli"]["d_cached_server"] = c2, d2
+    if c2["ok"] and d2["ok"]:
+        secs["c2_cli_cold_wall_server"], secs["d2_cli_cached_wall_server"] = c2["wall"], d2["wall"]
+        ratios["c2_over_d2"] = round(c2["wall"] / d2["wall"], 2)
+        check["cli_cached_same_text_server"] = c2["text"] == d2["text"]
+        check["cli_cached_transcribe_stage_s_server"] = d2["stage_seconds"].get("transcribe")
 
 
 def drop_decode_cache(tmp: Path) -> None:
@@ -485,7 +431,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.passive_omp:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # before torch/CTranslate2 load OpenMP; inherited by the CLI
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.path.insert(0, str(REPO))
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-transcribe-"))
     res: dict[str, Any] = {"config": {}, "seconds": {}, "ratios": {}, "runs": {}, "check": {}, "cli": {}}

@@ -27,7 +27,16 @@ from speech.confidence import DeepgramOptions
 from speech.diarize import DiarizeParams
 from speech.errors import InvalidRequest
 from speech.settings import get_settings
-from speech.schema import SECRET_FIELDS, TranscribeParams, TranscriptionRequest
+from speech.schema import (
+    SECRET_FIELDS,
+    AlignBackend,
+    DiarizationBackend,
+    PyannoteModel,
+    SpeakerEncoder,
+    TranscribeParams,
+    TranscriptionRequest,
+)
+from tasks.common import SECRET_BLOCKS, secret_block
 from tasks.align import align_words
 from tasks.confidence import deepgram, word_confidence
 from tasks.upload import upload
@@ -56,12 +65,12 @@ def transcribe_audio(
     debug: bool = False,
     speaker_verification: bool = False,
     speaker_samples: Optional[list[dict[str, Any]]] = None,
-    align_backend: str = "auto",
+    align_backend: AlignBackend = "auto",
     align_model: Optional[str] = None,
-    diarization_backend: str = "auto",
+    diarization_backend: DiarizationBackend = "auto",
     diarization_model: Optional[str] = None,
     pyannote_api_key: Optional[SecretStr] = None,
-    pyannote_model: str = "precision-2",
+    pyannote_model: PyannoteModel = "precision-2",
     pyannote_exclusive: bool = False,
     pyannote_poll_interval: float = 5.0,
     pyannote_timeout: float = 1800.0,
@@ -81,7 +90,7 @@ def transcribe_audio(
     prefix_audio: Optional[str] = None,
     url_expiry: int = 3600,
     download_transcript: bool = False,
-    speaker_encoder: str = "auto",
+    speaker_encoder: SpeakerEncoder = "auto",
     model: Optional[str] = None,
     beam_size: Optional[int] = None,
     num_speakers: Optional[int] = None,
@@ -105,7 +114,7 @@ def transcribe_audio(
         vad_offset: VAD offset threshold, in (0, 1).
         align_output: Align words for accurate word-level timestamps.
         diarization: Label segments and words with speakers.
-        huggingface_access_token: Hugging Face token for gated models (prefer the HF_TOKEN env var or a Secret block).
+        huggingface_access_token: Hugging Face token for gated models (prefer the HF_TOKEN env var or the hf-token Secret block).
         min_speakers: Minimum number of speakers.
         max_speakers: Maximum number of speakers.
         debug: Add stage timings, model load time and peak memory to the result.
@@ -115,13 +124,13 @@ def transcribe_audio(
         align_model: wav2vec2 align model name or local directory (default: the language's WhisperX model).
         diarization_backend: Diarizer: auto, pyannote (local pipeline), pyannote-api (hosted pyannoteAI) or builtin (offline).
         diarization_model: Local pyannote pipeline, hub name or directory (default WhisperX's community-1).
-        pyannote_api_key: pyannoteAI API key (prefer the PYANNOTE_API_KEY env var or a Secret block).
+        pyannote_api_key: pyannoteAI API key (prefer the PYANNOTE_API_KEY env var or the pyannote-api-key Secret block).
         pyannote_model: pyannoteAI model, precision-2 or community-1.
         pyannote_exclusive: Use pyannoteAI's exclusive (non-overlapping) diarization.
         pyannote_poll_interval: Seconds between pyannoteAI job polls.
         pyannote_timeout: Give up on a pyannoteAI job after this many seconds.
         pyannote_json_in: Reuse a saved <stem>.pyannote.job.json instead of calling the API.
-        deepgram_api_key: Deepgram key for word confidence (prefer the DEEPGRAM_API_KEY env var or a Secret block).
+        deepgram_api_key: Deepgram key for word confidence (prefer the DEEPGRAM_API_KEY env var or the deepgram-api-key Secret block).
         deepgram_json_in: Reuse a saved <stem>.deepgram.json instead of calling Deepgram.
         deepgram_model: Deepgram model (default nova-3).
         deepgram_tier: Deepgram tier (older models only).
@@ -177,9 +186,31 @@ def _redact_stored_secrets(args: dict[str, Any]) -> None:
         client.update_flow_run(ctx.flow_run.id, parameters=stored)
 
 
+def with_block_secrets(req: TranscriptionRequest) -> TranscriptionRequest:
+    """Tokens the run needs that are neither parameters nor env vars come from the Prefect
+    Secret blocks in :data:`tasks.common.SECRET_BLOCKS` (deepgram-api-key, pyannote-api-key,
+    hf-token), when saved. Looked up only for the stages that can use them."""
+    settings = get_settings()
+    env = {"deepgram_api_key": settings.deepgram_api_key, "pyannote_api_key": settings.pyannote_api_key,
+           "huggingface_access_token": settings.hf_token}
+    wanted = ["deepgram_api_key"]
+    if req.diarization or req.speaker_verification:
+        wanted += ["pyannote_api_key", "huggingface_access_token"]
+    found = {}
+    for field in wanted:
+        if getattr(req, field) is None and env[field] is None:
+            value = secret_block(SECRET_BLOCKS[field])
+            if value is not None:
+                found[field] = value
+    if found:
+        get_run_logger().info("tokens from Secret blocks: %s", ", ".join(SECRET_BLOCKS[f] for f in found))
+    return req.model_copy(update=found) if found else req
+
+
 def run_pipeline(req: TranscriptionRequest) -> dict[str, Any]:
     """The DAG body, inside a flow run. Returns the worker's JSON result."""
     log = get_run_logger()
+    req = with_block_secrets(req)
     log.info("request: %s", {k: v for k, v in req.public_dict().items() if v not in (None, [], False)})
     stage_seconds: dict[str, float] = {}
     cached: list[str] = []
@@ -224,7 +255,8 @@ def run_pipeline(req: TranscriptionRequest) -> dict[str, Any]:
     dg_key = req.deepgram_api_key or settings.deepgram_api_key
     wants_confidence = bool(dg_key or req.deepgram_json_in)
     if not wants_confidence:
-        log.info("Deepgram confidence skipped: no DEEPGRAM_API_KEY and no deepgram_json_in")
+        log.info("Deepgram confidence skipped: no deepgram_api_key, DEEPGRAM_API_KEY, "
+                 "deepgram-api-key Secret block or deepgram_json_in")
     if req.align_output or wants_speakers or wants_confidence:
         if not req.align_output:
             log.info("speakers and confidence are matched per word: aligning words")

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Create (or update) the work pools this project deploys to, from the job templates in infra/,
-# and register the prefect-aws block types.
+# register the prefect-aws block types, and save credentials from the environment as blocks
+# (python -m deployments.blocks): Secret blocks deepgram-api-key / pyannote-api-key / hf-token
+# from DEEPGRAM_API_KEY / PYANNOTE_API_KEY / HF_TOKEN, AwsCredentials whisperx-s3 and
+# S3Bucket whisperx-results from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / S3_ENDPOINT_URL /
+# RESULTS_BUCKET. Unset variables are skipped; values are never printed.
 #
 #   PREFECT_API_URL=http://localhost:4200/api infra/bootstrap.sh [--compose] [POOL ...]
 #
@@ -13,17 +17,19 @@
 # pools get the template again (--overwrite).
 #
 # --compose  for infra/docker-compose.yml: flow-run containers of gpu-docker-pool join the
-#            compose network (whisperx-prefect) and get its MinIO settings as default env.
+#            compose network (whisperx-prefect) and get its MinIO settings as default env;
+#            the S3 blocks point at the compose MinIO (http://minio:9000).
 #
 # Environment: PREFECT (CLI to use; default: `prefect` on PATH, else .venv/bin/prefect),
-# PYTHON (default python3), COMPOSE_NETWORK, RESULTS_BUCKET, MINIO_ROOT_USER,
+# PYTHON (default python3), BLOCKS_PYTHON (a Python with this project's requirements; default:
+# the python next to PREFECT), COMPOSE_NETWORK, RESULTS_BUCKET, MINIO_ROOT_USER,
 # MINIO_ROOT_PASSWORD (same defaults as infra/docker-compose.yml).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"
 
-usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 if [[ -z "${PREFECT:-}" ]]; then
   if command -v prefect >/dev/null 2>&1; then
@@ -115,34 +121,28 @@ for pool in "${pools[@]}"; do
   esac
 done
 
-# S3 / MinIO credentials as Prefect blocks (prefect-aws is pinned in requirements.txt).
+# S3 / MinIO credentials and API tokens as Prefect blocks (prefect-aws is pinned in requirements.txt).
 echo "==> prefect-aws block types"
 "$PREFECT" --no-prompt block register -m prefect_aws
 
+echo "==> credential blocks (from the environment)"
+BLOCKS_PYTHON="${BLOCKS_PYTHON:-$(dirname "$(command -v "$PREFECT")")/python}"
+if [[ $compose -eq 1 ]]; then  # blocks are read by flow runs inside the compose network
+  export S3_ENDPOINT_URL=http://minio:9000 AWS_DEFAULT_REGION=us-east-1 \
+    AWS_ACCESS_KEY_ID="${MINIO_ROOT_USER:-minioadmin}" \
+    AWS_SECRET_ACCESS_KEY="${MINIO_ROOT_PASSWORD:-minioadmin}" \
+    RESULTS_BUCKET="${RESULTS_BUCKET:-transcripts}"
+fi
+(cd "$ROOT" && "$BLOCKS_PYTHON" -m deployments.blocks)
+
 cat <<'EOF'
 
-Work pools are ready. Next:
+Work pools and blocks are ready. Next:
   prefect deploy --all                                    # deployments from prefect.yaml
   prefect worker start --pool cpu-pool --type process     # unless docker-compose runs the workers
   prefect worker start --pool gpu-docker-pool --type docker   # needs: pip install prefect-docker==0.7.4
 
-To keep S3 / MinIO credentials in Prefect blocks (the block types are registered above), save
-them once, e.g. for the compose stack's MinIO (use your own keys and endpoint; for AWS S3 drop
-aws_client_parameters):
-
-  python - <<'PY'
-  from prefect_aws import AwsCredentials, S3Bucket
-  creds = AwsCredentials(
-      aws_access_key_id="minioadmin",
-      aws_secret_access_key="minioadmin",
-      region_name="us-east-1",
-      aws_client_parameters={"endpoint_url": "http://localhost:9000"},
-  )
-  creds.save("minio-credentials", overwrite=True)
-  S3Bucket(bucket_name="transcripts", credentials=creds).save("transcripts", overwrite=True)
-  PY
-
-  then load them by name: AwsCredentials.load("minio-credentials"), S3Bucket.load("transcripts").
-The flows themselves write outputs to RESULTS_BUCKET with the standard AWS variables
-(AWS_ENDPOINT_URL_S3 for MinIO / R2), as set for the workers in infra/docker-compose.yml.
+Flow runs use the tokens in the Secret blocks when their worker has no DEEPGRAM_API_KEY /
+PYANNOTE_API_KEY / HF_TOKEN env var; a worker with RESULTS_S3_BLOCK=whisperx-results writes
+outputs to that bucket with the block's credentials.
 EOF

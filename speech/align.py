@@ -25,13 +25,13 @@ from pydantic import BaseModel, Field
 
 from speech import progress
 from speech.models import CACHE, ModelCache, ModelSpec, resolve_device
-from speech.schema import Segment, TimedWord, Transcript
+from speech.schema import AlignBackend, Segment, TimedWord, Transcript
 from speech.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
-Backend = Literal["auto", "wav2vec2", "pocketsphinx", "whisper"]
+Backend = AlignBackend
 
 
 class AlignParams(BaseModel):

@@ -24,19 +24,19 @@ import logging
 import threading
 import time
 import warnings
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
 from speech.models import CACHE, ModelCache, resolve_device
-from speech.schema import Segment, SpeakerInfo, TimedWord, check_speaker_counts
+from speech.schema import DiarizationBackend, Segment, SpeakerInfo, TimedWord, check_speaker_counts
 from speech.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
-Backend = Literal["auto", "pyannote", "pyannote-api", "builtin"]
+Backend = DiarizationBackend
 
 # ---- builtin backend constants (seconds unless said otherwise) ---------------------------
 WINDOW_S = 1.5  # embedding window

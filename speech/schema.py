@@ -33,6 +33,12 @@ def normalize_language(value: Optional[str]) -> Optional[str]:
     raise ValueError(f"unknown language {value!r}; use a Whisper language code such as 'en', 'de', 'es'")
 
 
+# Choices shared by the request, the engine stages and the flow signature (UI dropdowns).
+AlignBackend = Literal["auto", "wav2vec2", "pocketsphinx", "whisper"]
+DiarizationBackend = Literal["auto", "pyannote", "pyannote-api", "builtin"]
+PyannoteModel = Literal["precision-2", "community-1"]
+SpeakerEncoder = Literal["auto", "builtin", "ecapa"]
+
 SECRET_FIELDS = ("huggingface_access_token", "pyannote_api_key", "deepgram_api_key", "access_key", "secret_key")
 
 
@@ -86,11 +92,11 @@ class TranscriptionRequest(BaseModel):
     speaker_samples: list[SpeakerSample] = Field(default_factory=list, description="Enrolment clips [{name?, url}].")
 
     # ---- the pipeline script's controls --------------------------------------------
-    align_backend: Literal["auto", "wav2vec2", "pocketsphinx", "whisper"] = Field(
+    align_backend: AlignBackend = Field(
         "auto", description="Word aligner: wav2vec2 (WhisperX), pocketsphinx (English, offline), whisper, or auto."
     )
     align_model: Optional[str] = Field(None, description="wav2vec2 align model name or local directory.")
-    diarization_backend: Literal["auto", "pyannote", "pyannote-api", "builtin"] = Field(
+    diarization_backend: DiarizationBackend = Field(
         "auto", description="Diarizer: pyannote (local pipeline), pyannote-api (hosted pyannoteAI), builtin "
         "(offline), or auto (pyannote if it loads, else builtin; the API when pyannote_json_in is given)."
     )
@@ -98,7 +104,7 @@ class TranscriptionRequest(BaseModel):
         None, description="Local pyannote pipeline: hub name or directory (default WhisperX's community-1)."
     )
     pyannote_api_key: Optional[SecretStr] = Field(None, description="pyannoteAI key (prefer PYANNOTE_API_KEY).")
-    pyannote_model: Literal["precision-2", "community-1"] = Field("precision-2", description="pyannoteAI model.")
+    pyannote_model: PyannoteModel = Field("precision-2", description="pyannoteAI model.")
     pyannote_exclusive: bool = Field(False, description="Use pyannoteAI's exclusive (non-overlapping) output.")
     pyannote_poll_interval: float = Field(5.0, gt=0, le=600, description="Seconds between pyannoteAI job polls.")
     pyannote_timeout: float = Field(1800.0, gt=0, description="Give up on a pyannoteAI job after this many seconds.")
@@ -118,7 +124,7 @@ class TranscriptionRequest(BaseModel):
     prefix_audio: Optional[str] = Field(None, description="Key prefix for uploaded audio (default audio/).")
     url_expiry: int = Field(3600, ge=1, le=604800, description="Presigned URL lifetime in seconds.")
     download_transcript: bool = Field(False, description="With a bucket: also write the outputs to download_dir.")
-    speaker_encoder: Literal["auto", "builtin", "ecapa"] = Field(
+    speaker_encoder: SpeakerEncoder = Field(
         "auto", description="Verification encoder: SpeechBrain ECAPA, the builtin GE2E, or auto."
     )
     model: Optional[str] = Field(

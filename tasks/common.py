@@ -46,3 +46,25 @@ def stage_key(stage: str, audio_sha256: str, params: Any, version: str) -> str:
 def artifact_key(text: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes."""
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:60] or "audio"
+
+
+# Prefect Secret blocks the flows fall back to when a token is neither a parameter nor an
+# env var (infra/bootstrap.sh saves them from the env of whoever runs it).
+SECRET_BLOCKS = {
+    "deepgram_api_key": "deepgram-api-key",
+    "pyannote_api_key": "pyannote-api-key",
+    "huggingface_access_token": "hf-token",
+}
+
+
+def secret_block(name: str) -> Any:
+    """The value of the Prefect ``Secret`` block ``name`` as a ``SecretStr``, or None if no
+    such block is saved."""
+    from prefect.blocks.system import Secret
+    from pydantic import SecretStr
+
+    try:
+        value = Secret.load(name).get()
+    except ValueError:  # "Unable to find block document named ..."
+        return None
+    return SecretStr(str(value)) if value else None

@@ -6,12 +6,13 @@ import http.server
 import json
 import os
 import re
-import socket
 import tempfile
 import threading
 from pathlib import Path
 
 import pytest
+
+from deployments.local_server import free_port
 
 DATA = Path(__file__).parent / "data"
 
@@ -48,12 +49,6 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):

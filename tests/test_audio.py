@@ -113,7 +113,7 @@ def test_http_404_is_not_retryable(http_server):
 
 
 def test_http_5xx_and_unreachable_are_retryable(http_server):
-    from tests.conftest import free_port
+    from deployments.local_server import free_port
 
     with pytest.raises(TransientFetchError, match="500"):
         load_audio(f"{http_server}/error500")

@@ -295,3 +295,37 @@ def test_upload_and_deepgram_confidence_in_the_flow(prefect_harness, s3, tmp_pat
     state2, _ = run(**kwargs)  # same content: no second upload
     assert s3.head_object(Bucket="pipeline", Key="audio/heldout_3spk.wav")["LastModified"] == head["LastModified"]
     assert task_states(state2.state_details.flow_run_id)["deepgram"] == "Cached"
+
+
+def test_tokens_come_from_secret_blocks_only_when_not_given(prefect_harness, monkeypatch):
+    """parameter > env var > Secret block; blocks are read only for the stages that use them."""
+    from prefect import flow
+    from prefect.blocks.system import Secret
+
+    from flows.transcribe import with_block_secrets
+    from speech.schema import TranscriptionRequest
+    from speech.settings import get_settings
+
+    @flow
+    def resolve(fields: dict) -> dict:
+        req = with_block_secrets(TranscriptionRequest.parse({"audio_file": "a.wav", **fields}))
+        return {k: getattr(req, k).get_secret_value() if getattr(req, k) else None
+                for k in ("deepgram_api_key", "pyannote_api_key")}
+
+    monkeypatch.delenv("DEEPGRAM_API_KEY", raising=False)
+    monkeypatch.delenv("PYANNOTE_API_KEY", raising=False)
+    get_settings.cache_clear()
+    Secret(value="dg-from-block").save("deepgram-api-key", overwrite=True)
+    Secret(value="pa-from-block").save("pyannote-api-key", overwrite=True)
+    try:
+        assert resolve({}) == {"deepgram_api_key": "dg-from-block", "pyannote_api_key": None}
+        assert resolve({"diarization": True}) == {"deepgram_api_key": "dg-from-block",
+                                                  "pyannote_api_key": "pa-from-block"}
+        assert resolve({"deepgram_api_key": "dg-param"})["deepgram_api_key"] == "dg-param"
+        monkeypatch.setenv("DEEPGRAM_API_KEY", "dg-env")
+        get_settings.cache_clear()
+        assert resolve({})["deepgram_api_key"] is None  # the env var is used downstream, not copied
+    finally:
+        for name in ("deepgram-api-key", "pyannote-api-key"):
+            Secret.delete(name)
+        get_settings.cache_clear()

@@ -187,7 +187,7 @@ def test_connection_refused_is_retryable(tmp_path):
     import boto3
     from botocore.config import Config
 
-    from tests.conftest import free_port
+    from deployments.local_server import free_port
 
     client = boto3.client(
         "s3",

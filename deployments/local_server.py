@@ -1,0 +1,112 @@
+"""A throw-away ``prefect server start`` (SQLite) on 127.0.0.1, as a context manager.
+
+For benchmarks and tests that need what production has, a long-running API server that
+workers, deployments and CLI runs talk to, rather than Prefect's per-process ephemeral one::
+
+    with local_prefect_server(Path("/tmp/prefect-home")) as server:
+        subprocess.run([...], env=server.env)      # PREFECT_API_URL / PREFECT_HOME point at it
+
+The server runs in its own session (process group) and is stopped with it on exit.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# what a child process must not inherit when it is pointed at this server
+_PREFECT_CLIENT_VARS = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE")
+
+
+@dataclass
+class LocalServer:
+    url: str  # the API URL, http://127.0.0.1:PORT/api
+    env: dict[str, str]  # environment for processes that should use this server
+    home: Path
+    log_path: Path
+    startup_seconds: float = 0.0
+    process: Optional[subprocess.Popen] = field(default=None, repr=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def stop(proc: subprocess.Popen, grace: float = 20) -> None:
+    """SIGINT the process group (the server and its uvicorn child), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=grace)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+def server_env(home: Path, base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """``base`` (default os.environ) with its own PREFECT_HOME and SQLite database, no client
+    settings of the caller's, analytics off, and this checkout on PYTHONPATH."""
+    env = {k: v for k, v in (base if base is not None else os.environ).items() if k not in _PREFECT_CLIENT_VARS}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
+    )
+    return env
+
+
+@contextmanager
+def local_prefect_server(home: Path, *, base_env: Optional[Mapping[str, str]] = None,
+                         timeout: float = 180, ui: bool = False) -> Iterator[LocalServer]:
+    """Start ``prefect server start`` on a free 127.0.0.1 port with ``home`` as PREFECT_HOME;
+    yield once /api/health answers; raise RuntimeError (with the log tail) if it does not."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = server_env(home, base_env)
+    env["PREFECT_UI_ENABLED"] = "true" if ui else "false"
+    log_path = home / "server.log"
+    t0 = time.perf_counter()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while not _healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server did not become healthy at {url}; log tail:\n"
+                                   f"{log_path.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.5)
+        yield LocalServer(url=url, env={**env, "PREFECT_API_URL": url}, home=home, log_path=log_path,
+                          startup_seconds=round(time.perf_counter() - t0, 3), process=proc)
+    finally:
+        stop(proc)

@@ -1,0 +1,190 @@
+"""The production path end to end, with real processes: a `prefect server start` (SQLite) on
+127.0.0.1, infra/bootstrap.sh (work pools from infra/ templates + credential blocks), `prefect
+deploy` from prefect.yaml, a `prefect worker start --type process`, and `run_deployment` of
+transcribe-cpu, whose flow run reads its Deepgram key from a Secret block and writes its outputs
+through the S3Bucket block to a real S3 protocol server (moto).
+
+The only change to prefect.yaml is the one its comment tells plain-checkout users to make: the
+pull step's directory is this checkout instead of the image's /app.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import wer
+from deepgram_stub import KEY, DeepgramServer
+
+from deployments.local_server import stop
+
+pytestmark = pytest.mark.prefect
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+BIN = Path(sys.executable).parent
+BUCKET = "worker-results"
+AUDIO = "sample_2spk.wav"
+
+# what a worker host must not inherit from the test process: its credentials come from blocks
+HOST_ONLY = ("PREFECT_API_URL", "DEEPGRAM_API_KEY", "PYANNOTE_API_KEY", "HF_TOKEN", "AWS_ACCESS_KEY_ID",
+             "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL",
+             "RESULTS_BUCKET", "RESULTS_S3_BLOCK")
+
+
+class Server:
+    def __init__(self, local):
+        self.url, self.home = local.url, local.home
+        # a worker host's environment: none of the test process's credentials or Prefect settings
+        self.env = {k: v for k, v in local.env.items() if k not in HOST_ONLY or k == "PREFECT_API_URL"}
+        self.env["HF_HUB_OFFLINE"] = "1"
+
+    def run(self, *cmd: str, env: dict | None = None, timeout: float = 300, cwd: Path = ROOT) -> str:
+        proc = subprocess.run(cmd, env={**self.env, **(env or {})}, cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-4000:]}"
+        return out
+
+    def client(self):
+        from prefect.client.orchestration import SyncPrefectClient
+
+        return SyncPrefectClient(self.url)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from deployments.local_server import local_prefect_server
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    with local_prefect_server(tmp_path_factory.mktemp("prefect-server"), base_env=base) as local:
+        yield Server(local)
+
+
+@pytest.fixture(scope="module")
+def bootstrapped(server, s3_server):
+    """infra/bootstrap.sh all, with a Deepgram key and S3 (moto) credentials in its environment."""
+    out = server.run("bash", str(ROOT / "infra" / "bootstrap.sh"), "all", env={
+        "PREFECT": str(BIN / "prefect"), "PYTHON": sys.executable,
+        "DEEPGRAM_API_KEY": KEY, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1", "S3_ENDPOINT_URL": s3_server, "RESULTS_BUCKET": BUCKET,
+    })
+    return out
+
+
+@pytest.fixture(scope="module")
+def deployed(server, bootstrapped, tmp_path_factory):
+    """`prefect deploy --all` from prefect.yaml (pull step pointed at this checkout)."""
+    project = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert project["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "/app"}}]
+    project["pull"] = [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+    prefect_file = tmp_path_factory.mktemp("project") / "prefect.yaml"
+    prefect_file.write_text(yaml.safe_dump(project, sort_keys=False))
+    out = server.run(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file))
+    with server.client() as client:
+        sweep = client.read_deployment_by_name("sweep-inbox/sweep-inbox")
+        client.pause_deployment(sweep.id)  # its cron must not fire runs at the test worker
+    return out
+
+
+def test_bootstrap_creates_pools_from_the_infra_templates_and_blocks(server, bootstrapped):
+    from prefect.blocks.system import Secret
+    from prefect_aws import S3Bucket
+
+    assert KEY not in bootstrapped and "saved  Secret 'deepgram-api-key'" in bootstrapped
+    with server.client() as client:
+        pools = {p.name: p for p in client.read_work_pools()}
+        assert {n: pools[n].type for n in ("cpu-pool", "gpu-docker-pool", "gpu-process-pool", "gpu-k8s-pool")} == {
+            "cpu-pool": "process", "gpu-docker-pool": "docker", "gpu-process-pool": "process",
+            "gpu-k8s-pool": "kubernetes"}
+        for name, template in (("gpu-docker-pool", "docker-gpu-job-template.json"),
+                               ("gpu-process-pool", "process-gpu-job-template.json"),
+                               ("gpu-k8s-pool", "k8s-gpu-job-template.json")):
+            assert pools[name].base_job_template == json.loads((ROOT / "infra" / template).read_text()), name
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: server.url}):
+        assert Secret.load("deepgram-api-key").get() == KEY
+        bucket = S3Bucket.load("whisperx-results")
+        assert bucket.bucket_name == BUCKET
+        assert bucket.credentials.aws_client_parameters.endpoint_url.startswith("http://127.0.0.1:")
+        for absent in ("pyannote-api-key", "hf-token"):  # not in the environment: not saved
+            with pytest.raises(ValueError):
+                Secret.load(absent)
+
+
+def test_deploy_registers_prefect_yaml_deployments_with_typed_forms(server, deployed):
+    with server.client() as client:
+        cpu = client.read_deployment_by_name("transcribe-audio/transcribe-cpu")
+        gpu = client.read_deployment_by_name("transcribe-audio/transcribe-gpu")
+        sweep = client.read_deployment_by_name("sweep-inbox/sweep-inbox")
+        schedules = client.read_deployment_schedules(sweep.id)
+    assert (cpu.work_pool_name, cpu.job_variables) == ("cpu-pool", {"env": {"WHISPERX_DEVICE": "cpu"}})
+    assert gpu.work_pool_name == "gpu-docker-pool"
+    assert gpu.job_variables["container_create_kwargs"]["device_requests"][0]["capabilities"] == [["gpu"]]
+    assert [s.schedule.cron for s in schedules] == ["*/5 * * * *"]
+    assert sweep.parameters["target"] == "transcribe-audio/transcribe-cpu"
+    form = cpu.parameter_openapi_schema
+    assert form["required"] == ["audio_file"]
+    props = form["properties"]
+    assert props["audio_file"]["type"] == "string" and props["audio_file"]["description"]
+    assert props["diarization_backend"]["enum"] == ["auto", "pyannote", "pyannote-api", "builtin"]
+    assert props["num_speakers"]["anyOf"][0]["type"] == "integer"
+    for secret in ("deepgram_api_key", "pyannote_api_key", "huggingface_access_token", "secret_key"):
+        assert props[secret]["anyOf"][0] == {"format": "password", "type": "string", "writeOnly": True}, secret
+    assert all(p.get("description") for p in props.values())
+
+
+def test_process_worker_runs_transcribe_cpu_from_run_deployment(server, deployed, s3, tmp_path):
+    """A worker with no credentials of its own: the Deepgram key comes from the Secret block, the
+    outputs go to S3 through the S3Bucket block."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    s3.create_bucket(Bucket=BUCKET)
+    worker_dir = tmp_path / "worker"  # not the checkout: the pull step must find the code
+    worker_dir.mkdir()
+    worker_log = tmp_path / "worker.log"
+    with DeepgramServer(["ok"]) as deepgram, open(worker_log, "w") as log:
+        worker = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "cpu-pool", "--type", "process", "--limit", "1"],
+            cwd=worker_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**server.env, "PREFECT_WORKER_QUERY_SECONDS": "1", "DEEPGRAM_BASE_URL": deepgram.url,
+                 "RESULTS_S3_BLOCK": "whisperx-results", "SPEECH_CACHE_DIR": str(tmp_path / "cache")})
+        try:
+            with temporary_settings({PREFECT_API_URL: server.url}):
+                flow_run = run_deployment("transcribe-audio/transcribe-cpu", timeout=600, poll_interval=1,
+                                          parameters={"audio_file": str(DATA / AUDIO), "language": "en"})
+        finally:
+            stop(worker)
+        requests = list(deepgram.requests)
+    logs = worker_log.read_text()
+    assert flow_run.state.is_completed(), f"{flow_run.state}\n{logs[-6000:]}"
+    assert flow_run.work_pool_name == "cpu-pool"
+
+    # outputs in the S3Bucket block's bucket and folder
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"])
+    stem = Path(AUDIO).stem
+    assert keys == [f"transcripts/{stem}{ext}" for ext in
+                    (".deepgram.json", ".json", ".segments.json", ".srt", ".vtt")]
+    result = json.loads(s3.get_object(Bucket=BUCKET, Key=f"transcripts/{stem}.json")["Body"].read())
+    manifest = json.loads((DATA / "fixtures.json").read_text())
+    text = " ".join(s["text"] for s in result["segments"])
+    assert wer(manifest[AUDIO]["text"], text) <= 0.12
+    assert all(s["words"] for s in result["segments"])  # aligned, since confidence is matched per word
+    assert isinstance(result["confidence"], dict) and isinstance(result["unclear_intervals"], list)
+
+    # the key came from the block, and went nowhere else
+    assert len(requests) == 1 and requests[0]["auth"] == f"Token {KEY}"
+    with server.client() as client:
+        run_logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+        stored = client.read_flow_run(flow_run.id).parameters
+    messages = "\n".join(r.message for r in run_logs)
+    assert "tokens from Secret blocks: deepgram-api-key" in messages
+    for text in (logs, messages, json.dumps(stored), json.dumps(result)):
+        assert KEY not in text
