@@ -10,7 +10,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test bench clean fixtures
+.PHONY: setup demo test bench bench-batch clean fixtures
 
 setup: $(STAMP)
 
@@ -31,6 +31,9 @@ test: setup
 
 bench: setup
 	$(PY) bench/transcribe_vs_whisperx.py
+
+bench-batch: setup  ## batch flow vs one flow run per file, through a real server + process worker
+	$(PY) bench/batch.py
 
 fixtures:  ## regenerate tests/data (needs: apt-get install flite espeak-ng sox)
 	$(PY) tests/data/make_fixtures.py
