@@ -40,7 +40,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 COPY requirements.txt constraints.txt /tmp/req/
 # The same two files as `make setup`: direct pins + the full transitive pin set.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --upgrade pip setuptools wheel \
+    pip install --upgrade pip wheel "setuptools==80.10.2" \
  && pip install -r /tmp/req/requirements.txt -c /tmp/req/constraints.txt \
  && pip check
 
@@ -62,11 +62,13 @@ RUN groupadd --gid ${APP_UID} app \
 
 COPY --from=builder /opt/venv /opt/venv
 
-# Environment of the original WhisperX worker. Read by speech/settings.py: WHISPERX_MODEL,
-# WHISPERX_MODEL_DIR, DEBUG (WHISPERX_DEVICE is set per deployment, default auto); HF_HOME is
-# honoured by huggingface_hub (hub downloads + cache). JOBS_DIR, CONSOLE_LOG_LEVEL and
-# PRINT_MOUNTS are kept for parity with the original worker's image. VAD_MODEL_PATH is left
-# unset on purpose (= whisperx's bundled pyannote VAD); set it at run time to override.
+# Environment of the original WhisperX worker, all read by speech/settings.py: WHISPERX_MODEL,
+# WHISPERX_MODEL_DIR, DEBUG (1 = every result carries its debug block), JOBS_DIR (scratch for
+# downloaded inputs), CONSOLE_LOG_LEVEL (stdout log level of flow runs; the Prefect API still
+# gets every log), PRINT_MOUNTS (1 = log the mounted volumes at the start of each run).
+# WHISPERX_DEVICE is set per deployment (default auto). HF_HOME is honoured by huggingface_hub
+# (hub downloads + cache). VAD_MODEL_PATH is empty on purpose (= whisperx's bundled pyannote
+# VAD; empty variables are ignored); set it at run time to another checkpoint.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
@@ -79,6 +81,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     DEBUG=0 \
     CONSOLE_LOG_LEVEL=INFO \
     PRINT_MOUNTS=0 \
+    VAD_MODEL_PATH= \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \
     DO_NOT_TRACK=1
 

@@ -10,14 +10,18 @@ parameters) fails the whole run up front, since every file would fail the same w
 """
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import Counter
 from typing import Any, Optional
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 
-from flows.transcribe import SECRET_PARAMETERS, run_pipeline
+from flows.transcribe import SECRET_PARAMETERS, apply_runtime_switches, run_pipeline
+from speech.audio import stem_of
+from speech.errors import InvalidRequest
 from speech.schema import TranscriptionRequest
 from tasks.common import artifact_key
 
@@ -50,6 +54,16 @@ def _redact_stored_request(request: dict[str, Any]) -> None:
         client.update_flow_run(ctx.flow_run.id, parameters=stored)
 
 
+def _distinct_output_names(audio_files: list[str]) -> list[Optional[str]]:
+    """None (= named after the file) unless two files share a stem (a/talk.wav, b/talk.mp3):
+    those get ``<stem>-<8 hex of their source>``, stable across runs, so no file's outputs
+    overwrite another's."""
+    stems = [stem_of(f) for f in audio_files]
+    counts = Counter(stems)
+    return [f"{stem}-{hashlib.sha256(f.encode()).hexdigest()[:8]}" if counts[stem] > 1 else None
+            for f, stem in zip(audio_files, stems)]
+
+
 @flow(name="transcribe-batch", validate_parameters=False, log_prints=False)
 def transcribe_batch(audio_files: list[str], request: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Transcribe many audio files in one flow run (models load once); a failed file does not stop the batch.
@@ -63,9 +77,14 @@ def transcribe_batch(audio_files: list[str], request: Optional[dict[str, Any]] =
     log = get_run_logger()
     request = dict(request or {})
     _redact_stored_request(request)
+    apply_runtime_switches()
     request.pop("audio_file", None)
     # a bad request would fail every file the same way: fail the run now, clearly
     TranscriptionRequest.parse({**request, "audio_file": audio_files[0] if audio_files else "placeholder.wav"})
+    if request.get("output_name") and len(audio_files) > 1:
+        raise InvalidRequest("output_name names one file's outputs: in a batch every file would overwrite them; "
+                             "leave it empty (each file's outputs are named after it)")
+    output_names = _distinct_output_names(audio_files)
 
     succeeded: list[str] = []
     failed: list[dict[str, str]] = []
@@ -73,18 +92,21 @@ def transcribe_batch(audio_files: list[str], request: Optional[dict[str, Any]] =
     for i, audio_file in enumerate(audio_files, 1):
         t0 = time.perf_counter()
         try:
-            result = run_pipeline(TranscriptionRequest.parse({**request, "audio_file": audio_file}))
+            result = run_pipeline(TranscriptionRequest.parse(
+                {**request, "audio_file": audio_file, "output_name": output_names[i - 1]}))
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
             error = f"{type(exc).__name__}: {exc}"[:500]
             log.warning("[%d/%d] %s failed: %s", i, len(audio_files), audio_file, error)
             failed.append({"audio_file": audio_file, "error": error})
-            rows.append({"file": audio_file, "status": "failed", "language": None, "segments": None,
+            rows.append({"file": audio_file, "output_name": output_names[i - 1] or stem_of(audio_file),
+                         "status": "failed", "language": None, "segments": None,
                          "seconds": round(time.perf_counter() - t0, 2), "error": error})
             continue
         seconds = round(time.perf_counter() - t0, 2)
         log.info("[%d/%d] %s done in %.1f s", i, len(audio_files), audio_file, seconds)
         succeeded.append(audio_file)
-        rows.append({"file": audio_file, "status": "succeeded", "language": result.get("detected_language"),
+        rows.append({"file": audio_file, "output_name": output_names[i - 1] or stem_of(audio_file),
+                     "status": "succeeded", "language": result.get("detected_language"),
                      "segments": len(result.get("segments") or []), "seconds": seconds, "error": None})
 
     create_table_artifact(

@@ -226,10 +226,9 @@ def _precheck_local(audio_file: str) -> None:
 
 def _quiet_prefect_console() -> None:
     """Our one-line error replaces Prefect's console traceback (the API still gets full logs)."""
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-        for handler in logging.getLogger(name).handlers:
-            if type(handler).__name__ == "PrefectConsoleHandler":
-                handler.setLevel(logging.CRITICAL)
+    from flows.transcribe import set_console_level
+
+    set_console_level(logging.CRITICAL)
 
 
 def _flow_kwargs(req: Any) -> dict[str, Any]:

@@ -10,8 +10,13 @@ objects, no download) and a ledger key ``<target>:<pipeline version>:<identity>`
 carry) and triggers only the rest, through ``run_deployment(..., idempotency_key=key,
 timeout=0)``. The idempotency key also makes the trigger itself safe against a concurrent
 sweep: Prefect returns the existing run instead of creating a second one, which the sweep
-notices (the run is older than the trigger) and reports as ``already-done``. A run that
-failed keeps its key: delete that flow run to have the next sweep retry the file.
+notices (the run is older than the trigger) and reports as ``already-done``.
+
+A file whose runs all FAILED or CRASHED is triggered again by the next sweep, with the key
+``<ledger key>:attempt-<n>``, until ``max_attempts`` runs have failed; after that it is reported
+as failed (with the last run's state) until those runs are deleted. A cancelled run counts as
+done: cancelling is deliberate; so does a completed batch run for all its files, including one
+that failed inside it (listed in the batch run's table artifact).
 
 Renaming or copying a file does not retrigger it (same bytes); changing its bytes or
 bumping ``speech.__version__`` does. Unreadable/empty files and failed triggers are counted
@@ -34,26 +39,41 @@ from speech.schema import SECRET_FIELDS, TranscriptionRequest
 from speech.inbox import Candidate, list_local, list_s3, local_identity
 from tasks.common import artifact_key
 
-def _existing_runs(keys_to_candidates: dict[str, Candidate]) -> dict[str, Any]:
-    """Ledger key -> an existing flow run that carries it (as idempotency key or batch file tag)."""
+RETRYABLE = {"FAILED", "CRASHED"}
+
+
+def _existing_runs(keys_to_candidates: dict[str, Candidate]) -> dict[str, list[Any]]:
+    """Ledger key -> the flow runs that carry it (as idempotency key, or as the per-file tag that
+    batch runs and retries carry), newest first."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterIdempotencyKey, FlowRunFilterTags
 
-    found: dict[str, Any] = {}
+    found: dict[str, dict[Any, Any]] = {}
     keys = list(keys_to_candidates)
     by_tag = {c.tag: k for k, c in keys_to_candidates.items()}
+    def all_runs(client: Any, flow_run_filter: Any) -> list[Any]:  # every page, not the API's first 200
+        out: list[Any] = []
+        while True:
+            page = client.read_flow_runs(flow_run_filter=flow_run_filter, limit=200, offset=len(out))
+            out.extend(page)
+            if len(page) < 200:
+                return out
+
     with get_client(sync_client=True) as client:
         for i in range(0, len(keys), 200):
             chunk = keys[i:i + 200]
-            for run in client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(idempotency_key=FlowRunFilterIdempotencyKey(any_=chunk))):
-                found.setdefault(run.idempotency_key, run)
+            for run in all_runs(client, FlowRunFilter(idempotency_key=FlowRunFilterIdempotencyKey(any_=chunk))):
+                found.setdefault(run.idempotency_key, {})[run.id] = run
             tags = [keys_to_candidates[k].tag for k in chunk]
-            for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(any_=tags))):
+            for run in all_runs(client, FlowRunFilter(tags=FlowRunFilterTags(any_=tags))):
                 for t in run.tags:
                     if t in by_tag:
-                        found.setdefault(by_tag[t], run)
-    return found
+                        found.setdefault(by_tag[t], {})[run.id] = run
+    return {k: sorted(runs.values(), key=lambda r: r.created, reverse=True) for k, runs in found.items()}
+
+
+def _state_type(run: Any) -> Optional[str]:
+    return run.state.type.value if run.state is not None else None
 
 
 def _retry_unless_missing(task: Any, task_run: Any, state: Any) -> bool:
@@ -98,6 +118,7 @@ def sweep_inbox(
     limit: int = 100,
     concurrency: int = 4,
     batch_size: int = 0,
+    max_attempts: int = 3,
 ) -> dict[str, int]:
     """Trigger one transcription run per new audio file in a folder or S3 prefix (each file once).
 
@@ -109,13 +130,14 @@ def sweep_inbox(
         limit: Trigger at most this many new files per sweep; the rest wait for the next sweep.
         concurrency: Runs created at once.
         batch_size: 0 = one run per file; N > 0 = one transcribe-batch run per N files.
+        max_attempts: Trigger a file again while fewer than this many of its runs have failed or crashed.
     """
     log = get_run_logger()
     request = {k: v for k, v in (request or {}).items() if k != "audio_file"}
     _no_secrets(request)
     TranscriptionRequest.parse({**request, "audio_file": "placeholder.wav"})  # a bad request fails the sweep, not N runs
-    if limit < 0 or concurrency < 1 or batch_size < 0:
-        raise InvalidRequest("limit and batch_size must be >= 0 and concurrency >= 1")
+    if limit < 0 or concurrency < 1 or batch_size < 0 or max_attempts < 1:
+        raise InvalidRequest("limit and batch_size must be >= 0, concurrency and max_attempts >= 1")
     version = speech.__version__
 
     is_s3 = source.startswith("s3://")
@@ -146,10 +168,18 @@ def sweep_inbox(
         raise RuntimeError(f"cannot read existing flow runs from the Prefect API: {exc}") from exc
     new: list[Candidate] = []
     for key, c in keyed.items():
-        if key in existing:
-            c.status, c.flow_run_id = "already-done", str(existing[key].id)
-            c.detail["state"] = existing[key].state.name if existing[key].state else None
+        runs = existing.get(key, [])
+        done = [r for r in runs if _state_type(r) not in RETRYABLE]
+        if done:  # completed, or still scheduled / running: nothing to do
+            c.status, c.flow_run_id = "already-done", str(done[0].id)
+            c.detail["state"] = done[0].state.name if done[0].state else None
+        elif len(runs) >= max_attempts:
+            last = runs[0]
+            c.status, c.flow_run_id = "failed", str(last.id)
+            c.error = (f"{len(runs)} run(s) failed, the last {last.state.name}: "
+                       f"{(last.state.message or '').strip()}"[:400] + "; delete them to retry")
         else:
+            c.detail["attempt"] = len(runs) + 1
             new.append(c)
     if len(new) > limit:
         log.info("%d new file(s); triggering %d now (limit), the rest next sweep", len(new), limit)
@@ -162,11 +192,12 @@ def sweep_inbox(
     if batch_size > 0:
         for i in range(0, len(new), batch_size):
             chunk = new[i:i + batch_size]
-            digest = hashlib.sha256("\n".join(sorted(c.key for c in chunk)).encode()).hexdigest()
+            digest = hashlib.sha256("\n".join(sorted(f"{c.key}#{c.detail['attempt']}" for c in chunk)).encode())
             jobs.append((chunk, {"audio_files": [c.path for c in chunk], "request": request},
-                         f"{target}:{version}:batch-{digest}"))
+                         f"{target}:{version}:batch-{digest.hexdigest()}"))
     else:
-        jobs = [([c], {**request, "audio_file": c.path}, c.key) for c in new]
+        jobs = [([c], {**request, "audio_file": c.path},
+                 c.key if c.detail["attempt"] == 1 else f"{c.key}:attempt-{c.detail['attempt']}") for c in new]
 
     with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
         futures = [
@@ -198,7 +229,7 @@ def sweep_inbox(
     }
     create_table_artifact(
         key=artifact_key(f"sweep-{stem_key(source)}"),
-        table=[{"file": c.path, "identity": c.identity, "status": c.status,
+        table=[{"file": c.path, "identity": c.identity, "status": c.status, "attempt": c.detail.get("attempt"),
                 "flow_run_id": c.flow_run_id, "error": c.error} for c in candidates],
         description=(f"Sweep of {source} ({glob}) -> {target}: {counts['triggered']} triggered, "
                      f"{counts['skipped']} already done, {counts['failed']} failed, {counts['deferred']} deferred"),

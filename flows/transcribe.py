@@ -158,8 +158,32 @@ def transcribe_audio(
     args = dict(locals())
     args["speaker_samples"] = args["speaker_samples"] or []
     _redact_stored_secrets(args)
+    apply_runtime_switches()
     req = TranscriptionRequest.parse(args)
     return run_pipeline(req)
+
+
+def set_console_level(level: str | int) -> None:
+    """Level of Prefect's console handlers (on the root logger in Prefect's default logging
+    config, on prefect loggers in custom ones); the API handlers are left alone."""
+    import logging
+
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler).__name__ == "PrefectConsoleHandler":
+                handler.setLevel(level)
+
+
+def apply_runtime_switches() -> None:
+    """The original worker's env switches, once per flow run: CONSOLE_LOG_LEVEL (the console
+    handler's level only; the Prefect API still receives every log) and PRINT_MOUNTS."""
+    settings = get_settings()
+    if settings.console_log_level:
+        set_console_level(settings.console_log_level)
+    if settings.print_mounts:
+        from speech.report import mounted_volumes
+
+        get_run_logger().info("mounts:\n%s", "\n".join(mounted_volumes()))
 
 
 SECRET_PARAMETERS = SECRET_FIELDS
@@ -307,7 +331,7 @@ def run_pipeline(req: TranscriptionRequest) -> dict[str, Any]:
         alignment,
         speakers,
         confidence,
-        debug=req.debug,
+        debug=req.debug or settings.debug,
         download_dir=req.download_dir,
         bucket=req.bucket,
         prefix=req.prefix_transcripts,

@@ -216,7 +216,7 @@ def fetch(source: str, settings: Optional[Settings] = None) -> FetchedFile:
     """Bring the source bytes to a local file and hash them in the same pass."""
     settings = settings or get_settings()
     scheme = urlsplit(source).scheme.lower()
-    dl_dir = settings.cache_dir / "downloads"
+    dl_dir = settings.jobs_dir or settings.cache_dir / "downloads"
     if scheme in ("http", "https"):
         fetched = _fetch_http(source, settings, dl_dir)
     elif scheme == "s3":

@@ -42,3 +42,33 @@ def summary_markdown(
         preview = " ".join(s.text for s in result.segments)
         lines += ["", "## Preview", "", "> " + (preview[:600] + ("…" if len(preview) > 600 else ""))]
     return "\n".join(lines) + "\n"
+
+
+# pseudo file systems: not volumes anyone mounted for the pipeline
+_PSEUDO_FS = {"proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue", "devtmpfs", "securityfs", "debugfs",
+              "tracefs", "pstore", "bpf", "hugetlbfs", "configfs", "fusectl", "binfmt_misc", "autofs", "nsfs",
+              "rpc_pipefs", "efivarfs", "ramfs"}
+
+
+def mounted_volumes(mounts_file: str = "/proc/self/mounts") -> list[str]:
+    """One line per real mount (``PRINT_MOUNTS``): mount point, file system, ro/rw, free space."""
+    import shutil
+
+    try:
+        with open(mounts_file) as f:
+            entries = [line.split() for line in f if line.strip()]
+    except OSError as exc:
+        return [f"cannot read {mounts_file}: {exc}"]
+    lines = []
+    for device, point, fstype, options, *_ in entries:
+        if fstype in _PSEUDO_FS or point.startswith(("/proc", "/sys")):
+            continue
+        point = point.replace("\\040", " ")
+        mode = "ro" if "ro" in options.split(",") else "rw"
+        try:
+            usage = shutil.disk_usage(point)
+            space = f"{usage.free / 1e9:.1f} of {usage.total / 1e9:.1f} GB free"
+        except OSError:
+            space = "size unknown"
+        lines.append(f"{point} ({fstype}, {mode}, {space}) <- {device}")
+    return lines

@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -110,6 +110,26 @@ class Settings(BaseSettings):
     pyannote_api_key: Optional[SecretStr] = Field(None, validation_alias="PYANNOTE_API_KEY")
 
     debug: bool = Field(False, validation_alias="DEBUG")
+
+    # --- the original worker's runtime switches (also set in the Dockerfile) ----------
+    jobs_dir: Optional[Path] = Field(
+        None, validation_alias="JOBS_DIR",
+        description="Scratch folder for downloaded inputs (http/s3); each file is removed once decoded "
+        "(default <SPEECH_CACHE_DIR>/downloads).",
+    )
+    console_log_level: Optional[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]] = Field(
+        None, validation_alias="CONSOLE_LOG_LEVEL",
+        description="Level of flow runs' console (stdout) logs; the Prefect API still gets every log.",
+    )
+    print_mounts: bool = Field(
+        False, validation_alias="PRINT_MOUNTS",
+        description="Log the container's mounted volumes at the start of each flow run.",
+    )
+
+    @field_validator("console_log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, v: Any) -> Any:
+        return v.strip().upper() if isinstance(v, str) else v
 
     def secret_values(self) -> list[str]:
         """Every configured secret, for scrubbing text before it is logged or stored."""

@@ -106,6 +106,28 @@ def test_http_fetch(http_server):
     assert "secret" not in ref.source and ref.stem == "sample_2spk"
 
 
+def test_downloads_go_to_jobs_dir_and_are_removed_once_decoded(http_server, tmp_path, monkeypatch):
+    from speech import audio
+    from speech.settings import get_settings
+
+    jobs = tmp_path / "jobs"
+    monkeypatch.setenv("JOBS_DIR", str(jobs))
+    get_settings.cache_clear()
+    seen = []
+    real = audio.decode
+    monkeypatch.setattr(audio, "decode", lambda path, *a: (seen.append(Path(path)), real(path, *a))[1])
+    try:
+        data = (DATA / "enrol_kal16.wav").read_bytes() + b"\0\0"  # bytes no other test decoded
+        (DATA / "_jobs_dir_probe.wav").write_bytes(data)  # the http server serves tests/data
+        ref = load_audio(f"{http_server}/_jobs_dir_probe.wav")
+    finally:
+        (DATA / "_jobs_dir_probe.wav").unlink(missing_ok=True)
+        get_settings.cache_clear()
+    assert ref.sha256 == hashlib.sha256(data).hexdigest()
+    assert len(seen) == 1 and seen[0].parent == jobs  # downloaded into JOBS_DIR ...
+    assert list(jobs.iterdir()) == []  # ... and gone once decoded
+
+
 def test_http_404_is_not_retryable(http_server):
     with pytest.raises(FetchError, match="404") as info:
         load_audio(f"{http_server}/missing.wav")

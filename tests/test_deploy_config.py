@@ -165,3 +165,49 @@ def test_k8s_gpu_template_renders_a_valid_gpu_job():
         assert shm.empty_dir.medium == "Memory" and shm.empty_dir.size_limit == "8Gi"
         assert container.volume_mounts[0].mount_path == "/dev/shm"
         assert container.args[:3] == ["prefect", "flow-run", "execute"]
+
+
+def _dockerfile_env(stage: str = "runtime") -> dict[str, str]:
+    """ENV key=value pairs of one Dockerfile stage (continuation lines joined)."""
+    import shlex
+
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        words = line.split()
+        if words[:1] == ["FROM"]:
+            current = words[-1]
+        elif words[:1] == ["ENV"] and current == stage:
+            for pair in shlex.split(line.split(None, 1)[1]):
+                key, _, value = pair.partition("=")
+                env[key] = value
+    return env
+
+
+def test_dockerfile_env_is_the_original_workers_and_read_by_settings(monkeypatch):
+    """Every worker variable the image sets is one the settings object reads, with the
+    documented meaning (no inert ENV lines)."""
+    from speech.settings import Settings
+
+    env = _dockerfile_env()
+    worker_vars = {"WHISPERX_MODEL", "WHISPERX_MODEL_DIR", "HF_HOME", "JOBS_DIR", "TMPDIR", "DEBUG",
+                   "CONSOLE_LOG_LEVEL", "PRINT_MOUNTS", "VAD_MODEL_PATH"}
+    assert worker_vars <= set(env), worker_vars - set(env)
+    assert env["WHISPERX_MODEL"] == "large-v3"
+    for field in Settings.model_fields.values():  # only the image's values count
+        alias = field.validation_alias
+        for name in getattr(alias, "choices", None) or ([alias] if alias else []):
+            monkeypatch.delenv(name, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.whisperx_model == "large-v3"
+    assert str(settings.whisperx_model_dir) == env["WHISPERX_MODEL_DIR"]
+    assert str(settings.jobs_dir) == env["JOBS_DIR"] == "/tmp/jobs"
+    assert settings.console_log_level == "INFO" and settings.print_mounts is False and settings.debug is False
+    assert settings.vad_model_path is None  # empty: whisperx's bundled VAD
+    # the image runs as a non-root user, on a CUDA 12 base, with the PRELOAD_MODELS build arg
+    text = (ROOT / "Dockerfile").read_text()
+    assert "ARG CUDA_IMAGE=nvidia/cuda:12." in text and "USER app" in text
+    assert "ARG PRELOAD_MODELS=0" in text and "--mount=type=secret,id=hf_token" in text

@@ -329,3 +329,48 @@ def test_tokens_come_from_secret_blocks_only_when_not_given(prefect_harness, mon
         for name in ("deepgram-api-key", "pyannote-api-key"):
             Secret.delete(name)
         get_settings.cache_clear()
+
+
+def test_worker_env_switches_print_mounts_and_console_level(prefect_harness, monkeypatch, tmp_path):
+    """PRINT_MOUNTS=1 logs the mounts to the run's logs; CONSOLE_LOG_LEVEL sets the console
+    handler's level only."""
+    import logging
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.transcribe import apply_runtime_switches
+    from speech.report import mounted_volumes
+    from speech.settings import get_settings
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text("proc /proc proc rw 0 0\n/dev/sdb1 /models ext4 ro,relatime 0 0\n"
+                      "tmpfs /dev/shm tmpfs rw 0 0\noverlay / overlay rw 0 0\n")
+    lines = mounted_volumes(str(mounts))
+    assert [line.split(" (")[0] for line in lines] == ["/models", "/dev/shm", "/"]
+    assert lines[0].startswith("/models (ext4, ro, ") and lines[0].endswith("<- /dev/sdb1")
+
+    @flow
+    def switches() -> None:
+        apply_runtime_switches()
+
+    monkeypatch.setenv("PRINT_MOUNTS", "1")
+    monkeypatch.setenv("CONSOLE_LOG_LEVEL", "error")
+    get_settings.cache_clear()
+    handlers = [h for h in logging.getLogger().handlers if type(h).__name__ == "PrefectConsoleHandler"]
+    levels = [h.level for h in handlers]
+    try:
+        state = switches(return_state=True)
+        assert handlers and all(h.level == logging.ERROR for h in handlers)
+    finally:
+        for h, level in zip(handlers, levels):
+            h.setLevel(level)
+        get_settings.cache_clear()
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)  # logs reach the API in batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(
+            flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert any(r.message.startswith("mounts:\n") for r in logs)  # the API got it despite the console level

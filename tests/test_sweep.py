@@ -147,8 +147,68 @@ def test_batch_flow_loads_models_once_and_survives_a_bad_file(prefect_harness, t
     assert statuses == {"one.wav": "succeeded", "two.wav": "succeeded", "missing.wav": "failed",
                         "three.wav": "succeeded"}
 
-    # warm: recomputing (force, no cache hits) loads nothing
+    # warm: recomputing (force, no cache hits) loads nothing; two files with one stem keep
+    # their outputs apart (<stem>-<hash of the source>)
+    (tmp_path / "sub").mkdir()
+    same_stem = str(shutil.copy(DATA / "enrol_slt.wav", tmp_path / "sub" / "one.wav"))
+    out2 = tmp_path / "out2"
     loads = models.CACHE.load_count
-    again = transcribe_batch(files[:2], {**request, "force": True})
-    assert again == {"succeeded": files[:2], "failed": []}
+    again = transcribe_batch([files[0], same_stem], {**request, "download_dir": str(out2), "force": True})
+    assert again == {"succeeded": [files[0], same_stem], "failed": []}
     assert models.CACHE.load_count == loads
+    names = sorted(p.name for p in out2.glob("*.json") if not p.name.endswith(".segments.json"))
+    assert len(names) == 2 and all(n.startswith("one-") for n in names), names
+    texts = {json.loads((out2 / n).read_text())["segments"][0]["text"] for n in names}
+    assert len(texts) == 2  # awb's and slt's sentences, not one file twice
+
+    bad = transcribe_batch(files[:2], {**request, "output_name": "x"}, return_state=True)
+    assert bad.is_failed() and "output_name" in str(bad.result(raise_on_failure=False))
+
+
+def test_sweep_retries_failed_runs_up_to_max_attempts(sweep_target, tmp_path):
+    """A file whose runs failed is triggered again (new idempotency key) until max_attempts runs
+    failed; then it is reported as failed. A completed or scheduled run means done."""
+    import numpy as np
+    from prefect.states import Completed, Crashed, Failed
+
+    from flows.sweep import sweep_inbox
+    from speech.audio import write_wav
+
+    target, deployment_id = sweep_target
+    inbox = tmp_path / "retry-inbox"
+    inbox.mkdir()
+    rng = np.random.default_rng(7)  # bytes no other test sweeps
+    write_wav((rng.standard_normal(16000) * 0.01).astype(np.float32), inbox / "flaky.wav")
+    write_wav((rng.standard_normal(16000) * 0.01).astype(np.float32), inbox / "fine.wav")
+
+    def runs_for(name):
+        return sorted((r for r in _runs_of(deployment_id) if Path(r.parameters["audio_file"]).name == name),
+                      key=lambda r: r.created)
+
+    def set_state(run, state):
+        with _client() as client:
+            client.set_flow_run_state(run.id, state, force=True)
+
+    def sweep(**kw):
+        state = sweep_inbox(str(inbox), glob="*.wav", target=target, return_state=True, **kw)
+        rows = {Path(r["file"]).name: r for r in json.loads(_artifacts(state.state_details.flow_run_id)[0].data)}
+        return state.result(), rows
+
+    assert sweep(max_attempts=2)[0]["triggered"] == 2
+    set_state(runs_for("flaky.wav")[0], Failed(message="decoder exploded"))
+    set_state(runs_for("fine.wav")[0], Completed())
+
+    counts, rows = sweep(max_attempts=2)  # flaky: attempt 2; fine: done
+    assert counts == {"triggered": 1, "skipped": 1, "failed": 0, "deferred": 0}
+    assert rows["flaky.wav"]["status"] == "triggered" and rows["flaky.wav"]["attempt"] == 2
+    first, second = runs_for("flaky.wav")
+    assert second.idempotency_key == f"{first.idempotency_key}:attempt-2"
+
+    assert sweep(max_attempts=2)[0]["skipped"] == 2  # attempt 2 is still scheduled: nothing new
+    set_state(second, Crashed(message="worker lost"))
+    counts, rows = sweep(max_attempts=2)  # two failed runs = max_attempts: reported, not retried
+    assert counts == {"triggered": 0, "skipped": 1, "failed": 1, "deferred": 0}
+    assert "2 run(s) failed, the last Crashed: worker lost" in rows["flaky.wav"]["error"]
+    assert len(runs_for("flaky.wav")) == 2
+    assert sweep(max_attempts=3)[0]["triggered"] == 1  # a higher limit tries once more
+    assert len(runs_for("flaky.wav")) == 3
