@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,9 +85,14 @@ def deployed(server, bootstrapped, tmp_path_factory):
     prefect_file = tmp_path_factory.mktemp("project") / "prefect.yaml"
     prefect_file.write_text(yaml.safe_dump(project, sort_keys=False))
     out = server.run(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file))
-    with server.client() as client:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with server.client() as client:  # the cron must not fire sweeps at the test workers
         sweep = client.read_deployment_by_name("sweep-inbox/sweep-inbox")
-        client.pause_deployment(sweep.id)  # its cron must not fire runs at the test worker
+        for schedule in client.read_deployment_schedules(sweep.id):
+            client.update_deployment_schedule(sweep.id, schedule.id, active=False)
+        for run in client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[sweep.id]))):
+            client.delete_flow_run(run.id)
     return out
 
 
@@ -126,7 +132,7 @@ def test_deploy_registers_prefect_yaml_deployments_with_typed_forms(server, depl
     assert (cpu.work_pool_name, cpu.job_variables) == ("cpu-pool", {"env": {"WHISPERX_DEVICE": "cpu"}})
     assert gpu.work_pool_name == "gpu-docker-pool"
     assert gpu.job_variables["container_create_kwargs"]["device_requests"][0]["capabilities"] == [["gpu"]]
-    assert [s.schedule.cron for s in schedules] == ["*/5 * * * *"]
+    assert [s.schedule.cron for s in schedules] == ["*/5 * * * *"]  # (switched off for these tests)
     assert sweep.parameters["target"] == "transcribe-audio/transcribe-cpu"
     form = cpu.parameter_openapi_schema
     assert form["required"] == ["audio_file"]
@@ -188,3 +194,80 @@ def test_process_worker_runs_transcribe_cpu_from_run_deployment(server, deployed
     assert "tokens from Secret blocks: deepgram-api-key" in messages
     for text in (logs, messages, json.dumps(stored), json.dumps(result)):
         assert KEY not in text
+
+
+def sweep_table(client, flow_run, full: bool = False) -> dict:
+    """The sweep run's table artifact (what a user sees in the UI): file name -> status (or row)."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    (artifact,) = [a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))) if a.type == "table"]
+    rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    return {Path(r["file"]).name: (r if full else r["status"]) for r in rows}
+
+
+SWEPT = (("a.wav", "sample_2spk.wav"), ("b.wav", "heldout_3spk.wav"), ("c.wav", "align_3spk.wav"))
+
+
+def test_scheduled_sweep_deployment_feeds_the_worker(server, deployed, tmp_path):
+    """prefect.yaml's sweep-inbox deployment, run by a process worker: 3 fixtures + 1 corrupt
+    file -> 4 transcribe-cpu runs executed by the same worker; the 3 succeed with outputs, the
+    corrupt one fails; sweeping again triggers nothing and reports the corrupt file as failed."""
+    import shutil
+
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    for name, src in SWEPT:
+        shutil.copy(DATA / src, inbox / name)
+    (inbox / "corrupt.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEnot really audio" * 50)
+    parameters = {"source": str(inbox), "glob": "*.wav", "target": "transcribe-audio/transcribe-cpu",
+                  "request": {"language": "en", "download_dir": str(out)}, "max_attempts": 1}
+
+    with DeepgramServer(["ok"]) as deepgram, open(tmp_path / "worker.log", "w") as log:
+        worker = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "cpu-pool", "--type", "process", "--limit", "2"],
+            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**server.env, "PREFECT_WORKER_QUERY_SECONDS": "1", "DEEPGRAM_BASE_URL": deepgram.url,
+                 "SPEECH_CACHE_DIR": str(tmp_path / "cache")})
+        try:
+            with temporary_settings({PREFECT_API_URL: server.url}), server.client() as client:
+                target = client.read_deployment_by_name("transcribe-audio/transcribe-cpu")
+                before = {r.id for r in client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[target.id])))}
+
+                first = run_deployment("sweep-inbox/sweep-inbox", parameters=parameters, timeout=300, poll_interval=1)
+                assert first.state.is_completed(), first.state
+                assert sweep_table(client, first) == {"a.wav": "triggered", "b.wav": "triggered",
+                                                      "c.wav": "triggered", "corrupt.wav": "triggered"}
+
+                deadline = time.monotonic() + 480
+                while True:
+                    runs = [r for r in client.read_flow_runs(deployment_filter=DeploymentFilter(
+                        id=DeploymentFilterId(any_=[target.id]))) if r.id not in before]
+                    if len(runs) == 4 and all(r.state.is_final() for r in runs):
+                        break
+                    assert time.monotonic() < deadline, [(r.name, r.state.name) for r in runs]
+                    time.sleep(2)
+
+                again = run_deployment("sweep-inbox/sweep-inbox", parameters=parameters, timeout=300, poll_interval=1)
+                assert again.state.is_completed(), again.state
+                table = sweep_table(client, again, full=True)
+                assert {n: row["status"] for n, row in table.items()} == {
+                    "a.wav": "already-done", "b.wav": "already-done", "c.wav": "already-done", "corrupt.wav": "failed"}
+                assert "1 run(s) failed, the last Failed" in table["corrupt.wav"]["error"]
+        finally:
+            stop(worker)
+
+    by_file = {Path(r.parameters["audio_file"]).name: r for r in runs}
+    assert {n: r.state.type.value for n, r in by_file.items()} == {
+        "a.wav": "COMPLETED", "b.wav": "COMPLETED", "c.wav": "COMPLETED", "corrupt.wav": "FAILED"}
+    assert {p.name for p in out.glob("*.json")} >= {"a.json", "b.json", "c.json"}
+    assert not list(out.glob("corrupt*"))  # the failed run wrote nothing
+    manifest = json.loads((DATA / "fixtures.json").read_text())
+    for name, src in SWEPT:
+        result = json.loads((out / name.replace(".wav", ".json")).read_text())
+        assert wer(manifest[src]["text"], " ".join(s["text"] for s in result["segments"])) <= 0.12, name
