@@ -17,10 +17,11 @@ def test_prefect_yaml_parses_with_prefects_model():
 
     model = PrefectYamlModel.model_validate(yaml.safe_load((ROOT / "prefect.yaml").read_text()))
     by_name = {d.name: d for d in model.deployments}
-    assert set(by_name) == {"transcribe-cpu", "transcribe-gpu", "sweep-inbox"}
+    assert set(by_name) == {"transcribe-cpu", "transcribe-gpu", "transcribe-batch-gpu", "sweep-inbox"}
     gpu = by_name["transcribe-gpu"].work_pool.job_variables
     assert gpu["env"]["WHISPERX_DEVICE"] == "cuda"
     assert gpu["container_create_kwargs"]["device_requests"][0]["capabilities"] == [["gpu"]]
+    assert by_name["transcribe-batch-gpu"].work_pool.job_variables == gpu
     for d in model.deployments:  # every entrypoint names a real flow function
         path, func = d.entrypoint.split(":")
         assert f"def {func}(" in (ROOT / path).read_text()
@@ -124,16 +125,19 @@ def test_docker_gpu_pool_template_creates_a_gpu_container(docker_engine):
     assert "whisperx-models:/models" in body["HostConfig"]["Binds"]
 
 
-def test_transcribe_gpu_deployment_gets_a_gpu_on_a_stock_docker_pool(docker_engine):
-    """prefect.yaml's transcribe-gpu job variables alone request the GPU: a pool made from
-    prefect-docker's stock template still runs it on a GPU."""
+def test_gpu_deployments_get_a_gpu_on_a_stock_docker_pool(docker_engine):
+    """prefect.yaml's transcribe-gpu / transcribe-batch-gpu job variables alone request the GPU:
+    a pool made from prefect-docker's stock template still runs them on a GPU."""
     from prefect_docker.worker import DockerWorker
 
     deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
-    (gpu,) = [d for d in deployments if d["name"] == "transcribe-gpu"]
-    body = _docker_container_request(
-        docker_engine, DockerWorker.get_default_base_job_template(), gpu["work_pool"]["job_variables"])
-    _assert_gpu_container(body)
+    gpus = [d for d in deployments if d["name"] in ("transcribe-gpu", "transcribe-batch-gpu")]
+    assert len(gpus) == 2
+    for gpu in gpus:
+        _DockerEngine.created.clear()
+        body = _docker_container_request(
+            docker_engine, DockerWorker.get_default_base_job_template(), gpu["work_pool"]["job_variables"])
+        _assert_gpu_container(body)
 
 
 def test_k8s_gpu_template_renders_a_valid_gpu_job():

@@ -127,11 +127,14 @@ def test_deploy_registers_prefect_yaml_deployments_with_typed_forms(server, depl
     with server.client() as client:
         cpu = client.read_deployment_by_name("transcribe-audio/transcribe-cpu")
         gpu = client.read_deployment_by_name("transcribe-audio/transcribe-gpu")
+        batch = client.read_deployment_by_name("transcribe-batch/transcribe-batch-gpu")
         sweep = client.read_deployment_by_name("sweep-inbox/sweep-inbox")
         schedules = client.read_deployment_schedules(sweep.id)
     assert (cpu.work_pool_name, cpu.job_variables) == ("cpu-pool", {"env": {"WHISPERX_DEVICE": "cpu"}})
     assert gpu.work_pool_name == "gpu-docker-pool"
     assert gpu.job_variables["container_create_kwargs"]["device_requests"][0]["capabilities"] == [["gpu"]]
+    assert batch.work_pool_name == "gpu-docker-pool" and batch.job_variables == gpu.job_variables
+    assert batch.parameter_openapi_schema["required"] == ["audio_files"]
     assert [s.schedule.cron for s in schedules] == ["*/5 * * * *"]  # (switched off for these tests)
     assert sweep.parameters["target"] == "transcribe-audio/transcribe-cpu"
     form = cpu.parameter_openapi_schema
