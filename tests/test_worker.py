@@ -274,3 +274,51 @@ def test_scheduled_sweep_deployment_feeds_the_worker(server, deployed, tmp_path)
     for name, src in SWEPT:
         result = json.loads((out / name.replace(".wav", ".json")).read_text())
         assert wer(manifest[src]["text"], " ".join(s["text"] for s in result["segments"])) <= 0.12, name
+
+
+def test_serve_py_runs_every_deployment_from_one_process(server, tmp_path):
+    """The single-machine default: deployments/serve.py registers transcribe-local,
+    transcribe-batch-local and (SWEEP_SOURCE set) the scheduled sweep-inbox-local, and executes
+    their runs itself: a sweep run triggers a transcribe-local run that serve.py executes."""
+    import shutil
+
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    shutil.copy(DATA / AUDIO, inbox / "served.wav")
+    log_path = tmp_path / "serve.log"
+    with DeepgramServer(["ok"]) as deepgram, open(log_path, "w") as log:
+        serve = subprocess.Popen(
+            [sys.executable, str(ROOT / "deployments" / "serve.py")], cwd=tmp_path, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+            env={**server.env, "SWEEP_SOURCE": str(inbox), "SWEEP_GLOB": "*.wav", "RESULTS_DIR": str(out),
+                 "DEEPGRAM_BASE_URL": deepgram.url, "SPEECH_CACHE_DIR": str(tmp_path / "cache")})
+        try:
+            with temporary_settings({PREFECT_API_URL: server.url}), server.client() as client:
+                deadline = time.monotonic() + 180
+                names = ("transcribe-audio/transcribe-local", "transcribe-batch/transcribe-batch-local",
+                         "sweep-inbox/sweep-inbox-local")
+                while True:
+                    try:
+                        deployments = {n: client.read_deployment_by_name(n) for n in names}
+                        break
+                    except Exception:  # noqa: BLE001 - not registered yet
+                        assert serve.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                        time.sleep(1)
+                sweep = deployments["sweep-inbox/sweep-inbox-local"]
+                assert [s.schedule.cron for s in client.read_deployment_schedules(sweep.id)] == ["*/5 * * * *"]
+                assert sweep.parameters["source"] == str(inbox)
+
+                swept = run_deployment("sweep-inbox/sweep-inbox-local", timeout=300, poll_interval=1)
+                assert swept.state.is_completed(), log_path.read_text()[-3000:]
+                assert sweep_table(client, swept) == {"served.wav": "triggered"}
+                while not (out / "served.json").exists():  # the triggered run, executed by serve.py
+                    assert serve.poll() is None and time.monotonic() < deadline + 300, log_path.read_text()[-3000:]
+                    time.sleep(1)
+        finally:
+            stop(serve)
+    result = json.loads((out / "served.json").read_text())
+    manifest = json.loads((DATA / "fixtures.json").read_text())
+    assert wer(manifest[AUDIO]["text"], " ".join(s["text"] for s in result["segments"])) <= 0.12
