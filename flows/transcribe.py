@@ -313,7 +313,8 @@ def run_pipeline(req: TranscriptionRequest) -> dict[str, Any]:
             alignment.segments if alignment is not None else transcript.segments)
         url = uploaded.presigned_url if uploaded else (req.audio_file if req.audio_file.startswith(("http://", "https://")) else None)
         t = time.perf_counter()
-        options = DeepgramOptions(model=req.deepgram_model, tier=req.deepgram_tier, version=req.deepgram_version)
+        options = DeepgramOptions(model=req.deepgram_model, tier=req.deepgram_tier, version=req.deepgram_version,
+                                  language=transcript.language)
         state = deepgram.with_options(refresh_cache=req.force)(
             audio, options, dg_key.get_secret_value() if dg_key else None, url, req.deepgram_json_in, return_state=True
         )

@@ -55,6 +55,9 @@ class DeepgramOptions(BaseModel):
     model: str = Field("nova-3", min_length=1, description="Deepgram model, e.g. nova-3, nova-2.")
     tier: Optional[str] = Field(None, description="Model tier (older models, e.g. enhanced/base).")
     version: Optional[str] = Field(None, description="Model version, e.g. latest.")
+    language: Optional[str] = Field(
+        None, description="Spoken language (BCP-47, e.g. en, de); the pipeline sends the transcript's language, "
+        "since Deepgram otherwise assumes English and its word confidences would be for the wrong language.")
 
 
 # ----------------------------------------------------------------------------------
@@ -245,14 +248,17 @@ def deepgram_transcribe(
     kwargs: dict[str, Any] = {"model": options.model}
     if options.version:
         kwargs["version"] = options.version
+    if options.language:
+        kwargs["language"] = options.language
 
     source = _shown_url(url) if url is not None else f"{Path(audio_path).name} ({len(body or b'') / 1e6:.1f} MB)"
     log.info(
-        "Deepgram: transcribing %s with %s%s%s at %s",
+        "Deepgram: transcribing %s with %s%s%s%s at %s",
         source,
         options.model,
         f" tier={options.tier}" if options.tier else "",
         f" version={options.version}" if options.version else "",
+        f" language={options.language}" if options.language else "",
         base,
     )
 

@@ -31,7 +31,7 @@ def fast_backoff(monkeypatch):
 
 def test_file_bytes_with_query_options(caplog):
     caplog.set_level(logging.DEBUG)
-    opts = DeepgramOptions(model="nova-2", tier="enhanced", version="latest")
+    opts = DeepgramOptions(model="nova-2", tier="enhanced", version="latest", language="de")
     with DeepgramServer(["ok"]) as srv:
         out = deepgram_transcribe(api_key=KEY, audio_path=str(AUDIO), options=opts, base_url=srv.url)
     assert len(srv.requests) == 1
@@ -41,6 +41,7 @@ def test_file_bytes_with_query_options(caplog):
     assert req["query"]["model"] == ["nova-2"]
     assert req["query"]["tier"] == ["enhanced"]
     assert req["query"]["version"] == ["latest"]
+    assert req["query"]["language"] == ["de"]
     assert req["body"] == AUDIO.read_bytes()  # the raw audio, nothing else in the body
     assert req["content_type"] == "audio/wav"
     assert out["metadata"]["model_info"]["30089e05-99d1-4376-b32e-c263170674af"]["name"] == "nova-2"

@@ -190,6 +190,7 @@ def test_process_worker_runs_transcribe_cpu_from_run_deployment(server, deployed
 
     # the key came from the block, and went nowhere else
     assert len(requests) == 1 and requests[0]["auth"] == f"Token {KEY}"
+    assert requests[0]["query"]["language"] == ["en"]  # the transcript's language, not Deepgram's default
     with server.client() as client:
         run_logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
         stored = client.read_flow_run(flow_run.id).parameters
