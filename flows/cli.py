@@ -203,8 +203,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     stem = req.output_name or _stem(req.audio_file)
     out = f"{where[-1].rstrip('/')}/{stem}.{{json,segments.json,srt,vtt}}" if where else "(not reported)"
     prob = result.get("language_probability")
+    n = len(result["segments"])
     console.print(
-        f"[green]done[/green] in {time.perf_counter() - started:.1f} s: {len(result['segments'])} segments, "
+        f"[green]done[/green] in {time.perf_counter() - started:.1f} s: {n} segment{'' if n == 1 else 's'}, "
         f"language {result.get('detected_language')}" + (f" (p={prob:.2f})" if prob is not None else "")
     )
     console.print(f"outputs: {out}")
