@@ -51,6 +51,7 @@ def _existing_runs(keys_to_candidates: dict[str, Candidate]) -> dict[str, list[A
     found: dict[str, dict[Any, Any]] = {}
     keys = list(keys_to_candidates)
     by_tag = {c.tag: k for k, c in keys_to_candidates.items()}
+
     def all_runs(client: Any, flow_run_filter: Any) -> list[Any]:  # every page, not the API's first 200
         out: list[Any] = []
         while True:
