@@ -312,7 +312,7 @@ def run_cli(audio: Path, out_dir: Path, env: dict[str, str], args: argparse.Name
 
 
 def cli_runs(args: argparse.Namespace, tmp: Path, min_seconds: float, res: dict[str, Any]) -> None:
-    secs, ratios, check = res["seconds"], res["ratios"], res["check"]
+    secs, ratios = res["seconds"], res["ratios"]
 
     print("[cli] ephemeral Prefect server (no PREFECT_API_URL), fresh PREFECT_HOME")
     env = base_env(tmp / "prefect_home_ephemeral")
@@ -320,11 +320,7 @@ def cli_runs(args: argparse.Namespace, tmp: Path, min_seconds: float, res: dict[
     c = run_cli(audio, tmp / "out1", env, args, "(c)  cold  ")
     d = run_cli(audio, tmp / "out2", env, args, "(d)  cached") if c["ok"] else {"ok": False}
     res["cli"]["c_cold"], res["cli"]["d_cached"] = c, d
-    if c["ok"] and d["ok"]:
-        secs["c_cli_cold_wall"], secs["d_cli_cached_wall"] = c["wall"], d["wall"]
-        ratios["c_over_d"] = round(c["wall"] / d["wall"], 2)
-        check["cli_cached_same_text"] = c["text"] == d["text"]
-        check["cli_cached_transcribe_stage_s"] = d["stage_seconds"].get("transcribe")
+    if record_cold_cached(res, c, d, "c", "d", ""):
         cold_stage, hit_stage = c["stage_seconds"].get("transcribe"), d["stage_seconds"].get("transcribe")
         if cold_stage and hit_stage:
             ratios["task_cold_over_cached"] = round(cold_stage / hit_stage, 1)
@@ -346,11 +342,19 @@ def cli_runs(args: argparse.Namespace, tmp: Path, min_seconds: float, res: dict[
         res["cli"]["server_error"] = str(exc)[-2000:]
         return
     res["cli"]["c_cold_server"], res["cli"]["d_cached_server"] = c2, d2
-    if c2["ok"] and d2["ok"]:
-        secs["c2_cli_cold_wall_server"], secs["d2_cli_cached_wall_server"] = c2["wall"], d2["wall"]
-        ratios["c2_over_d2"] = round(c2["wall"] / d2["wall"], 2)
-        check["cli_cached_same_text_server"] = c2["text"] == d2["text"]
-        check["cli_cached_transcribe_stage_s_server"] = d2["stage_seconds"].get("transcribe")
+    record_cold_cached(res, c2, d2, "c2", "d2", "_server")
+
+
+def record_cold_cached(res: dict[str, Any], cold: dict, cached: dict, c: str, d: str, suffix: str) -> bool:
+    """Wall times, their ratio and the same-transcript check of one cold/cached CLI pair."""
+    if not (cold["ok"] and cached["ok"]):
+        return False
+    res["seconds"][f"{c}_cli_cold_wall{suffix}"] = cold["wall"]
+    res["seconds"][f"{d}_cli_cached_wall{suffix}"] = cached["wall"]
+    res["ratios"][f"{c}_over_{d}"] = round(cold["wall"] / cached["wall"], 2)
+    res["check"][f"cli_cached_same_text{suffix}"] = cold["text"] == cached["text"]
+    res["check"][f"cli_cached_transcribe_stage_s{suffix}"] = cached["stage_seconds"].get("transcribe")
+    return True
 
 
 def drop_decode_cache(tmp: Path) -> None:
