@@ -26,7 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from speech.errors import ModelError
 from speech.settings import Settings, get_settings
@@ -202,37 +202,49 @@ class ModelCache:
                 self.load_count += 1
             return self.vad[device]
 
-    def get_align_model(self, language: str, model_name: Optional[str], device: str, settings: Settings) -> tuple[Any, dict]:
-        """WhisperX's wav2vec2 aligner for a language (default model or a name / local dir).
+    def _load_once(self, table: dict, key: Any, load: Callable[[], Any], reason: Callable[[Exception], str]) -> Any:
+        """Under the caller's lock: a cached model is returned and a remembered failure raised
+        at once; otherwise ``load()`` runs (quietly) and its result, or its failure as a
+        ModelError, is remembered for the process, so ``auto`` does not retry an unreachable
+        hub on every file."""
+        found = table.get(key)
+        if isinstance(found, ModelError):
+            raise found
+        if found is not None:
+            return found
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loaded = load()
+        except ModelError as err:
+            table[key] = err
+            raise
+        except Exception as exc:  # hub/network/gating/format errors of many kinds
+            err = ModelError(reason(exc))
+            table[key] = err
+            raise err from None
+        table[key] = loaded
+        self.load_count += 1
+        return loaded
 
-        A failed load is remembered for the process, so ``auto`` does not retry an
-        unreachable hub on every file."""
-        key = (language, model_name or "", device)
-        with self._lock:
-            if key in self.align:
-                found = self.align[key]
-                if isinstance(found, ModelError):
-                    raise found
-                return found
+    def get_align_model(self, language: str, model_name: Optional[str], device: str, settings: Settings) -> tuple[Any, dict]:
+        """WhisperX's wav2vec2 aligner for a language (default model or a name / local dir)."""
+
+        def load() -> Any:
             import whisperx
 
             offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-            try:
-                with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    loaded = whisperx.load_align_model(
-                        language_code=language, device=device, model_name=model_name,
-                        model_dir=str(settings.align_model_dir) if settings.align_model_dir else None,
-                        model_cache_only=offline,
-                    )
-            except Exception as exc:  # torchaudio/hf/network errors of many kinds
-                err = ModelError(f"cannot load the wav2vec2 aligner for {language!r} "
-                                 f"({model_name or 'default model'}): {type(exc).__name__}: {str(exc)[:200]}")
-                self.align[key] = err
-                raise err from None
-            self.align[key] = loaded
-            self.load_count += 1
-            return loaded
+            return whisperx.load_align_model(
+                language_code=language, device=device, model_name=model_name,
+                model_dir=str(settings.align_model_dir) if settings.align_model_dir else None,
+                model_cache_only=offline,
+            )
+
+        with self._lock:
+            return self._load_once(
+                self.align, (language, model_name or "", device), load,
+                lambda exc: f"cannot load the wav2vec2 aligner for {language!r} "
+                            f"({model_name or 'default model'}): {type(exc).__name__}: {str(exc)[:200]}")
 
     def get_diarization_pipeline(self, model: Optional[str], device: str, token: Optional[str],
                                  settings: Settings, probe: bool = False) -> Any:
@@ -240,31 +252,20 @@ class ModelCache:
 
         Gated hub models need a token; offline, only a local directory or the HF cache works.
         A failed load is remembered for the process (``auto`` then goes straight to builtin)."""
-        key = (model or DEFAULT_DIARIZATION_MODEL, device)
-        with self._lock:
-            found = self.diarization.get(key)
-            if isinstance(found, ModelError):
-                raise found
-            if found is not None:
-                return found
-            if probe and not Path(key[0]).is_dir() and not hub_reachable(key[0], "config.yaml"):
-                err = ModelError(f"cannot load the pyannote pipeline {key[0]!r}: not cached and the hub is unreachable")
-                self.diarization[key] = err
-                raise err
-            try:
-                with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    from whisperx.diarize import DiarizationPipeline
+        name = model or DEFAULT_DIARIZATION_MODEL
 
-                    pipeline = DiarizationPipeline(model_name=key[0], token=token, device=device)
-            except Exception as exc:  # hub/network/gating/format errors of many kinds
-                err = ModelError(f"cannot load the pyannote pipeline {key[0]!r}: {type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
-                self.diarization[key] = err
-                raise err from None
-            self.diarization[key] = pipeline
-            self.load_count += 1
-            return pipeline
+        def load() -> Any:
+            if probe and not Path(name).is_dir() and not hub_reachable(name, "config.yaml"):
+                raise ModelError(f"cannot load the pyannote pipeline {name!r}: not cached and the hub is unreachable")
+            from whisperx.diarize import DiarizationPipeline
+
+            return DiarizationPipeline(model_name=name, token=token, device=device)
+
+        with self._lock:
+            return self._load_once(
+                self.diarization, (name, device), load,
+                lambda exc: f"cannot load the pyannote pipeline {name!r}: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
 
     def clear(self) -> None:
         with self._lock:

@@ -158,3 +158,24 @@ def test_device_choice(monkeypatch):
     monkeypatch.delenv("WHISPERX_DEVICE")
     monkeypatch.delenv("WHISPERX_COMPUTE_TYPE")
     get_settings.cache_clear()
+
+
+def test_failed_aligner_and_diarizer_loads_are_remembered(tmp_path):
+    """A model that cannot load fails with one clear ModelError, and the same error comes back
+    at once for the rest of the process (no reload attempt per file)."""
+    from speech.models import ModelCache
+    from speech.settings import get_settings
+
+    cache = ModelCache()
+    missing = str(tmp_path / "no-such-aligner")
+    with pytest.raises(ModelError, match="cannot load the wav2vec2 aligner for 'en'") as first:
+        cache.get_align_model("en", missing, "cpu", get_settings())
+    with pytest.raises(ModelError) as again:
+        cache.get_align_model("en", missing, "cpu", get_settings())
+    assert again.value is first.value and cache.load_count == 0
+
+    with pytest.raises(ModelError, match="not cached and the hub is unreachable") as first:
+        cache.get_diarization_pipeline("org/not-a-pipeline", "cpu", None, get_settings(), probe=True)
+    with pytest.raises(ModelError) as again:
+        cache.get_diarization_pipeline("org/not-a-pipeline", "cpu", None, get_settings(), probe=True)
+    assert again.value is first.value and cache.load_count == 0
