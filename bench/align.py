@@ -8,8 +8,8 @@ load is reported "unavailable" with the one-line reason from ``AlignOutcome.erro
 
   1. word-time error vs the ground truth in tests/data/fixtures.json (sample_2spk.wav,
      heldout_3spk.wav, align_3spk.wav): mean |start| and mean |end| error in ms over the words
-     matched by text (``tests.conftest.word_time_error``). The segments come from the real
-     pipeline: ``speech.transcribe.transcribe(audio, TranscribeParams(language="en"))`` once per
+     matched by text (``bench.metrics.word_time_error``). The segments come from the real
+     pipeline: ``speech.asr.transcribe.transcribe(audio, TranscribeParams(language="en"))`` once per
      file, that transcript reused for every backend, then
      ``speech.align.align(audio, transcript, AlignParams(backend=B))``.
   2. speed: alignment seconds per audio minute on a >= 2 minute clip made by concatenating the
@@ -34,7 +34,6 @@ DATA = REPO / "tests" / "data"
 FIXTURES = ["sample_2spk.wav", "heldout_3spk.wav", "align_3spk.wav"]
 WARMUP_FIXTURE = "heldout_3spk.wav"  # the shortest
 BACKENDS = ["pocketsphinx", "whisper", "wav2vec2"]
-SAMPLE_RATE = 16000
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -70,45 +69,28 @@ def _quiet(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _import_word_time_error():
-    """tests.conftest.word_time_error, without leaving the PREFECT_HOME temp dir it creates behind."""
-    had = os.environ.get("PREFECT_HOME")
-    from tests.conftest import word_time_error  # sets HF_HUB_OFFLINE=1 and a fresh PREFECT_HOME
-
-    made = os.environ.get("PREFECT_HOME")
-    if made and made != had:
-        try:
-            os.rmdir(made)  # empty: nothing here uses Prefect
-        except OSError:
-            pass
-        if had is None:
-            os.environ.pop("PREFECT_HOME", None)
-        else:
-            os.environ["PREFECT_HOME"] = had
-    return word_time_error
-
-
 def _ms(x: float) -> Optional[float]:
     return None if x == float("inf") else round(x * 1000, 1)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # wav2vec2: cache only, fail fast
-    word_time_error = _import_word_time_error()
     _quiet(args.verbose)
 
     import numpy as np
 
+    from bench.metrics import word_time_error
     from speech import models
-    from speech.align import AlignParams, align
-    from speech.audio import load_audio, read_samples
-    from speech.schema import TranscribeParams
+    from speech.align.stage import align
+    from speech.asr.transcribe import transcribe
+    from speech.asr.whisper import resolve_model
+    from speech.io.audio import load_audio, read_samples
+    from speech.schema import SAMPLE_RATE, AlignParams, TranscribeParams
     from speech.settings import get_settings
-    from speech.transcribe import transcribe
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     settings = get_settings()
-    spec = models.resolve_model(None, settings)
+    spec = resolve_model(None, settings)
     device, compute_type = models.resolve_device(settings)
     manifest = json.loads((DATA / "fixtures.json").read_text())
     res: dict[str, Any] = {
@@ -248,7 +230,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     sys.dont_write_bytecode = True  # leave no __pycache__ behind in the repo
     if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))  # `speech` and `tests.conftest` without PYTHONPATH
+        sys.path.insert(0, str(REPO))  # `speech` and `bench.metrics` without PYTHONPATH
     res = run(args)
     print_table(res)
     if args.json_path:

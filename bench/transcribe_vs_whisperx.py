@@ -9,7 +9,7 @@ in one process, with the same model (the shipped Whisper base), device, compute 
 batch size and CPU threads:
 
   (a) bare WhisperX: ``whisperx.asr.load_model(...)`` + ``model.transcribe(audio)``
-  (b) the pipeline's stage: ``speech.transcribe.transcribe(samples, TranscribeParams(...))``
+  (b) the pipeline's stage: ``speech.asr.transcribe.transcribe(samples, TranscribeParams(...))``
       -> ratio (b)/(a), goal <= 1.0 (each side warmed up, 2 alternating runs, min taken)
 
 and, as subprocesses (``python -m flows.transcribe``) with a fresh PREFECT_HOME:
@@ -38,10 +38,11 @@ from typing import Any, Callable, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.metrics import normalize_text, wer  # noqa: E402
 from deployments.local_server import local_prefect_server, server_env  # noqa: E402
+from speech.schema import SAMPLE_RATE  # noqa: E402
 
 FIXTURES = [REPO / "tests/data/sample_2spk.wav", REPO / "tests/data/heldout_3spk.wav"]
-SAMPLE_RATE = 16000
 NONCE_SAMPLES = 16  # 4 random bits each, |x| <= 8 of 32768 (-72 dBFS) in the leading silence
 
 GOAL_STAGE_RATIO = 1.0
@@ -109,22 +110,8 @@ def build_audio(path: Path, min_seconds: float) -> float:
 # in-process: bare WhisperX vs the pipeline's stage
 
 
-def words(segments: list[dict]) -> list[str]:
-    out = []
-    for s in segments:
-        out += [w.strip(".,!?;:\"'").lower() for w in s["text"].split()]
-    return [w for w in out if w]
-
-
-def word_diff_rate(ref: list[str], hyp: list[str]) -> float:
-    """Word edit distance / len(ref): 0.0 means the two transcripts say the same words."""
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1] / max(len(ref), 1)
+def transcript_text(segments: list[dict]) -> str:
+    return " ".join(s["text"] for s in segments)
 
 
 def in_process(args: argparse.Namespace, audio_path: Path, res: dict[str, Any]) -> None:
@@ -144,13 +131,14 @@ def in_process(args: argparse.Namespace, audio_path: Path, res: dict[str, Any]) 
         logging.getLogger(name).setLevel(logging.ERROR)
 
     from speech import models
-    from speech.audio import decode
+    from speech.asr import transcribe as stage
+    from speech.asr.whisper import resolve_model
+    from speech.io.decode import decode
     from speech.schema import TranscribeParams
     from speech.settings import get_settings
-    import speech.transcribe as stage
 
     settings = get_settings()
-    spec = models.resolve_model(None, settings)
+    spec = resolve_model(None, settings)
     device, compute_type = models.resolve_device(settings)
     if device != "cpu":
         print(f"note: WHISPERX_DEVICE resolves to {device}; the bench compares like with like on it")
@@ -255,11 +243,11 @@ def in_process(args: argparse.Namespace, audio_path: Path, res: dict[str, Any]) 
     bare.detect_language(audio)
     res["seconds"]["diag_bare_language_id_only"] = round(time.perf_counter() - t, 3)
 
-    aw, bw = words(a_segs), words(b_segs)
+    a_text, b_text = transcript_text(a_segs), transcript_text(b_segs)
     res["check"].update(
-        bare_segments=len(a_segs), pipeline_segments=len(b_segs), bare_words=len(aw), pipeline_words=len(bw),
-        bare_language=a_lang, pipeline_language=b_lang,
-        word_diff_rate=round(word_diff_rate(aw, bw), 4),
+        bare_segments=len(a_segs), pipeline_segments=len(b_segs), bare_words=len(normalize_text(a_text).split()),
+        pipeline_words=len(normalize_text(b_text).split()), bare_language=a_lang, pipeline_language=b_lang,
+        word_diff_rate=round(wer(a_text, b_text), 4),
     )
 
     del bare

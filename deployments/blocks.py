@@ -5,8 +5,9 @@
 Reads the same variables as the pipeline (:class:`speech.settings.Settings`) and saves:
 
 * Secret ``deepgram-api-key`` from DEEPGRAM_API_KEY, ``pyannote-api-key`` from
-  PYANNOTE_API_KEY, ``hf-token`` from HF_TOKEN. Flow runs whose worker has none of these
-  env vars read the blocks (:func:`flows.transcribe.with_block_secrets`).
+  PYANNOTE_API_KEY, ``hf-token`` from HF_TOKEN (the table :data:`speech.settings.SECRETS`).
+  Flow runs whose worker has none of these env vars read the blocks
+  (:func:`flows.pipeline.with_block_secrets`).
 * AwsCredentials ``whisperx-s3`` from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
   AWS_DEFAULT_REGION / S3_ENDPOINT_URL (MinIO, R2, ...), and S3Bucket ``whisperx-results``
   for RESULTS_BUCKET with those credentials: set ``RESULTS_S3_BLOCK=whisperx-results`` on a
@@ -21,40 +22,31 @@ import argparse
 import sys
 from typing import Optional
 
-SECRETS = (  # (Settings field, env var, block name)
-    ("deepgram_api_key", "DEEPGRAM_API_KEY", "deepgram-api-key"),
-    ("pyannote_api_key", "PYANNOTE_API_KEY", "pyannote-api-key"),
-    ("hf_token", "HF_TOKEN", "hf-token"),
-)
 CREDENTIALS_BLOCK = "whisperx-s3"
 BUCKET_BLOCK = "whisperx-results"
 
 
-def _plain(value) -> Optional[str]:
-    value = value.get_secret_value() if hasattr(value, "get_secret_value") else value
-    return value or None
-
-
 def save_blocks(dry_run: bool = False) -> list[str]:
     """Save every block whose variables are set; return one line per block (no values)."""
-    from speech.settings import Settings
-    from tasks.common import SECRET_BLOCKS
+    from speech.redact import secret_value
+    from speech.settings import SECRETS, Settings
 
-    assert {b for _, _, b in SECRETS} == set(SECRET_BLOCKS.values()), "block names out of sync"
     settings = Settings()
     report = []
-    for field, env, name in SECRETS:
-        value = _plain(getattr(settings, field))
-        if value is None:
-            report.append(f"skip   Secret {name!r}: {env} not set")
+    for spec in SECRETS:
+        if spec.block is None:  # the S3 keys go into the AwsCredentials block below
+            continue
+        value = secret_value(getattr(settings, spec.setting))
+        if not value:
+            report.append(f"skip   Secret {spec.block!r}: {spec.env} not set")
             continue
         if not dry_run:
             from prefect.blocks.system import Secret
 
-            Secret(value=value).save(name, overwrite=True)
-        report.append(f"saved  Secret {name!r} from {env}")
+            Secret(value=value).save(spec.block, overwrite=True)
+        report.append(f"saved  Secret {spec.block!r} from {spec.env}")
 
-    key, secret = _plain(settings.s3_access_key), _plain(settings.s3_secret_key)
+    key, secret = secret_value(settings.s3_access_key), secret_value(settings.s3_secret_key)
     if not (key and secret):
         report.append(f"skip   AwsCredentials {CREDENTIALS_BLOCK!r}: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY not set")
         return report
@@ -92,11 +84,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         lines = save_blocks(args.dry_run)
     except Exception as exc:  # noqa: BLE001 - one line, no traceback, no secret values
+        from speech.redact import scrub
         from speech.settings import Settings
 
-        message = f"{type(exc).__name__}: {exc}"
-        for value in Settings().secret_values():
-            message = message.replace(value, "***")
+        message = scrub(f"{type(exc).__name__}: {exc}", *Settings().secret_values())
         print(f"error: could not save blocks: {message}", file=sys.stderr)
         return 1
     print("\n".join(lines))

@@ -2,7 +2,7 @@
 
 Python:  ``from flows.batch import transcribe_batch; transcribe_batch(["a.wav", "b.wav"], {"language": "en"})``
 
-Every file goes through the same DAG as ``transcribe-audio`` (:func:`flows.transcribe.run_pipeline`:
+Every file goes through the same DAG as ``transcribe-audio`` (:func:`flows.pipeline.run_pipeline`:
 the same tasks, cache keys, outputs and per-file artifacts); the Whisper/VAD models live in the
 process-wide :data:`speech.models.CACHE`, so only the first file pays the load. A file that
 fails (missing, corrupt, ...) is recorded and the batch goes on; a bad ``request`` (invalid
@@ -19,39 +19,12 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 
-from flows.transcribe import SECRET_PARAMETERS, apply_runtime_switches, run_pipeline
-from speech.audio import stem_of
+from flows.pipeline import run_pipeline
+from flows.runtime import apply_runtime_switches, redact_stored_secrets
 from speech.errors import InvalidRequest
+from speech.io.audio import stem_of
 from speech.schema import TranscriptionRequest
 from tasks.common import artifact_key
-
-MASK = "**********"
-
-
-def _secret_value(value: Any) -> Optional[str]:
-    value = value.get_secret_value() if hasattr(value, "get_secret_value") else value
-    return value if isinstance(value, str) and value and value != MASK else None
-
-
-def _redact_stored_request(request: dict[str, Any]) -> None:
-    """Like transcribe.py's ``_redact_stored_secrets``, for tokens nested in ``request``:
-    they are used for this run but erased from the stored flow-run parameters."""
-    if not any(_secret_value(request.get(k)) for k in SECRET_PARAMETERS):
-        return
-    from prefect.client.orchestration import get_client
-    from prefect.context import FlowRunContext
-
-    ctx = FlowRunContext.get()
-    if ctx is None or ctx.flow_run is None:
-        return
-    stored = dict(ctx.flow_run.parameters)
-    masked = dict(stored.get("request") or {})
-    for k in SECRET_PARAMETERS:
-        if masked.get(k):
-            masked[k] = MASK
-    stored["request"] = masked
-    with get_client(sync_client=True) as client:
-        client.update_flow_run(ctx.flow_run.id, parameters=stored)
 
 
 def _distinct_output_names(audio_files: list[str]) -> list[Optional[str]]:
@@ -76,7 +49,7 @@ def transcribe_batch(audio_files: list[str], request: Optional[dict[str, Any]] =
     """
     log = get_run_logger()
     request = dict(request or {})
-    _redact_stored_request(request)
+    redact_stored_secrets(request, nested="request")
     apply_runtime_switches()
     request.pop("audio_file", None)
     # a bad request would fail every file the same way: fail the run now, clearly
@@ -91,23 +64,23 @@ def transcribe_batch(audio_files: list[str], request: Optional[dict[str, Any]] =
     rows: list[dict[str, Any]] = []
     for i, audio_file in enumerate(audio_files, 1):
         t0 = time.perf_counter()
+        row: dict[str, Any] = {"file": audio_file, "output_name": output_names[i - 1] or stem_of(audio_file),
+                               "status": "succeeded", "language": None, "segments": None, "result": None,
+                               "error": None}
         try:
-            result = run_pipeline(TranscriptionRequest.parse(
+            out = run_pipeline(TranscriptionRequest.parse(
                 {**request, "audio_file": audio_file, "output_name": output_names[i - 1]}))
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
-            error = f"{type(exc).__name__}: {exc}"[:500]
-            log.warning("[%d/%d] %s failed: %s", i, len(audio_files), audio_file, error)
-            failed.append({"audio_file": audio_file, "error": error})
-            rows.append({"file": audio_file, "output_name": output_names[i - 1] or stem_of(audio_file),
-                         "status": "failed", "language": None, "segments": None,
-                         "seconds": round(time.perf_counter() - t0, 2), "error": error})
-            continue
-        seconds = round(time.perf_counter() - t0, 2)
-        log.info("[%d/%d] %s done in %.1f s", i, len(audio_files), audio_file, seconds)
-        succeeded.append(audio_file)
-        rows.append({"file": audio_file, "output_name": output_names[i - 1] or stem_of(audio_file),
-                     "status": "succeeded", "language": result.get("detected_language"),
-                     "segments": len(result.get("segments") or []), "seconds": seconds, "error": None})
+            row["status"] = "failed"
+            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            log.warning("[%d/%d] %s failed: %s", i, len(audio_files), audio_file, row["error"])
+            failed.append({"audio_file": audio_file, "error": row["error"]})
+        else:
+            log.info("[%d/%d] %s done in %.1f s", i, len(audio_files), audio_file, time.perf_counter() - t0)
+            succeeded.append(audio_file)
+            row.update(language=out.result.get("detected_language"), segments=len(out.result.get("segments") or []),
+                       result=next((o.uri for o in out.outputs if o.name == f"{row['output_name']}.json"), None))
+        rows.append({**row, "seconds": round(time.perf_counter() - t0, 2)})
 
     create_table_artifact(
         key=artifact_key(f"batch-{len(audio_files)}-files"),

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m flows.transcribe",
@@ -159,25 +158,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from speech import progress as events
+    from tasks.progress import RunListener, listening
 
     console = Console(stderr=True)
     started = time.perf_counter()
+    outputs: list[Any] = []
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
         TimeElapsedColumn(), console=console, transient=True,
     ) as bar:
         task_id = bar.add_task("starting Prefect", total=1.0)
 
-        where: list[str] = []
-
-        def on_event(stage: str, fraction: float, message: str) -> None:
-            if stage == "outputs":
-                where.append(message)
+        def on_progress(stage: str, fraction: float, message: str) -> None:
             bar.update(task_id, description=f"{stage}: {message}" if message else stage, completed=fraction)
 
+        listener = RunListener(on_progress=on_progress, on_outputs=lambda refs, _where: outputs.extend(refs))
         try:
-            with events.subscribe(on_event):
+            with listening(listener):
                 from flows.transcribe import transcribe_audio
 
                 if not args.verbose:
@@ -191,7 +188,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             console.print("[red]interrupted[/red]")
             return 130
         except Exception as exc:  # noqa: BLE001 - one line for the user, details with -v
-            console.print(f"[red]error:[/red] {type(exc).__name__}: {_scrub(str(exc))}")
+            from speech.redact import scrub_configured
+
+            console.print(f"[red]error:[/red] {type(exc).__name__}: {scrub_configured(str(exc))}")
             if args.verbose:
                 console.print_exception()
             return 1
@@ -200,16 +199,30 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
         _print_transcript(result)
-    stem = req.output_name or _stem(req.audio_file)
-    out = f"{where[-1].rstrip('/')}/{stem}.{{json,segments.json,srt,vtt}}" if where else "(not reported)"
     prob = result.get("language_probability")
     n = len(result["segments"])
     console.print(
         f"[green]done[/green] in {time.perf_counter() - started:.1f} s: {n} segment{'' if n == 1 else 's'}, "
         f"language {result.get('detected_language')}" + (f" (p={prob:.2f})" if prob is not None else "")
     )
-    console.print(f"outputs: {out}")
+    for line in describe_outputs(outputs) or ["(not reported)"]:
+        console.print(f"outputs: {line}")
     return 0
+
+
+def describe_outputs(refs: list[Any]) -> list[str]:
+    """One line per place the files went: ``/out/talk.{json,segments.json,srt,vtt}``."""
+    by_place: dict[str, list[str]] = {}
+    for ref in refs:
+        place, _, name = ref.uri.rpartition("/")
+        by_place.setdefault(place, []).append(name)
+    lines = []
+    for place, names in by_place.items():
+        stem = os.path.commonprefix(names).rstrip(".")
+        rest = [n[len(stem) + 1:] if stem else n for n in names]
+        lines.append(f"{place}/{stem}.{{{','.join(rest)}}}" if stem and len(names) > 1 else
+                     ", ".join(f"{place}/{n}" for n in names))
+    return lines
 
 
 def _precheck_local(audio_file: str) -> None:
@@ -227,7 +240,7 @@ def _precheck_local(audio_file: str) -> None:
 
 def _quiet_prefect_console() -> None:
     """Our one-line error replaces Prefect's console traceback (the API still gets full logs)."""
-    from flows.transcribe import set_console_level
+    from flows.runtime import set_console_level
 
     set_console_level(logging.CRITICAL)
 
@@ -243,26 +256,12 @@ def _flow_kwargs(req: Any) -> dict[str, Any]:
     return kwargs
 
 
-def _stem(audio_file: str) -> str:
-    from speech.audio import stem_of
-
-    return stem_of(audio_file)
-
-
 def _print_transcript(result: dict[str, Any]) -> None:
     from whisperx.utils import format_timestamp
 
     for seg in result["segments"]:
         who = f"[{seg['speaker']}] " if seg.get("speaker") else ""
         print(f"[{format_timestamp(seg['start'])} --> {format_timestamp(seg['end'])}] {who}{seg['text']}")
-
-
-def _scrub(text: str) -> str:
-    from speech.settings import get_settings
-
-    for secret in get_settings().secret_values():
-        text = text.replace(secret, "***")
-    return text
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 import speech
 from speech.errors import InvalidRequest
 from speech.schema import SECRET_FIELDS, TranscriptionRequest
-from speech.inbox import Candidate, list_local, list_s3, local_identity
+from speech.io.inbox import Candidate, list_local, list_s3, local_identity
 from tasks.common import artifact_key
 
 RETRYABLE = {"FAILED", "CRASHED"}
@@ -139,11 +139,33 @@ def sweep_inbox(
     TranscriptionRequest.parse({**request, "audio_file": "placeholder.wav"})  # a bad request fails the sweep, not N runs
     if limit < 0 or concurrency < 1 or batch_size < 0 or max_attempts < 1:
         raise InvalidRequest("limit and batch_size must be >= 0, concurrency and max_attempts >= 1")
-    version = speech.__version__
 
-    is_s3 = source.startswith("s3://")
-    candidates = list_s3(source, glob) if is_s3 else list_local(source, glob)
+    candidates = list_s3(source, glob) if source.startswith("s3://") else list_local(source, glob)
     log.info("sweep %s (%s): %d candidate file(s)", source, glob, len(candidates))
+    keyed, copies = _identify(candidates, f"{target}:{speech.__version__}")
+    try:
+        existing = _existing_runs(keyed)
+    except Exception as exc:  # noqa: BLE001
+        raise RuntimeError(f"cannot read existing flow runs from the Prefect API: {exc}") from exc
+    new = _new_files(keyed, existing, max_attempts)
+    if len(new) > limit:
+        log.info("%d new file(s); triggering %d now (limit), the rest next sweep", len(new), limit)
+        for c in new[limit:]:
+            c.status = "deferred"
+        new = new[:limit]
+    _trigger_all(_jobs(new, target, request, batch_size), target, concurrency)
+    for copy, first in copies:
+        copy.flow_run_id, copy.error = first.flow_run_id, first.error
+        copy.status = "already-done" if first.status == "triggered" else first.status
+        copy.detail["same_bytes_as"] = first.path
+    return _report(candidates, source, glob, target)
+
+
+def _identify(candidates: list[Candidate], key_prefix: str) -> tuple[dict[str, Candidate], list[tuple[Candidate, Candidate]]]:
+    """Each file's identity and ledger key ``<target>:<version>:<identity>``; unreadable files
+    fail. Same bytes under several names: one ledger key, one run; the copies follow the first."""
+    keyed: dict[str, Candidate] = {}
+    copies: list[tuple[Candidate, Candidate]] = []
     for c in candidates:
         if c.identity is None and c.error is None:
             try:
@@ -152,21 +174,17 @@ def sweep_inbox(
                 c.error = f"{type(exc).__name__}: {exc}"[:500]
         if c.error:
             c.status = "failed"
-        else:
-            c.key = f"{target}:{version}:{c.identity}"
-
-    # same bytes under several names: one ledger key, one run; the copies follow the first
-    keyed: dict[str, Candidate] = {}
-    copies: list[tuple[Candidate, Candidate]] = []
-    for c in candidates:
-        if c.key and c.key in keyed:
+            continue
+        c.key = f"{key_prefix}:{c.identity}"
+        if c.key in keyed:
             copies.append((c, keyed[c.key]))
-        elif c.key:
+        else:
             keyed[c.key] = c
-    try:
-        existing = _existing_runs(keyed)
-    except Exception as exc:  # noqa: BLE001
-        raise RuntimeError(f"cannot read existing flow runs from the Prefect API: {exc}") from exc
+    return keyed, copies
+
+
+def _new_files(keyed: dict[str, Candidate], existing: dict[str, list[Any]], max_attempts: int) -> list[Candidate]:
+    """The files to trigger: no run yet, or only failed/crashed ones (fewer than ``max_attempts``)."""
     new: list[Candidate] = []
     for key, c in keyed.items():
         runs = existing.get(key, [])
@@ -182,24 +200,27 @@ def sweep_inbox(
         else:
             c.detail["attempt"] = len(runs) + 1
             new.append(c)
-    if len(new) > limit:
-        log.info("%d new file(s); triggering %d now (limit), the rest next sweep", len(new), limit)
-        for c in new[limit:]:
-            c.status = "deferred"
-        new = new[:limit]
+    return new
 
-    # one job = one run: a single file, or a chunk of files for a batch deployment
-    jobs: list[tuple[list[Candidate], dict[str, Any], str]] = []
-    if batch_size > 0:
-        for i in range(0, len(new), batch_size):
-            chunk = new[i:i + batch_size]
-            digest = hashlib.sha256("\n".join(sorted(f"{c.key}#{c.detail['attempt']}" for c in chunk)).encode())
-            jobs.append((chunk, {"audio_files": [c.path for c in chunk], "request": request},
-                         f"{target}:{version}:batch-{digest.hexdigest()}"))
-    else:
-        jobs = [([c], {**request, "audio_file": c.path},
+
+def _jobs(new: list[Candidate], target: str, request: dict[str, Any],
+          batch_size: int) -> list[tuple[list[Candidate], dict[str, Any], str]]:
+    """One job = one run: a single file, or a chunk of files for a batch deployment; with its
+    parameters and idempotency key."""
+    if batch_size <= 0:
+        return [([c], {**request, "audio_file": c.path},
                  c.key if c.detail["attempt"] == 1 else f"{c.key}:attempt-{c.detail['attempt']}") for c in new]
+    jobs = []
+    for i in range(0, len(new), batch_size):
+        chunk = new[i:i + batch_size]
+        digest = hashlib.sha256("\n".join(sorted(f"{c.key}#{c.detail['attempt']}" for c in chunk)).encode())
+        jobs.append((chunk, {"audio_files": [c.path for c in chunk], "request": request},
+                     f"{target}:{speech.__version__}:batch-{digest.hexdigest()}"))
+    return jobs
 
+
+def _trigger_all(jobs: list[tuple[list[Candidate], dict[str, Any], str]], target: str, concurrency: int) -> None:
+    """Create the runs, ``concurrency`` at a time; a failed trigger is reported, the sweep goes on."""
     with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
         futures = [
             (chunk, runner.submit(trigger_run, {"target": target, "parameters": params, "idempotency_key": key,
@@ -209,7 +230,7 @@ def sweep_inbox(
         for chunk, future in futures:
             try:
                 out = future.result()
-            except Exception as exc:  # noqa: BLE001 - a failed trigger is reported, the sweep goes on
+            except Exception as exc:  # noqa: BLE001
                 for c in chunk:
                     c.status, c.error = "failed", f"trigger failed: {type(exc).__name__}: {exc}"[:500]
                 continue
@@ -217,11 +238,10 @@ def sweep_inbox(
                 c.status = "already-done" if out["existed"] else "triggered"
                 c.flow_run_id = out["flow_run_id"]
 
-    for copy, first in copies:
-        copy.flow_run_id, copy.error = first.flow_run_id, first.error
-        copy.status = "already-done" if first.status == "triggered" else first.status
-        copy.detail["same_bytes_as"] = first.path
 
+def _report(candidates: list[Candidate], source: str, glob: str, target: str) -> dict[str, int]:
+    """The sweep's table artifact and counts."""
+    log = get_run_logger()
     counts = {
         "triggered": sum(c.status == "triggered" for c in candidates),
         "skipped": sum(c.status == "already-done" for c in candidates),

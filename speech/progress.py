@@ -1,39 +1,24 @@
-"""Progress events from the engine to whoever listens (CLI progress bar, Prefect artifact).
+"""Progress as an explicit callback, the way whisperX (``progress_callback``) and pyannote
+(``hook``) do it: the caller passes one to a stage; the stage calls it. No global state, so two
+runs sharing a process (a batch, a task worker) never see each other's events.
 
-The engine calls :func:`report`; front ends :func:`subscribe`. No Prefect, no rich here.
+A callback takes ``(stage, fraction 0..1, message)``. Stages call :func:`report`, which clamps the
+fraction and makes sure a broken display can never fail a transcription.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
-from typing import Callable, Iterator
+from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
 
-Listener = Callable[[str, float, str], None]  # (stage, fraction 0..1, message)
-
-_lock = threading.Lock()
-_listeners: list[Listener] = []
+ProgressCallback = Callable[[str, float, str], None]
 
 
-def report(stage: str, fraction: float, message: str = "") -> None:
-    fraction = min(max(fraction, 0.0), 1.0)
-    with _lock:
-        listeners = list(_listeners)
-    for fn in listeners:
-        try:
-            fn(stage, fraction, message)
-        except Exception:  # a broken progress display must never fail a transcription
-            log.debug("progress listener failed", exc_info=True)
-
-
-@contextlib.contextmanager
-def subscribe(fn: Listener) -> Iterator[None]:
-    with _lock:
-        _listeners.append(fn)
+def report(callback: Optional[ProgressCallback], stage: str, fraction: float, message: str = "") -> None:
+    if callback is None:
+        return
     try:
-        yield
-    finally:
-        with _lock:
-            _listeners.remove(fn)
+        callback(stage, min(max(fraction, 0.0), 1.0), message)
+    except Exception:  # a broken progress display must never fail a transcription
+        log.debug("progress callback failed", exc_info=True)

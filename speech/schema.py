@@ -1,9 +1,11 @@
 """The typed contract between stages, and the request/result shapes users see.
 
 ``TranscriptionRequest`` mirrors the original WhisperX worker's inputs (same names, types,
-defaults) plus the pipeline script's controls. ``TranscriptionResult`` is the worker's
-JSON output. The ``AudioRef``/``Transcript`` models are what stages hand each other: small
-references and metadata, never big arrays.
+defaults) plus the pipeline script's controls; it is the only place that holds their defaults.
+``TranscriptionResult`` is the worker's JSON output. Each stage's parameters (``*Params``,
+``DeepgramOptions``: its cache key, with the audio hash) are built from the request with
+``from_request``; its output (``Transcript``, ``AlignOutcome``, ``DiarizationOutcome`` ...) is
+what the next stage gets: small references and metadata, never big arrays.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from speech.errors import InvalidRequest
+from speech.settings import SECRETS
 
 # Whisper's language table, straight from whisperx (a light, dependency-free module).
 from whisperx.utils import LANGUAGES as WHISPER_LANGUAGES, TO_LANGUAGE_CODE
@@ -33,21 +36,27 @@ def normalize_language(value: Optional[str]) -> Optional[str]:
     raise ValueError(f"unknown language {value!r}; use a Whisper language code such as 'en', 'de', 'es'")
 
 
+SAMPLE_RATE = 16000  # every stage works on 16 kHz mono float32 samples
+
+
 # Choices shared by the request, the engine stages and the flow signature (UI dropdowns).
 AlignBackend = Literal["auto", "wav2vec2", "pocketsphinx", "whisper"]
 DiarizationBackend = Literal["auto", "pyannote", "pyannote-api", "builtin"]
 PyannoteModel = Literal["precision-2", "community-1"]
 SpeakerEncoder = Literal["auto", "builtin", "ecapa"]
 
-SECRET_FIELDS = ("huggingface_access_token", "pyannote_api_key", "deepgram_api_key", "access_key", "secret_key")
+SECRET_FIELDS = tuple(spec.request_field for spec in SECRETS)
 
 
 def check_speaker_counts(n: Optional[int], lo: Optional[int], hi: Optional[int]) -> None:
-    """min_speakers <= num_speakers <= max_speakers, where given."""
+    """Each count a positive integer, and min_speakers <= num_speakers <= max_speakers, where given."""
+    for name, value in (("num_speakers", n), ("min_speakers", lo), ("max_speakers", hi)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer (got {value!r})")
     if lo is not None and hi is not None and lo > hi:
-        raise ValueError(f"min_speakers ({lo}) must not exceed max_speakers ({hi})")
+        raise ValueError(f"min_speakers ({lo}) is greater than max_speakers ({hi}); it must not exceed it")
     if n is not None and ((lo is not None and n < lo) or (hi is not None and n > hi)):
-        raise ValueError(f"num_speakers ({n}) must lie within min_speakers..max_speakers")
+        raise ValueError(f"num_speakers ({n}) is outside min_speakers..max_speakers ({lo}..{hi})")
 
 
 class SpeakerSample(BaseModel):
@@ -227,7 +236,7 @@ class AudioRef(BaseModel):
     stem: str = Field(..., description="output file stem")
     decoded_path: str = Field(..., description="float32 .npy of the 16 kHz mono samples")
     duration: float
-    sample_rate: int = 16000
+    sample_rate: int = SAMPLE_RATE
     size_bytes: int
     format: str = Field(..., description="container/codec as PyAV reports it")
 
@@ -321,20 +330,144 @@ class OutputRef(BaseModel):
     size_bytes: int
 
 
+def request_default(field: str) -> Any:
+    """A request field's default: stage parameters and the flow signature take theirs from the
+    request, never a copy."""
+    return TranscriptionRequest.model_fields[field].default
+
+
+_default = request_default
+
+
 class TranscribeParams(BaseModel):
     """The transcribe stage's own parameters (its cache key, with the audio hash)."""
 
     model: Optional[str] = None
     language: Optional[str] = None
-    language_detection_min_prob: float = 0
-    language_detection_max_tries: int = 5
+    language_detection_min_prob: float = _default("language_detection_min_prob")
+    language_detection_max_tries: int = _default("language_detection_max_tries")
     initial_prompt: Optional[str] = None
-    batch_size: int = 64
-    temperature: float = 0
+    batch_size: int = _default("batch_size")
+    temperature: float = _default("temperature")
     beam_size: Optional[int] = None
-    vad_onset: float = 0.500
-    vad_offset: float = 0.363
+    vad_onset: float = _default("vad_onset")
+    vad_offset: float = _default("vad_offset")
 
     @classmethod
-    def from_request(cls, req: "TranscriptionRequest") -> "TranscribeParams":
+    def from_request(cls, req: TranscriptionRequest) -> "TranscribeParams":
         return cls(**req.model_dump(include=set(cls.model_fields)))
+
+
+class AlignParams(BaseModel):
+    """The align stage's own parameters (its cache key, with the audio hash + transcript)."""
+
+    backend: AlignBackend = _default("align_backend")
+    align_model: Optional[str] = Field(None, description="wav2vec2 model name or local directory")
+    interpolate_method: Literal["nearest", "linear", "ignore"] = "nearest"
+
+    @classmethod
+    def from_request(cls, req: TranscriptionRequest) -> "AlignParams":
+        return cls(backend=req.align_backend, align_model=req.align_model)
+
+
+class AlignOutcome(BaseModel):
+    segments: list[Segment]
+    backend: Optional[str] = None  # the backend that produced the word times; None = not aligned
+    error: Optional[str] = None
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """The result's ``alignment`` key: which backend ran (None = segment times kept)."""
+        out: dict[str, Any] = {"backend": self.backend}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+class Turn(BaseModel):
+    start: float
+    end: float
+    speaker: str
+
+
+class DiarizeParams(BaseModel):
+    """The diarize stage's own parameters (its cache key, with the audio hash and speech regions)."""
+
+    backend: DiarizationBackend = _default("diarization_backend")
+    num_speakers: Optional[int] = Field(None, ge=1, description="Exact number of speakers, when known.")
+    min_speakers: Optional[int] = Field(None, ge=1)
+    max_speakers: Optional[int] = Field(None, ge=1)
+    model: Optional[str] = Field(None, description="local pyannote pipeline: hub name or directory")
+    # hosted pyannoteAI
+    pyannote_model: PyannoteModel = _default("pyannote_model")
+    pyannote_exclusive: bool = _default("pyannote_exclusive")
+    pyannote_poll_interval: float = _default("pyannote_poll_interval")
+    pyannote_timeout: float = _default("pyannote_timeout")
+    pyannote_json_in: Optional[str] = Field(None, description="a saved <stem>.pyannote.job.json to reuse")
+
+    @property
+    def use_api_first(self) -> bool:
+        """``auto`` tries the hosted API first when a saved job was given."""
+        return bool(self.pyannote_json_in)
+
+    @classmethod
+    def from_request(cls, req: TranscriptionRequest) -> "DiarizeParams":
+        return cls(backend=req.diarization_backend, model=req.diarization_model,
+                   **req.model_dump(include=set(cls.model_fields) - {"backend", "model"}))
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "DiarizeParams":
+        check_speaker_counts(self.num_speakers, self.min_speakers, self.max_speakers)
+        return self
+
+
+class DiarizationOutcome(BaseModel):
+    turns: list[Turn]
+    backend: Optional[str] = None
+    error: Optional[str] = None
+    seconds: float = 0.0
+    job: Optional[dict[str, Any]] = Field(None, description="pyannoteAI job JSON (saved as <stem>.pyannote.job.json)")
+
+
+class DeepgramOptions(BaseModel):
+    """Deepgram model options, sent as query parameters (and part of the stage's cache key)."""
+
+    model: str = Field(_default("deepgram_model"), min_length=1, description="Deepgram model, e.g. nova-3, nova-2.")
+    tier: Optional[str] = Field(None, description="Model tier (older models, e.g. enhanced/base).")
+    version: Optional[str] = Field(None, description="Model version, e.g. latest.")
+    language: Optional[str] = Field(
+        None, description="Spoken language (BCP-47, e.g. en, de); the pipeline sends the transcript's language, "
+        "since Deepgram otherwise assumes English and its word confidences would be for the wrong language.")
+
+    @classmethod
+    def from_request(cls, req: TranscriptionRequest, language: Optional[str]) -> "DeepgramOptions":
+        return cls(model=req.deepgram_model, tier=req.deepgram_tier, version=req.deepgram_version, language=language)
+
+
+class ConfidenceThresholds(BaseModel):
+    """How word confidences become segment flags and unclear intervals."""
+
+    low: float = _default("word_confidence_low_threshold")
+    high: float = _default("word_confidence_high_threshold")
+    min_low_dur: float = _default("low_confidence_min_dur")
+    join_gap: float = Field(0.3, description="low words at most this far apart form one unclear interval")
+
+    @classmethod
+    def from_request(cls, req: TranscriptionRequest) -> "ConfidenceThresholds":
+        return cls(low=req.word_confidence_low_threshold, high=req.word_confidence_high_threshold,
+                   min_low_dur=req.low_confidence_min_dur)
+
+
+class S3Options(BaseModel):
+    """A run's own S3 endpoint / credentials, over the environment's."""
+
+    endpoint: Optional[str] = None
+    access_key: Optional[SecretStr] = None
+    secret_key: Optional[SecretStr] = None
+
+    @classmethod
+    def from_request(cls, req: TranscriptionRequest) -> "S3Options":
+        return cls(endpoint=req.s3_endpoint, access_key=req.access_key, secret_key=req.secret_key)
+
+    def given(self) -> bool:
+        return any((self.endpoint, self.access_key, self.secret_key))

@@ -5,12 +5,35 @@ Secrets are ``SecretStr`` so they never show up in ``repr``, logs or dumps.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+@dataclass(frozen=True)
+class SecretSpec:
+    """One secret, everywhere it appears: the request field a run may pass it in, the
+    :class:`Settings` field that reads its env var, and the Prefect Secret block a worker falls
+    back to (None: S3 keys come from ``AwsCredentials`` / ``S3Bucket`` blocks instead)."""
+
+    request_field: str
+    setting: str
+    env: str
+    block: Optional[str]
+    speakers_only: bool = False  # needed only by the speaker stages (diarization / verification)
+
+
+SECRETS: tuple[SecretSpec, ...] = (
+    SecretSpec("huggingface_access_token", "hf_token", "HF_TOKEN", "hf-token", speakers_only=True),
+    SecretSpec("pyannote_api_key", "pyannote_api_key", "PYANNOTE_API_KEY", "pyannote-api-key", speakers_only=True),
+    SecretSpec("deepgram_api_key", "deepgram_api_key", "DEEPGRAM_API_KEY", "deepgram-api-key"),
+    SecretSpec("access_key", "s3_access_key", "AWS_ACCESS_KEY_ID", None),
+    SecretSpec("secret_key", "s3_secret_key", "AWS_SECRET_ACCESS_KEY", None),
+)
 
 
 def _default_cache_dir() -> Path:
@@ -133,11 +156,8 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Every configured secret, for scrubbing text before it is logged or stored."""
-        out = []
-        for s in (self.hf_token, self.deepgram_api_key, self.pyannote_api_key, self.s3_secret_key):
-            if s is not None and s.get_secret_value():
-                out.append(s.get_secret_value())
-        return out
+        values = (getattr(self, spec.setting) for spec in SECRETS)
+        return [v.get_secret_value() for v in values if isinstance(v, SecretStr) and v.get_secret_value()]
 
 
 @lru_cache(maxsize=1)

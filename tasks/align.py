@@ -1,3 +1,4 @@
+"""Word alignment, cached on the audio hash + the transcript + the align settings."""
 from __future__ import annotations
 
 import hashlib
@@ -6,14 +7,15 @@ from typing import Any
 from prefect import task
 from prefect.logging import get_run_logger
 
-import speech.align as engine
-import speech.align_sphinx as sphinx
-from speech.align import AlignOutcome, AlignParams
-from speech.audio import read_samples
-from speech.schema import AudioRef, Transcript
+import speech.align
+import speech.backends
+from speech.align.stage import align
+from speech.io.audio import read_samples
+from speech.schema import AlignOutcome, AlignParams, AudioRef, Transcript
 from tasks.common import code_version, stage_key
+from tasks.progress import stage_progress
 
-VERSION = code_version(engine, sphinx)
+VERSION = code_version(speech.align, speech.backends)
 
 
 def align_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
@@ -27,7 +29,7 @@ def align_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
 @task(name="align", cache_key_fn=align_cache_key, persist_result=True)
 def align_words(audio: AudioRef, transcript: Transcript, params: AlignParams) -> AlignOutcome:
     """Word timestamps; cached on audio hash + transcript + align settings."""
-    outcome = engine.align(read_samples(audio), transcript, params)
+    outcome = align(read_samples(audio), transcript, params, progress=stage_progress())
     log = get_run_logger()
     if outcome.backend:
         log.info("aligned %d segments with %s in %.2f s", len(outcome.segments), outcome.backend, outcome.seconds)

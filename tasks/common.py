@@ -1,12 +1,12 @@
-"""Shared task plumbing: retry policy and content-addressed cache keys."""
+"""Shared task plumbing: retry policy, content-addressed cache keys, artifact keys, Secret blocks."""
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import re
+from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Optional
 
 from prefect.tasks import exponential_backoff
 
@@ -30,10 +30,14 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def code_version(*modules: ModuleType) -> str:
-    """Pipeline version + hash of the stage's engine source: code changes invalidate caches."""
+    """Pipeline version + hash of the stage's engine source (every file of a package): code
+    changes invalidate caches."""
     h = hashlib.sha256(speech.__version__.encode())
     for m in modules:
-        h.update(inspect.getsource(m).encode())
+        root = Path(m.__file__)
+        files = sorted(root.parent.rglob("*.py")) if root.name == "__init__.py" else [root]
+        for f in files:
+            h.update(f.read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -43,18 +47,14 @@ def stage_key(stage: str, audio_sha256: str, params: Any, version: str) -> str:
     return f"{stage}-{version}-{audio_sha256[:32]}-{hashlib.sha256(blob).hexdigest()[:16]}"
 
 
+def file_digest(path: Optional[str]) -> Optional[str]:
+    """sha256 of a saved API response a run reuses (its content, not its path, is the identity)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).is_file() else None
+
+
 def artifact_key(text: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes."""
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:60] or "audio"
-
-
-# Prefect Secret blocks the flows fall back to when a token is neither a parameter nor an
-# env var (infra/bootstrap.sh saves them from the env of whoever runs it).
-SECRET_BLOCKS = {
-    "deepgram_api_key": "deepgram-api-key",
-    "pyannote_api_key": "pyannote-api-key",
-    "huggingface_access_token": "hf-token",
-}
 
 
 def secret_block(name: str) -> Any:

@@ -1,3 +1,4 @@
+"""Fetch, hash and decode the audio (retried on transient network errors only)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,7 +7,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from speech.audio import load_audio
+from speech.io.audio import load_audio
 from speech.schema import AudioRef
 from tasks.common import NETWORK_BACKOFF, NETWORK_RETRIES, retry_transient
 

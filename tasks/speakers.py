@@ -1,63 +1,43 @@
 """Speaker stages: enrolment (early, fails fast on bad samples), diarization (cached), naming."""
 from __future__ import annotations
 
-import hashlib
 import json
-import tempfile
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 from prefect import task
 from prefect.logging import get_run_logger
+from pydantic import SecretStr
 
-import speech.diarize as engine
-import speech.diarize_api as api_engine
-import speech.speakers as verification
-from speech.audio import read_samples, write_wav
-from speech.diarize import DiarizationOutcome, DiarizeParams, Turn
-from speech.schema import AudioRef, Segment, SpeakerLabels, SpeakerSample
-from speech.settings import get_settings
-from tasks.common import NETWORK_BACKOFF, code_version, retry_transient, stage_key
+import speech.backends
+import speech.speakers
+from speech.io.audio import read_samples
+from speech.redact import secret_value
+from speech.schema import AudioRef, DiarizationOutcome, DiarizeParams, Segment, SpeakerLabels, SpeakerSample
+from speech.speakers import encoders, verify
+from speech.speakers.assign import assign_speakers, speech_regions
+from speech.speakers.diarize import diarize as engine_diarize
+from tasks.common import NETWORK_BACKOFF, code_version, file_digest, retry_transient, stage_key
 
-VERSION = code_version(engine, api_engine)
+VERSION = code_version(speech.speakers, speech.backends)
 
 
 def diarize_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
     audio: AudioRef = parameters["audio"]
-    regions = engine.speech_regions(parameters["segments"])
-    api_opts = {k: v for k, v in parameters["api_options"].items() if k not in ("api_key", "hf_token")}
-    if api_opts.get("json_in") and Path(api_opts["json_in"]).is_file():  # the saved job's content, not its path
-        api_opts["json_in"] = hashlib.sha256(Path(api_opts["json_in"]).read_bytes()).hexdigest()
-    return stage_key("diarize", audio.sha256, [parameters["params"].model_dump(), api_opts, regions], VERSION)
+    params: DiarizeParams = parameters["params"]
+    # a saved job's content, not its path; tokens never
+    settings = params.model_dump() | {"pyannote_json_in": file_digest(params.pyannote_json_in)}
+    return stage_key("diarize", audio.sha256, [settings, speech_regions(parameters["segments"])], VERSION)
 
 
-@task(name="diarize", cache_key_fn=diarize_cache_key, persist_result=True, retries=2,
-      retry_delay_seconds=NETWORK_BACKOFF, retry_condition_fn=retry_transient)
-def diarize(audio: AudioRef, segments: list[Segment], params: DiarizeParams, api_options: dict[str, Any]) -> DiarizationOutcome:
-    """Who spoke when; cached on audio hash + speech regions + diarization settings (never the key)."""
+@task(name="diarize", cache_key_fn=diarize_cache_key, persist_result=True)
+def diarize(audio: AudioRef, segments: list[Segment], params: DiarizeParams,
+            hf_token: Optional[SecretStr], api_key: Optional[SecretStr]) -> DiarizationOutcome:
+    """Who spoke when; cached on audio hash + speech regions + diarization settings (never a token)."""
     log = get_run_logger()
-    settings = get_settings()
-    samples = np.asarray(read_samples(audio))
-    hf = settings.hf_token.get_secret_value() if settings.hf_token else None
-    hf = api_options.get("hf_token") or hf
-
-    def hosted() -> DiarizationOutcome:
-        with tempfile.TemporaryDirectory() as tmp:
-            wav = Path(tmp) / f"{audio.stem}.wav"
-            if not api_options.get("json_in"):
-                write_wav(samples, wav)  # compact 16 kHz PCM upload, whatever the source format
-            result = api_engine.diarize_pyannote_api(
-                str(wav), api_options.get("api_key") or "", model=api_options["model"],
-                exclusive=api_options["exclusive"], num_speakers=params.num_speakers,
-                min_speakers=params.min_speakers, max_speakers=params.max_speakers,
-                poll_interval=api_options["poll_interval"], timeout=api_options["timeout"],
-                json_in=api_options.get("json_in"),
-            )
-        turns = [Turn(start=t.start, end=t.end, speaker=t.speaker) for t in result.turns]
-        return DiarizationOutcome(turns=turns, backend="pyannote-api", job=result.job)
-
-    outcome = engine.diarize(samples, segments, params, settings=settings, hf_token=hf, api=hosted)
+    outcome = engine_diarize(np.asarray(read_samples(audio)), segments, params,
+                             hf_token=secret_value(hf_token) or None, api_key=secret_value(api_key) or None,
+                             stem=audio.stem)
     if outcome.backend:
         log.info("diarized with %s: %d turns, %d speakers", outcome.backend, len(outcome.turns),
                  len({t.speaker for t in outcome.turns}))
@@ -69,8 +49,8 @@ def diarize(audio: AudioRef, segments: list[Segment], params: DiarizeParams, api
 @task(name="enroll-speakers", retries=3, retry_delay_seconds=NETWORK_BACKOFF, retry_condition_fn=retry_transient)
 def enroll_speakers(samples: list[SpeakerSample], encoder_kind: str) -> dict[str, list[float]]:
     """Fetch and embed the enrolment clips; a bad sample fails the run before any work."""
-    encoder = verification.get_encoder(encoder_kind)
-    enrolled = verification.enroll(samples, encoder)
+    encoder = encoders.get_encoder(encoder_kind)
+    enrolled = verify.enroll(samples, encoder)
     get_run_logger().info("enrolled %d speaker(s) with the %s encoder: %s", len(enrolled), encoder.name,
                           ", ".join(sorted(enrolled)))
     return {name: vec.tolist() for name, vec in enrolled.items()}
@@ -80,22 +60,20 @@ def enroll_speakers(samples: list[SpeakerSample], encoder_kind: str) -> dict[str
 def label_speakers(audio: AudioRef, segments: list[Segment], outcome: DiarizationOutcome,
                    enrolled: Optional[dict[str, list[float]]], encoder_kind: str) -> SpeakerLabels:
     """Speakers on words and segments (split at word boundaries), then enrolled names."""
-    log = get_run_logger()
     summary: dict[str, Any] = {"backend": outcome.backend}
     if outcome.error:
         summary["error"] = outcome.error
     if not outcome.turns:
         return SpeakerLabels(segments=segments, speakers={}, summary=summary)
-    labelled, speakers = engine.assign_speakers(segments, outcome.turns)
+    labelled, speakers = assign_speakers(segments, outcome.turns)
     if enrolled:
-        encoder = verification.get_encoder(encoder_kind)
-        samples = np.asarray(read_samples(audio))
+        encoder = encoders.get_encoder(encoder_kind)
         turns = [(t.start, t.end, t.speaker) for t in outcome.turns]
-        centroids = verification.speaker_embeddings(samples, turns, encoder)
-        threshold, margin = verification.encoder_defaults(encoder)
-        mapping = verification.match_names(centroids, {k: np.asarray(v) for k, v in enrolled.items()},
-                                           threshold=threshold, margin=margin)
-        labelled, speakers = verification.relabel(labelled, speakers, mapping)
+        centroids = verify.speaker_embeddings(np.asarray(read_samples(audio)), turns, encoder)
+        threshold, margin = encoders.encoder_defaults(encoder)
+        mapping = verify.match_names(centroids, {k: np.asarray(v) for k, v in enrolled.items()},
+                                     threshold=threshold, margin=margin)
+        labelled, speakers = verify.relabel(labelled, speakers, mapping)
         summary["names"] = mapping
-        log.info("matched enrolled names: %s", json.dumps(mapping))
+        get_run_logger().info("matched enrolled names: %s", json.dumps(mapping))
     return SpeakerLabels(segments=labelled, speakers=speakers, summary=summary)

@@ -5,16 +5,18 @@ import functools
 import http.server
 import json
 import os
-import re
 import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from bench.metrics import der, normalize_text, wer, word_time_error  # noqa: F401 - shared with the tests
 from deployments.local_server import free_port
 
 DATA = Path(__file__).parent / "data"
+SR = 16000  # the fixtures' sample rate (16 kHz mono 16-bit)
 
 # Keep every test run off the user's real caches and off the network.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -117,35 +119,26 @@ def s3_server():
 
 @pytest.fixture
 def s3(s3_server):
-    from speech.audio import s3_client
+    from speech.io.s3 import s3_client
     from speech.settings import get_settings
 
     return s3_client(get_settings())
 
 
-def normalize_text(text: str) -> str:
-    text = text.lower().replace("-", " ")
-    text = re.sub(r"[^\w\s']", " ", text)
-    return re.sub(r"\s+", " ", text).strip()
+# ---- audio of the fixtures ---------------------------------------------------------
 
 
-def wer(reference: str, hypothesis: str) -> float:
-    import jiwer
+def read_wav(name: str) -> np.ndarray:
+    """A fixture's 16-bit samples as float32, read straight from the WAV (no decoding stack)."""
+    import wave
 
-    return jiwer.wer(normalize_text(reference), normalize_text(hypothesis))
+    with wave.open(str(DATA / name)) as w:
+        assert w.getframerate() == SR and w.getnchannels() == 1
+        return np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768.0
 
 
-def word_time_error(reference: list[dict], hypothesis: list[dict]) -> tuple[float, float, int]:
-    """Mean |start| and |end| error over words matched by text (difflib on normalized tokens)."""
-    import difflib
+def samples(name: str) -> np.ndarray:
+    """A fixture through the pipeline's own fetch + decode stage (cached .npy, float32)."""
+    from speech.io.audio import load_audio, read_samples
 
-    ref = [normalize_text(w["word"]) for w in reference]
-    hyp = [normalize_text(w["word"]) for w in hypothesis]
-    starts, ends = [], []
-    for block in difflib.SequenceMatcher(a=ref, b=hyp, autojunk=False).get_matching_blocks():
-        for k in range(block.size):
-            r, h = reference[block.a + k], hypothesis[block.b + k]
-            starts.append(abs(r["start"] - h["start"]))
-            ends.append(abs(r["end"] - h["end"]))
-    n = len(starts)
-    return (sum(starts) / n if n else float("inf"), sum(ends) / n if n else float("inf"), n)
+    return np.asarray(read_samples(load_audio(str(DATA / name))), dtype=np.float32)

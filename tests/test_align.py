@@ -2,27 +2,21 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from speech.align import AlignParams, align, split_sentences
-from speech.audio import load_audio, read_samples
-from speech.schema import Segment, TimedWord, TranscribeParams, Transcript
-from speech.transcribe import transcribe
-
-DATA = Path(__file__).parent / "data"
-
-
-def samples(name: str) -> np.ndarray:
-    return np.asarray(read_samples(load_audio(str(DATA / name))))
+from conftest import samples
+from speech.align.stage import align
+from speech.align.words import split_sentences
+from speech.asr.transcribe import transcribe
+from speech.schema import AlignParams, Segment, TimedWord, TranscribeParams, Transcript
 
 
 def transcript_of(segments: list[tuple[float, float, str]], language: str = "en") -> Transcript:
-    from speech import models
+    from speech.asr.whisper import resolve_model
 
-    spec = models.resolve_model(None)
+    spec = resolve_model(None)
     return Transcript(
         segments=[Segment(start=a, end=b, text=t) for a, b, t in segments], language=language,
         model=spec.label, model_source=spec.source, device="cpu", compute_type="int8",
@@ -140,7 +134,7 @@ def test_split_sentences_keeps_words():
 @pytest.mark.parametrize("name", ["heldout_3spk.wav", "align_3spk.wav"])
 def test_pipeline_word_times_within_30ms(name, manifest):
     """Transcribe + align (auto, offline) vs flite's ground truth: the acceptance metric."""
-    from tests.conftest import word_time_error
+    from conftest import word_time_error
 
     audio = samples(name)
     tr = transcribe(audio, TranscribeParams(language="en", batch_size=8))

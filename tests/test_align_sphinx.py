@@ -1,23 +1,16 @@
-"""pocketsphinx forced alignment (speech.align_sphinx) against flite ground-truth word times."""
+"""pocketsphinx forced alignment (speech.align.pocketsphinx) against flite ground-truth word times."""
 from __future__ import annotations
 
-import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from speech.align_sphinx import align_words_pocketsphinx, normalize_token, number_words
+from conftest import read_wav
+from speech.align.pocketsphinx import align_words_pocketsphinx
+from speech.align.text import normalize_token, number_words
 
-DATA = Path(__file__).parent / "data"
 ENGLISH = ("sample_2spk.wav", "heldout_3spk.wav", "align_3spk.wav")
 MAE_LIMIT = 0.030  # seconds, word start and word end separately
-
-
-def _read(name: str) -> np.ndarray:
-    with wave.open(str(DATA / name)) as w:
-        assert w.getframerate() == 16000 and w.getnchannels() == 1
-        return np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768.0
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +18,7 @@ def aligned(manifest) -> dict:
     """Per fixture: (ground-truth words, aligned words) with each turn aligned on its own."""
     out = {}
     for name in ENGLISH:
-        audio, entry = _read(name), manifest[name]
+        audio, entry = read_wav(name), manifest[name]
         got = []
         for turn in entry["turns"]:
             got += align_words_pocketsphinx(audio, turn["start"], turn["end"], turn["text"])
@@ -73,7 +66,7 @@ def test_digits_words_are_aligned(aligned, manifest):
 
 
 def test_single_word_segment(manifest):
-    audio = _read("align_3spk.wav")
+    audio = read_wav("align_3spk.wav")
     turn = _turn_of(manifest, "align_3spk.wav", "Yes")
     (word,) = align_words_pocketsphinx(audio, turn["start"], turn["end"], turn["text"])
     assert word["word"] == "Yes."
@@ -92,7 +85,7 @@ def test_hyphenated_and_out_of_vocabulary_words(aligned):
 
 def test_loose_segment_bounds_do_not_pull_words(manifest):
     """Segment bounds reaching 0.8 s into the neighbouring turns (a loose ASR segment)."""
-    audio = _read("heldout_3spk.wav")
+    audio = read_wav("heldout_3spk.wav")
     entry = manifest["heldout_3spk.wav"]
     turn = _turn_of(manifest, "heldout_3spk.wav", "A rod")
     first = sum(len(t["text"].split()) for t in entry["turns"][: entry["turns"].index(turn)])
@@ -110,7 +103,7 @@ def test_silence_only_segment_gives_none_times():
 
 
 def test_degenerate_inputs():
-    audio = _read("sample_2spk.wav")
+    audio = read_wav("sample_2spk.wav")
     assert align_words_pocketsphinx(audio, 0.3, 2.5, "") == []
     # punctuation-only tokens cannot be placed: None times, the others still aligned
     got = align_words_pocketsphinx(audio, 0.3, 2.489, "The birch canoe — slid on the smooth planks.")

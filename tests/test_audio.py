@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from speech.audio import load_audio, read_samples, redact_url, stem_of
+from conftest import DATA
 from speech.errors import AudioError, FetchError, TransientFetchError
-
-DATA = Path(__file__).parent / "data"
+from speech.io.audio import load_audio, read_samples, stem_of
+from speech.redact import redact_url
 SAMPLE = DATA / "sample_2spk.wav"
 
 
@@ -107,7 +107,7 @@ def test_http_fetch(http_server):
 
 
 def test_downloads_go_to_jobs_dir_and_are_removed_once_decoded(http_server, tmp_path, monkeypatch):
-    from speech import audio
+    from speech.io import audio
     from speech.settings import get_settings
 
     jobs = tmp_path / "jobs"

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import DATA
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "tests" / "data"
 
 
 def cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -47,7 +47,7 @@ def test_bad_input_exits_2_with_one_line(args, fragment):
 
 
 def test_cli_transcribes_and_writes_outputs(tmp_path, manifest):
-    from tests.conftest import wer
+    from conftest import wer
 
     out = tmp_path / "out"
     params = tmp_path / "params.json"

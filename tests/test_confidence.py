@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
 from deepgram_stub import KEY, DeepgramServer, listen_response
 
-from speech.confidence import DeepgramOptions, annotate, deepgram_transcribe, deepgram_words, match_words
+from conftest import DATA
+from speech.confidence.deepgram import deepgram_transcribe, deepgram_words
+from speech.confidence.match import annotate, match_words
 from speech.errors import ConfidenceError, InvalidRequest
-from speech.schema import Segment, TimedWord
-
-DATA = Path(__file__).parent / "data"
+from speech.schema import DeepgramOptions, Segment, TimedWord
 AUDIO = DATA / "heldout_3spk.wav"
 
 

@@ -8,29 +8,16 @@ ground-truth word spans: what the pipeline passes after alignment.
 """
 from __future__ import annotations
 
-import wave
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from speech.diarize import (
-    DiarizeParams,
-    Turn,
-    assign_speakers,
-    diarize_builtin,
-    embed_clip,
-)
-from speech.schema import Segment, TimedWord
+from conftest import der, read_wav, samples
+from speech.schema import DiarizeParams, Segment, TimedWord, Turn
+from speech.speakers.assign import assign_speakers
+from speech.speakers.builtin import diarize_builtin
 
-DATA = Path(__file__).parent / "data"
 CONVERSATIONS = {"diar_2spk.wav": 2, "diar_3spk.wav": 3, "diar_4spk.wav": 4}
 ENROL = {"slt": "enrol_slt.wav", "rms": "enrol_rms.wav", "awb": "enrol_awb.wav", "kal16": "enrol_kal16.wav"}
-
-
-def _audio(name: str) -> np.ndarray:
-    with wave.open(str(DATA / name)) as w:
-        return np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float32) / 32768.0
 
 
 def _word_spans(entry: dict) -> list[tuple[float, float]]:
@@ -38,22 +25,17 @@ def _word_spans(entry: dict) -> list[tuple[float, float]]:
 
 
 def _der(entry: dict, turns: list[Turn], collar: float) -> float:
-    from pyannote.core import Annotation, Segment as Span, Timeline
-    from pyannote.metrics.diarization import DiarizationErrorRate
+    return der(entry["turns"], turns, entry["duration"], collar=collar)
 
-    ref, hyp = Annotation(), Annotation()
-    for t in entry["turns"]:
-        ref[Span(t["start"], t["end"])] = t["speaker"]
-    for t in turns:
-        hyp[Span(t.start, t.end)] = t.speaker
-    uem = Timeline([Span(0.0, entry["duration"])])
-    return DiarizationErrorRate(collar=collar)(ref, hyp, uem=uem)
+
+def _count(out) -> int:
+    return len({t.speaker for t in out.turns})
 
 
 @pytest.fixture(scope="module")
 def diarized(manifest) -> dict:
     """Each conversation diarized once with no speaker-count hint."""
-    return {name: diarize_builtin(_audio(name), _word_spans(manifest[name]), DiarizeParams(backend="builtin"))
+    return {name: diarize_builtin(read_wav(name), _word_spans(manifest[name]), DiarizeParams(backend="builtin"))
             for name in CONVERSATIONS}
 
 
@@ -69,19 +51,16 @@ def test_der_and_count_without_hint(diarized, manifest, name):
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
 def test_der_with_exact_count(manifest, name):
     entry = manifest[name]
-    out = diarize_builtin(_audio(name), _word_spans(entry), DiarizeParams(num_speakers=CONVERSATIONS[name]))
-    assert len(out.centroids) == CONVERSATIONS[name]
+    out = diarize_builtin(read_wav(name), _word_spans(entry), DiarizeParams(num_speakers=CONVERSATIONS[name]))
+    assert _count(out) == CONVERSATIONS[name]
     assert _der(entry, out.turns, collar=0.25) <= 0.10
 
 
-def test_labels_centroids_and_turn_shape(diarized, manifest):
+def test_labels_and_turn_shape(diarized, manifest):
     out = diarized["diar_4spk.wav"]
     labels = [t.speaker for t in out.turns]
     first_seen = list(dict.fromkeys(labels))
     assert first_seen == [f"SPEAKER_{i:02d}" for i in range(len(first_seen))]  # by first appearance
-    assert set(out.centroids) == set(labels)
-    for vec in out.centroids.values():
-        assert len(vec) == 256 and abs(np.linalg.norm(vec) - 1) < 1e-4
     starts = [t.start for t in out.turns]
     assert starts == sorted(starts)
     assert all(t.end > t.start for t in out.turns)
@@ -97,15 +76,22 @@ def test_labels_centroids_and_turn_shape(diarized, manifest):
 
 
 def test_enrolment_clips_match_their_speaker(diarized, manifest):
-    """Centroids and embed_clip() share an encoder: each enrolled voice finds its speaker."""
+    """The diarizer's speakers and the enrolment clips, embedded by the verification stage's
+    builtin encoder (the same GE2E model): each enrolled voice finds its speaker."""
+    from speech.speakers.encoders import get_encoder
+    from speech.speakers.verify import speaker_embeddings
+
     out = diarized["diar_4spk.wav"]
     entry = manifest["diar_4spk.wav"]
-    labels = sorted(out.centroids)
-    cents = np.array([out.centroids[k] for k in labels])
+    encoder = get_encoder("builtin")
+    cents = speaker_embeddings(read_wav("diar_4spk.wav"), [(t.start, t.end, t.speaker) for t in out.turns], encoder)
+    labels = sorted(cents)
+    assert labels == sorted({t.speaker for t in out.turns})
+    matrix = np.array([cents[k] for k in labels])
     for voice, clip in ENROL.items():
-        emb = embed_clip(_audio(clip))  # no speech regions given: energy-based
+        emb = encoder.embed(read_wav(clip))
         assert abs(np.linalg.norm(emb) - 1) < 1e-4
-        sims = cents @ emb
+        sims = matrix @ emb
         best = labels[int(np.argmax(sims))]
         turn = next(t for t in entry["turns"] if t["speaker"] == voice)
         mid = (turn["start"] + turn["end"]) / 2
@@ -115,9 +101,9 @@ def test_enrolment_clips_match_their_speaker(diarized, manifest):
 
 @pytest.mark.parametrize(("name", "num"), [("diar_4spk.wav", 2), ("diar_2spk.wav", 3), ("diar_3spk.wav", 1)])
 def test_num_speakers_is_honoured(manifest, name, num):
-    out = diarize_builtin(_audio(name), _word_spans(manifest[name]), DiarizeParams(num_speakers=num))
+    out = diarize_builtin(read_wav(name), _word_spans(manifest[name]), DiarizeParams(num_speakers=num))
     assert len({t.speaker for t in out.turns}) == num
-    assert len(out.centroids) == num
+    assert _count(out) == num
 
 
 @pytest.mark.parametrize(("name", "lo", "hi", "expected"), [
@@ -128,7 +114,7 @@ def test_num_speakers_is_honoured(manifest, name, num):
 ])
 def test_min_max_speakers_are_honoured(manifest, name, lo, hi, expected):
     params = DiarizeParams(min_speakers=lo, max_speakers=hi)
-    out = diarize_builtin(_audio(name), _word_spans(manifest[name]), params)
+    out = diarize_builtin(read_wav(name), _word_spans(manifest[name]), params)
     assert len({t.speaker for t in out.turns}) == expected
 
 
@@ -141,13 +127,13 @@ def test_bad_bounds_are_rejected():
 
 @pytest.mark.parametrize("clip", list(ENROL.values()))
 def test_single_speaker_clip_is_one_speaker(manifest, clip):
-    out = diarize_builtin(_audio(clip), _word_spans(manifest[clip]), DiarizeParams())
+    out = diarize_builtin(read_wav(clip), _word_spans(manifest[clip]), DiarizeParams())
     assert {t.speaker for t in out.turns} == {"SPEAKER_00"}
 
 
-def test_single_speaker_longer_audio(manifest):
+def test_single_speaker_longerread_wav(manifest):
     """One voice's turns from a conversation, back to back (~20 s): one speaker."""
-    entry, audio = manifest["diar_2spk.wav"], _audio("diar_2spk.wav")
+    entry, audio = manifest["diar_2spk.wav"], read_wav("diar_2spk.wav")
     pieces, spans, t = [], [], 0.0
     for turn in entry["turns"]:
         if turn["speaker"] != "rms":
@@ -158,23 +144,23 @@ def test_single_speaker_longer_audio(manifest):
                   if turn["start"] <= w["start"] < turn["end"]]
         t += (b - a) / 16000 + 0.5
     out = diarize_builtin(np.concatenate(pieces), spans, DiarizeParams())
-    assert len(out.centroids) == 1
+    assert _count(out) == 1
 
 
 def test_vad_regions_spanning_turns(manifest):
     """Regions that run across turn changes (VAD or segment times) still separate speakers."""
     entry = manifest["diar_3spk.wav"]
-    audio = _audio("diar_3spk.wav")
+    audio = read_wav("diar_3spk.wav")
     turns = [(t["start"], t["end"]) for t in entry["turns"]]
     regions = [(turns[i][0], turns[min(i + 2, len(turns) - 1)][1]) for i in range(0, len(turns), 3)]
     out = diarize_builtin(audio, regions, DiarizeParams())
-    assert len(out.centroids) == 3
+    assert _count(out) == 3
     assert _der(entry, out.turns, collar=0.25) <= 0.10
 
 
 def test_no_speech_gives_no_turns():
     out = diarize_builtin(np.zeros(16000 * 3, np.float32), [], DiarizeParams())
-    assert out.turns == [] and out.centroids == {} and out.error is None
+    assert out.turns == [] and out.error is None
     out = diarize_builtin(np.zeros(16000, np.float32), [(5.0, 6.0)], DiarizeParams())  # beyond the audio
     assert out.turns == []
 
@@ -182,13 +168,13 @@ def test_no_speech_gives_no_turns():
 def test_int16_input_and_short_regions(manifest):
     """int16 samples are accepted; regions shorter than a window still get a speaker."""
     entry = manifest["diar_2spk.wav"]
-    raw = (_audio("diar_2spk.wav") * 32768).astype(np.int16)
+    raw = (read_wav("diar_2spk.wav") * 32768).astype(np.int16)
     spans = [(w["start"], w["end"]) for w in entry["words"]]
     out = diarize_builtin(raw, spans, DiarizeParams())
-    assert len(out.centroids) == 2
+    assert _count(out) == 2
     short = [(t["start"], t["start"] + 0.6) for t in entry["turns"]]  # 0.6 s of each turn
     out = diarize_builtin(raw, short, DiarizeParams(num_speakers=2))
-    assert len(out.turns) >= 2 and len(out.centroids) == 2
+    assert len(out.turns) >= 2 and _count(out) == 2
 
 
 # ---------------------------------------------------------------------------------
@@ -295,11 +281,9 @@ def test_assign_on_real_conversation(diarized, manifest):
 
 def test_local_pyannote_that_cannot_load_falls_back_clearly(tmp_path):
     """An unloadable local pipeline is named in the outcome; auto carries on with builtin."""
-    from speech.audio import load_audio, read_samples
-    from speech.diarize import DiarizeParams, diarize
-    from speech.schema import Segment
+    from speech.speakers.diarize import diarize
 
-    audio = np.asarray(read_samples(load_audio(str(DATA / "diar_2spk.wav"))))
+    audio = samples("diar_2spk.wav")
     segments = [Segment(start=0.0, end=len(audio) / 16000, text="x")]
     (tmp_path / "config.yaml").write_text("not: a pipeline\n")
     strict = diarize(audio, segments, DiarizeParams(backend="pyannote", model=str(tmp_path)))

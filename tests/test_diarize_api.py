@@ -16,14 +16,14 @@ import logging
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
-from speech.diarize_api import ApiTurn, PyannoteApiResult, diarize_pyannote_api, resolve_api_url
+from conftest import DATA
 from speech.errors import DiarizationError, InvalidRequest
+from speech.schema import DiarizationOutcome, Turn
+from speech.speakers.pyannote_api import diarize_pyannote_api, resolve_api_url
 
-DATA = Path(__file__).parent / "data"
 AUDIO = DATA / "heldout_3spk.wav"
 KEY = "sk-test-" + uuid.uuid4().hex
 FAST = dict(poll_interval=0.01, timeout=5.0)
@@ -169,7 +169,7 @@ def api(_server) -> _State:
     return _server
 
 
-def _call(api: _State, **kw) -> PyannoteApiResult:
+def _call(api: _State, **kw) -> DiarizationOutcome:
     kw = {**FAST, **kw}
     return diarize_pyannote_api(str(AUDIO), kw.pop("api_key", KEY), base_url=api.base, **kw)
 
@@ -348,4 +348,4 @@ def test_base_url_resolution(monkeypatch):
 
 
 def test_turn_model():
-    assert ApiTurn(start=0, end=1, speaker="SPEAKER_00").end == 1.0
+    assert Turn(start=0, end=1, speaker="SPEAKER_00").end == 1.0

@@ -10,10 +10,9 @@ import pytest
 from speech import models
 from speech.errors import AudioError, FetchError, InvalidRequest
 from speech.schema import TranscriptionResult
-from tests.conftest import wer
+from conftest import DATA, wer
 
 pytestmark = pytest.mark.prefect
-DATA = Path(__file__).parent / "data"
 
 
 def run(**kwargs):
@@ -302,7 +301,7 @@ def test_tokens_come_from_secret_blocks_only_when_not_given(prefect_harness, mon
     from prefect import flow
     from prefect.blocks.system import Secret
 
-    from flows.transcribe import with_block_secrets
+    from flows.pipeline import with_block_secrets
     from speech.schema import TranscriptionRequest
     from speech.settings import get_settings
 
@@ -340,8 +339,8 @@ def test_worker_env_switches_print_mounts_and_console_level(prefect_harness, mon
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    from flows.transcribe import apply_runtime_switches
-    from speech.report import mounted_volumes
+    from flows.runtime import apply_runtime_switches
+    from speech.output.report import mounted_volumes
     from speech.settings import get_settings
 
     mounts = tmp_path / "mounts"

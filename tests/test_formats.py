@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 
-from speech.formats import render
+from speech.io.store import LocalStore
+from speech.output.formats import render
 from speech.schema import Segment, TimedWord, TranscriptionResult
-from speech.storage import LocalStore
 
 
 def result() -> TranscriptionResult:

@@ -11,23 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from speech import speakers as sp
-from speech.audio import load_audio, read_samples
+from conftest import SR
+from conftest import samples as fixture_audio
 from speech.errors import AudioError, InvalidRequest, ModelError
+from speech.io.decode import write_wav as _write_wav
 from speech.schema import Segment, SpeakerInfo, SpeakerSample, TimedWord
-
-DATA = Path(__file__).parent / "data"
-SR = 16000
-
-
-def fixture_audio(name: str) -> np.ndarray:
-    return np.asarray(read_samples(load_audio(str(DATA / name))), dtype=np.float32)
+from speech.speakers import encoders, verify
 
 
 def write_wav(path: Path, samples: np.ndarray) -> Path:
-    from speech.audio import write_wav as write
-
-    write(samples, path)
+    _write_wav(samples, path)
     return path
 
 
@@ -37,7 +30,7 @@ def cut(audio: np.ndarray, start: float, end: float) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def encoder():
-    return sp.get_encoder("builtin")
+    return encoders.get_encoder("builtin")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +51,7 @@ def clip_dir(tmp_path_factory, manifest):
 @pytest.fixture(scope="module")
 def enrolled(clip_dir, encoder):
     # no names given: each is derived from the clip's file stem
-    return sp.enroll([SpeakerSample(url=str(p)) for p in sorted(clip_dir.glob("*.wav"))], encoder)
+    return verify.enroll([SpeakerSample(url=str(p)) for p in sorted(clip_dir.glob("*.wav"))], encoder)
 
 
 def labelled_turns(manifest, name: str) -> tuple[list[tuple[float, float, str]], dict[str, str]]:
@@ -90,23 +83,23 @@ def segments_from(manifest, name: str, label_of_voice: dict[str, str]) -> list[S
 def test_enrolled_names_cover_the_speech_time(manifest, encoder, enrolled, name):
     assert sorted(enrolled) == ["awb", "rms", "slt"]
     turns, truth = labelled_turns(manifest, name)
-    centroids = sp.speaker_embeddings(fixture_audio(name), turns, encoder)
+    centroids = verify.speaker_embeddings(fixture_audio(name), turns, encoder)
     assert set(centroids) == set(truth)
     for vec in centroids.values():
         assert abs(float(np.linalg.norm(vec)) - 1.0) < 1e-4
 
     # the similarity bands the defaults were chosen from: same voice well above, others well below
-    labels, names, sim = sp.similarity_matrix(centroids, enrolled)
+    labels, names, sim = verify.similarity_matrix(centroids, enrolled)
     same = [sim[i, j] for i, l in enumerate(labels) for j, n in enumerate(names) if truth[l] == n]
     other = [sim[i, j] for i, l in enumerate(labels) for j, n in enumerate(names) if truth[l] != n]
-    assert min(same) >= sp.BUILTIN_THRESHOLD + 0.05, (labels, names, sim)
-    assert max(other) <= sp.BUILTIN_THRESHOLD - 0.03, (labels, names, sim)
+    assert min(same) >= encoders.BUILTIN_THRESHOLD + 0.05, (labels, names, sim)
+    assert max(other) <= encoders.BUILTIN_THRESHOLD - 0.03, (labels, names, sim)
 
-    mapping = sp.match_names(centroids, enrolled)
+    mapping = verify.match_names(centroids, enrolled)
     assert mapping == truth
 
     label_of_voice = {v: l for l, v in truth.items()}
-    segs, speakers = sp.relabel(
+    segs, speakers = verify.relabel(
         segments_from(manifest, name, label_of_voice),
         {l: SpeakerInfo(name=l, time=1.0) for l in truth},
         mapping,
@@ -122,13 +115,13 @@ def test_enrolled_names_cover_the_speech_time(manifest, encoder, enrolled, name)
 
 def test_an_unenrolled_voice_keeps_its_label(manifest, encoder, enrolled):
     turns, truth = labelled_turns(manifest, "heldout_3spk.wav")
-    centroids = sp.speaker_embeddings(fixture_audio("heldout_3spk.wav"), turns, encoder)
+    centroids = verify.speaker_embeddings(fixture_audio("heldout_3spk.wav"), turns, encoder)
     two = {n: v for n, v in enrolled.items() if n != "awb"}
-    mapping = sp.match_names(centroids, two)
+    mapping = verify.match_names(centroids, two)
     awb_label = next(l for l, v in truth.items() if v == "awb")
     assert mapping == {l: v for l, v in truth.items() if v != "awb"}
     label_of_voice = {v: l for l, v in truth.items()}
-    segs, speakers = sp.relabel(
+    segs, speakers = verify.relabel(
         segments_from(manifest, "heldout_3spk.wav", label_of_voice),
         {l: SpeakerInfo(name=l, time=1.0) for l in truth},
         mapping,
@@ -145,9 +138,9 @@ def test_duplicate_names_are_pooled(tmp_path, manifest, encoder, enrolled):
     slt_turns = [t for t in manifest["align_3spk.wav"]["turns"] if t["speaker"] == "slt"]
     clips = [write_wav(tmp_path / f"turn{i}.wav", cut(audio, t["start"], t["end"])) for i, t in enumerate(slt_turns)]
     samples = [SpeakerSample(name="Sally", url=str(p)) for p in clips]
-    pooled = sp.enroll(samples, encoder)
+    pooled = verify.enroll(samples, encoder)
     assert list(pooled) == ["Sally"]
-    singles = [sp.enroll([s], encoder)["Sally"] for s in samples]
+    singles = [verify.enroll([s], encoder)["Sally"] for s in samples]
     expected = np.mean(singles, axis=0)
     expected /= np.linalg.norm(expected)
     assert np.allclose(pooled["Sally"], expected, atol=1e-5)
@@ -156,7 +149,7 @@ def test_duplicate_names_are_pooled(tmp_path, manifest, encoder, enrolled):
 
 
 def test_sample_over_http_named_by_query(http_server, encoder):
-    out = sp.enroll([SpeakerSample(url=f"{http_server}/sample_2spk.wav?name=Guest%20Host")], encoder)
+    out = verify.enroll([SpeakerSample(url=f"{http_server}/sample_2spk.wav?name=Guest%20Host")], encoder)
     assert list(out) == ["Guest Host"] and out["Guest Host"].shape == (256,)
 
 
@@ -167,35 +160,35 @@ def test_sample_over_http_named_by_query(http_server, encoder):
 def test_404_sample_is_named(http_server, clip_dir, encoder):
     samples = [SpeakerSample(url=str(clip_dir / "slt.wav")), SpeakerSample(url=f"{http_server}/nobody.wav")]
     with pytest.raises(InvalidRequest, match=r"speaker sample 'nobody'.*404"):
-        sp.enroll(samples, encoder)
+        verify.enroll(samples, encoder)
 
 
 def test_missing_local_sample(tmp_path, encoder):
     with pytest.raises(InvalidRequest, match=r"speaker sample 'Ann'.*not found"):
-        sp.enroll([SpeakerSample(name="Ann", url=str(tmp_path / "gone.wav"))], encoder)
+        verify.enroll([SpeakerSample(name="Ann", url=str(tmp_path / "gone.wav"))], encoder)
 
 
 def test_non_audio_sample(tmp_path, encoder):
     notes = tmp_path / "notes.wav"
     notes.write_text("these are meeting notes, not audio\n" * 20)
     with pytest.raises(AudioError, match=r"speaker sample 'notes'.*not a readable audio file"):
-        sp.enroll([SpeakerSample(url=str(notes))], encoder)
+        verify.enroll([SpeakerSample(url=str(notes))], encoder)
 
 
 def test_too_short_sample(tmp_path, encoder):
     short = write_wav(tmp_path / "blip.wav", cut(fixture_audio("sample_2spk.wav"), 0.5, 1.0))
     with pytest.raises(AudioError, match=r"speaker sample 'blip'.*at least 1 s"):
-        sp.enroll([SpeakerSample(url=str(short))], encoder)
+        verify.enroll([SpeakerSample(url=str(short))], encoder)
 
 
 def test_silent_sample(tmp_path, encoder):
     quiet = write_wav(tmp_path / "quiet.wav", np.zeros(2 * SR, np.float32))
     with pytest.raises(AudioError, match=r"speaker sample 'quiet'.*silent"):
-        sp.enroll([SpeakerSample(url=str(quiet))], encoder)
+        verify.enroll([SpeakerSample(url=str(quiet))], encoder)
 
 
 def test_local_sample_with_name_fragment(clip_dir, encoder):
-    out = sp.enroll([SpeakerSample(url=f"{clip_dir / 'rms.wav'}#Richard")], encoder)
+    out = verify.enroll([SpeakerSample(url=f"{clip_dir / 'rms.wav'}#Richard")], encoder)
     assert list(out) == ["Richard"]
 
 
@@ -222,7 +215,7 @@ def test_local_sample_with_name_fragment(clip_dir, encoder):
     ],
 )
 def test_derive_name(name, url, expected):
-    got = sp.derive_name(SpeakerSample(name=name, url=url))
+    got = verify.derive_name(SpeakerSample(name=name, url=url))
     assert got == expected
     assert "/" not in got and "\\" not in got and not got.startswith(".")
     assert all(ch.isprintable() for ch in got) and len(got) <= 64
@@ -234,7 +227,7 @@ def test_derive_name(name, url, expected):
 )
 def test_underivable_name_is_an_invalid_request(name, url):
     with pytest.raises(InvalidRequest, match="speaker name"):
-        sp.derive_name(SpeakerSample(name=name, url=url))
+        verify.derive_name(SpeakerSample(name=name, url=url))
 
 
 # ----------------------------------------------------------------------------------
@@ -250,16 +243,16 @@ def test_match_names_threshold_margin_and_one_to_one():
     enrolled = {"Alice": unit(1, 0, 0), "Bob": unit(0, 1, 0)}
     # both labels are closest to Alice: only one may have her; the other is not Bob either
     centroids = {"SPEAKER_00": unit(1, 0.05, 0.1), "SPEAKER_01": unit(1, 0.2, 0.2)}
-    assert sp.match_names(centroids, enrolled, threshold=0.8, margin=0.1) == {"SPEAKER_00": "Alice"}
+    assert verify.match_names(centroids, enrolled, threshold=0.8, margin=0.1) == {"SPEAKER_00": "Alice"}
     # below the threshold
-    assert sp.match_names({"SPEAKER_00": unit(1, 0, 1.2)}, enrolled, threshold=0.8, margin=0.0) == {}
+    assert verify.match_names({"SPEAKER_00": unit(1, 0, 1.2)}, enrolled, threshold=0.8, margin=0.0) == {}
     # above the threshold but too close to a second name
     between = {"SPEAKER_00": unit(1, 0.95, 0)}  # 0.725 vs 0.689
-    assert sp.match_names(between, enrolled, threshold=0.6, margin=0.1) == {}
-    assert sp.match_names(between, enrolled, threshold=0.6, margin=0.0) == {"SPEAKER_00": "Alice"}
+    assert verify.match_names(between, enrolled, threshold=0.6, margin=0.1) == {}
+    assert verify.match_names(between, enrolled, threshold=0.6, margin=0.0) == {"SPEAKER_00": "Alice"}
     # one enrolled name: no second best to beat
-    assert sp.match_names({"SPEAKER_03": unit(0, 1, 0.1)}, {"Bob": unit(0, 1, 0)}) == {"SPEAKER_03": "Bob"}
-    assert sp.match_names({}, enrolled) == {} and sp.match_names(centroids, {}) == {}
+    assert verify.match_names({"SPEAKER_03": unit(0, 1, 0.1)}, {"Bob": unit(0, 1, 0)}) == {"SPEAKER_03": "Bob"}
+    assert verify.match_names({}, enrolled) == {} and verify.match_names(centroids, {}) == {}
 
 
 def test_relabel_puts_names_everywhere_and_keeps_keys():
@@ -273,7 +266,7 @@ def test_relabel_puts_names_everywhere_and_keeps_keys():
         Segment(start=3, end=4, text="no speaker"),
     ]
     speakers = {f"SPEAKER_0{i}": SpeakerInfo(name=f"SPEAKER_0{i}", time=1.0 + i) for i in range(3)}
-    new_segs, new_speakers = sp.relabel(segs, speakers, {"SPEAKER_00": "Alice", "SPEAKER_02": "Carol"})
+    new_segs, new_speakers = verify.relabel(segs, speakers, {"SPEAKER_00": "Alice", "SPEAKER_02": "Carol"})
     assert [s.speaker for s in new_segs] == ["Alice", "SPEAKER_01", "Carol", None]
     assert [w.speaker for w in new_segs[0].words] == ["Alice", "SPEAKER_01"]
     assert new_segs[1].words[0].speaker == "SPEAKER_01"
@@ -285,11 +278,11 @@ def test_relabel_puts_names_everywhere_and_keeps_keys():
 
 
 def test_short_turns_are_skipped_and_long_ones_windowed(encoder):
-    assert sp._windows(0.0, 0.4) == []
-    wins = sp._windows(1.0, 8.5)
+    assert verify._windows(0.0, 0.4) == []
+    wins = verify._windows(1.0, 8.5)
     assert len(wins) == 3 and all(e - s <= 3.0 + 1e-9 for s, e in wins) and wins[-1][1] == pytest.approx(8.5)
     audio = fixture_audio("sample_2spk.wav")
-    out = sp.speaker_embeddings(audio, [(0.3, 2.4, "SPEAKER_00"), (3.1, 3.4, "SPEAKER_01")], encoder)
+    out = verify.speaker_embeddings(audio, [(0.3, 2.4, "SPEAKER_00"), (3.1, 3.4, "SPEAKER_01")], encoder)
     assert list(out) == ["SPEAKER_00"]  # SPEAKER_01 has no turn of 0.5 s or more
 
 
@@ -301,24 +294,24 @@ def test_short_turns_are_skipped_and_long_ones_windowed(encoder):
 def fresh_encoders(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("SPEAKER_ENCODER_DIR", raising=False)
-    sp.clear_encoders()
+    encoders.clear_encoders()
     yield monkeypatch
-    sp.clear_encoders()
+    encoders.clear_encoders()
 
 
 def test_auto_falls_back_to_builtin_offline(fresh_encoders):
-    enc = sp.get_encoder("auto")
-    assert enc.name.startswith("builtin") and sp.encoder_defaults(enc) == (sp.BUILTIN_THRESHOLD, sp.BUILTIN_MARGIN)
-    assert sp.get_encoder("auto") is enc and sp.get_encoder("builtin") is enc
+    enc = encoders.get_encoder("auto")
+    assert enc.name.startswith("builtin") and encoders.encoder_defaults(enc) == (encoders.BUILTIN_THRESHOLD, encoders.BUILTIN_MARGIN)
+    assert encoders.get_encoder("auto") is enc and encoders.get_encoder("builtin") is enc
     with pytest.raises(InvalidRequest, match="unknown speaker encoder"):
-        sp.get_encoder("xvector")
+        encoders.get_encoder("xvector")
 
 
 def test_ecapa_dir_without_model(fresh_encoders, tmp_path):
     fresh_encoders.setenv("SPEAKER_ENCODER_DIR", str(tmp_path))
     with pytest.raises(ModelError, match="hyperparams.yaml"):
-        sp.get_encoder("ecapa")
-    assert sp.get_encoder("auto").name.startswith("builtin")
+        encoders.get_encoder("ecapa")
+    assert encoders.get_encoder("auto").name.startswith("builtin")
 
 
 TINY_ECAPA = """\
@@ -364,9 +357,9 @@ def test_ecapa_loads_from_a_local_directory(fresh_encoders, tmp_path):
     torch.save(net.state_dict(), model_dir / "embedding_model.ckpt")
     fresh_encoders.setenv("SPEAKER_ENCODER_DIR", str(model_dir))
 
-    enc = sp.get_encoder("ecapa")
-    assert enc.name == f"ecapa:{model_dir}" and sp.encoder_defaults(enc) == (sp.ECAPA_THRESHOLD, sp.ECAPA_MARGIN)
-    assert sp.get_encoder("auto") is enc
+    enc = encoders.get_encoder("ecapa")
+    assert enc.name == f"ecapa:{model_dir}" and encoders.encoder_defaults(enc) == (encoders.ECAPA_THRESHOLD, encoders.ECAPA_MARGIN)
+    assert encoders.get_encoder("auto") is enc
     vec = enc.embed(fixture_audio("sample_2spk.wav")[: 2 * SR])
     assert vec.shape == (24,) and abs(float(np.linalg.norm(vec)) - 1.0) < 1e-5
     again = enc.embed(fixture_audio("sample_2spk.wav")[: 2 * SR])

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import DATA
 from speech import models
 
 pytestmark = pytest.mark.prefect
-DATA = Path(__file__).parent / "data"
 
 
 def _client():
@@ -172,7 +172,7 @@ def test_sweep_retries_failed_runs_up_to_max_attempts(sweep_target, tmp_path):
     from prefect.states import Completed, Crashed, Failed
 
     from flows.sweep import sweep_inbox
-    from speech.audio import write_wav
+    from speech.io.decode import write_wav
 
     target, deployment_id = sweep_target
     inbox = tmp_path / "retry-inbox"

@@ -1,24 +1,17 @@
 """Real WhisperX inference with the bundled Whisper base on synthesized speech."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from conftest import samples, wer
 from speech import models
-from speech.audio import load_audio, read_samples
+from speech.asr.language import detect_language
+from speech.asr.transcribe import transcribe
+from speech.asr.whisper import get_whisper, resolve_model
 from speech.errors import ModelError
 from speech.schema import TranscribeParams
 from speech.settings import get_settings
-from speech.transcribe import detect_language, transcribe
-from tests.conftest import wer
-
-DATA = Path(__file__).parent / "data"
-
-
-def samples(name: str) -> np.ndarray:
-    return np.asarray(read_samples(load_audio(str(DATA / name))))
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +46,14 @@ def test_foreign_language_detected(name, lang, manifest):
 @pytest.fixture(scope="module")
 def long_spanish():
     """~42 s of Spanish speech (+gaps): two 30 s windows of speech after VAD."""
-    from speech.transcribe import speech_chunks
+    from speech.asr.vad import get_vad, speech_chunks
 
     clip = samples("es_espeak.wav")
     gap = np.zeros(8000, np.float32)
     audio = np.concatenate([clip, gap, clip, gap, clip, gap, clip, gap, clip])
     device, compute = models.resolve_device()
-    whisper = models.CACHE.get_whisper(models.resolve_model(None), device, compute, get_settings()).whisper
-    _, chunks = speech_chunks(models.CACHE.get_vad(device, get_settings()), audio, 0.5, 0.363)
+    whisper = get_whisper(resolve_model(None), device, compute, get_settings()).whisper
+    _, chunks = speech_chunks(get_vad(device, get_settings()), audio, 0.5, 0.363)
     return whisper, audio, chunks
 
 
@@ -111,23 +104,23 @@ def test_bundled_tiny_en(manifest):
 
 def test_model_resolution_order(monkeypatch, tmp_path):
     s = get_settings()
-    assert models.resolve_model(None, s, assemble=False).label == "bundled:base"
-    assert models.resolve_model("large-v3", s).source == "large-v3"
+    assert resolve_model(None, s, assemble=False).label == "bundled:base"
+    assert resolve_model("large-v3", s).source == "large-v3"
     monkeypatch.setenv("WHISPERX_MODEL_NAME", "small")
     get_settings.cache_clear()
-    assert models.resolve_model(None, get_settings()).label == "small"
-    assert models.resolve_model("medium", get_settings()).label == "medium"  # run parameter wins
+    assert resolve_model(None, get_settings()).label == "small"
+    assert resolve_model("medium", get_settings()).label == "medium"  # run parameter wins
     monkeypatch.delenv("WHISPERX_MODEL_NAME")
     model_dir = tmp_path / "m"
     model_dir.mkdir()
     monkeypatch.setenv("WHISPERX_MODEL_DIR", str(model_dir))
     get_settings.cache_clear()
-    assert models.resolve_model(None, get_settings(), assemble=False).label == "bundled:base"  # no model.bin yet
+    assert resolve_model(None, get_settings(), assemble=False).label == "bundled:base"  # no model.bin yet
     (model_dir / "model.bin").write_bytes(b"x")
-    assert models.resolve_model(None, get_settings()).source == str(model_dir.resolve())
+    assert resolve_model(None, get_settings()).source == str(model_dir.resolve())
     monkeypatch.setenv("WHISPERX_MODEL", "large-v3")  # the image's case: preloaded weights
     get_settings.cache_clear()
-    spec = models.resolve_model(None, get_settings())
+    spec = resolve_model(None, get_settings())
     assert (spec.source, spec.label) == (str(model_dir.resolve()), "large-v3")
     monkeypatch.delenv("WHISPERX_MODEL")
     monkeypatch.setenv("VAD_MODEL_PATH", "")
@@ -137,15 +130,15 @@ def test_model_resolution_order(monkeypatch, tmp_path):
     monkeypatch.delenv("WHISPERX_MODEL_DIR")
     get_settings.cache_clear()
     with pytest.raises(ModelError, match="no model.bin"):
-        models.resolve_model(str(tmp_path), get_settings())
+        resolve_model(str(tmp_path), get_settings())
     with pytest.raises(ModelError, match="unknown bundled"):
-        models.resolve_model("bundled:huge", get_settings())
+        resolve_model("bundled:huge", get_settings())
 
 
 def test_hub_model_offline_gives_clear_error():
-    spec = models.resolve_model("large-v3")
+    spec = resolve_model("large-v3")
     with pytest.raises(ModelError, match="Hugging Face hub"):
-        models.CACHE.get_whisper(spec, "cpu", "int8", get_settings())
+        get_whisper(spec, "cpu", "int8", get_settings())
 
 
 def test_device_choice(monkeypatch):
@@ -163,19 +156,20 @@ def test_device_choice(monkeypatch):
 def test_failed_aligner_and_diarizer_loads_are_remembered(tmp_path):
     """A model that cannot load fails with one clear ModelError, and the same error comes back
     at once for the rest of the process (no reload attempt per file)."""
+    from speech.align.wav2vec2 import load_align_model
     from speech.models import ModelCache
-    from speech.settings import get_settings
+    from speech.speakers.pyannote_local import load_pipeline
 
     cache = ModelCache()
     missing = str(tmp_path / "no-such-aligner")
     with pytest.raises(ModelError, match="cannot load the wav2vec2 aligner for 'en'") as first:
-        cache.get_align_model("en", missing, "cpu", get_settings())
+        load_align_model("en", missing, "cpu", get_settings(), cache)
     with pytest.raises(ModelError) as again:
-        cache.get_align_model("en", missing, "cpu", get_settings())
+        load_align_model("en", missing, "cpu", get_settings(), cache)
     assert again.value is first.value and cache.load_count == 0
 
     with pytest.raises(ModelError, match="not cached and the hub is unreachable") as first:
-        cache.get_diarization_pipeline("org/not-a-pipeline", "cpu", None, get_settings(), probe=True)
+        load_pipeline("org/not-a-pipeline", "cpu", None, cache, probe=True)
     with pytest.raises(ModelError) as again:
-        cache.get_diarization_pipeline("org/not-a-pipeline", "cpu", None, get_settings(), probe=True)
+        load_pipeline("org/not-a-pipeline", "cpu", None, cache, probe=True)
     assert again.value is first.value and cache.load_count == 0

@@ -1,4 +1,4 @@
-"""speech.upload against a real S3 protocol server (moto on 127.0.0.1, see conftest)."""
+"""speech.io.upload against a real S3 protocol server (moto on 127.0.0.1, see conftest)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from speech.errors import InvalidRequest, StorageError, TransientStorageError
-from speech.upload import UploadResult, content_type_for, upload_audio
+from speech.io.upload import UploadResult, content_type_for, upload_audio
 
 
 def _sha(data: bytes) -> str:
@@ -167,7 +167,7 @@ def test_no_such_bucket_is_clear_and_not_retryable(s3, tmp_path):
 def test_access_denied_mapping():
     from botocore.exceptions import ClientError
 
-    from speech.upload import _storage_error
+    from speech.io.s3 import storage_error as _storage_error
 
     denied = ClientError(
         {"Error": {"Code": "AccessDenied", "Message": "no"}, "ResponseMetadata": {"HTTPStatusCode": 403}},
@@ -252,7 +252,7 @@ def swami_env(s3_server, monkeypatch, tmp_path):
 
 
 def test_swami_env_aliases_make_a_working_client(swami_env, tmp_path):
-    from speech.audio import s3_client
+    from speech.io.s3 import s3_client
     from speech.settings import get_settings
 
     settings = get_settings()
@@ -290,7 +290,7 @@ def test_s3_client_accepts_secretstr_access_key(s3_server):
     """tasks/ overrides keys with model_copy(update=...), which may hand SecretStr for both."""
     from pydantic import SecretStr
 
-    from speech.audio import s3_client
+    from speech.io.s3 import s3_client
     from speech.settings import get_settings
 
     settings = get_settings().model_copy(

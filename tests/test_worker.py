@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import wer
+from conftest import DATA, wer
 from deepgram_stub import KEY, DeepgramServer
 
 from deployments.local_server import stop
 
 pytestmark = pytest.mark.prefect
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "tests" / "data"
 BIN = Path(sys.executable).parent
 BUCKET = "worker-results"
 AUDIO = "sample_2spk.wav"

@@ -7,7 +7,7 @@ of the text is normalised into zero or more dictionary words ("42" -> "forty two
 "well-worn" -> "well worn", "$5" -> "five dollars", punctuation stripped); words missing from
 the CMU dictionary get a pronunciation from the dictionary itself where possible (possessives,
 compounds) or else from a small rule-based letter-to-sound converter (pocketsphinx has no g2p),
-and are added to the decoder's dictionary. Words with no usable pronunciation (non-Latin
+and are added to the decoder's dictionary (:mod:`speech.align.text`, :mod:`speech.align.g2p`). Words with no usable pronunciation (non-Latin
 script) are left out. The word sequence is aligned by an FSG search: the words in order with
 optional silence between them (what ``Decoder.set_align_text`` builds), plus a heavily
 penalised free phone loop before the first and after the last word, so that a neighbour's
@@ -32,12 +32,16 @@ from __future__ import annotations
 import math
 import re
 import threading
-import unicodedata
 from typing import Optional
 
 import numpy as np
 
-SAMPLE_RATE = 16000
+from speech.align.g2p import oov_pron
+from speech.align.text import normalize_token
+from speech.align.words import fill_missing, refine, round_time
+from speech.progress import ProgressCallback, report
+from speech.schema import SAMPLE_RATE, Segment, TimedWord, Transcript
+
 FRAME_RATE = 100  # the en-us model's frame rate (frames per second)
 PAD_S = 0.2  # audio added either side of a segment so edge words are not cut
 # Per-frame log-likelihood ratio (natural log) that maps to score = 1/e; see _score().
@@ -63,257 +67,6 @@ _CI_PHONES = (
     "AA AE AH AO AW AY B CH D DH EH ER EY F G HH IH IY JH K L M N NG OW OY P R S SH T TH "
     "UH UW V W Y Z ZH"
 ).split()
-
-# ----------------------------------------------------------------------------------
-# text normalisation: numbers, symbols, punctuation
-
-_ONES = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-    "fifteen sixteen seventeen eighteen nineteen"
-).split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-_SCALES = [
-    (10**12, "trillion"),
-    (10**9, "billion"),
-    (10**6, "million"),
-    (1000, "thousand"),
-    (100, "hundred"),
-]
-_ORDINAL_IRREGULAR = {
-    "one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
-    "nine": "ninth", "twelve": "twelfth",
-}
-_SYMBOLS = {"&": "and", "%": "percent", "+": "plus", "@": "at", "=": "equals", "#": "number"}
-_CURRENCY = {"$": ("dollar", "dollars"), "£": ("pound", "pounds"), "€": ("euro", "euros")}
-
-
-def number_words(n: int) -> list[str]:
-    """Cardinal English words for a non-negative integer: 42 -> ['forty', 'two']."""
-    if n < 20:
-        return [_ONES[n]]
-    if n < 100:
-        tens, ones = divmod(n, 10)
-        return [_TENS[tens]] + ([_ONES[ones]] if ones else [])
-    for value, name in _SCALES:
-        if n >= value:
-            head, rest = divmod(n, value)
-            return number_words(head) + [name] + (number_words(rest) if rest else [])
-    raise AssertionError(n)  # pragma: no cover
-
-
-def ordinal_words(n: int) -> list[str]:
-    words = number_words(n)
-    last = words[-1]
-    if last in _ORDINAL_IRREGULAR:
-        last = _ORDINAL_IRREGULAR[last]
-    elif last.endswith("y"):
-        last = last[:-1] + "ieth"
-    else:
-        last += "th"
-    return words[:-1] + [last]
-
-
-def year_words(n: int) -> list[str]:
-    """How a 4-digit year is read: 1999 -> nineteen ninety nine, 1905 -> nineteen oh five."""
-    if 2000 <= n <= 2009 or n % 1000 == 0:
-        return number_words(n)
-    hi, lo = divmod(n, 100)
-    if lo == 0:
-        return number_words(hi) + ["hundred"]
-    return number_words(hi) + (["oh"] if lo < 10 else []) + number_words(lo)
-
-
-def _digits_words(s: str) -> list[str]:
-    """Words for a digit string that may carry thousands commas and a decimal point."""
-    s = s.replace(",", "")
-    if not s:
-        return []
-    if "." in s:
-        whole, _, frac = s.partition(".")
-        out = number_words(int(whole)) if whole else []
-        out.append("point")
-        out += [_ONES[int(c)] for c in frac if c.isdigit()]
-        return out
-    if len(s) > 1 and s.startswith("0"):  # "007", a code: read digit by digit
-        return ["oh" if c == "0" else _ONES[int(c)] for c in s]
-    n = int(s)
-    if len(s) == 4 and 1100 <= n <= 2099:
-        return year_words(n)
-    if len(s) > 15:
-        return [_ONES[int(c)] for c in s]
-    return number_words(n)
-
-
-_NUM_RE = re.compile(r"^(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?$")
-_ORD_RE = re.compile(r"^(\d+)(st|nd|rd|th)$")
-
-
-def normalize_token(token: str) -> list[str]:
-    """The lower-case words a text token is spoken as ([] if it is only punctuation)."""
-    t = token.strip()
-    # unify quotes/apostrophes and dashes
-    t = t.replace("\u2019", "'").replace("\u2018", "'").replace("\u2013", "-").replace("\u2014", "-")
-    # strip surrounding punctuation (keep currency signs, % and leading digits' signs)
-    t = re.sub(r"^[^\w$£€#@&+]+", "", t)
-    t = re.sub(r"[^\w%&+]+$", "", t)
-    if not t or t in _SYMBOLS:
-        return [_SYMBOLS[c] for c in token if c in _SYMBOLS][:1]
-    out: list[str] = []
-    currency = None
-    if t[0] in _CURRENCY:
-        currency, t = _CURRENCY[t[0]], t[1:]
-    percent = t.endswith("%")
-    if percent:
-        t = t[:-1]
-    m = _NUM_RE.match(t)
-    mo = _ORD_RE.match(t.lower())
-    if m:
-        out = _digits_words(m.group(0))
-        if currency:
-            out.append(currency[0] if m.group(0).replace(",", "") in ("1", "1.0", "1.00") else currency[1])
-    elif mo:
-        out = ordinal_words(int(mo.group(1)))
-    else:
-        if currency:
-            out.append(currency[1])
-        # split on hyphens, slashes and other inner punctuation except apostrophes
-        for part in re.split(r"[^\w']+|_", t.replace("&", " and ")):
-            part = part.strip("'")
-            if not part:
-                continue
-            # runs of digits and letters: "mp3" -> mp + three, "4x4" -> four x four
-            for run in re.findall(r"\d+|[^\W\d_]+(?:'[^\W\d_]+)*", part):
-                if run.isdigit():
-                    out += _digits_words(run)
-                else:
-                    out.append(run)
-    if percent:
-        out.append("percent")
-    return [_fold(w).lower() for w in out]
-
-
-def _fold(word: str) -> str:
-    """Latin letters without accents ("café" -> "cafe"); other scripts are kept as they are."""
-    folded = unicodedata.normalize("NFKD", word.replace("ß", "ss")).encode("ascii", "ignore").decode("ascii")
-    return folded if folded and len(folded) >= len(word) - 1 else word
-
-
-# ----------------------------------------------------------------------------------
-# pronunciations for out-of-vocabulary words
-
-_LETTER_NAMES = {
-    "a": "EY", "b": "B IY", "c": "S IY", "d": "D IY", "e": "IY", "f": "EH F", "g": "JH IY",
-    "h": "EY CH", "i": "AY", "j": "JH EY", "k": "K EY", "l": "EH L", "m": "EH M", "n": "EH N",
-    "o": "OW", "p": "P IY", "q": "K Y UW", "r": "AA R", "s": "EH S", "t": "T IY", "u": "Y UW",
-    "v": "V IY", "w": "D AH B AH L Y UW", "x": "EH K S", "y": "W AY", "z": "Z IY",
-}
-
-# Letter-to-sound rules, longest match first: (graphemes, phones). Context-free apart from the
-# few handled in _letter_to_sound (soft c/g, final e, initial kn/wr, y as vowel).
-_LTS_RULES = sorted(
-    {
-        "tch": "CH", "sch": "S K", "igh": "AY", "ough": "AO", "augh": "AO", "tion": "SH AH N",
-        "sion": "ZH AH N", "ture": "CH ER", "eau": "OW", "dge": "JH", "que": "K",
-        "ch": "CH", "sh": "SH", "th": "TH", "ph": "F", "wh": "W", "ck": "K", "ng": "NG",
-        "qu": "K W", "gh": "G", "kn": "N", "wr": "R", "gn": "N", "ps": "S", "mb": "M",
-        "ee": "IY", "ea": "IY", "oo": "UW", "ou": "AW", "ow": "OW", "oi": "OY", "oy": "OY",
-        "ai": "EY", "ay": "EY", "au": "AO", "aw": "AO", "ie": "IY", "ei": "EY", "ey": "EY",
-        "ue": "UW", "ew": "UW", "oa": "OW", "ar": "AA R", "er": "ER", "ir": "ER", "ur": "ER",
-        "or": "AO R", "yr": "ER",
-        "a": "AE", "b": "B", "c": "K", "d": "D", "e": "EH", "f": "F", "g": "G", "h": "HH",
-        "i": "IH", "j": "JH", "k": "K", "l": "L", "m": "M", "n": "N", "o": "AA", "p": "P",
-        "q": "K", "r": "R", "s": "S", "t": "T", "u": "AH", "v": "V", "w": "W", "x": "K S",
-        "y": "Y", "z": "Z",
-    }.items(),
-    key=lambda kv: -len(kv[0]),
-)
-_VOWELS = set("aeiouy")
-
-
-def _letter_to_sound(word: str) -> str:
-    """A rough ARPAbet pronunciation for a word made of letters (and apostrophes)."""
-    w = re.sub(r"[^a-z]", "", word.lower())
-    if not w:
-        return ""
-    if len(w) <= 1 or not (_VOWELS & set(w)):
-        # no vowel letter ("nth", "mp"): spell it
-        return " ".join(_LETTER_NAMES[c] for c in w)
-    phones: list[str] = []
-    i = 0
-    while i < len(w):
-        rest = w[i:]
-        nxt = w[i + 1] if i + 1 < len(w) else ""
-        c = w[i]
-        # silent final e after a consonant ("style", "zorvane")
-        if c == "e" and i == len(w) - 1 and i >= 2 and w[i - 1] not in _VOWELS:
-            break
-        if c in "cg" and nxt in ("e", "i", "y"):
-            phones.append("S" if c == "c" else "JH")
-            i += 1
-            continue
-        if c == "y" and i > 0:  # y after the first letter is a vowel
-            phones.append("IY" if i == len(w) - 1 else "IH")
-            i += 1
-            continue
-        if i > 0 and c == w[i - 1] and c not in _VOWELS:  # double consonant
-            i += 1
-            continue
-        for g, ph in _LTS_RULES:
-            if rest.startswith(g) and not (g in ("kn", "wr", "gn", "ps") and i > 0):
-                phones.append(ph)
-                i += len(g)
-                break
-        else:
-            i += 1  # a letter outside a-z cannot get here; be safe
-    return " ".join(phones)
-
-
-def _spell(word: str) -> str:
-    return " ".join(_LETTER_NAMES[c] for c in word.lower() if c in _LETTER_NAMES)
-
-
-def _base_pron(decoder, word: str) -> Optional[str]:
-    pron = decoder.lookup_word(word)
-    return pron or None
-
-
-def _oov_pron(decoder, word: str, original: str) -> str:
-    """A pronunciation for a word the dictionary lacks, built from the dictionary if possible."""
-    if "'" in word:
-        base, _, suffix = word.rpartition("'")
-        bp = _base_pron(decoder, base) or _oov_pron(decoder, base, base)
-        if suffix == "s":
-            last = bp.split()[-1] if bp else ""
-            if last in ("S", "Z", "SH", "ZH", "CH", "JH"):
-                return f"{bp} IH Z"
-            if last in ("P", "T", "K", "F", "TH"):
-                return f"{bp} S"
-            return f"{bp} Z"
-        if suffix in ("ll", "d", "ve", "re", "t", "m"):
-            extra = {"ll": "L", "d": "D", "ve": "V", "re": "R", "t": "T", "m": "M"}[suffix]
-            return f"{bp} {extra}"
-        word = base + suffix
-    # acronyms: an unknown all-capitals word of up to 3 letters, or one without a vowel
-    # letter, is spelled out ("FBI", "XQZ"); longer ones are read as words ("COVID")
-    letters = re.sub(r"[^A-Za-z]", "", original)
-    if letters.isupper() and len(letters) > 1 and (len(letters) <= 3 or not _VOWELS & set(letters.lower())):
-        return _spell(letters)
-    # plural / possessive-like suffix of a dictionary word ("zorvaths" won't, "gizmos" may)
-    for suf, tail in (("s", None), ("es", None), ("ed", "D"), ("ing", "IH NG"), ("er", "ER"), ("ly", "L IY")):
-        if word.endswith(suf) and len(word) > len(suf) + 2:
-            bp = _base_pron(decoder, word[: -len(suf)])
-            if bp:
-                if tail is None:
-                    last = bp.split()[-1]
-                    tail = "IH Z" if last in ("S", "Z", "SH", "ZH", "CH", "JH") else (
-                        "S" if last in ("P", "T", "K", "F", "TH") else "Z")
-                return f"{bp} {tail}"
-    # compound of two dictionary words ("zebrafish", "backyardish")
-    for k in range(len(word) - 3, 2, -1):
-        left, right = _base_pron(decoder, word[:k]), _base_pron(decoder, word[k:])
-        if left and right and len(word) - k >= 3:
-            return f"{left} {right}"
-    return _letter_to_sound(word)
 
 
 # ----------------------------------------------------------------------------------
@@ -353,7 +106,7 @@ def _ensure_words(decoder, words: list[str], originals: list[str]) -> None:
         try:
             if decoder.lookup_word(w):
                 continue
-            pron = _oov_pron(decoder, w, orig)
+            pron = oov_pron(decoder, w, orig)
             if pron:
                 decoder.add_word(w, pron, True)
         except (RuntimeError, UnicodeError, ValueError):
@@ -505,4 +258,19 @@ def align_words_pocketsphinx(audio: np.ndarray, start: float, end: float, text: 
         scores = [_score(spans[j][2], spans[j][1] - spans[j][0] + 1) for j in idx]
         scores = [x for x in scores if x is not None]
         out[ti]["score"] = round(min(scores), 3) if scores else None
+    return out
+
+
+def align_pocketsphinx(audio: np.ndarray, transcript: Transcript,
+                       progress: Optional[ProgressCallback] = None) -> list[Segment]:
+    """Every segment of an English transcript, aligned on its own audio span."""
+    if (transcript.language or "en") != "en":
+        raise ValueError(f"pocketsphinx aligns English only, not {transcript.language!r}")
+    out = []
+    for i, seg in enumerate(transcript.segments):
+        raw = align_words_pocketsphinx(audio, seg.start, seg.end, seg.text)
+        words = [TimedWord(word=w["word"], start=round_time(w.get("start")), end=round_time(w.get("end")),
+                           score=round_time(w.get("score"))) for w in raw]
+        out.append(refine(seg, fill_missing(words, seg.start, seg.end)))
+        report(progress, "align", (i + 1) / len(transcript.segments), "pocketsphinx")
     return out

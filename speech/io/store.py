@@ -13,10 +13,26 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
-from speech import progress
+from pydantic import BaseModel, Field
+
 from speech.errors import StorageError
-from speech.schema import OutputRef
+from speech.schema import OutputRef, S3Options, TranscriptionRequest
 from speech.settings import Settings, get_settings
+
+
+class OutputTarget(BaseModel):
+    """Where a run's outputs go: a bucket (parameter or RESULTS_BUCKET), else a local folder."""
+
+    download_dir: Optional[str] = None
+    bucket: Optional[str] = None
+    prefix: Optional[str] = None
+    s3: S3Options = Field(default_factory=S3Options)
+    download_transcript: bool = Field(False, description="with a bucket, also write the files to download_dir")
+
+    @classmethod
+    def from_request(cls, req: TranscriptionRequest) -> "OutputTarget":
+        return cls(download_dir=req.download_dir, bucket=req.bucket, prefix=req.prefix_transcripts,
+                   s3=S3Options.from_request(req), download_transcript=req.download_transcript)
 
 
 class ResultStore(Protocol):
@@ -46,7 +62,6 @@ class LocalStore:
                 final = self.root / name
                 os.replace(staging / name, final)
                 refs.append(OutputRef(name=name, uri=str(final.resolve()), size_bytes=len(data)))
-            progress.report("outputs", 1.0, self.describe())
             return refs
         except OSError as exc:
             raise StorageError(f"cannot write outputs to {self.root}: {exc.strerror or exc}") from None
@@ -78,7 +93,6 @@ class S3Store:
             except (ClientError, BotoCoreError) as exc:
                 raise StorageError(f"cannot write s3://{self.bucket}/{key}: {exc}") from None
             refs.append(OutputRef(name=name, uri=f"s3://{self.bucket}/{key}", size_bytes=len(files[name])))
-        progress.report("outputs", 1.0, self.describe())
         return refs
 
 
@@ -93,7 +107,11 @@ def open_store(
     settings = settings or get_settings()
     bucket = bucket or (None if download_dir else settings.s3_bucket)
     if bucket:
-        from speech.audio import s3_client
+        from speech.io.s3 import s3_client
 
         return S3Store(bucket, settings.s3_prefix if prefix is None else prefix, client or s3_client(settings))
-    return LocalStore(Path(download_dir) if download_dir else settings.results_dir)
+    return local_store(download_dir, settings)
+
+
+def local_store(download_dir: Optional[str] = None, settings: Optional[Settings] = None) -> LocalStore:
+    return LocalStore(Path(download_dir) if download_dir else (settings or get_settings()).results_dir)

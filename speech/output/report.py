@@ -1,20 +1,13 @@
 """Human-readable summaries of a run (rendered by the orchestration layer as artifacts)."""
 from __future__ import annotations
 
-from typing import Optional
+from speech.output.result import PipelineResults
+from speech.schema import OutputRef, TranscriptionResult
 
-from speech.schema import AudioRef, OutputRef, Transcript, TranscriptionResult
 
-
-def summary_markdown(
-    audio: AudioRef,
-    transcript: Transcript,
-    result: TranscriptionResult,
-    outputs: list[OutputRef],
-    stage_seconds: dict[str, float],
-    store: str,
-    cached_stages: Optional[list[str]] = None,
-) -> str:
+def summary_markdown(run: PipelineResults, result: TranscriptionResult, outputs: list[OutputRef], store: str) -> str:
+    """The run's markdown artifact: what was transcribed, how long each stage took, where it went."""
+    audio, transcript, cached_stages = run.audio, run.transcript, run.cached_stages
     asr = transcript.processing_seconds()
     rtf = asr / audio.duration if audio.duration else 0.0
     prob = "" if result.language_probability is None else f" (p={result.language_probability:.2f})"
@@ -35,7 +28,7 @@ def summary_markdown(
     if cached_stages:
         lines.append(f"| cache hits | {', '.join(cached_stages)} |")
     lines += ["", "## Stage times (s)", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in stage_seconds.items()]
+    lines += [f"| {k} | {v:.2f} |" for k, v in run.stage_seconds.items()]
     lines += [f"| transcribe: {k} | {v:.2f} |" for k, v in transcript.timings.items()]
     lines += ["", "## Outputs", ""] + [f"- `{o.uri}` ({o.size_bytes} bytes)" for o in outputs]
     if result.segments:

@@ -41,7 +41,7 @@ def list_local(folder: str, pattern: str) -> list[Candidate]:
 
 def list_s3(uri: str, pattern: str) -> list[Candidate]:
     """Paginated ``list_objects_v2``; the glob applies to the key's last component. Identity = ETag."""
-    from speech.audio import s3_client
+    from speech.io.s3 import s3_client
     from speech.settings import get_settings
 
     parts = urlsplit(uri)
@@ -66,6 +66,6 @@ def list_s3(uri: str, pattern: str) -> list[Candidate]:
 
 def local_identity(path: str) -> str:
     """sha256 of the bytes, streamed (speech.audio.fetch: also rejects empty/oversized files)."""
-    from speech.audio import fetch
+    from speech.io.fetch import fetch
 
     return fetch(path).sha256

@@ -8,7 +8,7 @@ metadata (every upload here writes it), falling back, for objects written by oth
 to size + ETag == MD5 (valid for single-part uploads only). ``force=True`` always uploads.
 
 The presigned URL carries credentials in its query string: it is returned, never logged;
-messages use :func:`speech.audio.redact_url`. ``UploadResult``'s repr hides it as well.
+messages use :func:`speech.redact.redact_url`. ``UploadResult``'s repr hides it as well.
 """
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, Field
 
-from speech.audio import redact_url
-from speech.errors import InvalidRequest, StorageError, TransientStorageError
+from speech.errors import InvalidRequest, StorageError
+from speech.io.s3 import s3_client, storage_error
+from speech.redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -47,28 +48,6 @@ _AUDIO_TYPES = {
     ".amr": "audio/amr",
 }
 
-_TRANSIENT_CODES = {
-    "SlowDown",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "InternalError",
-    "ServiceUnavailable",
-    "Throttling",
-    "ThrottlingException",
-    "TooManyRequests",
-    "RequestLimitExceeded",
-}
-_DENIED_CODES = {
-    "AccessDenied",
-    "403",
-    "Forbidden",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "AllAccessDisabled",
-    "AccountProblem",
-}
-
-
 class UploadResult(BaseModel):
     bucket: str
     key: str
@@ -92,59 +71,6 @@ def _md5_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _storage_error(exc: BaseException, what: str, bucket: str) -> StorageError:
-    """Map a botocore/boto3 failure to a one-line StorageError (retryable when transient)."""
-    from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import (
-        BotoCoreError,
-        ClientError,
-        ConnectionClosedError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        NoCredentialsError,
-        PartialCredentialsError,
-        ReadTimeoutError,
-    )
-
-    # upload_file wraps a ClientError in S3UploadFailedError (raised inside its except block)
-    if isinstance(exc, S3UploadFailedError):
-        inner = exc.__cause__ or exc.__context__
-        if isinstance(inner, (ClientError, BotoCoreError)):
-            exc = inner
-        else:
-            text = str(exc)
-            for code in ("NoSuchBucket", *sorted(_DENIED_CODES), *sorted(_TRANSIENT_CODES)):
-                if f"({code})" in text:
-                    return _storage_error_for_code(code, 0, what, bucket)
-            return StorageError(f"{what}: upload failed")
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
-        return _storage_error_for_code(str(err.get("Code", "")), int(status), what, bucket)
-    if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)):
-        endpoint = getattr(exc, "kwargs", {}).get("endpoint_url", "")
-        where = f" ({redact_url(endpoint)})" if endpoint else ""
-        return TransientStorageError(f"{what}: cannot reach the S3 endpoint{where}: {type(exc).__name__}")
-    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-        return StorageError(
-            f"{what}: no S3 credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-            "or SWAMI_STORAGE_ACCESS_KEY/SWAMI_STORAGE_SECRET_KEY)"
-        )
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return TransientStorageError(f"{what}: connection failed: {type(exc).__name__}")
-    return StorageError(f"{what}: {type(exc).__name__}")
-
-
-def _storage_error_for_code(code: str, status: int, what: str, bucket: str) -> StorageError:
-    if code == "NoSuchBucket":
-        return StorageError(f"{what}: bucket {bucket!r} does not exist")
-    if code in _DENIED_CODES or status == 403:
-        return StorageError(f"{what}: access denied to bucket {bucket!r} ({code or status}); check the credentials")
-    if code in _TRANSIENT_CODES or status >= 500 or status == 429:
-        return TransientStorageError(f"{what}: S3 error {code or status} (retryable)")
-    return StorageError(f"{what}: S3 error {code or status}")
-
-
 def _same_object(client: Any, bucket: str, key: str, path: Path, size: int, sha256: str) -> bool:
     """True when ``bucket/key`` exists and holds the same bytes as ``path``."""
     from botocore.exceptions import BotoCoreError, ClientError
@@ -157,9 +83,9 @@ def _same_object(client: Any, bucket: str, key: str, path: Path, size: int, sha2
         if code in ("404", "NoSuchKey", "NotFound") or status == 404:
             # also what HEAD says for a missing bucket: the upload then reports NoSuchBucket
             return False
-        raise _storage_error(exc, f"cannot check s3://{bucket}/{key}", bucket) from None
+        raise storage_error(exc, f"cannot check s3://{bucket}/{key}", bucket) from None
     except BotoCoreError as exc:
-        raise _storage_error(exc, f"cannot check s3://{bucket}/{key}", bucket) from None
+        raise storage_error(exc, f"cannot check s3://{bucket}/{key}", bucket) from None
 
     stored_sha = (head.get("Metadata") or {}).get("sha256")
     if stored_sha:
@@ -209,7 +135,6 @@ def upload_audio(
     sha256 = sha256.lower()
 
     if client is None:
-        from speech.audio import s3_client
         from speech.settings import get_settings
 
         client = s3_client(get_settings())
@@ -227,7 +152,7 @@ def upload_audio(
                 ExtraArgs={"Metadata": {"sha256": sha256}, "ContentType": content_type_for(object_name)},
             )
         except (ClientError, BotoCoreError, Boto3Error) as exc:
-            raise _storage_error(exc, f"cannot upload {path.name} to {uri}", bucket) from None
+            raise storage_error(exc, f"cannot upload {path.name} to {uri}", bucket) from None
         uploaded = True
         log.info("uploaded %s (%d bytes) to %s", path.name, size, uri)
     else:
@@ -238,7 +163,7 @@ def upload_audio(
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=url_expiry
         )
     except (ClientError, BotoCoreError) as exc:
-        raise _storage_error(exc, f"cannot presign {uri}", bucket) from None
+        raise storage_error(exc, f"cannot presign {uri}", bucket) from None
     log.debug("presigned %s for %ds: %s", uri, url_expiry, redact_url(url))
     return UploadResult(
         bucket=bucket, key=key, uri=uri, presigned_url=url, uploaded=uploaded, size_bytes=size, sha256=sha256

@@ -25,106 +25,47 @@ request objects carry the ``Authorization`` header) are not chained onto ours.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union, get_args
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, SecretStr
+import numpy as np
+from pydantic import SecretStr
 
-from speech.formats import load_saved_json
 from speech.errors import DiarizationError, InvalidRequest
+from speech.io.decode import write_wav
+from speech.output.formats import load_saved_json
+from speech.redact import check_base_url, one_line, scrub, secret_value
+from speech.schema import DiarizationOutcome, DiarizeParams, PyannoteModel, Turn, check_speaker_counts
 from speech.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-MODELS = ("precision-2", "community-1")
+MODELS = get_args(PyannoteModel)
 DEFAULT_API_URL = "https://api.pyannote.ai/v1"
 _TERMINAL = ("succeeded", "failed", "canceled")
-_REDACTED = "***"
-
-
-class ApiTurn(BaseModel):
-    start: float
-    end: float
-    speaker: str
-
-
-class PyannoteApiResult(BaseModel):
-    turns: list[ApiTurn]
-    job: dict  # the raw job JSON, key scrubbed (saved by the caller as <stem>.pyannote.job.json)
-
-
-# ----------------------------------------------------------------------------------
-# helpers
-
-
-def _one_line(value: Any, limit: int = 300) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _scrub_text(text: str, key: str) -> str:
-    return text.replace(key, _REDACTED) if key else text
-
-
-def _scrub(value: Any, key: str) -> Any:
-    """A copy of a JSON value with every occurrence of the key replaced."""
-    if not key:
-        return value
-    if isinstance(value, str):
-        return _scrub_text(value, key)
-    if isinstance(value, dict):
-        return {_scrub(k, key): _scrub(v, key) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub(v, key) for v in value]
-    return value
 
 
 def resolve_api_url(base_url: Optional[str] = None) -> str:
     """Parameter, else ``PYANNOTE_API_URL``, else the public API; a bare host gets ``/v1``."""
-    url = (base_url or get_settings().pyannote_api_url or DEFAULT_API_URL).strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        shown = f"{parts.scheme}://{parts.hostname or ''}{parts.path}" if parts.scheme else "<not a URL>"
-        raise InvalidRequest(
-            f"invalid pyannoteAI API URL {shown!r}: expected http(s)://host[:port][/v1] (PYANNOTE_API_URL)"
-        )
-    if parts.username or parts.password:
-        raise InvalidRequest("pyannoteAI API URL must not carry credentials; the key goes in PYANNOTE_API_KEY")
-    if not parts.path:
-        url += "/v1"
-    return url
-
-
-def _check_count(name: str, value: Optional[int]) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidRequest(f"{name} must be a positive integer (got {value!r})")
+    url = check_base_url(base_url or get_settings().pyannote_api_url or DEFAULT_API_URL,
+                         "pyannoteAI API", "PYANNOTE_API_URL", "PYANNOTE_API_KEY")
+    return url if urlsplit(url).path else url + "/v1"
 
 
 def _validate(model, num_speakers, min_speakers, max_speakers, poll_interval, timeout) -> None:
     if model not in MODELS:
         raise InvalidRequest(f"pyannote model must be one of {', '.join(MODELS)} (got {model!r})")
-    _check_count("num_speakers", num_speakers)
-    _check_count("min_speakers", min_speakers)
-    _check_count("max_speakers", max_speakers)
-    if min_speakers is not None and max_speakers is not None and min_speakers > max_speakers:
-        raise InvalidRequest(f"min_speakers ({min_speakers}) is greater than max_speakers ({max_speakers})")
-    if num_speakers is not None and (
-        (min_speakers is not None and num_speakers < min_speakers)
-        or (max_speakers is not None and num_speakers > max_speakers)
-    ):
-        raise InvalidRequest(
-            f"num_speakers ({num_speakers}) is outside min_speakers..max_speakers ({min_speakers}..{max_speakers})"
-        )
+    try:
+        check_speaker_counts(num_speakers, min_speakers, max_speakers)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
     for name, value in (("pyannote poll interval", poll_interval), ("pyannote timeout", timeout)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise InvalidRequest(f"{name} must be a positive number of seconds (got {value!r})")
@@ -134,7 +75,7 @@ def _validate(model, num_speakers, min_speakers, max_speakers, poll_interval, ti
 # job output -> turns
 
 
-def turns_from_job(job: dict, *, exclusive: bool = False) -> list[ApiTurn]:
+def turns_from_job(job: dict, *, exclusive: bool = False) -> list[Turn]:
     """Speaker turns of a succeeded diarization job (full job JSON, or just its ``output``)."""
     if not isinstance(job, dict):
         raise DiarizationError("pyannoteAI job JSON is not an object")
@@ -142,7 +83,7 @@ def turns_from_job(job: dict, *, exclusive: bool = False) -> list[ApiTurn]:
     status = job.get("status")
     if status is not None and status != "succeeded":
         error = (job.get("output") or {}).get("error") if isinstance(job.get("output"), dict) else None
-        reason = f": {_one_line(error)}" if error else ""
+        reason = f": {one_line(error)}" if error else ""
         raise DiarizationError(f"pyannoteAI job {job_id} is {status}, not succeeded{reason}")
     output = job.get("output") if ("output" in job or "status" in job) else job
     if not isinstance(output, dict):
@@ -156,7 +97,7 @@ def turns_from_job(job: dict, *, exclusive: bool = False) -> list[ApiTurn]:
     items = output.get(field)
     if not isinstance(items, list):
         raise DiarizationError(f"pyannoteAI job {job_id} output has no '{field}' list")
-    turns: list[ApiTurn] = []
+    turns: list[Turn] = []
     dropped = 0
     for i, item in enumerate(items):
         try:
@@ -170,7 +111,7 @@ def turns_from_job(job: dict, *, exclusive: bool = False) -> list[ApiTurn]:
         if not (math.isfinite(start) and math.isfinite(end)) or end <= start or end <= 0:
             dropped += 1
             continue
-        turns.append(ApiTurn(start=max(0.0, start), end=end, speaker=str(speaker)))
+        turns.append(Turn(start=max(0.0, start), end=end, speaker=str(speaker)))
     if dropped:
         log.debug("pyannoteAI job %s: dropped %d empty or invalid turns", job_id, dropped)
     turns.sort(key=lambda t: (t.start, t.end, t.speaker))
@@ -242,7 +183,7 @@ def _http_reason(response) -> str:
         message = (body.get("message") or body.get("error")) if isinstance(body, dict) else None
     except ValueError:
         message = None
-    return f": {_one_line(message, 200)}" if message else ""
+    return f": {one_line(message, 200)}" if message else ""
 
 
 def _translate(exc: BaseException, client, api_url: str, timeout: float, key: str) -> DiarizationError:
@@ -260,11 +201,11 @@ def _translate(exc: BaseException, client, api_url: str, timeout: float, key: st
             "raise the pyannote timeout or try again later"
         )
     if isinstance(exc, PyannoteAIFailedJob):
-        reason = _one_line(exc.args[0]) if exc.args else "no reason given"
-        return DiarizationError(_scrub_text(f"pyannoteAI job {job_id} failed: {reason}", key))
+        reason = one_line(exc.args[0]) if exc.args else "no reason given"
+        return DiarizationError(scrub(f"pyannoteAI job {job_id} failed: {reason}", key))
     if isinstance(exc, PyannoteAICanceledJob):
-        reason = _one_line(exc.args[0]) if exc.args else "no reason given"
-        return DiarizationError(_scrub_text(f"pyannoteAI job {job_id} was canceled: {reason}", key))
+        reason = one_line(exc.args[0]) if exc.args else "no reason given"
+        return DiarizationError(scrub(f"pyannoteAI job {job_id} was canceled: {reason}", key))
     if isinstance(exc, requests.HTTPError):
         response = exc.response
         code = response.status_code if response is not None else None
@@ -275,7 +216,7 @@ def _translate(exc: BaseException, client, api_url: str, timeout: float, key: st
             )
         if code is None:
             return DiarizationError(f"{where} failed: HTTP error", retryable=True)
-        reason = _scrub_text(_http_reason(response), key) if stage != "upload" else ""
+        reason = scrub(_http_reason(response), key) if stage != "upload" else ""
         target = "pyannoteAI storage" if stage == "upload" else urlsplit(response.url or "").path
         text = f"{where} failed: HTTP {code} {response.reason or ''} from {target}{reason}".replace("  ", " ")
         if code == 402:
@@ -286,33 +227,29 @@ def _translate(exc: BaseException, client, api_url: str, timeout: float, key: st
         return DiarizationError(f"{where} failed: cannot reach {target} ({exc.__class__.__name__})", retryable=True)
     if isinstance(exc, (ValueError, KeyError, TypeError)):  # non-JSON body, missing jobId/url/status
         return DiarizationError(f"{where} failed: unexpected response from {api_url} ({exc.__class__.__name__})")
-    return DiarizationError(_scrub_text(f"{where} failed: {exc.__class__.__name__}: {_one_line(str(exc), 200)}", key))
-
-
-def _secret(value: Union[str, SecretStr, None]) -> str:
-    if isinstance(value, SecretStr):
-        return value.get_secret_value()
-    return value or ""
+    return DiarizationError(scrub(f"{where} failed: {exc.__class__.__name__}: {one_line(str(exc), 200)}", key))
 
 
 # ----------------------------------------------------------------------------------
 # entry point
+
+_DEFAULTS = DiarizeParams()  # the request's defaults, not copies
 
 
 def diarize_pyannote_api(
     audio_path: str,
     api_key: Union[str, SecretStr, None],
     *,
-    model: str = "precision-2",
-    exclusive: bool = False,
+    model: str = _DEFAULTS.pyannote_model,
+    exclusive: bool = _DEFAULTS.pyannote_exclusive,
     num_speakers: int | None = None,
     min_speakers: int | None = None,
     max_speakers: int | None = None,
-    poll_interval: float = 5.0,
-    timeout: float = 1800.0,
+    poll_interval: float = _DEFAULTS.pyannote_poll_interval,
+    timeout: float = _DEFAULTS.pyannote_timeout,
     base_url: str | None = None,
     json_in: str | None = None,
-) -> PyannoteApiResult:
+) -> DiarizationOutcome:
     """Diarize ``audio_path`` with the hosted pyannoteAI API, or parse a saved job (``json_in``).
 
     The key falls back to ``PYANNOTE_API_KEY``; the base URL to ``PYANNOTE_API_URL``, then
@@ -322,13 +259,13 @@ def diarize_pyannote_api(
     ``retryable``).
     """
     _validate(model, num_speakers, min_speakers, max_speakers, poll_interval, timeout)
-    key = _secret(api_key) or _secret(get_settings().pyannote_api_key)
+    key = secret_value(api_key) or secret_value(get_settings().pyannote_api_key)
 
     if json_in:
-        job = _scrub(load_job_json(json_in), key)
+        job = scrub(load_job_json(json_in), key)
         turns = turns_from_job(job, exclusive=exclusive)
         log.info("pyannoteAI: %d turns from saved job %s (no request made)", len(turns), Path(json_in).name)
-        return PyannoteApiResult(turns=turns, job=job)
+        return DiarizationOutcome(turns=turns, backend="pyannote-api", job=job)
 
     if not key:
         raise InvalidRequest("pyannoteAI API key missing: set PYANNOTE_API_KEY (or pass --pyannote-api-key)")
@@ -367,7 +304,7 @@ def diarize_pyannote_api(
         # Authorization header) must not ride along as __context__
         raise error
 
-    job = _scrub(job, key)
+    job = scrub(job, key)
     turns = turns_from_job(job, exclusive=exclusive)
     log.info(
         "pyannoteAI job %s succeeded: %d turns, %d speakers",
@@ -375,4 +312,20 @@ def diarize_pyannote_api(
         len(turns),
         len({t.speaker for t in turns}),
     )
-    return PyannoteApiResult(turns=turns, job=job)
+    return DiarizationOutcome(turns=turns, backend="pyannote-api", job=job)
+
+
+def diarize_hosted(audio: np.ndarray, params: DiarizeParams, api_key: Union[str, SecretStr, None],
+                   stem: str = "audio") -> DiarizationOutcome:
+    """The stage's hosted backend: the decoded samples go up as a compact 16 kHz PCM WAV,
+    whatever the source format (no upload at all when a saved job is reused)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / f"{stem}.wav"
+        if not params.pyannote_json_in:
+            write_wav(audio, wav)
+        return diarize_pyannote_api(
+            str(wav), api_key, model=params.pyannote_model, exclusive=params.pyannote_exclusive,
+            num_speakers=params.num_speakers, min_speakers=params.min_speakers, max_speakers=params.max_speakers,
+            poll_interval=params.pyannote_poll_interval, timeout=params.pyannote_timeout,
+            json_in=params.pyannote_json_in,
+        )

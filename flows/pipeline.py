@@ -1,0 +1,176 @@
+"""The DAG body of one transcription, inside a flow run: which tasks run, in what order, on
+what. Used by the ``transcribe-audio`` flow and, per file, by ``transcribe-batch``.
+
+    fetch ─┬─ upload (optional: presigned URL for Deepgram)
+           ├─ enrol speakers (verification: a bad sample fails before any work)
+           └─ transcribe ── align (words: asked for, or needed by speakers / confidence)
+                              ├─ diarize ── label speakers (+ enrolled names)
+                              └─ Deepgram ── word confidence
+                                               └─ write outputs (+ artifacts)
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from prefect.logging import get_run_logger
+from pydantic import BaseModel
+
+from speech.errors import InvalidRequest
+from speech.io.store import OutputTarget
+from speech.io.upload import UploadResult
+from speech.output.result import PipelineResults
+from speech.schema import (
+    AlignParams,
+    AudioRef,
+    ConfidenceLabels,
+    ConfidenceThresholds,
+    DeepgramOptions,
+    DiarizeParams,
+    OutputRef,
+    S3Options,
+    SpeakerLabels,
+    TranscribeParams,
+    TranscriptionRequest,
+)
+from speech.settings import SECRETS, get_settings
+from tasks.align import align_words
+from tasks.common import secret_block
+from tasks.confidence import deepgram, word_confidence
+from tasks.fetch import fetch_audio
+from tasks.outputs import write_outputs
+from tasks.speakers import diarize, enroll_speakers, label_speakers
+from tasks.transcribe import transcribe
+from tasks.upload import upload
+
+
+class PipelineOutput(BaseModel):
+    result: dict[str, Any]  # the worker's JSON
+    outputs: list[OutputRef]  # where each output file landed
+
+
+@dataclass
+class StageClock:
+    """Seconds per stage and which stages were cache hits (the debug block, the summary artifact)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    cached: list[str] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def time(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - t0, 3)
+
+    def run(self, stage: str, task: Any, *args: Any, force: bool = False) -> Any:
+        """Run a cached task (``force`` refreshes its cache), timed; note a cache hit."""
+        with self.time(stage):
+            state = task.with_options(refresh_cache=force)(*args, return_state=True)
+            result = state.result()
+        if state.name == "Cached":
+            self.cached.append(stage)
+        return result
+
+
+def with_block_secrets(req: TranscriptionRequest) -> TranscriptionRequest:
+    """Tokens the run needs that are neither parameters nor env vars come from the Prefect
+    Secret blocks named in :data:`speech.settings.SECRETS` (deepgram-api-key, pyannote-api-key,
+    hf-token), when saved. Looked up only for the stages that can use them."""
+    settings = get_settings()
+    speakers = req.diarization or req.speaker_verification
+    found = {}
+    for spec in SECRETS:
+        if spec.block is None or (spec.speakers_only and not speakers):
+            continue
+        if getattr(req, spec.request_field) is None and getattr(settings, spec.setting) is None:
+            value = secret_block(spec.block)
+            if value is not None:
+                found[spec.request_field] = value
+    if found:
+        blocks = {s.request_field: s.block for s in SECRETS}
+        get_run_logger().info("tokens from Secret blocks: %s", ", ".join(blocks[f] for f in found))
+    return req.model_copy(update=found) if found else req
+
+
+def run_pipeline(req: TranscriptionRequest) -> PipelineOutput:
+    """The DAG body, inside a flow run: the worker's JSON result and where the outputs went."""
+    log = get_run_logger()
+    req = with_block_secrets(req)
+    settings = get_settings()
+    log.info("request: %s", {k: v for k, v in req.public_dict().items() if v not in (None, [], False)})
+    clock = StageClock()
+
+    with clock.time("fetch"):
+        audio = fetch_audio(req.audio_file, req.output_name)
+    uploaded = _upload(req, audio)
+    enrolled = None
+    if req.speaker_verification:  # fetch + embed the samples first: a bad sample fails fast
+        with clock.time("enroll"):
+            enrolled = enroll_speakers(req.speaker_samples, req.speaker_encoder)
+    transcript = clock.run("transcribe", transcribe, audio, TranscribeParams.from_request(req), force=req.force)
+    run = PipelineResults(audio=audio, transcript=transcript, debug=req.debug or settings.debug)
+
+    wants_speakers = req.diarization or req.speaker_verification
+    deepgram_key = req.deepgram_api_key or settings.deepgram_api_key
+    wants_confidence = bool(deepgram_key or req.deepgram_json_in)
+    if not wants_confidence:
+        log.info("Deepgram confidence skipped: no deepgram_api_key, DEEPGRAM_API_KEY, "
+                 "deepgram-api-key Secret block or deepgram_json_in")
+    if req.align_output or wants_speakers or wants_confidence:
+        if not req.align_output:
+            log.info("speakers and confidence are matched per word: aligning words")
+        run.alignment = clock.run("align", align_words, audio, transcript, AlignParams.from_request(req),
+                                  force=req.force)
+    if wants_speakers:
+        run.speakers = _speakers(req, run, clock, enrolled)
+    if wants_confidence:
+        run.confidence = _confidence(req, run, clock, deepgram_key, uploaded)
+
+    run.stage_seconds, run.cached_stages = clock.seconds, clock.cached
+    result, refs = write_outputs(run, OutputTarget.from_request(req))
+    return PipelineOutput(result=result, outputs=refs)
+
+
+def _upload(req: TranscriptionRequest, audio: AudioRef) -> Optional[UploadResult]:
+    """The original pipeline's first step: the local audio to the bucket, presigned."""
+    if not req.upload:
+        return None
+    bucket = req.bucket or get_settings().s3_bucket
+    if not bucket:
+        raise InvalidRequest("upload needs a bucket: pass bucket (--bucket) or set RESULTS_BUCKET")
+    if not Path(req.audio_file).is_file():
+        get_run_logger().info("upload skipped: %s is not a local file", audio.source)
+        return None
+    return upload(req.audio_file, audio, bucket, req.prefix_audio or get_settings().prefix_audio,
+                  req.force, req.url_expiry, S3Options.from_request(req))
+
+
+def _speakers(req: TranscriptionRequest, run: PipelineResults, clock: StageClock,
+              enrolled: Optional[dict[str, list[float]]]) -> SpeakerLabels:
+    settings = get_settings()
+    segments = run.final_segments()
+    outcome = clock.run("diarize", diarize, run.audio, segments, DiarizeParams.from_request(req),
+                        req.huggingface_access_token or settings.hf_token,
+                        req.pyannote_api_key or settings.pyannote_api_key, force=req.force)
+    with clock.time("diarize"):
+        speakers = label_speakers(run.audio, segments, outcome, enrolled, req.speaker_encoder)
+    if outcome.job is not None:
+        run.extra_files[f"{run.audio.stem}.pyannote.job.json"] = outcome.job
+    return speakers
+
+
+def _confidence(req: TranscriptionRequest, run: PipelineResults, clock: StageClock, key: Any,
+                uploaded: Optional[UploadResult]) -> ConfidenceLabels:
+    url = uploaded.presigned_url if uploaded else (
+        req.audio_file if req.audio_file.startswith(("http://", "https://")) else None)
+    options = DeepgramOptions.from_request(req, language=run.transcript.language)
+    response = clock.run("deepgram", deepgram, run.audio, options, key, url, req.deepgram_json_in, force=req.force)
+    with clock.time("deepgram"):
+        confidence = word_confidence(run.final_segments(), response, ConfidenceThresholds.from_request(req))
+    run.extra_files[f"{run.audio.stem}.deepgram.json"] = response
+    return confidence

@@ -1,0 +1,103 @@
+"""Decode any FFmpeg-readable audio to 16 kHz mono float32 with PyAV (FFmpeg's libraries ship
+in the wheel; no system ffmpeg), refusing truncated or non-audio files with a clear reason; and
+write samples back as a compact 16-bit WAV for hosted APIs."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from speech.errors import AudioError
+from speech.schema import SAMPLE_RATE
+
+
+def decode(path: Path, label: str, max_seconds: float) -> tuple[np.ndarray, str]:
+    """Decode any FFmpeg-readable audio to 16 kHz mono float32; detect truncation."""
+    import av
+
+    cut = _riff_truncation(path)
+    if cut is not None:
+        raise AudioError(f"{label}: truncated WAV (header declares {cut[0]} data bytes, file holds {cut[1]})")
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except (av.FFmpegError, UnicodeDecodeError, ValueError) as exc:
+        raise AudioError(f"{label}: not a readable audio file ({_av_reason(exc)})") from None
+    with container:
+        streams = [s for s in container.streams if s.type == "audio"]
+        if not streams:
+            raise AudioError(f"{label}: no audio stream in the file")
+        stream = streams[0]
+        declared = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
+        if declared is None and container.duration:
+            declared = container.duration / 1_000_000
+        if declared is not None and declared > max_seconds:
+            raise AudioError(f"{label}: {declared:.0f} s is longer than the {max_seconds:.0f} s limit")
+        fmt = f"{container.format.name}/{stream.codec_context.name}"
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        chunks: list[np.ndarray] = []
+        try:
+            for frame in container.decode(stream):
+                frame.pts = None
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+        except av.FFmpegError as exc:
+            if not chunks:
+                raise AudioError(f"{label}: not a readable audio file ({_av_reason(exc)})") from None
+            raise AudioError(f"{label}: corrupt or truncated audio ({_av_reason(exc)})") from None
+    audio = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
+    decoded = audio.shape[0] / SAMPLE_RATE
+    if audio.shape[0] == 0:
+        raise AudioError(f"{label}: contains no audio samples")
+    if decoded > max_seconds:
+        raise AudioError(f"{label}: {decoded:.0f} s is longer than the {max_seconds:.0f} s limit")
+    if declared is not None and declared > 0.5 and decoded < 0.9 * declared - 0.1:
+        raise AudioError(
+            f"{label}: truncated audio (header declares {declared:.2f} s, only {decoded:.2f} s decodable)"
+        )
+    if not np.isfinite(audio).all():
+        raise AudioError(f"{label}: decoded samples are not finite")
+    return audio, fmt
+
+
+def _riff_truncation(path: Path) -> Optional[tuple[int, int]]:
+    """For RIFF/WAVE files: (declared data bytes, present data bytes) when data is missing.
+
+    FFmpeg quietly decodes what is there, so a cut-off WAV would pass as a shorter file.
+    Streaming writers put 0 or 0xFFFFFFFF in the size field; those are not judged.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            hdr = f.read(8)
+            cid, clen = hdr[:4], int.from_bytes(hdr[4:8], "little")
+            if cid == b"data":
+                if clen in (0, 0xFFFFFFFF):
+                    return None
+                present = size - (pos + 8)
+                return (clen, present) if present < clen else None
+            pos += 8 + clen + (clen & 1)
+    return None
+
+
+def _av_reason(exc: Exception) -> str:
+    return getattr(exc, "strerror", None) or str(exc).split(":")[0] or type(exc).__name__
+
+
+def write_wav(samples: np.ndarray, path: Path) -> None:
+    """16 kHz mono 16-bit PCM: a compact upload for hosted APIs, whatever the source format."""
+    import wave
+
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes(pcm.tobytes())

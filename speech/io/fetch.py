@@ -1,0 +1,148 @@
+"""Bring audio bytes to a local file from a path, an http(s) URL or an s3:// URI, hashing them
+(sha256) in the same pass: the identity every later stage caches on. Sizes are bounded by
+``MAX_AUDIO_BYTES``; network failures that may pass are :class:`TransientFetchError`."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Optional
+from urllib.parse import unquote, urlsplit
+
+from speech.errors import AudioError, FetchError, TransientFetchError
+from speech.io.s3 import s3_client
+from speech.redact import redact_url
+from speech.settings import Settings, get_settings
+
+_CHUNK = 1 << 20
+
+
+@dataclass
+class FetchedFile:
+    path: Path
+    sha256: str
+    size: int
+    temporary: bool  # True when we downloaded it and the caller may delete it
+
+
+def _copy_hashing(src: BinaryIO, dst: Optional[BinaryIO], limit: int, label: str) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    while True:
+        chunk = src.read(_CHUNK)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise AudioError(f"{label}: larger than the {limit} byte limit (MAX_AUDIO_BYTES)")
+        h.update(chunk)
+        if dst is not None:
+            dst.write(chunk)
+    return h.hexdigest(), size
+
+
+def _download_to(dir_: Path, writer: Callable[[BinaryIO], tuple[str, int]]) -> FetchedFile:
+    dir_.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dir_, prefix="dl-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            digest, size = writer(f)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return FetchedFile(Path(tmp), digest, size, temporary=True)
+
+
+def _fetch_local(source: str, settings: Settings) -> FetchedFile:
+    path = Path(unquote(urlsplit(source).path) if source.startswith("file://") else source).expanduser()
+    if not path.exists():
+        raise FetchError(f"audio file not found: {path}")
+    if not path.is_file():
+        raise FetchError(f"not a regular file: {path}")
+    try:
+        with path.open("rb") as f:
+            digest, size = _copy_hashing(f, None, settings.max_audio_bytes, str(path))
+    except PermissionError:
+        raise FetchError(f"permission denied reading {path}") from None
+    return FetchedFile(path, digest, size, temporary=False)
+
+
+def _fetch_http(source: str, settings: Settings, dir_: Path) -> FetchedFile:
+    import requests
+
+    shown = redact_url(source)
+    try:
+        resp = requests.get(
+            source, stream=True, timeout=(settings.http_connect_timeout, settings.http_read_timeout)
+        )
+    except requests.exceptions.InvalidURL as exc:
+        raise FetchError(f"invalid URL {shown}: {exc}") from None
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        raise TransientFetchError(f"cannot reach {shown}: {type(exc).__name__}") from None
+    except requests.exceptions.RequestException as exc:
+        raise FetchError(f"cannot fetch {shown}: {exc}") from None
+    with resp:
+        if resp.status_code >= 500 or resp.status_code == 429:
+            raise TransientFetchError(f"{shown}: HTTP {resp.status_code} {resp.reason}")
+        if resp.status_code >= 400:
+            raise FetchError(f"{shown}: HTTP {resp.status_code} {resp.reason}")
+        length = resp.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > settings.max_audio_bytes:
+            raise AudioError(f"{shown}: {length} bytes exceeds the MAX_AUDIO_BYTES limit")
+        resp.raw.decode_content = True
+        try:
+            return _download_to(dir_, lambda f: _copy_hashing(resp.raw, f, settings.max_audio_bytes, shown))
+        except (requests.exceptions.RequestException, OSError) as exc:
+            if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
+                raise
+            raise TransientFetchError(f"download of {shown} broke off: {type(exc).__name__}") from None
+
+
+def _fetch_s3(source: str, settings: Settings, dir_: Path) -> FetchedFile:
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+    parts = urlsplit(source)
+    bucket, key = parts.netloc, parts.path.lstrip("/")
+    if not bucket or not key:
+        raise FetchError(f"bad S3 URI {source!r}; expected s3://bucket/key")
+    client = s3_client(settings)
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+        if head.get("ContentLength", 0) > settings.max_audio_bytes:
+            raise AudioError(f"{source}: {head['ContentLength']} bytes exceeds the MAX_AUDIO_BYTES limit")
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        return _download_to(dir_, lambda f: _copy_hashing(body, f, settings.max_audio_bytes, source))
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in ("404", "NoSuchKey", "NotFound"):
+            raise FetchError(f"{source}: no such object") from None
+        if code in ("NoSuchBucket",):
+            raise FetchError(f"{source}: no such bucket") from None
+        if status >= 500 or code in ("SlowDown", "RequestTimeout"):
+            raise TransientFetchError(f"{source}: S3 error {code}") from None
+        raise FetchError(f"{source}: S3 error {code or status}") from None
+    except EndpointConnectionError:
+        raise TransientFetchError(f"{source}: cannot reach the S3 endpoint") from None
+    except BotoCoreError as exc:
+        raise FetchError(f"{source}: {type(exc).__name__}: {exc}") from None
+
+
+def fetch(source: str, settings: Optional[Settings] = None) -> FetchedFile:
+    """Bring the source bytes to a local file and hash them in the same pass."""
+    settings = settings or get_settings()
+    scheme = urlsplit(source).scheme.lower()
+    dl_dir = settings.jobs_dir or settings.cache_dir / "downloads"
+    if scheme in ("http", "https"):
+        fetched = _fetch_http(source, settings, dl_dir)
+    elif scheme == "s3":
+        fetched = _fetch_s3(source, settings, dl_dir)
+    else:
+        fetched = _fetch_local(source, settings)
+    if fetched.size == 0:
+        if fetched.temporary:
+            fetched.path.unlink(missing_ok=True)
+        raise AudioError(f"{redact_url(source)}: empty file (0 bytes)")
+    return fetched

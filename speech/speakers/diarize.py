@@ -1,0 +1,78 @@
+"""The diarize stage: who spoke when.
+
+Backends (``DiarizeParams.backend``), in :data:`REGISTRY` order, which is also ``auto``'s:
+  - ``pyannote-api``: hosted pyannoteAI (:mod:`speech.speakers.pyannote_api`); ``auto`` tries it
+    only when a saved job (``pyannote_json_in``) was given;
+  - ``pyannote``: the local pyannote.audio pipeline (:mod:`speech.speakers.pyannote_local`);
+  - ``builtin``: offline, no token (:mod:`speech.speakers.builtin`), on the speech regions of
+    the (aligned) segments.
+
+A backend that fails or finds no turns is logged and the next one runs; diarization never
+fails the run: with no backend left, the outcome carries no turns and says why (the original
+worker kept the transcript too).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from speech.backends import BackendRegistry
+from speech.models import CACHE, ModelCache
+from speech.schema import DiarizationOutcome, DiarizeParams, Segment
+from speech.settings import Settings, get_settings
+from speech.speakers.assign import speech_regions
+from speech.speakers.builtin import diarize_builtin
+from speech.speakers.pyannote_api import diarize_hosted
+from speech.speakers.pyannote_local import diarize_pyannote_local
+
+
+@dataclass
+class DiarizeInputs:
+    """What a backend may use: the samples, the segments, the settings, tokens and the cache."""
+
+    audio: np.ndarray
+    segments: list[Segment]
+    params: DiarizeParams
+    settings: Settings
+    hf_token: Optional[str]
+    api_key: Optional[str]  # pyannoteAI; falls back to PYANNOTE_API_KEY
+    cache: ModelCache
+    stem: str
+
+
+# every backend: (DiarizeInputs) -> DiarizationOutcome
+REGISTRY = BackendRegistry("diarization")
+REGISTRY.register("pyannote-api", lambda x: diarize_hosted(x.audio, x.params, x.api_key, x.stem),
+                  when=lambda params: params.use_api_first)
+REGISTRY.register("pyannote", lambda x: diarize_pyannote_local(x.audio, x.params, x.settings, x.hf_token, x.cache))
+REGISTRY.register("builtin", lambda x: diarize_builtin(x.audio, speech_regions(x.segments), x.params))
+
+
+def diarize(
+    audio: np.ndarray,
+    segments: list[Segment],
+    params: DiarizeParams,
+    settings: Optional[Settings] = None,
+    hf_token: Optional[str] = None,
+    api_key: Optional[str] = None,
+    cache: ModelCache = CACHE,
+    stem: str = "audio",
+) -> DiarizationOutcome:
+    """Who spoke when. Never raises for a backend failure: the outcome says what failed (also
+    for the backends ``auto`` passed over before one succeeded) and the run keeps its transcript."""
+    x = DiarizeInputs(audio, segments, params, settings or get_settings(), hf_token, api_key, cache, stem)
+
+    def attempt(backend) -> DiarizationOutcome:
+        outcome = backend.run(x)
+        if not outcome.turns:
+            raise ValueError("no speaker turns found")
+        return outcome
+
+    tried = REGISTRY.first_success(params.backend, attempt, params=params)
+    if tried.result is None:
+        return DiarizationOutcome(turns=[], backend=None, error=tried.error)
+    if tried.errors:
+        tried.result.error = tried.error
+    return tried.result
