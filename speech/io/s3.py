@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from pydantic import SecretStr
-
 from speech.errors import StorageError, TransientStorageError
 from speech.redact import redact_url, secret_value
 from speech.schema import S3Options
@@ -62,7 +60,7 @@ def s3_client_for(options: Optional[S3Options] = None) -> Any:
         if options.endpoint:
             update["s3_endpoint_url"] = options.endpoint
         if options.access_key:
-            update["s3_access_key"] = SecretStr(secret_value(options.access_key))
+            update["s3_access_key"] = options.access_key
         if options.secret_key:
             update["s3_secret_key"] = options.secret_key
     return s3_client(settings.model_copy(update=update) if update else settings)
