@@ -29,6 +29,7 @@ from speech.schema import (
     ConfidenceLabels,
     ConfidenceThresholds,
     DeepgramOptions,
+    DiarizationOutcome,
     DiarizeParams,
     OutputRef,
     S3Options,
@@ -42,7 +43,7 @@ from tasks.common import secret_block
 from tasks.confidence import deepgram, word_confidence
 from tasks.fetch import fetch_audio
 from tasks.outputs import write_outputs
-from tasks.speakers import diarize, enroll_speakers, label_speakers
+from tasks.speakers import diarize, diarize_hosted, enroll_speakers, label_speakers
 from tasks.transcribe import transcribe
 from tasks.upload import upload
 
@@ -69,12 +70,21 @@ class StageClock:
 
     def run(self, stage: str, task: Any, *args: Any, force: bool = False) -> Any:
         """Run a cached task (``force`` refreshes its cache), timed; note a cache hit."""
+        result, error = self.attempt(stage, task, *args, force=force)
+        if error is not None:
+            raise error
+        return result
+
+    def attempt(self, stage: str, task: Any, *args: Any, force: bool = False) -> tuple[Any, Optional[BaseException]]:
+        """Like :meth:`run`, but a failed task gives ``(None, its exception)`` instead of raising."""
         with self.time(stage):
             state = task.with_options(refresh_cache=force)(*args, return_state=True)
-            result = state.result()
+            result = state.result(raise_on_failure=False)
+        if not state.is_completed():
+            return None, result if isinstance(result, BaseException) else RuntimeError(state.message or state.name)
         if state.name == "Cached":
             self.cached.append(stage)
-        return result
+        return result, None
 
 
 def with_block_secrets(req: TranscriptionRequest) -> TranscriptionRequest:
@@ -152,11 +162,26 @@ def _upload(req: TranscriptionRequest, audio: AudioRef) -> Optional[UploadResult
 
 def _speakers(req: TranscriptionRequest, run: PipelineResults, clock: StageClock,
               enrolled: Optional[dict[str, list[float]]]) -> SpeakerLabels:
+    """Diarize (the hosted API first when chosen or at hand, else or after it fails on this
+    machine), then put speakers and enrolled names on the words."""
     settings = get_settings()
     segments = run.final_segments()
-    outcome = clock.run("diarize", diarize, run.audio, segments, DiarizeParams.from_request(req),
-                        req.huggingface_access_token or settings.hf_token,
-                        req.pyannote_api_key or settings.pyannote_api_key, force=req.force)
+    params = DiarizeParams.from_request(req)
+    api_key = req.pyannote_api_key or settings.pyannote_api_key
+    outcome, api_error = None, None
+    if params.hosted_first(has_key=api_key is not None):
+        outcome, error = clock.attempt("diarize", diarize_hosted, run.audio, params, api_key, force=req.force)
+        if error is not None:
+            api_error = f"pyannote-api: {type(error).__name__}: {error}".splitlines()[0][:300]
+            get_run_logger().warning("hosted diarization failed%s: %s", "" if params.backend == "pyannote-api"
+                                     else "; diarizing on this machine", api_error)
+    if outcome is None and params.backend == "pyannote-api":
+        outcome = DiarizationOutcome(turns=[], backend=None, error=api_error, settled=False)
+    elif outcome is None:
+        outcome = clock.run("diarize", diarize, run.audio, segments, params,
+                            req.huggingface_access_token or settings.hf_token, force=req.force)
+        if api_error:
+            outcome = outcome.model_copy(update={"error": "; ".join(filter(None, [api_error, outcome.error]))})
     with clock.time("diarize"):
         speakers = label_speakers(run.audio, segments, outcome, enrolled, req.speaker_encoder)
     if outcome.job is not None:

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Optional, TypeVar
 
-from speech.errors import InvalidRequest
+from speech.errors import InvalidRequest, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,17 @@ class Attempts(Generic[T]):
     backend: Optional[str]
     result: Optional[T]
     errors: list[str]
+    transient: bool = False  # some backend failed in a way that may pass (network, 5xx)
 
     @property
     def error(self) -> Optional[str]:
         return "; ".join(self.errors) or None
+
+    @property
+    def settled(self) -> bool:
+        """A backend succeeded and nothing before it failed transiently: the same request
+        would give the same answer again, so it may be cached."""
+        return self.backend is not None and not self.transient
 
 
 class BackendRegistry:
@@ -71,11 +78,13 @@ class BackendRegistry:
         reason to try the next (logged at INFO under ``auto``, where falling back is expected,
         WARNING for an explicit choice). Never raises for a backend failure."""
         errors: list[str] = []
+        transient = False
         for name in self.order(choice, **context):
             try:
-                return Attempts(name, attempt(self._backends[name]), errors)
+                return Attempts(name, attempt(self._backends[name]), errors, transient)
             except Exception as exc:  # noqa: BLE001 - a failed backend is reported, not raised
                 reason = f"{name}: {type(exc).__name__}: {exc}".splitlines()[0][:300]
                 (log.info if choice == "auto" else log.warning)("%s backend unavailable: %s", self.stage, reason)
                 errors.append(reason)
-        return Attempts(None, None, errors)
+                transient = transient or is_transient(exc)
+        return Attempts(None, None, errors, transient)

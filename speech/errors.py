@@ -66,3 +66,11 @@ class ConfidenceError(SpeechError):
     def __init__(self, message: str, *, retryable: bool = False):
         super().__init__(message)
         self.retryable = retryable
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failure may pass on its own (network trouble, throttling, 5xx): worth a retry,
+    and never a reason to remember a fallback as the answer."""
+    if isinstance(exc, SpeechError):
+        return exc.retryable
+    return isinstance(exc, (ConnectionError, TimeoutError))

@@ -375,6 +375,8 @@ class AlignOutcome(BaseModel):
     backend: Optional[str] = None  # the backend that produced the word times; None = not aligned
     error: Optional[str] = None
     seconds: float = 0.0
+    settled: bool = Field(True, description="False when no backend succeeded or one failed transiently: "
+                          "a later run should try again, so the outcome is not cached")
 
     def summary(self) -> dict[str, Any]:
         """The result's ``alignment`` key: which backend ran (None = segment times kept)."""
@@ -405,10 +407,11 @@ class DiarizeParams(BaseModel):
     pyannote_timeout: float = _default("pyannote_timeout")
     pyannote_json_in: Optional[str] = Field(None, description="a saved <stem>.pyannote.job.json to reuse")
 
-    @property
-    def use_api_first(self) -> bool:
-        """``auto`` tries the hosted API first when a saved job was given."""
-        return bool(self.pyannote_json_in)
+    def hosted_first(self, has_key: bool) -> bool:
+        """Whether the hosted pyannoteAI API runs (first): chosen, or ``auto`` with a saved job
+        or an API key at hand (the original pipeline's diarizer)."""
+        return self.backend == "pyannote-api" or (
+            self.backend == "auto" and (bool(self.pyannote_json_in) or has_key))
 
     @classmethod
     def from_request(cls, req: TranscriptionRequest) -> "DiarizeParams":
@@ -426,6 +429,8 @@ class DiarizationOutcome(BaseModel):
     backend: Optional[str] = None
     error: Optional[str] = None
     seconds: float = 0.0
+    settled: bool = Field(True, description="False when no backend succeeded or one failed transiently: "
+                          "a later run should try again, so the outcome is not cached")
     job: Optional[dict[str, Any]] = Field(None, description="pyannoteAI job JSON (saved as <stem>.pyannote.job.json)")
 
 

@@ -12,7 +12,7 @@ import speech.backends
 from speech.align.stage import align
 from speech.io.audio import read_samples
 from speech.schema import AlignOutcome, AlignParams, AudioRef, Transcript
-from tasks.common import code_version, stage_key
+from tasks.common import code_version, keep_out_of_cache, stage_key
 from tasks.progress import stage_progress
 
 VERSION = code_version(speech.align, speech.backends)
@@ -28,11 +28,13 @@ def align_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
 
 @task(name="align", cache_key_fn=align_cache_key, persist_result=True)
 def align_words(audio: AudioRef, transcript: Transcript, params: AlignParams) -> AlignOutcome:
-    """Word timestamps; cached on audio hash + transcript + align settings."""
+    """Word timestamps; cached on audio hash + transcript + align settings (successes only)."""
     outcome = align(read_samples(audio), transcript, params, progress=stage_progress())
     log = get_run_logger()
     if outcome.backend:
         log.info("aligned %d segments with %s in %.2f s", len(outcome.segments), outcome.backend, outcome.seconds)
     else:
         log.warning("alignment failed, keeping segment-level times: %s", outcome.error)
+    if not outcome.settled:
+        keep_out_of_cache(f"alignment did not settle ({outcome.error})")
     return outcome

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from types import ModuleType
@@ -12,6 +13,22 @@ from prefect.tasks import exponential_backoff
 
 import speech
 from speech.errors import SpeechError
+
+def send_engine_logs_to_prefect(logger_name: str = "speech") -> None:
+    """Every ``speech.*`` record logged inside a flow or task run reaches that run's Prefect
+    logs (the UI), as ``PREFECT_LOGGING_EXTRA_LOGGERS=speech`` would, also when Prefect set up
+    logging before this package was imported: the handlers of Prefect's ``prefect.extra`` logger
+    go on ``speech``, which logs from INFO up unless its level was set."""
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
+    target = logging.getLogger(logger_name)
+    for handler in logging.getLogger("prefect.extra").handlers:
+        if handler not in target.handlers:
+            target.addHandler(handler)
+    if target.level == logging.NOTSET:
+        target.setLevel(logging.INFO)
+
 
 # Network stages retry with exponential backoff (2 s, 4 s, 8 s ± jitter) ...
 NETWORK_RETRIES = 3
@@ -27,6 +44,18 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     except Exception:
         return True
     return False
+
+
+def keep_out_of_cache(reason: str) -> None:
+    """Return this task's result to the flow but do not record it under the task's cache key:
+    a fallback or a failure is not an answer a later run should reuse."""
+    from prefect.logging import get_run_logger
+    from prefect.transactions import get_transaction
+
+    txn = get_transaction()
+    if txn is not None:
+        txn.write_on_commit = False
+    get_run_logger().info("not cached: %s", reason)
 
 
 def code_version(*modules: ModuleType) -> str:

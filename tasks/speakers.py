@@ -16,33 +16,72 @@ from speech.redact import secret_value
 from speech.schema import AudioRef, DiarizationOutcome, DiarizeParams, Segment, SpeakerLabels, SpeakerSample
 from speech.speakers import encoders, verify
 from speech.speakers.assign import assign_speakers, speech_regions
+from speech.errors import DiarizationError
 from speech.speakers.diarize import diarize as engine_diarize
-from tasks.common import NETWORK_BACKOFF, code_version, file_digest, retry_transient, stage_key
+from speech.speakers.pyannote_api import diarize_hosted as engine_diarize_hosted
+from tasks.common import (
+    NETWORK_BACKOFF,
+    NETWORK_RETRIES,
+    code_version,
+    file_digest,
+    keep_out_of_cache,
+    retry_transient,
+    stage_key,
+)
 
 VERSION = code_version(speech.speakers, speech.backends)
+
+
+def _settings_key(params: DiarizeParams, *fields: str) -> dict[str, Any]:
+    """The parameters that shape a diarization result; a saved job by its content, not its path."""
+    out = params.model_dump(include=set(fields) or None)
+    if "pyannote_json_in" in out:
+        out["pyannote_json_in"] = file_digest(params.pyannote_json_in)
+    return out
 
 
 def diarize_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
     audio: AudioRef = parameters["audio"]
     params: DiarizeParams = parameters["params"]
-    # a saved job's content, not its path; tokens never
-    settings = params.model_dump() | {"pyannote_json_in": file_digest(params.pyannote_json_in)}
-    return stage_key("diarize", audio.sha256, [settings, speech_regions(parameters["segments"])], VERSION)
+    key = _settings_key(params, "backend", "num_speakers", "min_speakers", "max_speakers", "model")
+    return stage_key("diarize", audio.sha256, [key, speech_regions(parameters["segments"])], VERSION)
+
+
+def hosted_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
+    audio: AudioRef = parameters["audio"]
+    key = _settings_key(parameters["params"], "num_speakers", "min_speakers", "max_speakers", "pyannote_model",
+                        "pyannote_exclusive", "pyannote_json_in")
+    return stage_key("diarize-hosted", audio.sha256, key, VERSION)
 
 
 @task(name="diarize", cache_key_fn=diarize_cache_key, persist_result=True)
 def diarize(audio: AudioRef, segments: list[Segment], params: DiarizeParams,
-            hf_token: Optional[SecretStr], api_key: Optional[SecretStr]) -> DiarizationOutcome:
-    """Who spoke when; cached on audio hash + speech regions + diarization settings (never a token)."""
+            hf_token: Optional[SecretStr]) -> DiarizationOutcome:
+    """Who spoke when, on this machine (local pyannote, builtin); cached on audio hash + speech
+    regions + diarization settings, only when it settled (never a token)."""
     log = get_run_logger()
     outcome = engine_diarize(np.asarray(read_samples(audio)), segments, params,
-                             hf_token=secret_value(hf_token) or None, api_key=secret_value(api_key) or None,
-                             stem=audio.stem)
+                             hf_token=secret_value(hf_token) or None, stem=audio.stem, hosted=False)
     if outcome.backend:
         log.info("diarized with %s: %d turns, %d speakers", outcome.backend, len(outcome.turns),
                  len({t.speaker for t in outcome.turns}))
     else:
         log.warning("diarization failed; the transcript keeps no speaker labels: %s", outcome.error)
+    if not outcome.settled:
+        keep_out_of_cache(f"diarization did not settle ({outcome.error})")
+    return outcome
+
+
+@task(name="diarize-hosted", cache_key_fn=hosted_cache_key, persist_result=True, retries=NETWORK_RETRIES,
+      retry_delay_seconds=NETWORK_BACKOFF, retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
+def diarize_hosted(audio: AudioRef, params: DiarizeParams, api_key: Optional[SecretStr]) -> DiarizationOutcome:
+    """Hosted pyannoteAI diarization (or a saved job), cached on audio hash + API options; network
+    trouble and 5xx are retried, anything else fails the task at once (the flow falls back)."""
+    outcome = engine_diarize_hosted(np.asarray(read_samples(audio)), params, api_key, audio.stem)
+    if not outcome.turns:
+        raise DiarizationError("pyannoteAI found no speaker turns")
+    get_run_logger().info("diarized with pyannoteAI: %d turns, %d speakers", len(outcome.turns),
+                          len({t.speaker for t in outcome.turns}))
     return outcome
 
 

@@ -265,7 +265,7 @@ def test_saved_pyannote_job_is_reused_without_a_request(prefect_harness, tmp_pat
                         download_dir=str(out))
     assert state.is_completed(), state
     assert {s["name"] for s in result["speakers"].values()} == {"Sally", "Rob"}
-    assert task_states(state.state_details.flow_run_id)["diarize"] == "Completed"  # new job content: no stale hit
+    assert task_states(state.state_details.flow_run_id)["diarize-hosted"] == "Completed"  # new job content: no stale hit
 
 
 def test_upload_and_deepgram_confidence_in_the_flow(prefect_harness, s3, tmp_path, manifest):
@@ -373,3 +373,84 @@ def test_worker_env_switches_print_mounts_and_console_level(prefect_harness, mon
         logs = client.read_logs(log_filter=LogFilter(
             flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     assert any(r.message.startswith("mounts:\n") for r in logs)  # the API got it despite the console level
+
+
+def _run_logs(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)  # logs reach the API in batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [r.message for r in logs]
+
+
+@pytest.fixture
+def pyannote_api(monkeypatch):
+    """The pyannoteAI stub as the run's hosted diarizer (key and URL from the environment),
+    with task retries that do not wait."""
+    from pyannote_stub import KEY, PyannoteServer
+    from speech.settings import get_settings
+    from tasks.speakers import diarize_hosted
+
+    monkeypatch.setenv("PYANNOTE_API_KEY", KEY)
+    get_settings.cache_clear()
+    monkeypatch.setattr(diarize_hosted, "retry_delay_seconds", [0.1, 0.1, 0.1])
+    with PyannoteServer() as server:
+        monkeypatch.setenv("PYANNOTE_API_URL", server.url)
+        get_settings.cache_clear()
+        yield server
+    get_settings.cache_clear()
+
+
+def test_hosted_diarization_retries_transient_errors_and_never_caches_a_fallback(prefect_harness, pyannote_api,
+                                                                                  tmp_path):
+    """auto with a pyannoteAI key: the API first; a 503 is retried by the task; an API that keeps
+    failing falls back to this machine's diarizer, and that fallback is not cached: the next run
+    with a healthy API gets the API's speakers. The engine's log records are in the run's logs."""
+    kwargs = dict(language="en", diarization=True, pyannote_poll_interval=0.05, debug=True,
+                  download_dir=str(tmp_path / "out"))
+    api = pyannote_api.reset()
+    api.submit_failures = 1
+    state, result = run(audio_file=str(DATA / "heldout_3spk.wav"), **kwargs)
+    assert state.is_completed(), state
+    assert result["debug"]["diarization"]["backend"] == "pyannote-api" and api.submits == 2
+    assert len(result["speakers"]) == 3
+
+    api = pyannote_api.reset()
+    api.submit_failures = 99
+    state, result = run(audio_file=str(DATA / "diar_2spk.wav"), **kwargs)
+    assert state.is_completed(), state
+    diarization = result["debug"]["diarization"]
+    assert diarization["backend"] == "builtin" and "pyannote-api" in diarization["error"] and "503" in diarization["error"]
+    assert api.submits == 4  # the first try and 3 retries, then the fallback
+    assert len(result["speakers"]) == 2
+    states = task_states(state.state_details.flow_run_id)
+    assert states["diarize-hosted"] == "Failed" and states["diarize"] == "Completed"
+    logs = _run_logs(state.state_details.flow_run_id)
+    assert any("diarization backend unavailable: pyannote" in m for m in logs)  # a speech.* record
+    assert any("not cached" in m for m in logs)
+    from pyannote_stub import KEY
+
+    assert pyannote_api.state.requests and not any(KEY in m for m in logs)
+
+    pyannote_api.reset()
+    state, result = run(audio_file=str(DATA / "diar_2spk.wav"), **kwargs)
+    assert result["debug"]["diarization"]["backend"] == "pyannote-api"
+    assert task_states(state.state_details.flow_run_id)["diarize-hosted"] == "Completed"
+
+
+def test_an_alignment_that_failed_is_not_cached(prefect_harness, tmp_path):
+    """wav2vec2 chosen but unavailable offline: segment times are kept, the outcome is not cached
+    (a later run with the model tries again); auto's offline answer is cached as usual."""
+    kwargs = dict(audio_file=str(DATA / "heldout_3spk.wav"), language="en", align_output=True,
+                  download_dir=str(tmp_path))
+    for _ in range(2):
+        state, result = run(align_backend="wav2vec2", **kwargs)
+        assert state.is_completed() and result["alignment"]["backend"] is None
+        assert task_states(state.state_details.flow_run_id)["align"] == "Completed"
+    run(align_backend="auto", **kwargs)
+    state, result = run(align_backend="auto", **kwargs)
+    assert result["alignment"]["backend"] == "pocketsphinx"
+    assert task_states(state.state_details.flow_run_id)["align"] == "Cached"

@@ -59,6 +59,7 @@ def align(
     seconds = round(time.perf_counter() - t0, 3)
     if tried.backend is None:
         log.warning("alignment failed; keeping segment-level times (%s)", tried.error)
-        return AlignOutcome(segments=transcript.segments, backend=None, error=tried.error, seconds=seconds)
+        return AlignOutcome(segments=transcript.segments, backend=None, error=tried.error, seconds=seconds,
+                            settled=False)
     segments = [part for seg in tried.result for part in split_sentences(seg)]
-    return AlignOutcome(segments=segments, backend=tried.backend, seconds=seconds)
+    return AlignOutcome(segments=segments, backend=tried.backend, seconds=seconds, settled=tried.settled)
