@@ -11,7 +11,9 @@ Reads the same variables as the pipeline (:class:`speech.settings.Settings`) and
 * AwsCredentials ``whisperx-s3`` from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
   AWS_DEFAULT_REGION / S3_ENDPOINT_URL (MinIO, R2, ...), and S3Bucket ``whisperx-results``
   for RESULTS_BUCKET with those credentials: set ``RESULTS_S3_BLOCK=whisperx-results`` on a
-  worker and its runs write there with no AWS variables of their own.
+  worker and its runs write there with no AWS variables of their own. S3Bucket
+  ``whisperx-task-results`` (folder ``prefect-results/`` of the same bucket) holds every worker's
+  task results and cache records; the job templates name it in ``RESULTS_STORAGE_BLOCK``.
 
 Variables that are not set are skipped (and said so); re-running overwrites. Values are
 never printed. Called by infra/bootstrap.sh.
@@ -24,6 +26,8 @@ from typing import Optional
 
 CREDENTIALS_BLOCK = "whisperx-s3"
 BUCKET_BLOCK = "whisperx-results"
+TASK_RESULTS_BLOCK = "whisperx-task-results"  # what the job templates' RESULTS_STORAGE_BLOCK names
+TASK_RESULTS_FOLDER = "prefect-results"
 
 
 def save_blocks(dry_run: bool = False) -> list[str]:
@@ -71,8 +75,12 @@ def save_blocks(dry_run: bool = False) -> list[str]:
 
         S3Bucket(bucket_name=settings.s3_bucket, bucket_folder=settings.s3_prefix,
                  credentials=credentials).save(BUCKET_BLOCK, overwrite=True)
+        S3Bucket(bucket_name=settings.s3_bucket, bucket_folder=TASK_RESULTS_FOLDER,
+                 credentials=credentials).save(TASK_RESULTS_BLOCK, overwrite=True)
     report.append(f"saved  S3Bucket {BUCKET_BLOCK!r}: s3://{settings.s3_bucket}/{settings.s3_prefix} "
                   f"(use: RESULTS_S3_BLOCK={BUCKET_BLOCK})")
+    report.append(f"saved  S3Bucket {TASK_RESULTS_BLOCK!r}: s3://{settings.s3_bucket}/{TASK_RESULTS_FOLDER}/ "
+                  f"(task results and cache records; the job templates set RESULTS_STORAGE_BLOCK={TASK_RESULTS_BLOCK})")
     return report
 
 

@@ -20,8 +20,10 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
 from speech.errors import InvalidRequest
+from speech.io.audio import release
 from speech.io.store import OutputTarget
 from speech.io.upload import UploadResult
+from speech.models import CACHE
 from speech.output.result import PipelineResults
 from speech.schema import (
     AlignParams,
@@ -44,6 +46,7 @@ from tasks.confidence import deepgram, word_confidence
 from tasks.fetch import fetch_audio
 from tasks.outputs import write_outputs
 from tasks.speakers import diarize, diarize_hosted, enroll_speakers, label_speakers
+from tasks.storage import task_result_storage
 from tasks.transcribe import transcribe
 from tasks.upload import upload
 
@@ -59,6 +62,7 @@ class StageClock:
 
     seconds: dict[str, float] = field(default_factory=dict)
     cached: list[str] = field(default_factory=list)
+    storage: Any = None  # where task results and cache records live (None: Prefect's default)
 
     @contextlib.contextmanager
     def time(self, stage: str) -> Iterator[None]:
@@ -77,8 +81,11 @@ class StageClock:
 
     def attempt(self, stage: str, task: Any, *args: Any, force: bool = False) -> tuple[Any, Optional[BaseException]]:
         """Like :meth:`run`, but a failed task gives ``(None, its exception)`` instead of raising."""
+        options: dict[str, Any] = {"refresh_cache": force}
+        if self.storage is not None:
+            options["result_storage"] = self.storage
         with self.time(stage):
-            state = task.with_options(refresh_cache=force)(*args, return_state=True)
+            state = task.with_options(**options)(*args, return_state=True)
             result = state.result(raise_on_failure=False)
         if not state.is_completed():
             return None, result if isinstance(result, BaseException) else RuntimeError(state.message or state.name)
@@ -113,10 +120,19 @@ def run_pipeline(req: TranscriptionRequest) -> PipelineOutput:
     req = with_block_secrets(req)
     settings = get_settings()
     log.info("request: %s", {k: v for k, v in req.public_dict().items() if v not in (None, [], False)})
-    clock = StageClock()
+    clock = StageClock(storage=task_result_storage())
 
     with clock.time("fetch"):
         audio = fetch_audio(req.audio_file, req.output_name)
+    try:
+        return _run_stages(req, audio, clock, settings)
+    finally:
+        release(audio)  # a download kept for decoding, if no stage needed the samples
+
+
+def _run_stages(req: TranscriptionRequest, audio: AudioRef, clock: StageClock, settings: Any) -> PipelineOutput:
+    log = get_run_logger()
+    loads_before = CACHE.load_count
     uploaded = _upload(req, audio)
     enrolled = None
     if req.speaker_verification:  # fetch + embed the samples first: a bad sample fails fast
@@ -142,6 +158,7 @@ def run_pipeline(req: TranscriptionRequest) -> PipelineOutput:
         run.confidence = _confidence(req, run, clock, deepgram_key, uploaded)
 
     run.stage_seconds, run.cached_stages = clock.seconds, clock.cached
+    run.model_loads = CACHE.load_count - loads_before
     result, refs = write_outputs(run, OutputTarget.from_request(req))
     return PipelineOutput(result=result, outputs=refs)
 

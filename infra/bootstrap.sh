@@ -3,8 +3,10 @@
 # register the prefect-aws block types, and save credentials from the environment as blocks
 # (python -m deployments.blocks): Secret blocks deepgram-api-key / pyannote-api-key / hf-token
 # from DEEPGRAM_API_KEY / PYANNOTE_API_KEY / HF_TOKEN, AwsCredentials whisperx-s3 and
-# S3Bucket whisperx-results from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / S3_ENDPOINT_URL /
-# RESULTS_BUCKET. Unset variables are skipped; values are never printed.
+# S3Bucket whisperx-results (outputs) + whisperx-task-results (task results and cache records,
+# named by the job templates' RESULTS_STORAGE_BLOCK) from AWS_ACCESS_KEY_ID /
+# AWS_SECRET_ACCESS_KEY / S3_ENDPOINT_URL / RESULTS_BUCKET. Unset variables are skipped; values
+# are never printed.
 #
 #   PREFECT_API_URL=http://localhost:4200/api infra/bootstrap.sh [--compose] [POOL ...]
 #
@@ -91,6 +93,7 @@ props["networks"]["default"] = [os.environ["COMPOSE_NETWORK"]]
 props["env"]["default"] = {
     **props["env"].get("default", {}),
     "RESULTS_BUCKET": os.environ["RESULTS_BUCKET"],
+    "RESULTS_STORAGE": f"s3://{os.environ['RESULTS_BUCKET']}/prefect-results",
     "AWS_ENDPOINT_URL_S3": "http://minio:9000",
     "AWS_ACCESS_KEY_ID": os.environ["MINIO_ROOT_USER"],
     "AWS_SECRET_ACCESS_KEY": os.environ["MINIO_ROOT_PASSWORD"],

@@ -229,16 +229,19 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 
 class AudioRef(BaseModel):
-    """Fetched, decoded audio: a reference to a cached 16 kHz mono float32 array on disk."""
+    """Fetched audio: its identity, and where its 16 kHz mono float32 samples are (or will be,
+    once a stage needs them) cached on disk."""
 
     sha256: str = Field(..., description="sha256 of the source bytes")
     source: str = Field(..., description="where it came from (URL query strings dropped)")
     stem: str = Field(..., description="output file stem")
     decoded_path: str = Field(..., description="float32 .npy of the 16 kHz mono samples")
-    duration: float
+    duration: float = Field(..., description="seconds: decoded, else as the file's header declares (0 if unknown)")
     sample_rate: int = SAMPLE_RATE
     size_bytes: int
     format: str = Field(..., description="container/codec as PyAV reports it")
+    local_path: Optional[str] = Field(None, description="the bytes on this machine, kept until decoded")
+    temporary: bool = Field(False, description="local_path is a download of ours, deleted once decoded")
 
 
 class TimedWord(BaseModel):
@@ -328,6 +331,8 @@ class OutputRef(BaseModel):
     name: str
     uri: str
     size_bytes: int
+    url: Optional[str] = Field(None, description="an http(s) address of the object (S3: path-style on the "
+                               "store's endpoint, not presigned: opening it needs the bucket's credentials)")
 
 
 def request_default(field: str) -> Any:

@@ -117,6 +117,17 @@ class Settings(BaseSettings):
         description="Name of a saved prefect-aws S3Bucket block for results (resolved by tasks/).",
     )
     s3_region: Optional[str] = Field(None, validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"))
+    results_storage: Optional[str] = Field(
+        None,
+        validation_alias="RESULTS_STORAGE",
+        description="s3://bucket/prefix (or a folder) for Prefect's task results and cache records, shared by "
+        "every worker and container (endpoint and credentials as for the results bucket).",
+    )
+    results_storage_block: Optional[str] = Field(
+        None,
+        validation_alias="RESULTS_STORAGE_BLOCK",
+        description="Name of a saved prefect-aws S3Bucket block for the same (wins over RESULTS_STORAGE).",
+    )
 
     # --- hosted APIs ------------------------------------------------------------------
     pyannote_api_url: Optional[str] = Field(

@@ -35,7 +35,7 @@ def write_outputs(run: PipelineResults, target: OutputTarget) -> tuple[dict, lis
     )
     create_table_artifact(
         key=f"{key}-outputs",
-        table=[{"file": r.name, "uri": r.uri, "bytes": r.size_bytes} for r in refs],
+        table=[{"file": r.name, "uri": r.uri, "url": r.url, "bytes": r.size_bytes} for r in refs],
         description="Output files",
     )
     return result.to_json(), refs

@@ -1,6 +1,13 @@
-"""Resolve the run's results store, including saved prefect-aws blocks (Prefect-only glue)."""
+"""Where a run's outputs go (results store) and where Prefect keeps task results and cache
+records (result storage), including saved prefect-aws blocks (Prefect-only glue)."""
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+from speech.errors import InvalidRequest
 from speech.io.s3 import s3_client_for
 from speech.io.store import OutputTarget, ResultStore, S3Store, open_store
 from speech.settings import get_settings
@@ -19,3 +26,63 @@ def results_store(target: OutputTarget) -> ResultStore:
                        block.credentials.get_s3_client())
     client = s3_client_for(target.s3) if target.s3.given() else None
     return open_store(download_dir=target.download_dir, bucket=target.bucket, prefix=target.prefix, client=client)
+
+
+_STORAGE: dict[tuple, Any] = {}
+
+
+def _log() -> Any:
+    from prefect.logging import get_logger, get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return get_logger(__name__)
+
+
+def task_result_storage() -> Optional[Any]:
+    """The file system for task results and cache records: the ``S3Bucket`` block named by
+    ``RESULTS_STORAGE_BLOCK``, else ``RESULTS_STORAGE`` (``s3://bucket/prefix`` or a folder), else
+    None (Prefect's default, ``$PREFECT_HOME/storage``: one machine's disk). Prefect wants it
+    saved server-side, so ``RESULTS_STORAGE`` is saved as a block named after it, holding the
+    endpoint and region but no keys: S3 credentials come from boto3's chain (AWS_* variables,
+    profile, instance or pod role) where the task runs. Resolved once per process and setting."""
+    settings = get_settings()
+    key = (settings.results_storage_block, settings.results_storage, settings.s3_endpoint_url, settings.s3_region)
+    if key not in _STORAGE:
+        _STORAGE[key] = _build_result_storage(settings)
+    return _STORAGE[key]
+
+
+def _build_result_storage(settings: Any) -> Optional[Any]:
+    if settings.results_storage_block:
+        from prefect_aws import S3Bucket
+
+        try:
+            return S3Bucket.load(settings.results_storage_block)
+        except ValueError:  # "Unable to find block document named ..."
+            _log().warning(
+                "RESULTS_STORAGE_BLOCK names no saved S3Bucket block %r (infra/bootstrap.sh saves "
+                "whisperx-task-results when RESULTS_BUCKET and S3 credentials are set): task results "
+                "and cache records stay on this machine", settings.results_storage_block)
+    where = (settings.results_storage or "").strip()
+    if not where:
+        return None
+    name = "task-results-" + hashlib.sha256(f"{where} {settings.s3_endpoint_url}".encode()).hexdigest()[:12]
+    if where.startswith("s3://"):
+        parts = urlsplit(where)
+        if not parts.netloc:
+            raise InvalidRequest(f"RESULTS_STORAGE {where!r}: expected s3://bucket/prefix")
+        from prefect_aws import AwsCredentials, S3Bucket
+        from prefect_aws.client_parameters import AwsClientParameters
+
+        credentials = AwsCredentials(region_name=settings.s3_region,
+                                     aws_client_parameters=AwsClientParameters(endpoint_url=settings.s3_endpoint_url))
+        block: Any = S3Bucket(bucket_name=parts.netloc, bucket_folder=parts.path.strip("/"), credentials=credentials)
+    else:
+        from prefect.filesystems import LocalFileSystem
+
+        block = LocalFileSystem(basepath=str(Path(where).expanduser().resolve()))
+    block.save(name, overwrite=True)
+    return block

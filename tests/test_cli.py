@@ -61,3 +61,32 @@ def test_cli_transcribes_and_writes_outputs(tmp_path, manifest):
     result = json.loads((out / "heldout_3spk.json").read_text())
     assert wer(manifest["heldout_3spk.wav"]["text"], " ".join(s["text"] for s in result["segments"])) <= 0.12
     assert "-->" in proc.stdout and str(out) in proc.stderr
+
+
+def test_cache_on_s3_is_shared_by_separate_processes(tmp_path, s3):
+    """RESULTS_STORAGE=s3://...: two CLI processes with their own PREFECT_HOME and SPEECH_CACHE_DIR
+    (two containers, as far as either can tell); the second finds every stage in the first's
+    cache, loads no model and decodes no audio."""
+    s3.create_bucket(Bucket="prefect-cache")
+    runs = []
+    for name in ("first", "second"):
+        home = tmp_path / name
+        home.mkdir()
+        proc = cli(str(DATA / "diar_2spk.wav"), "--language", "en", "--diarization", "--debug", "--json",
+                   "--download-dir", str(home / "out"),
+                   env={"PREFECT_HOME": str(home / "prefect"), "SPEECH_CACHE_DIR": str(home / "cache"),
+                        "RESULTS_STORAGE": "s3://prefect-cache/results"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append(json.loads(proc.stdout[proc.stdout.index("{"):]))
+    first, second = runs
+    assert first["debug"]["cached_stages"] == [] and first["debug"]["model_loads"] >= 2  # Whisper + VAD
+    assert set(second["debug"]["cached_stages"]) == {"transcribe", "align", "diarize"}
+    assert second["debug"]["model_loads"] == 0
+    assert second["segments"] == first["segments"] and second["speakers"] == first["speakers"]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="prefect-cache")["Contents"]]
+    for stage in ("transcribe", "align", "diarize"):
+        assert any(k.startswith(f"results/{stage}-") for k in keys), keys
+    assert not list((tmp_path / "first" / "prefect").glob("storage/*"))  # nothing kept on the machine
+    # the first process decoded the audio; the second, with every stage cached, never did
+    assert list((tmp_path / "first" / "cache" / "audio").glob("*.npy"))
+    assert not list((tmp_path / "second" / "cache" / "audio").glob("*.npy"))

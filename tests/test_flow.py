@@ -31,6 +31,14 @@ def task_states(flow_run_id) -> dict[str, str]:
     return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
 
 
+def _artifacts(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+
 def read_flow_run(flow_run_id):
     from prefect.client.orchestration import get_client
 
@@ -84,6 +92,12 @@ def test_s3_outputs_and_content_addressed_cache(prefect_harness, s3, tmp_path):
     assert keys == ["tx/held.json", "tx/held.segments.json", "tx/held.srt", "tx/held.vtt"]
     body = json.loads(s3.get_object(Bucket="results", Key="tx/held.json")["Body"].read())
     assert body == result and body["segments"]
+    # the run's outputs table links each object on the store's endpoint (not presigned)
+    table = next(a for a in _artifacts(state.state_details.flow_run_id) if a.type == "table")
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    urls = {r["file"]: r["url"] for r in rows}
+    assert urls["held.json"] == f"{s3.meta.endpoint_url}/results/tx/held.json"
+    assert all("Signature" not in u for u in urls.values())
     assert task_states(state.state_details.flow_run_id)["transcribe"] == "Completed"
 
     # same bytes, another path and name: the transcription is a cache hit, no model loads

@@ -129,7 +129,8 @@ def test_deploy_registers_prefect_yaml_deployments_with_typed_forms(server, depl
         batch = client.read_deployment_by_name("transcribe-batch/transcribe-batch-gpu")
         sweep = client.read_deployment_by_name("sweep-inbox/sweep-inbox")
         schedules = client.read_deployment_schedules(sweep.id)
-    assert (cpu.work_pool_name, cpu.job_variables) == ("cpu-pool", {"env": {"WHISPERX_DEVICE": "cpu"}})
+    assert (cpu.work_pool_name, cpu.job_variables) == (
+        "cpu-pool", {"env": {"WHISPERX_DEVICE": "cpu", "RESULTS_STORAGE_BLOCK": "whisperx-task-results"}})
     assert gpu.work_pool_name == "gpu-docker-pool"
     assert gpu.job_variables["container_create_kwargs"]["device_requests"][0]["capabilities"] == [["gpu"]]
     assert batch.work_pool_name == "gpu-docker-pool" and batch.job_variables == gpu.job_variables
@@ -175,11 +176,17 @@ def test_process_worker_runs_transcribe_cpu_from_run_deployment(server, deployed
     assert flow_run.state.is_completed(), f"{flow_run.state}\n{logs[-6000:]}"
     assert flow_run.work_pool_name == "cpu-pool"
 
-    # outputs in the S3Bucket block's bucket and folder
+    # outputs in the S3Bucket block's bucket and folder; task results and cache records in the
+    # whisperx-task-results block's folder (RESULTS_STORAGE_BLOCK from prefect.yaml)
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"])
     stem = Path(AUDIO).stem
-    assert keys == [f"transcripts/{stem}{ext}" for ext in
-                    (".deepgram.json", ".json", ".segments.json", ".srt", ".vtt")]
+    assert [k for k in keys if k.startswith("transcripts/")] == [
+        f"transcripts/{stem}{ext}" for ext in (".deepgram.json", ".json", ".segments.json", ".srt", ".vtt")]
+    cached = [k for k in keys if k.startswith("prefect-results/")]
+    assert {k.split("/")[1].split("-")[0] for k in cached} == {"transcribe", "align", "deepgram"}, keys
+    assert len(cached) + 5 == len(keys)
+    for key in cached:  # what the cache holds carries no secret either
+        assert KEY.encode() not in s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
     result = json.loads(s3.get_object(Bucket=BUCKET, Key=f"transcripts/{stem}.json")["Body"].read())
     manifest = json.loads((DATA / "fixtures.json").read_text())
     text = " ".join(s["text"] for s in result["segments"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote, urlsplit
@@ -14,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 
 from speech.errors import AudioError
-from speech.io.decode import decode
+from speech.io.decode import decode, probe
 from speech.io.fetch import fetch
 from speech.redact import redact_url
 from speech.schema import SAMPLE_RATE, AudioRef
@@ -30,43 +31,78 @@ def stem_of(source: str) -> str:
     return stem or "audio"
 
 
-def load_audio(source: str, output_name: Optional[str] = None, settings: Optional[Settings] = None) -> AudioRef:
-    """Fetch + hash + decode. Raises AudioError/FetchError with a one-line reason."""
+def load_audio(source: str, output_name: Optional[str] = None, settings: Optional[Settings] = None,
+               decode_now: bool = True) -> AudioRef:
+    """Fetch + hash (+ decode). Raises AudioError/FetchError with a one-line reason.
+
+    ``decode_now=False`` (the pipeline's fetch stage) only probes the file (format, declared
+    length, its first frame) and keeps the bytes on this machine; :func:`read_samples` decodes
+    them the first time a stage needs samples, so a run whose stages are all cache hits never
+    decodes. Decoded samples are cached per sha256 either way."""
     settings = settings or get_settings()
     shown = redact_url(source)
     fetched = fetch(source, settings)
+    cache = settings.cache_dir / "audio"
+    cache.mkdir(parents=True, exist_ok=True)
+    npy, meta = cache / f"{fetched.sha256}.npy", cache / f"{fetched.sha256}.fmt"
+    keep = False
     try:
-        cache = settings.cache_dir / "audio"
-        cache.mkdir(parents=True, exist_ok=True)
-        npy = cache / f"{fetched.sha256}.npy"
-        meta = cache / f"{fetched.sha256}.fmt"
         if npy.exists() and meta.exists():
-            audio = np.load(npy, mmap_mode="r")
-            fmt = meta.read_text().strip()
+            duration, fmt = np.load(npy, mmap_mode="r").shape[0] / SAMPLE_RATE, meta.read_text().strip()
+        elif decode_now:
+            audio = _decode_to_cache(fetched.path, shown, npy, meta, settings)
+            duration, fmt = audio.shape[0] / SAMPLE_RATE, meta.read_text().strip()
         else:
-            audio, fmt = decode(fetched.path, shown, settings.max_audio_seconds)
-            fd, tmp = tempfile.mkstemp(dir=cache, suffix=".npy.part")
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, audio)
-            os.replace(tmp, npy)
-            meta.write_text(fmt)
+            fmt, declared = probe(fetched.path, shown, settings.max_audio_seconds)
+            duration, keep = declared or 0.0, True
     finally:
-        if fetched.temporary:
+        if fetched.temporary and not keep:
             fetched.path.unlink(missing_ok=True)
     return AudioRef(
         sha256=fetched.sha256,
         source=shown,
         stem=output_name or stem_of(source),
         decoded_path=str(npy),
-        duration=round(audio.shape[0] / SAMPLE_RATE, 3),
+        duration=round(duration, 3),
         size_bytes=fetched.size,
         format=fmt,
+        local_path=str(fetched.path) if keep else None,
+        temporary=keep and fetched.temporary,
     )
 
 
+_DECODE_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
 def read_samples(ref: AudioRef) -> np.ndarray:
-    """The decoded samples of a fetched file (memory-mapped, float32)."""
+    """The decoded samples of a fetched file (memory-mapped, float32), decoded on first use."""
+    npy = Path(ref.decoded_path)
+    if not npy.exists() and ref.local_path:
+        with _LOCKS_GUARD:
+            lock = _DECODE_LOCKS.setdefault(ref.sha256, threading.Lock())
+        with lock:  # concurrent stages decode once
+            if not npy.exists():
+                settings = get_settings()
+                _decode_to_cache(Path(ref.local_path), ref.source, npy, npy.with_suffix(".fmt"), settings)
+                release(ref)
     try:
-        return np.load(ref.decoded_path, mmap_mode="r")
+        return np.load(npy, mmap_mode="r")
     except FileNotFoundError:
         raise AudioError(f"decoded audio cache {ref.decoded_path} vanished; rerun with force") from None
+
+
+def release(ref: AudioRef) -> None:
+    """Delete a download kept for decoding (JOBS_DIR); a local source file is never touched."""
+    if ref.temporary and ref.local_path:
+        Path(ref.local_path).unlink(missing_ok=True)
+
+
+def _decode_to_cache(path: Path, label: str, npy: Path, meta: Path, settings: Settings) -> np.ndarray:
+    audio, fmt = decode(path, label, settings.max_audio_seconds)
+    fd, tmp = tempfile.mkstemp(dir=npy.parent, suffix=".npy.part")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, audio)
+    os.replace(tmp, npy)  # atomic: a concurrent reader sees all samples or none
+    meta.write_text(fmt)
+    return audio

@@ -3,8 +3,9 @@ in the wheel; no system ffmpeg), refusing truncated or non-audio files with a cl
 write samples back as a compact 16-bit WAV for hosted APIs."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -12,8 +13,10 @@ from speech.errors import AudioError
 from speech.schema import SAMPLE_RATE
 
 
-def decode(path: Path, label: str, max_seconds: float) -> tuple[np.ndarray, str]:
-    """Decode any FFmpeg-readable audio to 16 kHz mono float32; detect truncation."""
+@contextlib.contextmanager
+def _opened(path: Path, label: str, max_seconds: float) -> Iterator[tuple[Any, Any, Optional[float], str]]:
+    """The file opened by PyAV: (container, first audio stream, declared seconds or None,
+    "format/codec"); refuses a cut-off WAV, a non-audio file and a declared length over the limit."""
     import av
 
     cut = _riff_truncation(path)
@@ -33,7 +36,28 @@ def decode(path: Path, label: str, max_seconds: float) -> tuple[np.ndarray, str]
             declared = container.duration / 1_000_000
         if declared is not None and declared > max_seconds:
             raise AudioError(f"{label}: {declared:.0f} s is longer than the {max_seconds:.0f} s limit")
-        fmt = f"{container.format.name}/{stream.codec_context.name}"
+        yield container, stream, declared, f"{container.format.name}/{stream.codec_context.name}"
+
+
+def probe(path: Path, label: str, max_seconds: float) -> tuple[str, Optional[float]]:
+    """("format/codec", declared seconds or None) after decoding the first frame only: a file
+    that is not audio fails here, cheaply; the full decode (and its truncation check) can wait
+    until a stage needs the samples."""
+    import av
+
+    with _opened(path, label, max_seconds) as (container, stream, declared, fmt):
+        try:
+            next(iter(container.decode(stream)), None)
+        except av.FFmpegError as exc:
+            raise AudioError(f"{label}: not a readable audio file ({_av_reason(exc)})") from None
+    return fmt, declared
+
+
+def decode(path: Path, label: str, max_seconds: float) -> tuple[np.ndarray, str]:
+    """Decode any FFmpeg-readable audio to 16 kHz mono float32; detect truncation."""
+    import av
+
+    with _opened(path, label, max_seconds) as (container, stream, declared, fmt):
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         chunks: list[np.ndarray] = []
         try:

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from urllib.parse import quote
 from typing import Any, Optional, Protocol
 
 from pydantic import BaseModel, Field
@@ -78,6 +79,10 @@ class S3Store:
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}"
 
+    def _url(self, key: str) -> Optional[str]:
+        endpoint = getattr(getattr(self.client, "meta", None), "endpoint_url", None)
+        return f"{endpoint.rstrip('/')}/{quote(self.bucket)}/{quote(key)}" if endpoint else None
+
     def write(self, files: dict[str, bytes]) -> list[OutputRef]:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -92,7 +97,8 @@ class S3Store:
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=files[name], ContentType=ctype)
             except (ClientError, BotoCoreError) as exc:
                 raise StorageError(f"cannot write s3://{self.bucket}/{key}: {exc}") from None
-            refs.append(OutputRef(name=name, uri=f"s3://{self.bucket}/{key}", size_bytes=len(files[name])))
+            refs.append(OutputRef(name=name, uri=f"s3://{self.bucket}/{key}", size_bytes=len(files[name]),
+                                  url=self._url(key)))
         return refs
 
 

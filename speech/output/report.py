@@ -30,7 +30,8 @@ def summary_markdown(run: PipelineResults, result: TranscriptionResult, outputs:
     lines += ["", "## Stage times (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in run.stage_seconds.items()]
     lines += [f"| transcribe: {k} | {v:.2f} |" for k, v in transcript.timings.items()]
-    lines += ["", "## Outputs", ""] + [f"- `{o.uri}` ({o.size_bytes} bytes)" for o in outputs]
+    lines += ["", "## Outputs", ""] + [f"- [`{o.uri}`]({o.url}) ({o.size_bytes} bytes)" if o.url
+                                       else f"- `{o.uri}` ({o.size_bytes} bytes)" for o in outputs]
     if result.segments:
         preview = " ".join(s.text for s in result.segments)
         lines += ["", "## Preview", "", "> " + (preview[:600] + ("…" if len(preview) > 600 else ""))]

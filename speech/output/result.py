@@ -27,6 +27,7 @@ class PipelineResults(BaseModel):
                                         "(<stem>.deepgram.json, <stem>.pyannote.job.json)")
     stage_seconds: dict[str, float] = Field(default_factory=dict)
     cached_stages: list[str] = Field(default_factory=list)
+    model_loads: int = Field(0, description="models this run loaded into its process (0 when every stage was cached)")
     debug: bool = False
 
     def final_segments(self) -> list:
@@ -71,6 +72,7 @@ def _debug(run: PipelineResults) -> dict[str, Any]:
         extra["stage_seconds"] = run.stage_seconds
     # timings of a cached stage are those of the run that computed it
     extra["cached_stages"] = run.cached_stages
+    extra["model_loads"] = run.model_loads
     if run.alignment is not None:
         extra["align_seconds"] = run.alignment.seconds
     if run.speakers is not None:
