@@ -10,7 +10,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test bench bench-batch clean fixtures
+.PHONY: setup demo test bench bench-batch bench-overlap clean fixtures
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ bench: setup
 
 bench-batch: setup  ## batch flow vs one flow run per file, through a real server + process worker
 	$(PY) bench/batch.py
+
+bench-overlap: setup  ## hosted APIs (loopback stubs) overlapped with local work
+	$(PY) bench/overlap.py
 
 fixtures:  ## regenerate tests/data (needs: apt-get install flite espeak-ng sox)
 	$(PY) tests/data/make_fixtures.py

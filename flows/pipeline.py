@@ -22,7 +22,6 @@ from pydantic import BaseModel
 from speech.errors import InvalidRequest
 from speech.io.audio import release
 from speech.io.store import OutputTarget
-from speech.io.upload import UploadResult
 from speech.models import CACHE
 from speech.output.result import PipelineResults
 from speech.schema import (
@@ -81,17 +80,56 @@ class StageClock:
 
     def attempt(self, stage: str, task: Any, *args: Any, force: bool = False) -> tuple[Any, Optional[BaseException]]:
         """Like :meth:`run`, but a failed task gives ``(None, its exception)`` instead of raising."""
+        with self.time(stage):
+            state = self._task(task, force)(*args, return_state=True)
+        return self._settle(stage, state)
+
+    def submit(self, stage: str, task: Any, *args: Any, force: bool = False) -> "Running":
+        """Start a task in the background (the flow's thread pool); its seconds run from now
+        until it finishes. Arguments may be other :class:`Running` stages' futures."""
+        args = tuple(a.future if isinstance(a, Running) else a for a in args)
+        return Running(self, stage, self._task(task, force).submit(*args), time.perf_counter())
+
+    def _task(self, task: Any, force: bool) -> Any:
         options: dict[str, Any] = {"refresh_cache": force}
         if self.storage is not None:
             options["result_storage"] = self.storage
-        with self.time(stage):
-            state = task.with_options(**options)(*args, return_state=True)
-            result = state.result(raise_on_failure=False)
+        return task.with_options(**options)
+
+    def _settle(self, stage: str, state: Any) -> tuple[Any, Optional[BaseException]]:
+        result = state.result(raise_on_failure=False)
         if not state.is_completed():
             return None, result if isinstance(result, BaseException) else RuntimeError(state.message or state.name)
         if state.name == "Cached":
             self.cached.append(stage)
         return result, None
+
+
+@dataclass
+class Running:
+    """A stage running in the background."""
+
+    clock: StageClock
+    stage: str
+    future: Any  # PrefectFuture
+    started: float
+    finished: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        self.future.add_done_callback(lambda _f: setattr(self, "finished", time.perf_counter()))
+
+    def outcome(self) -> tuple[Any, Optional[BaseException]]:
+        """Wait; ``(result, None)`` or ``(None, the task's exception)``."""
+        self.future.wait()
+        seconds = (self.finished or time.perf_counter()) - self.started
+        self.clock.seconds[self.stage] = round(self.clock.seconds.get(self.stage, 0.0) + seconds, 3)
+        return self.clock._settle(self.stage, self.future.state)
+
+    def result(self) -> Any:
+        result, error = self.outcome()
+        if error is not None:
+            raise error
+        return result
 
 
 def with_block_secrets(req: TranscriptionRequest) -> TranscriptionRequest:
@@ -133,29 +171,38 @@ def run_pipeline(req: TranscriptionRequest) -> PipelineOutput:
 def _run_stages(req: TranscriptionRequest, audio: AudioRef, clock: StageClock, settings: Any) -> PipelineOutput:
     log = get_run_logger()
     loads_before = CACHE.load_count
-    uploaded = _upload(req, audio)
-    enrolled = None
-    if req.speaker_verification:  # fetch + embed the samples first: a bad sample fails fast
-        with clock.time("enroll"):
-            enrolled = enroll_speakers(req.speaker_samples, req.speaker_encoder)
-    transcript = clock.run("transcribe", transcribe, audio, TranscribeParams.from_request(req), force=req.force)
-    run = PipelineResults(audio=audio, transcript=transcript, debug=req.debug or settings.debug)
-
     wants_speakers = req.diarization or req.speaker_verification
     deepgram_key = req.deepgram_api_key or settings.deepgram_api_key
     wants_confidence = bool(deepgram_key or req.deepgram_json_in)
     if not wants_confidence:
         log.info("Deepgram confidence skipped: no deepgram_api_key, DEEPGRAM_API_KEY, "
                  "deepgram-api-key Secret block or deepgram_json_in")
+
+    # network stages start at once and overlap the GPU stages below
+    uploading = _upload(req, audio, clock)
+    enrolling = (clock.submit("enroll", enroll_speakers, req.speaker_samples, req.speaker_encoder)
+                 if req.speaker_verification else None)
+    hosted = _hosted_diarization(req, audio, clock) if wants_speakers else None
+    asking = _ask_deepgram(req, audio, clock, deepgram_key, uploading, req.language) if (
+        wants_confidence and req.language) else None
+    enrolled = enrolling.result() if enrolling else None  # a bad sample fails the run before any GPU work
+
+    # GPU stages, one after another in this process
+    transcript = clock.run("transcribe", transcribe, audio, TranscribeParams.from_request(req), force=req.force)
+    if wants_confidence and asking is None:  # the language is known now
+        asking = _ask_deepgram(req, audio, clock, deepgram_key, uploading, transcript.language)
+    run = PipelineResults(audio=audio, transcript=transcript, debug=req.debug or settings.debug)
     if req.align_output or wants_speakers or wants_confidence:
         if not req.align_output:
             log.info("speakers and confidence are matched per word: aligning words")
         run.alignment = clock.run("align", align_words, audio, transcript, AlignParams.from_request(req),
                                   force=req.force)
     if wants_speakers:
-        run.speakers = _speakers(req, run, clock, enrolled)
-    if wants_confidence:
-        run.confidence = _confidence(req, run, clock, deepgram_key, uploaded)
+        run.speakers = _speakers(req, run, clock, enrolled, hosted)
+    if asking is not None:
+        run.confidence = _confidence(req, run, clock, asking)
+    if uploading is not None:
+        uploading.result()  # an upload that failed fails the run, even when nothing used its URL
 
     run.stage_seconds, run.cached_stages = clock.seconds, clock.cached
     run.model_loads = CACHE.load_count - loads_before
@@ -163,7 +210,7 @@ def _run_stages(req: TranscriptionRequest, audio: AudioRef, clock: StageClock, s
     return PipelineOutput(result=result, outputs=refs)
 
 
-def _upload(req: TranscriptionRequest, audio: AudioRef) -> Optional[UploadResult]:
+def _upload(req: TranscriptionRequest, audio: AudioRef, clock: StageClock) -> Optional[Running]:
     """The original pipeline's first step: the local audio to the bucket, presigned."""
     if not req.upload:
         return None
@@ -173,21 +220,39 @@ def _upload(req: TranscriptionRequest, audio: AudioRef) -> Optional[UploadResult
     if not Path(req.audio_file).is_file():
         get_run_logger().info("upload skipped: %s is not a local file", audio.source)
         return None
-    return upload(req.audio_file, audio, bucket, req.prefix_audio or get_settings().prefix_audio,
-                  req.force, req.url_expiry, S3Options.from_request(req))
+    return clock.submit("upload", upload, req.audio_file, audio, bucket, req.prefix_audio or get_settings().prefix_audio,
+                        req.force, req.url_expiry, S3Options.from_request(req))
+
+
+def _hosted_diarization(req: TranscriptionRequest, audio: AudioRef, clock: StageClock) -> Optional[Running]:
+    """The hosted pyannoteAI job, when chosen or at hand: it needs only the audio, so it starts now."""
+    params = DiarizeParams.from_request(req)
+    api_key = req.pyannote_api_key or get_settings().pyannote_api_key
+    if not params.hosted_first(has_key=api_key is not None):
+        return None
+    return clock.submit("diarize", diarize_hosted, audio, params, api_key, force=req.force)
+
+
+def _ask_deepgram(req: TranscriptionRequest, audio: AudioRef, clock: StageClock, key: Any,
+                  uploading: Optional[Running], language: Optional[str]) -> Running:
+    """Deepgram's response, started as soon as the language is known (on the presigned URL once
+    the upload is done, else the source URL, else the decoded samples)."""
+    source_url = req.audio_file if req.audio_file.startswith(("http://", "https://")) else None
+    options = DeepgramOptions.from_request(req, language=language)
+    return clock.submit("deepgram", deepgram, audio, options, key, uploading, source_url, req.deepgram_json_in,
+                        force=req.force)
 
 
 def _speakers(req: TranscriptionRequest, run: PipelineResults, clock: StageClock,
-              enrolled: Optional[dict[str, list[float]]]) -> SpeakerLabels:
-    """Diarize (the hosted API first when chosen or at hand, else or after it fails on this
-    machine), then put speakers and enrolled names on the words."""
+              enrolled: Optional[dict[str, list[float]]], hosted: Optional[Running]) -> SpeakerLabels:
+    """The hosted job's speakers, else (not asked, or failed) this machine's; then speakers and
+    enrolled names on the words."""
     settings = get_settings()
     segments = run.final_segments()
     params = DiarizeParams.from_request(req)
-    api_key = req.pyannote_api_key or settings.pyannote_api_key
     outcome, api_error = None, None
-    if params.hosted_first(has_key=api_key is not None):
-        outcome, error = clock.attempt("diarize", diarize_hosted, run.audio, params, api_key, force=req.force)
+    if hosted is not None:
+        outcome, error = hosted.outcome()
         if error is not None:
             api_error = f"pyannote-api: {type(error).__name__}: {error}".splitlines()[0][:300]
             get_run_logger().warning("hosted diarization failed%s: %s", "" if params.backend == "pyannote-api"
@@ -206,12 +271,9 @@ def _speakers(req: TranscriptionRequest, run: PipelineResults, clock: StageClock
     return speakers
 
 
-def _confidence(req: TranscriptionRequest, run: PipelineResults, clock: StageClock, key: Any,
-                uploaded: Optional[UploadResult]) -> ConfidenceLabels:
-    url = uploaded.presigned_url if uploaded else (
-        req.audio_file if req.audio_file.startswith(("http://", "https://")) else None)
-    options = DeepgramOptions.from_request(req, language=run.transcript.language)
-    response = clock.run("deepgram", deepgram, run.audio, options, key, url, req.deepgram_json_in, force=req.force)
+def _confidence(req: TranscriptionRequest, run: PipelineResults, clock: StageClock,
+                asking: Running) -> ConfidenceLabels:
+    response = asking.result()
     with clock.time("deepgram"):
         confidence = word_confidence(run.final_segments(), response, ConfidenceThresholds.from_request(req))
     run.extra_files[f"{run.audio.stem}.deepgram.json"] = response

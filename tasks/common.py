@@ -18,7 +18,8 @@ def send_engine_logs_to_prefect(logger_name: str = "speech") -> None:
     """Every ``speech.*`` record logged inside a flow or task run reaches that run's Prefect
     logs (the UI), as ``PREFECT_LOGGING_EXTRA_LOGGERS=speech`` would, also when Prefect set up
     logging before this package was imported: the handlers of Prefect's ``prefect.extra`` logger
-    go on ``speech``, which logs from INFO up unless its level was set."""
+    go on ``speech``, which logs at Prefect's level (``PREFECT_LOGGING_LEVEL``, INFO by default)
+    unless its own level was set."""
     from prefect.logging.configuration import ensure_logging_setup
 
     ensure_logging_setup()
@@ -27,7 +28,7 @@ def send_engine_logs_to_prefect(logger_name: str = "speech") -> None:
         if handler not in target.handlers:
             target.addHandler(handler)
     if target.level == logging.NOTSET:
-        target.setLevel(logging.INFO)
+        target.setLevel(logging.getLogger("prefect.extra").level or logging.INFO)
 
 
 # Network stages retry with exponential backoff (2 s, 4 s, 8 s ± jitter) ...

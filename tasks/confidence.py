@@ -12,6 +12,7 @@ import speech.confidence
 from speech.confidence.deepgram import deepgram_for, deepgram_words
 from speech.confidence.match import annotate
 from speech.io.audio import read_samples
+from speech.io.upload import UploadResult
 from speech.schema import AudioRef, ConfidenceLabels, ConfidenceThresholds, DeepgramOptions, Segment
 from tasks.common import code_version, file_digest, stage_key
 
@@ -26,13 +27,16 @@ def deepgram_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
 
 
 @task(name="deepgram", cache_key_fn=deepgram_cache_key, persist_result=True)
-def deepgram(audio: AudioRef, options: DeepgramOptions, api_key: Optional[SecretStr], url: Optional[str],
-             json_in: Optional[str]) -> dict:
-    """Deepgram's pre-recorded response (retries on 429/5xx happen in the SDK, not here)."""
+def deepgram(audio: AudioRef, options: DeepgramOptions, api_key: Optional[SecretStr],
+             uploaded: Optional[UploadResult], source_url: Optional[str], json_in: Optional[str]) -> dict:
+    """Deepgram's pre-recorded response on the uploaded audio's presigned URL, else the source URL,
+    else the samples (retries on 429/5xx happen in the SDK, not here)."""
     log = get_run_logger()
     if json_in:
         log.info("using the saved Deepgram response %s", Path(json_in).name)
-    response = deepgram_for(read_samples(audio), audio.stem, options, api_key, url=url, json_in=json_in)
+    url = uploaded.presigned_url if uploaded is not None else source_url
+    samples = None if (url or json_in) else read_samples(audio)  # decode only when the bytes go up
+    response = deepgram_for(samples, audio.stem, options, api_key, url=url, json_in=json_in)
     log.info("Deepgram %s returned %d words", options.model, len(deepgram_words(response)))
     return response
 

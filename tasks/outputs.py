@@ -10,7 +10,7 @@ from speech.io.store import OutputTarget, S3Store, local_store
 from speech.output.formats import render
 from speech.output.report import summary_markdown
 from speech.output.result import PipelineResults, build_result
-from speech.schema import OutputRef
+from speech.schema import OutputRef, TranscriptionResult
 from tasks.common import artifact_key
 from tasks.progress import outputs_written
 from tasks.storage import results_store
@@ -38,4 +38,24 @@ def write_outputs(run: PipelineResults, target: OutputTarget) -> tuple[dict, lis
         table=[{"file": r.name, "uri": r.uri, "url": r.url, "bytes": r.size_bytes} for r in refs],
         description="Output files",
     )
+    _announce(run, result, refs)
     return result.to_json(), refs
+
+
+TRANSCRIPT_COMPLETED = "whisperx.transcript.completed"
+
+
+def _announce(run: PipelineResults, result: TranscriptionResult, refs: list[OutputRef]) -> None:
+    """A Prefect event per finished transcript, for automations to chain on (resource: the audio's
+    sha256; payload: output URIs, language, duration, speakers)."""
+    from prefect.events import emit_event
+
+    emit_event(
+        event=TRANSCRIPT_COMPLETED,
+        resource={"prefect.resource.id": f"whisperx.audio.{run.audio.sha256}",
+                  "prefect.resource.name": run.audio.stem},
+        payload={"outputs": [r.uri for r in refs], "language": result.detected_language,
+                 "language_probability": result.language_probability, "duration": run.audio.duration,
+                 "segments": len(result.segments), "speakers": sorted(result.speakers or {}),
+                 "source": run.audio.source},
+    )

@@ -77,7 +77,8 @@ def diarize(audio: AudioRef, segments: list[Segment], params: DiarizeParams,
 def diarize_hosted(audio: AudioRef, params: DiarizeParams, api_key: Optional[SecretStr]) -> DiarizationOutcome:
     """Hosted pyannoteAI diarization (or a saved job), cached on audio hash + API options; network
     trouble and 5xx are retried, anything else fails the task at once (the flow falls back)."""
-    outcome = engine_diarize_hosted(np.asarray(read_samples(audio)), params, api_key, audio.stem)
+    samples = None if params.pyannote_json_in else np.asarray(read_samples(audio))  # a saved job needs none
+    outcome = engine_diarize_hosted(samples, params, api_key, audio.stem)
     if not outcome.turns:
         raise DiarizationError("pyannoteAI found no speaker turns")
     get_run_logger().info("diarized with pyannoteAI: %d turns, %d speakers", len(outcome.turns),

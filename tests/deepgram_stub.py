@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -40,10 +41,12 @@ def listen_response(model: str) -> dict:
 
 class DeepgramServer:
     """POST /v1/listen as Deepgram documents it. ``plan`` is a list of behaviours, one per
-    request (the last repeats): ok, 429, 500, 401, malformed."""
+    request (the last repeats): ok, 429, 500, 401, malformed; ``delay`` seconds before each answer
+    (a transcription that takes time)."""
 
-    def __init__(self, plan: list[str]):
+    def __init__(self, plan: list[str], delay: float = 0.0):
         self.plan = list(plan)
+        self.delay = delay
         self.requests: list[dict] = []
         self.failures: list[str] = []
         server = self
@@ -62,6 +65,7 @@ class DeepgramServer:
                 self.wfile.write(body)
 
             def do_POST(self):
+                time.sleep(server.delay)
                 parts = urlsplit(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)

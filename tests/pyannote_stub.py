@@ -2,13 +2,15 @@
 presigned PUT, ``/v1/diarize``, ``/v1/jobs/{id}``), for the real ``pyannoteai-sdk`` as client.
 
 Scenarios: ``succeed``, ``fail`` (the job fails), ``hang`` (it never finishes), ``500`` (submit
-answers 500); ``submit_failures = N`` makes the next N submits answer 503 first.
+answers 500); ``submit_failures = N`` makes the next N submits answer 503 first;
+``job_seconds`` makes every job run at least that long.
 """
 from __future__ import annotations
 
 import http.server
 import json
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -41,6 +43,7 @@ class _State:
         self.jobs: dict[str, dict] = {}
         self.scenario = "succeed"  # succeed | fail | hang | 500 (on submit)
         self.submit_failures = 0  # the next N submits answer 503
+        self.job_seconds = 0.0  # a job runs at least this long (wall time), whatever the polls
         self.submits = 0
 
 
@@ -85,7 +88,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             doc = {"jobId": job["id"], "createdAt": "2025-01-01T00:00:00Z", "updatedAt": "2025-01-01T00:00:01Z"}
             if job["polls"] == 1:
                 doc["status"] = "pending"
-            elif job["polls"] == 2 or job["scenario"] == "hang":
+            elif (job["polls"] == 2 or job["scenario"] == "hang"
+                  or time.monotonic() - job["created"] < st.job_seconds):
                 doc["status"] = "running"
             elif job["scenario"] == "fail":
                 doc.update(status="failed", output={"error": "audio file could not be decoded"})
@@ -125,7 +129,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if req.get("model") not in ("precision-2", "community-1"):
                 return self._send(400, {"message": "unknown model"})
             job_id = uuid.uuid4().hex
-            st.jobs[job_id] = {"id": job_id, "polls": 0, "scenario": st.scenario, "request": req}
+            st.jobs[job_id] = {"id": job_id, "polls": 0, "scenario": st.scenario, "request": req,
+                               "created": time.monotonic()}
             return self._send(200, {"jobId": job_id, "status": "created"})
         self._send(404, {"message": "not found"})
 

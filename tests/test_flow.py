@@ -22,13 +22,16 @@ def run(**kwargs):
     return state, state.result(raise_on_failure=False)
 
 
-def task_states(flow_run_id) -> dict[str, str]:
+def _task_runs(flow_run_id) -> list:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in _task_runs(flow_run_id)}
 
 
 def _artifacts(flow_run_id) -> list:
@@ -37,6 +40,29 @@ def _artifacts(flow_run_id) -> list:
 
     with get_client(sync_client=True) as client:
         return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+
+def _completed_event(sha256: str):
+    """The whisperx.transcript.completed event of an audio, read back from the API."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.clients import get_events_client  # noqa: F401 - registers the worker's client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=10)
+    flt = EventFilter(event=EventNameFilter(name=["whisperx.transcript.completed"]),
+                      resource=EventResourceFilter(id=[f"whisperx.audio.{sha256}"]))
+    deadline = time.monotonic() + 20
+    while True:
+        with get_client(sync_client=True) as client:
+            events = client.read_events(filter=flt, limit=10).events
+        if events or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert events, "no whisperx.transcript.completed event"
+    return events[0]
 
 
 def read_flow_run(flow_run_id):
@@ -80,6 +106,11 @@ def test_flow_writes_worker_outputs_and_artifacts(prefect_harness, tmp_path, man
     assert "language" in summary and "real-time factor" in summary and "sample_2spk.json" in summary
     progress = next(a for a in arts if a.type == "progress")
     assert float(progress.data) == 100.0
+
+    # an event for automations: resource = the audio's sha256, payload = where the outputs went
+    event = _completed_event(stored["debug"]["audio_sha256"])
+    assert event.resource.name == "sample_2spk" and event.payload["language"] == "en"
+    assert sorted(event.payload["outputs"]) == sorted(str(p.resolve()) for p in out.iterdir())
 
 
 def test_s3_outputs_and_content_addressed_cache(prefect_harness, s3, tmp_path):
@@ -427,10 +458,13 @@ def test_hosted_diarization_retries_transient_errors_and_never_caches_a_fallback
                   download_dir=str(tmp_path / "out"))
     api = pyannote_api.reset()
     api.submit_failures = 1
-    state, result = run(audio_file=str(DATA / "heldout_3spk.wav"), **kwargs)
+    state, result = run(audio_file=str(DATA / "heldout_3spk.wav"), force=True, **kwargs)  # transcribe runs
     assert state.is_completed(), state
     assert result["debug"]["diarization"]["backend"] == "pyannote-api" and api.submits == 2
     assert len(result["speakers"]) == 3
+    # the hosted job runs beside the GPU stages: it started before transcription ended
+    runs = {r.name.rsplit("-", 1)[0]: r for r in _task_runs(state.state_details.flow_run_id)}
+    assert runs["diarize-hosted"].start_time < runs["transcribe"].end_time
 
     api = pyannote_api.reset()
     api.submit_failures = 99

@@ -279,11 +279,11 @@ def deepgram_words(response: dict) -> list[dict]:
     return out
 
 
-def deepgram_for(audio: np.ndarray, stem: str, options: DeepgramOptions, api_key: Union[str, SecretStr, None],
-                 url: Optional[str] = None, json_in: Optional[str] = None) -> dict:
+def deepgram_for(audio: Optional[np.ndarray], stem: str, options: DeepgramOptions,
+                 api_key: Union[str, SecretStr, None], url: Optional[str] = None, json_in: Optional[str] = None) -> dict:
     """The stage's request: a saved response, else Deepgram fetching ``url`` (a presigned or
     public URL), else the decoded samples sent as a compact 16 kHz PCM WAV."""
-    if json_in or url:
+    if json_in or url or audio is None:
         return deepgram_transcribe(api_key=api_key, url=None if json_in else url, options=options, json_in=json_in)
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / f"{stem}.wav"

@@ -315,10 +315,10 @@ def diarize_pyannote_api(
     return DiarizationOutcome(turns=turns, backend="pyannote-api", job=job)
 
 
-def diarize_hosted(audio: np.ndarray, params: DiarizeParams, api_key: Union[str, SecretStr, None],
+def diarize_hosted(audio: Optional[np.ndarray], params: DiarizeParams, api_key: Union[str, SecretStr, None],
                    stem: str = "audio") -> DiarizationOutcome:
     """The stage's hosted backend: the decoded samples go up as a compact 16 kHz PCM WAV,
-    whatever the source format (no upload at all when a saved job is reused)."""
+    whatever the source format (no samples and no upload when a saved job is reused)."""
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / f"{stem}.wav"
         if not params.pyannote_json_in:
