@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -158,10 +159,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    started = time.perf_counter()
+    server = _prefect_api()
+    if server is None and not _transcript_cached(req):
+        # Prefect starts a throw-away server (seconds): import WhisperX and load the model meanwhile
+        threading.Thread(target=_warm_up, args=(req.model,), name="warm-up", daemon=True).start()
+
     from tasks.progress import RunListener, listening
 
     console = Console(stderr=True)
-    started = time.perf_counter()
     outputs: list[Any] = []
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
@@ -174,7 +180,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         listener = RunListener(on_progress=on_progress, on_outputs=lambda refs, _where: outputs.extend(refs))
         try:
-            with listening(listener):
+            with listening(listener), _api_settings(server):
                 from flows.transcribe import transcribe_audio
 
                 if not args.verbose:
@@ -208,6 +214,83 @@ def main(argv: Optional[list[str]] = None) -> int:
     for line in describe_outputs(outputs) or ["(not reported)"]:
         console.print(f"outputs: {line}")
     return 0
+
+
+def _prefect_api() -> Optional[str]:
+    """The Prefect API this run uses: PREFECT_API_URL (env or profile), else a local
+    ``prefect server start`` answering on its default address (LOCAL_PREFECT_SERVER; no throw-away server to start:
+    seconds saved, and the run shows in that server's UI); None: Prefect starts a throw-away one."""
+    import urllib.request
+
+    from prefect.settings import get_current_settings
+
+    from speech.settings import get_settings
+
+    configured = get_current_settings().api.url
+    if configured:
+        return configured
+    url = get_settings().local_prefect_server.strip().rstrip("/")
+    if url.lower() in ("off", "0", "false", "no", "none", ""):
+        return None
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=0.3) as reply:
+            return url if reply.status == 200 else None
+    except OSError:
+        return None
+
+
+def _api_settings(url: Optional[str]) -> Any:
+    """Prefect settings for the CLI's in-process run (Prefect reads its settings once, at import):
+    the API at ``url``; no flow-run heartbeats (they detect crashed runs of workers; here the
+    run lives and dies with the command, and stopping the heartbeat thread costs ~1 s)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    updates: dict[Any, Any] = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    if url is not None:
+        updates[PREFECT_API_URL] = url
+    return temporary_settings(updates=updates)
+
+
+def _transcript_cached(req: Any) -> bool:
+    """Whether this machine's default result storage already holds the transcript of this local
+    file with these settings (then no model is needed: no warm-up). Unknown (a URL, S3 result
+    storage, ``force``) counts as not cached."""
+    from urllib.parse import urlsplit
+
+    from prefect.settings import get_current_settings
+
+    from speech.settings import get_settings
+
+    prefect_settings = get_current_settings()
+    if (req.force or urlsplit(req.audio_file).scheme in ("http", "https", "s3") or get_settings().results_storage
+            or get_settings().results_storage_block or prefect_settings.results.default_storage_block):
+        return False
+    try:
+        from speech.io.fetch import fetch
+        from speech.schema import TranscribeParams
+        from tasks.transcribe import transcribe_key
+
+        key = transcribe_key(fetch(req.audio_file).sha256, TranscribeParams.from_request(req))
+    except Exception:  # noqa: BLE001 - the run itself reports a bad file
+        return False
+    return (Path(prefect_settings.results.local_storage_path) / key).is_file()
+
+
+def _warm_up(model: Optional[str]) -> None:
+    """Import WhisperX and load the Whisper + VAD models into the process's model cache (what
+    the transcribe stage would do first); any failure is left for the stage to report."""
+    try:
+        from speech.asr.vad import get_vad
+        from speech.asr.whisper import get_whisper, resolve_model
+        from speech.models import resolve_device
+        from speech.settings import get_settings
+
+        settings = get_settings()
+        device, compute = resolve_device(settings)
+        get_whisper(resolve_model(model, settings), device, compute, settings)
+        get_vad(device, settings)
+    except Exception:  # noqa: BLE001 - the stage itself says what is wrong
+        logging.getLogger(__name__).debug("warm-up failed", exc_info=True)
 
 
 def describe_outputs(refs: list[Any]) -> list[str]:

@@ -155,6 +155,11 @@ class Settings(BaseSettings):
         None, validation_alias="CONSOLE_LOG_LEVEL",
         description="Level of flow runs' console (stdout) logs; the Prefect API still gets every log.",
     )
+    local_prefect_server: str = Field(
+        "http://127.0.0.1:4200/api", validation_alias="LOCAL_PREFECT_SERVER",
+        description="With no PREFECT_API_URL, the CLI uses a Prefect server answering here instead of starting "
+        "a throw-away one ('off' disables the check).",
+    )
     print_mounts: bool = Field(
         False, validation_alias="PRINT_MOUNTS",
         description="Log the container's mounted volumes at the start of each flow run.",

@@ -19,13 +19,16 @@ from tasks.progress import stage_progress
 VERSION = code_version(speech.asr, speech.models)
 
 
-def transcribe_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
-    audio: AudioRef = parameters["audio"]
-    params: TranscribeParams = parameters["params"]
-    # the resolved model (env vars included) is part of the key, not just the parameter
+def transcribe_key(audio_sha256: str, params: TranscribeParams) -> str:
+    """The transcribe stage's cache key: audio, its own parameters, the resolved model (env vars
+    included, not just the parameter), device and compute type, code version."""
     label = resolve_model(params.model, assemble=False).label
     device, compute = resolve_device()
-    return stage_key("transcribe", audio.sha256, [params.model_dump(), label, device, compute], VERSION)
+    return stage_key("transcribe", audio_sha256, [params.model_dump(), label, device, compute], VERSION)
+
+
+def transcribe_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
+    return transcribe_key(parameters["audio"].sha256, parameters["params"])
 
 
 @task(name="transcribe", cache_key_fn=transcribe_cache_key, persist_result=True)

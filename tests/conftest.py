@@ -22,6 +22,8 @@ SR = 16000  # the fixtures' sample rate (16 kHz mono 16-bit)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
+# a developer's own `prefect server start` on :4200 must not receive the tests' CLI runs
+os.environ["LOCAL_PREFECT_SERVER"] = "off"
 # Prefect keeps cached task results on disk under PREFECT_HOME: isolate them per session,
 # set before anything imports prefect.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")

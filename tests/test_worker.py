@@ -329,3 +329,20 @@ def test_serve_py_runs_every_deployment_from_one_process(server, tmp_path):
     result = json.loads((out / "served.json").read_text())
     manifest = json.loads((DATA / "fixtures.json").read_text())
     assert wer(manifest[AUDIO]["text"], " ".join(s["text"] for s in result["segments"])) <= 0.12
+
+
+def test_cli_uses_a_local_server_that_is_already_running(server, tmp_path):
+    """With no PREFECT_API_URL the CLI runs against the Prefect server answering at
+    LOCAL_PREFECT_SERVER (default http://127.0.0.1:4200/api) instead of starting a throw-away one:
+    the run is that server's, and visible in its UI."""
+    env = {k: v for k, v in server.env.items() if k != "PREFECT_API_URL"}
+    env.update(LOCAL_PREFECT_SERVER=server.url, PREFECT_HOME=str(tmp_path / "cli-home"),
+               SPEECH_CACHE_DIR=str(tmp_path / "cache"))
+    (tmp_path / "cli-home").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "flows.transcribe", str(DATA / "enrol_awb.wav"), "--language", "en",
+                           "--output-name", "cli-on-local-server", "--download-dir", str(tmp_path / "out")],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with server.client() as client:
+        runs = client.read_flow_runs()
+    assert any(r.parameters.get("output_name") == "cli-on-local-server" and r.state.is_completed() for r in runs)
