@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from prefect import tags
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
@@ -40,7 +41,8 @@ from speech.schema import (
 )
 from speech.settings import SECRETS, get_settings
 from tasks.align import align_words
-from tasks.common import secret_block
+from tasks.audio import share_audio
+from tasks.common import REFRESH_TAG, secret_block
 from tasks.confidence import deepgram, word_confidence
 from tasks.fetch import fetch_audio
 from tasks.outputs import write_outputs
@@ -62,6 +64,7 @@ class StageClock:
     seconds: dict[str, float] = field(default_factory=dict)
     cached: list[str] = field(default_factory=list)
     storage: Any = None  # where task results and cache records live (None: Prefect's default)
+    workers: bool = False  # GPU stages go to warm task workers (GPU_TASK_WORKERS)
 
     @contextlib.contextmanager
     def time(self, stage: str) -> Iterator[None]:
@@ -71,17 +74,26 @@ class StageClock:
         finally:
             self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - t0, 3)
 
-    def run(self, stage: str, task: Any, *args: Any, force: bool = False) -> Any:
-        """Run a cached task (``force`` refreshes its cache), timed; note a cache hit."""
-        result, error = self.attempt(stage, task, *args, force=force)
+    def run(self, stage: str, task: Any, *args: Any, force: bool = False, gpu: bool = False) -> Any:
+        """Run a cached task (``force`` refreshes its cache), timed; note a cache hit. A ``gpu``
+        stage goes to a warm task worker when :attr:`workers` is on."""
+        result, error = self.attempt(stage, task, *args, force=force, gpu=gpu)
         if error is not None:
             raise error
         return result
 
-    def attempt(self, stage: str, task: Any, *args: Any, force: bool = False) -> tuple[Any, Optional[BaseException]]:
+    def attempt(self, stage: str, task: Any, *args: Any, force: bool = False,
+                gpu: bool = False) -> tuple[Any, Optional[BaseException]]:
         """Like :meth:`run`, but a failed task gives ``(None, its exception)`` instead of raising."""
         with self.time(stage):
-            state = self._task(task, force)(*args, return_state=True)
+            if gpu and self.workers:
+                # the worker runs its own copy of the task: the flow's options do not travel, a tag does
+                with tags(*([REFRESH_TAG] if force else [])):
+                    future = self._task(task, force).delay(*args)
+                future.wait()
+                state = future.state
+            else:
+                state = self._task(task, force)(*args, return_state=True)
         return self._settle(stage, state)
 
     def submit(self, stage: str, task: Any, *args: Any, force: bool = False) -> "Running":
@@ -158,10 +170,15 @@ def run_pipeline(req: TranscriptionRequest) -> PipelineOutput:
     req = with_block_secrets(req)
     settings = get_settings()
     log.info("request: %s", {k: v for k, v in req.public_dict().items() if v not in (None, [], False)})
-    clock = StageClock(storage=task_result_storage())
+    clock = StageClock(storage=task_result_storage(), workers=settings.gpu_task_workers)
+    if clock.workers and clock.storage is None:
+        raise InvalidRequest("GPU_TASK_WORKERS=1 needs a result storage the task workers share: "
+                             "set RESULTS_STORAGE (s3://bucket/prefix or a shared folder) or RESULTS_STORAGE_BLOCK")
 
     with clock.time("fetch"):
-        audio = fetch_audio(req.audio_file, req.output_name)
+        audio = fetch_audio(req.audio_file, req.output_name, keep_bytes=clock.workers)
+        if clock.workers:
+            audio = share_audio(audio, clock.storage)  # task workers elsewhere decode their own copy
     try:
         return _run_stages(req, audio, clock, settings)
     finally:
@@ -188,7 +205,8 @@ def _run_stages(req: TranscriptionRequest, audio: AudioRef, clock: StageClock, s
     enrolled = enrolling.result() if enrolling else None  # a bad sample fails the run before any GPU work
 
     # GPU stages, one after another in this process
-    transcript = clock.run("transcribe", transcribe, audio, TranscribeParams.from_request(req), force=req.force)
+    transcript = clock.run("transcribe", transcribe, audio, TranscribeParams.from_request(req), force=req.force,
+                           gpu=True)
     if wants_confidence and asking is None:  # the language is known now
         asking = _ask_deepgram(req, audio, clock, deepgram_key, uploading, transcript.language)
     run = PipelineResults(audio=audio, transcript=transcript, debug=req.debug or settings.debug)
@@ -196,7 +214,7 @@ def _run_stages(req: TranscriptionRequest, audio: AudioRef, clock: StageClock, s
         if not req.align_output:
             log.info("speakers and confidence are matched per word: aligning words")
         run.alignment = clock.run("align", align_words, audio, transcript, AlignParams.from_request(req),
-                                  force=req.force)
+                                  force=req.force, gpu=True)
     if wants_speakers:
         run.speakers = _speakers(req, run, clock, enrolled, hosted)
     if asking is not None:
@@ -260,12 +278,13 @@ def _speakers(req: TranscriptionRequest, run: PipelineResults, clock: StageClock
     if outcome is None and params.backend == "pyannote-api":
         outcome = DiarizationOutcome(turns=[], backend=None, error=api_error, settled=False)
     elif outcome is None:
-        outcome = clock.run("diarize", diarize, run.audio, segments, params,
-                            req.huggingface_access_token or settings.hf_token, force=req.force)
+        # a task worker uses its own HF token: tokens never go into stored task parameters
+        token = None if clock.workers else req.huggingface_access_token or settings.hf_token
+        outcome = clock.run("diarize", diarize, run.audio, segments, params, token, force=req.force, gpu=True)
         if api_error:
             outcome = outcome.model_copy(update={"error": "; ".join(filter(None, [api_error, outcome.error]))})
-    with clock.time("diarize"):
-        speakers = label_speakers(run.audio, segments, outcome, enrolled, req.speaker_encoder)
+    speakers = clock.run("diarize", label_speakers, run.audio, segments, outcome, enrolled, req.speaker_encoder,
+                         gpu=enrolled is not None)  # speaker embeddings: GPU work
     if outcome.job is not None:
         run.extra_files[f"{run.audio.stem}.pyannote.job.json"] = outcome.job
     return speakers

@@ -242,6 +242,8 @@ class AudioRef(BaseModel):
     format: str = Field(..., description="container/codec as PyAV reports it")
     local_path: Optional[str] = Field(None, description="the bytes on this machine, kept until decoded")
     temporary: bool = Field(False, description="local_path is a download of ours, deleted once decoded")
+    shared: Optional[str] = Field(None, description="the bytes' path in the shared result storage, for task "
+                                  "workers on other machines")
 
 
 class TimedWord(BaseModel):

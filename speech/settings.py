@@ -155,6 +155,11 @@ class Settings(BaseSettings):
         None, validation_alias="CONSOLE_LOG_LEVEL",
         description="Level of flow runs' console (stdout) logs; the Prefect API still gets every log.",
     )
+    gpu_task_workers: bool = Field(
+        False, validation_alias="GPU_TASK_WORKERS",
+        description="Send the GPU stages (transcribe, align, local diarization, speaker embeddings) to warm task "
+        "workers (python -m deployments.task_worker) instead of running them in the flow-run process.",
+    )
     local_prefect_server: str = Field(
         "http://127.0.0.1:4200/api", validation_alias="LOCAL_PREFECT_SERVER",
         description="With no PREFECT_API_URL, the CLI uses a Prefect server answering here instead of starting "

@@ -71,10 +71,20 @@ def code_version(*modules: ModuleType) -> str:
     return h.hexdigest()[:12]
 
 
-def stage_key(stage: str, audio_sha256: str, params: Any, version: str) -> str:
-    """``<stage>-<version>-<audio sha>-<params hash>``: same bytes + same params = hit."""
+REFRESH_TAG = "refresh-cache"
+
+
+def stage_key(stage: str, audio_sha256: str, params: Any, version: str, context: Any = None) -> str:
+    """``<stage>-<version>-<audio sha>-<params hash>``: same bytes + same params = hit.
+
+    A task run tagged ``refresh-cache`` (``force`` for a stage sent to a task worker, where the
+    flow's ``refresh_cache`` option does not travel) gets a key of its own: it recomputes."""
     blob = json.dumps(params, sort_keys=True, default=str).encode()
-    return f"{stage}-{version}-{audio_sha256[:32]}-{hashlib.sha256(blob).hexdigest()[:16]}"
+    key = f"{stage}-{version}-{audio_sha256[:32]}-{hashlib.sha256(blob).hexdigest()[:16]}"
+    task_run = getattr(context, "task_run", None)
+    if task_run is not None and REFRESH_TAG in (task_run.tags or []):
+        key += f"-refresh-{task_run.id}"
+    return key
 
 
 def file_digest(path: Optional[str]) -> Optional[str]:

@@ -11,7 +11,7 @@ from pydantic import SecretStr
 import speech.confidence
 from speech.confidence.deepgram import deepgram_for, deepgram_words
 from speech.confidence.match import annotate
-from speech.io.audio import read_samples
+from tasks.audio import audio_samples
 from speech.io.upload import UploadResult
 from speech.schema import AudioRef, ConfidenceLabels, ConfidenceThresholds, DeepgramOptions, Segment
 from tasks.common import code_version, file_digest, stage_key
@@ -35,7 +35,7 @@ def deepgram(audio: AudioRef, options: DeepgramOptions, api_key: Optional[Secret
     if json_in:
         log.info("using the saved Deepgram response %s", Path(json_in).name)
     url = uploaded.presigned_url if uploaded is not None else source_url
-    samples = None if (url or json_in) else read_samples(audio)  # decode only when the bytes go up
+    samples = None if (url or json_in) else audio_samples(audio)  # decode only when the bytes go up
     response = deepgram_for(samples, audio.stem, options, api_key, url=url, json_in=json_in)
     log.info("Deepgram %s returned %d words", options.model, len(deepgram_words(response)))
     return response

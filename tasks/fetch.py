@@ -20,10 +20,10 @@ from tasks.common import NETWORK_BACKOFF, NETWORK_RETRIES, retry_transient
     retry_condition_fn=retry_transient,
     cache_policy=NO_CACHE,  # the bytes must be read to know their hash
 )
-def fetch_audio(audio_file: str, output_name: Optional[str] = None) -> AudioRef:
+def fetch_audio(audio_file: str, output_name: Optional[str] = None, keep_bytes: bool = False) -> AudioRef:
     """Fetch (path/http/s3), hash and probe the audio; returns a small reference. The samples
     are decoded by the first stage that needs them (none, when every stage is a cache hit)."""
-    ref = load_audio(audio_file, output_name, decode_now=False)
+    ref = load_audio(audio_file, output_name, decode_now=False, keep_bytes=keep_bytes)
     get_run_logger().info(
         "fetched %s: %.1f s, %s, %d bytes, sha256 %s", ref.source, ref.duration, ref.format, ref.size_bytes, ref.sha256[:12]
     )

@@ -11,13 +11,14 @@ from pydantic import SecretStr
 
 import speech.backends
 import speech.speakers
-from speech.io.audio import read_samples
+from tasks.audio import audio_samples
 from speech.redact import secret_value
 from speech.schema import AudioRef, DiarizationOutcome, DiarizeParams, Segment, SpeakerLabels, SpeakerSample
 from speech.speakers import encoders, verify
 from speech.speakers.assign import assign_speakers, speech_regions
 from speech.errors import DiarizationError
 from speech.speakers.diarize import diarize as engine_diarize
+from speech.settings import get_settings
 from speech.speakers.pyannote_api import diarize_hosted as engine_diarize_hosted
 from tasks.common import (
     NETWORK_BACKOFF,
@@ -40,11 +41,11 @@ def _settings_key(params: DiarizeParams, *fields: str) -> dict[str, Any]:
     return out
 
 
-def diarize_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
+def diarize_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     audio: AudioRef = parameters["audio"]
     params: DiarizeParams = parameters["params"]
     key = _settings_key(params, "backend", "num_speakers", "min_speakers", "max_speakers", "model")
-    return stage_key("diarize", audio.sha256, [key, speech_regions(parameters["segments"])], VERSION)
+    return stage_key("diarize", audio.sha256, [key, speech_regions(parameters["segments"])], VERSION, context)
 
 
 def hosted_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
@@ -60,8 +61,9 @@ def diarize(audio: AudioRef, segments: list[Segment], params: DiarizeParams,
     """Who spoke when, on this machine (local pyannote, builtin); cached on audio hash + speech
     regions + diarization settings, only when it settled (never a token)."""
     log = get_run_logger()
-    outcome = engine_diarize(np.asarray(read_samples(audio)), segments, params,
-                             hf_token=secret_value(hf_token) or None, stem=audio.stem, hosted=False)
+    token = secret_value(hf_token) or secret_value(get_settings().hf_token) or None  # a task worker's own
+    outcome = engine_diarize(np.asarray(audio_samples(audio)), segments, params, hf_token=token, stem=audio.stem,
+                             hosted=False)
     if outcome.backend:
         log.info("diarized with %s: %d turns, %d speakers", outcome.backend, len(outcome.turns),
                  len({t.speaker for t in outcome.turns}))
@@ -77,7 +79,7 @@ def diarize(audio: AudioRef, segments: list[Segment], params: DiarizeParams,
 def diarize_hosted(audio: AudioRef, params: DiarizeParams, api_key: Optional[SecretStr]) -> DiarizationOutcome:
     """Hosted pyannoteAI diarization (or a saved job), cached on audio hash + API options; network
     trouble and 5xx are retried, anything else fails the task at once (the flow falls back)."""
-    samples = None if params.pyannote_json_in else np.asarray(read_samples(audio))  # a saved job needs none
+    samples = None if params.pyannote_json_in else np.asarray(audio_samples(audio))  # a saved job needs none
     outcome = engine_diarize_hosted(samples, params, api_key, audio.stem)
     if not outcome.turns:
         raise DiarizationError("pyannoteAI found no speaker turns")
@@ -109,7 +111,7 @@ def label_speakers(audio: AudioRef, segments: list[Segment], outcome: Diarizatio
     if enrolled:
         encoder = encoders.get_encoder(encoder_kind)
         turns = [(t.start, t.end, t.speaker) for t in outcome.turns]
-        centroids = verify.speaker_embeddings(np.asarray(read_samples(audio)), turns, encoder)
+        centroids = verify.speaker_embeddings(np.asarray(audio_samples(audio)), turns, encoder)
         threshold, margin = encoders.encoder_defaults(encoder)
         mapping = verify.match_names(centroids, {k: np.asarray(v) for k, v in enrolled.items()},
                                      threshold=threshold, margin=margin)

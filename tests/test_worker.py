@@ -9,6 +9,7 @@ pull step's directory is this checkout instead of the image's /app.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -346,3 +347,65 @@ def test_cli_uses_a_local_server_that_is_already_running(server, tmp_path):
     with server.client() as client:
         runs = client.read_flow_runs()
     assert any(r.parameters.get("output_name") == "cli-on-local-server" and r.state.is_completed() for r in runs)
+
+
+FLOW_SCRIPT = """
+import json, sys
+from flows.transcribe import transcribe_audio
+result = transcribe_audio(audio_file=sys.argv[1], language="en", align_output=True, diarization=True,
+                          debug=True, download_dir=sys.argv[2])
+heavy = [m for m in ("torch", "whisperx.asr", "ctranslate2", "faster_whisper", "pyannote.audio") if m in sys.modules]
+print("RESULT " + json.dumps({"result": result, "heavy": heavy}))
+"""
+
+
+def test_gpu_stages_run_in_a_warm_task_worker(server, tmp_path):
+    """GPU_TASK_WORKERS=1: two flow runs (two processes, as a process worker would start them)
+    send transcribe, align and diarize to one long-lived task worker, which loads Whisper once for
+    both; the flow processes never import torch or WhisperX, share their audio through the
+    result storage (the worker has its own cache dir) and get what an inline run gets."""
+    shared = tmp_path / "shared-results"
+    common = {**server.env, "RESULTS_STORAGE": str(shared), "PREFECT_LOGGING_LEVEL": "INFO"}
+    log_path = tmp_path / "task-worker.log"
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "deployments.task_worker", "--limit", "1"], cwd=ROOT, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+            env={**common, "SPEECH_CACHE_DIR": str(tmp_path / "worker-cache")})
+    try:
+        deadline = time.monotonic() + 120
+        while b"serving" not in log_path.read_bytes():
+            assert worker.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        outputs = []
+        for i, audio in enumerate(("heldout_3spk.wav", "diar_2spk.wav")):
+            proc = subprocess.run(
+                [sys.executable, "-c", FLOW_SCRIPT, str(DATA / audio), str(tmp_path / "out")], cwd=ROOT,
+                env={**common, "GPU_TASK_WORKERS": "1", "SPEECH_CACHE_DIR": str(tmp_path / f"flow-cache-{i}")},
+                capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + log_path.read_text()[-3000:]
+            outputs.append(json.loads(proc.stdout.split("RESULT ", 1)[1]))
+    finally:
+        stop(worker)
+    worker_log = log_path.read_text()
+    assert worker_log.count("loaded Whisper") == 1, worker_log[-3000:]  # one load for both runs
+    manifest = json.loads((DATA / "fixtures.json").read_text())
+    for out, audio in zip(outputs, ("heldout_3spk.wav", "diar_2spk.wav")):
+        assert out["heavy"] == []  # the flow process only orchestrated
+        result = out["result"]
+        assert wer(manifest[audio]["text"], " ".join(s["text"] for s in result["segments"])) <= 0.12
+        assert result["alignment"]["backend"] == "pocketsphinx" and result["speakers"]
+        assert result["debug"]["model_loads"] == 0
+    inline = subprocess.run(  # the same request run inline, in a process of its own, for comparison
+        [sys.executable, "-c", FLOW_SCRIPT, str(DATA / "heldout_3spk.wav"), str(tmp_path / "out-inline")], cwd=ROOT,
+        env={**server.env, "SPEECH_CACHE_DIR": str(tmp_path / "inline-cache")}, capture_output=True, text=True,
+        timeout=600)
+    assert inline.returncode == 0, inline.stderr[-3000:]
+    inline_out = json.loads(inline.stdout.split("RESULT ", 1)[1])
+    assert inline_out["heavy"]  # inline, the flow process did the GPU work itself
+    for key in ("segments", "speakers", "detected_language", "alignment"):
+        assert inline_out["result"][key] == outputs[0]["result"][key], key
+    assert not list((tmp_path / "flow-cache-0" / "audio").glob("*.npy"))  # decoded by the worker only
+    assert list((tmp_path / "worker-cache" / "audio").glob("*.npy"))
+    assert sorted(p.name for p in (shared / "audio").iterdir()) == sorted(
+        hashlib.sha256((DATA / a).read_bytes()).hexdigest() for a in ("heldout_3spk.wav", "diar_2spk.wav"))

@@ -32,13 +32,14 @@ def stem_of(source: str) -> str:
 
 
 def load_audio(source: str, output_name: Optional[str] = None, settings: Optional[Settings] = None,
-               decode_now: bool = True) -> AudioRef:
+               decode_now: bool = True, keep_bytes: bool = False) -> AudioRef:
     """Fetch + hash (+ decode). Raises AudioError/FetchError with a one-line reason.
 
     ``decode_now=False`` (the pipeline's fetch stage) only probes the file (format, declared
     length, its first frame) and keeps the bytes on this machine; :func:`read_samples` decodes
     them the first time a stage needs samples, so a run whose stages are all cache hits never
-    decodes. Decoded samples are cached per sha256 either way."""
+    decodes. ``keep_bytes`` keeps them even when the samples are cached here (for another
+    machine to decode). Decoded samples are cached per sha256 either way."""
     settings = settings or get_settings()
     shown = redact_url(source)
     fetched = fetch(source, settings)
@@ -49,6 +50,7 @@ def load_audio(source: str, output_name: Optional[str] = None, settings: Optiona
     try:
         if npy.exists() and meta.exists():
             duration, fmt = np.load(npy, mmap_mode="r").shape[0] / SAMPLE_RATE, meta.read_text().strip()
+            keep = keep_bytes
         elif decode_now:
             audio = _decode_to_cache(fetched.path, shown, npy, meta, settings)
             duration, fmt = audio.shape[0] / SAMPLE_RATE, meta.read_text().strip()
@@ -71,25 +73,32 @@ def load_audio(source: str, output_name: Optional[str] = None, settings: Optiona
     )
 
 
+class AudioNotHere(AudioError):
+    """The samples are neither cached nor decodable on this machine (a task worker elsewhere)."""
+
+
 _DECODE_LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
 
 
-def read_samples(ref: AudioRef) -> np.ndarray:
-    """The decoded samples of a fetched file (memory-mapped, float32), decoded on first use."""
-    npy = Path(ref.decoded_path)
-    if not npy.exists() and ref.local_path:
+def read_samples(ref: AudioRef, settings: Optional[Settings] = None) -> np.ndarray:
+    """The decoded samples of a fetched file (memory-mapped, float32) from this machine's cache,
+    decoded from ``ref.local_path`` on first use."""
+    settings = settings or get_settings()
+    npy = settings.cache_dir / "audio" / f"{ref.sha256}.npy"
+    if not npy.exists() and ref.local_path and Path(ref.local_path).is_file():
         with _LOCKS_GUARD:
             lock = _DECODE_LOCKS.setdefault(ref.sha256, threading.Lock())
         with lock:  # concurrent stages decode once
             if not npy.exists():
-                settings = get_settings()
+                npy.parent.mkdir(parents=True, exist_ok=True)
                 _decode_to_cache(Path(ref.local_path), ref.source, npy, npy.with_suffix(".fmt"), settings)
                 release(ref)
     try:
         return np.load(npy, mmap_mode="r")
     except FileNotFoundError:
-        raise AudioError(f"decoded audio cache {ref.decoded_path} vanished; rerun with force") from None
+        raise AudioNotHere(f"{ref.source}: its samples are not on this machine (no {npy.name} in "
+                           f"{npy.parent}, no local copy of the file)") from None
 
 
 def release(ref: AudioRef) -> None:

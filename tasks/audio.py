@@ -1,0 +1,58 @@
+"""The run's audio on whichever machine a stage runs: this one's cache or copy, else the copy
+the flow put in the shared result storage (task workers on other machines)."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from speech.io.audio import AudioNotHere, read_samples
+from speech.schema import AudioRef
+from speech.settings import get_settings
+
+SHARED_FOLDER = "audio"
+
+
+def share_audio(audio: AudioRef, storage: Any) -> AudioRef:
+    """Put the fetched bytes in ``storage`` (a saved Prefect file-system block) under
+    ``audio/<sha256>``, once per content; the reference says where."""
+    path = f"{SHARED_FOLDER}/{audio.sha256}"
+    if not _exists(storage, path):
+        if not audio.local_path:
+            raise AudioNotHere(f"{audio.source}: no local copy of the file to share with task workers")
+        storage.write_path(path, Path(audio.local_path).read_bytes())
+    return audio.model_copy(update={"shared": path})
+
+
+def audio_samples(audio: AudioRef) -> np.ndarray:
+    """The decoded samples, here: cached, or decoded from a local copy, or from the shared copy."""
+    try:
+        return read_samples(audio)
+    except AudioNotHere:
+        if not audio.shared:
+            raise
+    from tasks.storage import task_result_storage
+
+    storage = task_result_storage()
+    if storage is None:
+        raise AudioNotHere(f"{audio.source}: shared at {audio.shared}, but this worker has no RESULTS_STORAGE")
+    jobs = get_settings().jobs_dir or get_settings().cache_dir / "downloads"
+    jobs.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=jobs, prefix="shared-", delete=False) as f:
+        f.write(storage.read_path(audio.shared))
+    return read_samples(audio.model_copy(update={"local_path": f.name, "temporary": True}))
+
+
+def _exists(storage: Any, path: str) -> bool:
+    """Whether ``path`` is in the block already (S3: a HEAD request; a folder: a stat)."""
+    basepath = getattr(storage, "basepath", None)
+    if basepath is not None:  # LocalFileSystem
+        return (Path(basepath) / path).is_file()
+    try:
+        key = storage._join_bucket_folder(path)  # S3Bucket: bucket_folder/path
+        storage.credentials.get_s3_client().head_object(Bucket=storage.bucket_name, Key=key)
+        return True
+    except Exception:  # noqa: BLE001 - missing (404) or unknown: write it
+        return False
