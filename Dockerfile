@@ -107,9 +107,10 @@ COPY --chown=app:app deployments/ ./deployments/
 COPY --chown=app:app prefect.yaml ./
 
 USER app
-# Build-time smoke check: the CLI parses its flags and the flow module imports.
+# Build-time smoke check: the CLI parses its flags, the flow module imports, the task worker starts up to its flags.
 RUN python -m flows.transcribe --help >/dev/null \
- && python -c 'import flows.transcribe'
+ && python -c 'import flows.transcribe' \
+ && python -m deployments.task_worker --help >/dev/null
 
 # tini is PID 1: it forwards the worker's stop signal (flow-run cancellation) and reaps children.
 ENTRYPOINT ["/usr/bin/tini", "--"]

@@ -10,7 +10,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test bench bench-batch bench-overlap clean fixtures
+.PHONY: setup demo test bench bench-batch bench-overlap bench-warm clean fixtures
 
 setup: $(STAMP)
 
@@ -37,6 +37,9 @@ bench-batch: setup  ## batch flow vs one flow run per file, through a real serve
 
 bench-overlap: setup  ## hosted APIs (loopback stubs) overlapped with local work
 	$(PY) bench/overlap.py
+
+bench-warm: setup  ## one flow run per file, GPU stages in a warm task worker
+	$(PY) bench/warm.py
 
 fixtures:  ## regenerate tests/data (needs: apt-get install flite espeak-ng sox)
 	$(PY) tests/data/make_fixtures.py

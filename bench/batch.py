@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,12 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from deployments.local_server import local_prefect_server, stop  # noqa: E402
+from deployments.local_server import (  # noqa: E402
+    deploy_to_process_pool,
+    local_prefect_server,
+    start_process_worker,
+    stop,
+)
 
 DATA = REPO / "tests" / "data"
 FILES = ["sample_2spk.wav", "heldout_3spk.wav", "align_3spk.wav", "diar_2spk.wav", "diar_3spk.wav",
@@ -70,29 +74,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         with local_prefect_server(tmp / "prefect-home") as server:
             print(f"Prefect server {server.url} (up in {server.startup_seconds:.1f} s)")
-            from prefect.client.orchestration import SyncPrefectClient
-            from prefect.client.schemas.actions import WorkPoolCreate
             from prefect.deployments import run_deployment
             from prefect.settings import PREFECT_API_URL, temporary_settings
 
-            with SyncPrefectClient(server.url) as client:
-                client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
-            with temporary_settings({PREFECT_API_URL: server.url}):
-                from flows.batch import transcribe_batch
-                from flows.transcribe import transcribe_audio
+            from flows.batch import transcribe_batch
+            from flows.transcribe import transcribe_audio
 
-                for flow in (transcribe_audio, transcribe_batch):
-                    flow.to_deployment(name="bench", work_pool_name=POOL,
-                                       job_variables={"working_dir": str(REPO)}).apply()
-
+            deploy_to_process_pool(server, POOL, transcribe_audio, transcribe_batch)
             worker_log = tmp / "worker.log"
-            env = {**server.env, "PREFECT_WORKER_QUERY_SECONDS": "1", "SPEECH_CACHE_DIR": str(cache),
-                   "HF_HUB_OFFLINE": "1"}
-            with worker_log.open("w") as log:
-                worker = subprocess.Popen(
-                    [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
-                     "--limit", "1"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, start_new_session=True)
+            worker = start_process_worker(POOL, {**server.env, "SPEECH_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"},
+                                          worker_log)
             try:
                 with temporary_settings({PREFECT_API_URL: server.url}):
                     def run(name: str, parameters: dict[str, Any]) -> float:

@@ -162,8 +162,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = time.perf_counter()
     server = _prefect_api()
     if server is None and not _transcript_cached(req):
-        # Prefect starts a throw-away server (seconds): import WhisperX and load the model meanwhile
-        threading.Thread(target=_warm_up, args=(req.model,), name="warm-up", daemon=True).start()
+        # Prefect starts a throw-away server (seconds): import WhisperX meanwhile
+        threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
 
     from tasks.progress import RunListener, listening
 
@@ -252,18 +252,19 @@ def _api_settings(url: Optional[str]) -> Any:
 
 
 def _transcript_cached(req: Any) -> bool:
-    """Whether this machine's default result storage already holds the transcript of this local
-    file with these settings (then no model is needed: no warm-up). Unknown (a URL, S3 result
-    storage, ``force``) counts as not cached."""
+    """Whether the result storage already holds the transcript of this local file with these
+    settings (then no model is needed: no warm-up): this machine's Prefect storage, or
+    RESULTS_STORAGE (a folder, or s3://bucket/prefix: one HEAD request). Unknown (a URL, a
+    RESULTS_STORAGE_BLOCK, ``force``) counts as not cached."""
     from urllib.parse import urlsplit
 
     from prefect.settings import get_current_settings
 
     from speech.settings import get_settings
 
-    prefect_settings = get_current_settings()
-    if (req.force or urlsplit(req.audio_file).scheme in ("http", "https", "s3") or get_settings().results_storage
-            or get_settings().results_storage_block or prefect_settings.results.default_storage_block):
+    settings, prefect_settings = get_settings(), get_current_settings()
+    if (req.force or urlsplit(req.audio_file).scheme in ("http", "https", "s3") or settings.results_storage_block
+            or (prefect_settings.results.default_storage_block and not settings.results_storage)):
         return False
     try:
         from speech.io.fetch import fetch
@@ -271,24 +272,26 @@ def _transcript_cached(req: Any) -> bool:
         from tasks.transcribe import transcribe_key
 
         key = transcribe_key(fetch(req.audio_file).sha256, TranscribeParams.from_request(req))
-    except Exception:  # noqa: BLE001 - the run itself reports a bad file
+        where = (settings.results_storage or "").strip()
+        if where.startswith("s3://"):
+            from speech.io.s3 import s3_client
+
+            parts = urlsplit(where)
+            prefix = parts.path.strip("/")
+            s3_client(settings).head_object(Bucket=parts.netloc, Key=f"{prefix}/{key}" if prefix else key)
+            return True
+        folder = Path(where).expanduser() if where else Path(prefect_settings.results.local_storage_path)
+        return (folder / key).is_file()
+    except Exception:  # noqa: BLE001 - a bad file is reported by the run itself; a miss is a miss
         return False
-    return (Path(prefect_settings.results.local_storage_path) / key).is_file()
 
 
-def _warm_up(model: Optional[str]) -> None:
-    """Import WhisperX and load the Whisper + VAD models into the process's model cache (what
-    the transcribe stage would do first); any failure is left for the stage to report."""
+def _warm_up() -> None:
+    """Import WhisperX, torch and the VAD's pyannote (most of a cold start) while Prefect starts
+    its server; loading the model is left to the stage (it counts it in ``debug.model_loads``)."""
     try:
-        from speech.asr.vad import get_vad
-        from speech.asr.whisper import get_whisper, resolve_model
-        from speech.models import resolve_device
-        from speech.settings import get_settings
-
-        settings = get_settings()
-        device, compute = resolve_device(settings)
-        get_whisper(resolve_model(model, settings), device, compute, settings)
-        get_vad(device, settings)
+        import whisperx.asr  # noqa: F401
+        import whisperx.vads  # noqa: F401
     except Exception:  # noqa: BLE001 - the stage itself says what is wrong
         logging.getLogger(__name__).debug("warm-up failed", exc_info=True)
 

@@ -46,10 +46,11 @@ def audio_samples(audio: AudioRef) -> np.ndarray:
 
 
 def _exists(storage: Any, path: str) -> bool:
-    """Whether ``path`` is in the block already (S3: a HEAD request; a folder: a stat)."""
-    basepath = getattr(storage, "basepath", None)
-    if basepath is not None:  # LocalFileSystem
-        return (Path(basepath) / path).is_file()
+    """Whether ``path`` is in the block already (a folder: a stat; S3: a HEAD request)."""
+    from prefect.filesystems import LocalFileSystem
+
+    if isinstance(storage, LocalFileSystem):
+        return (Path(storage.basepath) / path).is_file()
     try:
         key = storage._join_bucket_folder(path)  # S3Bucket: bucket_folder/path
         storage.credentials.get_s3_client().head_object(Bucket=storage.bucket_name, Key=key)

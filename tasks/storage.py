@@ -84,5 +84,11 @@ def _build_result_storage(settings: Any) -> Optional[Any]:
         from prefect.filesystems import LocalFileSystem
 
         block = LocalFileSystem(basepath=str(Path(where).expanduser().resolve()))
+    try:  # saved by an earlier run with the same settings: reuse it (one API read, no write)
+        saved = type(block).load(name)
+        if saved.model_dump(exclude_none=True) == block.model_dump(exclude_none=True):
+            return saved
+    except ValueError:  # not saved yet
+        pass
     block.save(name, overwrite=True)
     return block

@@ -17,7 +17,9 @@ def test_prefect_yaml_parses_with_prefects_model():
 
     model = PrefectYamlModel.model_validate(yaml.safe_load((ROOT / "prefect.yaml").read_text()))
     by_name = {d.name: d for d in model.deployments}
-    assert set(by_name) == {"transcribe-cpu", "transcribe-gpu", "transcribe-batch-gpu", "sweep-inbox"}
+    assert set(by_name) == {"transcribe-cpu", "transcribe-gpu", "transcribe-batch-gpu", "sweep-inbox", "transcribe-warm"}
+    warm = by_name["transcribe-warm"].work_pool
+    assert warm.name == "cpu-pool" and warm.job_variables["env"]["GPU_TASK_WORKERS"] == "1"
     gpu = by_name["transcribe-gpu"].work_pool.job_variables
     assert gpu["env"]["WHISPERX_DEVICE"] == "cuda"
     assert gpu["container_create_kwargs"]["device_requests"][0]["capabilities"] == [["gpu"]]
@@ -169,6 +171,36 @@ def test_k8s_gpu_template_renders_a_valid_gpu_job():
         assert shm.empty_dir.medium == "Memory" and shm.empty_dir.size_limit == "8Gi"
         assert container.volume_mounts[0].mount_path == "/dev/shm"
         assert container.args[:3] == ["prefect", "flow-run", "execute"]
+
+
+def test_k8s_task_worker_manifest_is_a_valid_gpu_deployment():
+    """infra/k8s-task-worker.yaml deserializes as a kubernetes V1Deployment: replicas of one pod
+    each with one nvidia.com/gpu, a GPU toleration, a memory-backed /dev/shm, the task worker's
+    command and the shared result storage block; the command is the one the tests run."""
+    import asyncio
+
+    from kubernetes_asyncio.client import ApiClient
+
+    manifest = yaml.safe_load((ROOT / "infra" / "k8s-task-worker.yaml").read_text())
+
+    async def deserialize():
+        async with ApiClient() as api:
+            return api._ApiClient__deserialize(manifest, "V1Deployment")
+
+    deployment = asyncio.run(deserialize())
+    assert deployment.spec.replicas >= 1
+    pod = deployment.spec.template.spec
+    (container,) = pod.containers
+    assert container.command[:3] == ["python", "-m", "deployments.task_worker"]
+    assert container.resources.limits["nvidia.com/gpu"] == "1"
+    env = {e.name: e.value for e in container.env}
+    assert env == {"WHISPERX_DEVICE": "cuda", "RESULTS_STORAGE_BLOCK": "whisperx-task-results"}
+    assert any(t.key == "nvidia.com/gpu" and t.effect == "NoSchedule" for t in pod.tolerations)
+    (shm,) = [v for v in pod.volumes if v.name == "dshm"]
+    assert shm.empty_dir.medium == "Memory"
+    from deployments.task_worker import build_parser
+
+    assert build_parser().parse_args(container.command[3:]).preload  # the flags exist
 
 
 def _dockerfile_env(stage: str = "runtime") -> dict[str, str]:

@@ -502,3 +502,40 @@ def test_an_alignment_that_failed_is_not_cached(prefect_harness, tmp_path):
     state, result = run(align_backend="auto", **kwargs)
     assert result["alignment"]["backend"] == "pocketsphinx"
     assert task_states(state.state_details.flow_run_id)["align"] == "Cached"
+
+
+def test_audio_reaches_task_workers_through_s3_result_storage(prefect_harness, s3, tmp_path, monkeypatch):
+    """share_audio puts the fetched bytes in the S3 result storage once per content; a task
+    worker elsewhere (its own cache dir, no local copy) decodes them from there."""
+    import hashlib
+
+    import numpy as np
+
+    from speech.io.audio import load_audio
+    from speech.settings import get_settings
+    from tasks.audio import audio_samples, share_audio
+    from tasks.storage import task_result_storage
+
+    s3.create_bucket(Bucket="shared")
+    monkeypatch.setenv("RESULTS_STORAGE", "s3://shared/results")
+    monkeypatch.setenv("SPEECH_CACHE_DIR", str(tmp_path / "flow-cache"))
+    get_settings.cache_clear()
+    try:
+        storage = task_result_storage()
+        ref = load_audio(str(DATA / "enrol_rms.wav"), decode_now=False, keep_bytes=True)
+        shared = share_audio(ref, storage)
+        sha = hashlib.sha256((DATA / "enrol_rms.wav").read_bytes()).hexdigest()
+        assert shared.shared == f"audio/{sha}"
+        head = s3.head_object(Bucket="shared", Key=f"results/audio/{sha}")
+        share_audio(ref.model_copy(update={"local_path": None}), storage)  # already there: nothing to send
+        assert s3.head_object(Bucket="shared", Key=f"results/audio/{sha}")["LastModified"] == head["LastModified"]
+
+        monkeypatch.setenv("SPEECH_CACHE_DIR", str(tmp_path / "worker-cache"))  # another machine
+        get_settings.cache_clear()
+        samples = audio_samples(shared.model_copy(update={"local_path": None}))
+        expected = np.frombuffer((DATA / "enrol_rms.wav").read_bytes()[44:], np.int16).astype(np.float32) / 32768
+        assert samples.shape == expected.shape and np.abs(samples - expected).max() < 1e-3
+        assert (tmp_path / "worker-cache" / "audio" / f"{sha}.npy").exists()
+        assert not list((tmp_path / "worker-cache" / "downloads").iterdir())  # the copy is gone once decoded
+    finally:
+        get_settings.cache_clear()

@@ -332,7 +332,7 @@ def test_serve_py_runs_every_deployment_from_one_process(server, tmp_path):
     assert wer(manifest[AUDIO]["text"], " ".join(s["text"] for s in result["segments"])) <= 0.12
 
 
-def test_cli_uses_a_local_server_that_is_already_running(server, tmp_path):
+def test_cli_uses_a_local_server_that_is_already_running(server, tmp_path, deepgram):
     """With no PREFECT_API_URL the CLI runs against the Prefect server answering at
     LOCAL_PREFECT_SERVER (default http://127.0.0.1:4200/api) instead of starting a throw-away one:
     the run is that server's, and visible in its UI."""
@@ -340,9 +340,11 @@ def test_cli_uses_a_local_server_that_is_already_running(server, tmp_path):
     env.update(LOCAL_PREFECT_SERVER=server.url, PREFECT_HOME=str(tmp_path / "cli-home"),
                SPEECH_CACHE_DIR=str(tmp_path / "cache"))
     (tmp_path / "cli-home").mkdir()
+    # the server holds a deepgram-api-key block (bootstrap): confidence runs, against the stub
     proc = subprocess.run([sys.executable, "-m", "flows.transcribe", str(DATA / "enrol_awb.wav"), "--language", "en",
                            "--output-name", "cli-on-local-server", "--download-dir", str(tmp_path / "out")],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          env={**env, "DEEPGRAM_BASE_URL": deepgram.url}, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with server.client() as client:
         runs = client.read_flow_runs()
@@ -359,13 +361,21 @@ print("RESULT " + json.dumps({"result": result, "heavy": heavy}))
 """
 
 
-def test_gpu_stages_run_in_a_warm_task_worker(server, tmp_path):
+@pytest.fixture
+def deepgram():
+    with DeepgramServer(["ok"]) as stub:
+        yield stub
+
+
+def test_gpu_stages_run_in_a_warm_task_worker(server, tmp_path, deepgram):
     """GPU_TASK_WORKERS=1: two flow runs (two processes, as a process worker would start them)
     send transcribe, align and diarize to one long-lived task worker, which loads Whisper once for
     both; the flow processes never import torch or WhisperX, share their audio through the
     result storage (the worker has its own cache dir) and get what an inline run gets."""
     shared = tmp_path / "shared-results"
-    common = {**server.env, "RESULTS_STORAGE": str(shared), "PREFECT_LOGGING_LEVEL": "INFO"}
+    # the server holds a deepgram-api-key block (bootstrap): confidence runs, against the stub
+    common = {**server.env, "RESULTS_STORAGE": str(shared), "PREFECT_LOGGING_LEVEL": "INFO",
+              "DEEPGRAM_BASE_URL": deepgram.url}
     log_path = tmp_path / "task-worker.log"
     with log_path.open("wb") as log:
         worker = subprocess.Popen(
@@ -398,14 +408,13 @@ def test_gpu_stages_run_in_a_warm_task_worker(server, tmp_path):
         assert result["debug"]["model_loads"] == 0
     inline = subprocess.run(  # the same request run inline, in a process of its own, for comparison
         [sys.executable, "-c", FLOW_SCRIPT, str(DATA / "heldout_3spk.wav"), str(tmp_path / "out-inline")], cwd=ROOT,
-        env={**server.env, "SPEECH_CACHE_DIR": str(tmp_path / "inline-cache")}, capture_output=True, text=True,
-        timeout=600)
+        env={**server.env, "SPEECH_CACHE_DIR": str(tmp_path / "inline-cache"), "DEEPGRAM_BASE_URL": deepgram.url},
+        capture_output=True, text=True, timeout=600)
     assert inline.returncode == 0, inline.stderr[-3000:]
     inline_out = json.loads(inline.stdout.split("RESULT ", 1)[1])
     assert inline_out["heavy"]  # inline, the flow process did the GPU work itself
     for key in ("segments", "speakers", "detected_language", "alignment"):
         assert inline_out["result"][key] == outputs[0]["result"][key], key
-    assert not list((tmp_path / "flow-cache-0" / "audio").glob("*.npy"))  # decoded by the worker only
-    assert list((tmp_path / "worker-cache" / "audio").glob("*.npy"))
-    assert sorted(p.name for p in (shared / "audio").iterdir()) == sorted(
-        hashlib.sha256((DATA / a).read_bytes()).hexdigest() for a in ("heldout_3spk.wav", "diar_2spk.wav"))
+    shas = sorted(hashlib.sha256((DATA / a).read_bytes()).hexdigest() for a in ("heldout_3spk.wav", "diar_2spk.wav"))
+    assert sorted(p.name for p in (shared / "audio").iterdir()) == shas  # shared once per content
+    assert sorted(p.stem for p in (tmp_path / "worker-cache" / "audio").glob("*.npy")) == shas  # decoded there
