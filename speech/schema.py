@@ -41,7 +41,7 @@ SAMPLE_RATE = 16000  # every stage works on 16 kHz mono float32 samples
 
 # Choices shared by the request, the engine stages and the flow signature (UI dropdowns).
 AlignBackend = Literal["auto", "wav2vec2", "pocketsphinx", "whisper"]
-DiarizationBackend = Literal["auto", "pyannote", "pyannote-api", "builtin"]
+DiarizationBackend = Literal["auto", "pyannote", "pyannote-api", "builtin", "segmented"]
 PyannoteModel = Literal["precision-2", "community-1"]
 SpeakerEncoder = Literal["auto", "builtin", "ecapa"]
 

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
         description="Hop between the VAD's 5 s scoring windows. whisperx uses 0.5 (10x overlap); "
         "1.0 gave identical speech chunks on our fixtures at half the VAD time.",
     )
+    campplus_weights: Optional[Path] = Field(
+        None, validation_alias="CAMPPLUS_WEIGHTS",
+        description="CAM++ speaker-encoder checkpoint (default: the copy `make setup` installs in the environment).",
+    )
     align_model_dir: Optional[Path] = Field(
         None, validation_alias="ALIGN_MODEL_DIR", description="Cache/download dir for wav2vec2 align models."
     )

@@ -5,7 +5,10 @@ Backends (``DiarizeParams.backend``), in :data:`REGISTRY` order, which is also `
     when a saved job (``pyannote_json_in``) or a pyannoteAI key is at hand;
   - ``pyannote``: the local pyannote.audio pipeline (:mod:`speech.speakers.pyannote_local`);
   - ``builtin``: offline, no token (:mod:`speech.speakers.builtin`), on the speech regions of
-    the (aligned) segments.
+    the (aligned) segments;
+  - ``segmented``: offline, for real speech (:mod:`speech.speakers.segmented`): segmentation,
+    CAM++ embeddings and clustering on the audio itself; chosen explicitly for now (``auto``
+    keeps ``builtin``, which still wins on the synthetic fixtures).
 
 A backend that fails or finds no turns is logged and the next one runs; diarization never
 fails the run: with no backend left, the outcome carries no turns and says why (the original
@@ -28,6 +31,7 @@ from speech.speakers.assign import speech_regions
 from speech.speakers.builtin import diarize_builtin
 from speech.speakers.pyannote_api import diarize_hosted
 from speech.speakers.pyannote_local import diarize_pyannote_local
+from speech.speakers.segmented import diarize_segmented
 
 
 @dataclass
@@ -50,6 +54,7 @@ REGISTRY.register("pyannote-api", lambda x: diarize_hosted(x.audio, x.params, x.
                   when=lambda params, hosted: hosted and params.hosted_first(True))
 REGISTRY.register("pyannote", lambda x: diarize_pyannote_local(x.audio, x.params, x.settings, x.hf_token, x.cache))
 REGISTRY.register("builtin", lambda x: diarize_builtin(x.audio, speech_regions(x.segments), x.params))
+REGISTRY.register("segmented", lambda x: diarize_segmented(x.audio, x.params, cache=x.cache), auto=False)
 
 
 def diarize(

