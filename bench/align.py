@@ -54,28 +54,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _quiet(verbose: bool) -> None:
-    import logging
-    import warnings
-
-    if verbose:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        return
-    warnings.filterwarnings("ignore")
-    import whisperx.asr  # noqa: F401 - its first logger call resets the "whisperx" level to INFO
-
-    for name in ("speech", "whisperx", "faster_whisper", "pyannote", "lightning", "lightning.pytorch",
-                 "lightning_fabric", "pytorch_lightning", "speechbrain", "transformers", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def _ms(x: float) -> Optional[float]:
     return None if x == float("inf") else round(x * 1000, 1)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # wav2vec2: cache only, fail fast
-    _quiet(args.verbose)
+    from bench.common import quiet_libraries
+
+    quiet_libraries(args.verbose)
 
     import numpy as np
 

@@ -31,6 +31,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import DATA, FIXTURES  # noqa: E402
 from deployments.local_server import (  # noqa: E402
     deploy_to_process_pool,
     local_prefect_server,
@@ -38,22 +39,19 @@ from deployments.local_server import (  # noqa: E402
     stop,
 )
 
-DATA = REPO / "tests" / "data"
-FILES = ["sample_2spk.wav", "heldout_3spk.wav", "align_3spk.wav", "diar_2spk.wav", "diar_3spk.wav",
-         "diar_4spk.wav", "enrol_slt.wav", "enrol_awb.wav", "enrol_rms.wav", "enrol_kal16.wav"]
 WARMUP = "enrol_slt.wav"
 POOL = "bench-batch-pool"
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python bench/batch.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--files", type=int, default=8, help=f"how many fixtures to transcribe (1..{len(FILES)})")
+    p.add_argument("--files", type=int, default=8, help=f"how many fixtures to transcribe (1..{len(FIXTURES)})")
     p.add_argument("--model", default=None, help="Whisper model (default: the pipeline's, WHISPERX_MODEL)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for one flow run")
     p.add_argument("--json", type=Path, help="also write the measurements to this file")
     args = p.parse_args(argv)
-    if not 1 <= args.files <= len(FILES):
-        p.error(f"--files must be 1..{len(FILES)}")
+    if not 1 <= args.files <= len(FIXTURES):
+        p.error(f"--files must be 1..{len(FIXTURES)}")
     return args
 
 
@@ -64,7 +62,7 @@ def processing_seconds(result_json: Path) -> float:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    files = [str(DATA / name) for name in FILES[: args.files]]
+    files = [str(DATA / name) for name in FIXTURES[: args.files]]
     request: dict[str, Any] = {"force": True, "debug": True}
     if args.model:
         request["model"] = args.model

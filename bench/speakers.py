@@ -69,21 +69,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _quiet(verbose: bool) -> None:
-    import logging
-    import warnings
-
-    if verbose:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        return
-    warnings.filterwarnings("ignore")
-    import whisperx.vads  # noqa: F401 - its first logger call resets the "whisperx" level to INFO
-
-    for name in ("speech", "whisperx", "faster_whisper", "pyannote", "lightning", "lightning.pytorch",
-                 "lightning_fabric", "pytorch_lightning", "speechbrain", "transformers", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def vad_regions(audio: Any) -> list[tuple[float, float]]:
     """The speech spans the transcribe stage's VAD finds (inside its merged <= 30 s chunks)."""
     from speech import models
@@ -120,7 +105,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local pyannote pipeline: cache only, fail fast
-    _quiet(args.verbose)
+    from bench.common import quiet_libraries
+
+    quiet_libraries(args.verbose)
 
     import numpy as np
 

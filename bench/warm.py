@@ -32,6 +32,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import DATA, FIXTURES  # noqa: E402
 from deployments.local_server import (  # noqa: E402
     deploy_to_process_pool,
     local_prefect_server,
@@ -39,20 +40,17 @@ from deployments.local_server import (  # noqa: E402
     stop,
 )
 
-DATA = REPO / "tests" / "data"
-FILES = ["sample_2spk.wav", "heldout_3spk.wav", "align_3spk.wav", "diar_2spk.wav", "diar_3spk.wav",
-         "diar_4spk.wav", "enrol_slt.wav", "enrol_awb.wav", "enrol_rms.wav", "enrol_kal16.wav"]
 POOL = "bench-warm-pool"
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python bench/warm.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--files", type=int, default=8, help=f"how many fixtures, one flow run each (1..{len(FILES)})")
+    p.add_argument("--files", type=int, default=8, help=f"how many fixtures, one flow run each (1..{len(FIXTURES)})")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for one flow run")
     p.add_argument("--json", type=Path, help="also write the measurements to this file")
     args = p.parse_args(argv)
-    if not 1 <= args.files <= len(FILES):
-        p.error(f"--files must be 1..{len(FILES)}")
+    if not 1 <= args.files <= len(FIXTURES):
+        p.error(f"--files must be 1..{len(FIXTURES)}")
     return args
 
 
@@ -66,7 +64,7 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 18
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    files = [DATA / name for name in FILES[: args.files]]
+    files = [DATA / name for name in FIXTURES[: args.files]]
     tmp = Path(tempfile.mkdtemp(prefix="bench-warm-"))
     shared = tmp / "shared-results"
     res: dict[str, Any] = {"files": len(files)}

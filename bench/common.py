@@ -1,0 +1,26 @@
+"""What the benchmarks share: where the repository and its fixtures are, quiet library logs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
+# the synthesized fixtures, longest conversations first (bench/batch.py, bench/warm.py take the first N)
+FIXTURES = ["sample_2spk.wav", "heldout_3spk.wav", "align_3spk.wav", "diar_2spk.wav", "diar_3spk.wav",
+            "diar_4spk.wav", "enrol_slt.wav", "enrol_awb.wav", "enrol_rms.wav", "enrol_kal16.wav"]
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Library logs and warnings off (``verbose``: everything at INFO instead)."""
+    import logging
+    import warnings
+
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return
+    warnings.filterwarnings("ignore")
+    import whisperx.asr  # noqa: F401 - its first logger call resets the "whisperx" level to INFO
+
+    for name in ("speech", "whisperx", "faster_whisper", "pyannote", "lightning", "lightning.pytorch",
+                 "lightning_fabric", "pytorch_lightning", "speechbrain", "transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
