@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--speaker-verification", action="store_true", default=None)
     s.add_argument("--speaker-sample", action="append", metavar="NAME=URL_OR_PATH",
                    help="enrolment clip (repeatable); a bare URL/path derives the name")
-    s.add_argument("--speaker-encoder", choices=["auto", "builtin", "ecapa"])
+    s.add_argument("--speaker-encoder", choices=["auto", "builtin", "ecapa", "campplus"])
     a = p.add_argument_group("pyannoteAI (hosted diarization)")
     a.add_argument("--pyannote-api-key", help="API key (prefer the PYANNOTE_API_KEY env var)")
     a.add_argument("--pyannote-model", choices=["precision-2", "community-1"])

@@ -106,9 +106,13 @@ class ModelCache:
             self.load_count += 1
             return loaded
 
-    def clear(self) -> None:
+    def clear(self, kind: Optional[str] = None) -> None:
+        """Forget every model (or those of one kind) and remembered failures."""
         with self._lock:
-            self._tables.clear()
+            if kind is None:
+                self._tables.clear()
+            else:
+                self._tables.pop(kind, None)
 
 
 CACHE = ModelCache()

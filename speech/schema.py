@@ -43,7 +43,7 @@ SAMPLE_RATE = 16000  # every stage works on 16 kHz mono float32 samples
 AlignBackend = Literal["auto", "wav2vec2", "pocketsphinx", "whisper"]
 DiarizationBackend = Literal["auto", "pyannote", "pyannote-api", "builtin", "segmented"]
 PyannoteModel = Literal["precision-2", "community-1"]
-SpeakerEncoder = Literal["auto", "builtin", "ecapa"]
+SpeakerEncoder = Literal["auto", "builtin", "ecapa", "campplus"]
 
 SECRET_FIELDS = tuple(spec.request_field for spec in SECRETS)
 
@@ -134,7 +134,8 @@ class TranscriptionRequest(BaseModel):
     url_expiry: int = Field(3600, ge=1, le=604800, description="Presigned URL lifetime in seconds.")
     download_transcript: bool = Field(False, description="With a bucket: also write the outputs to download_dir.")
     speaker_encoder: SpeakerEncoder = Field(
-        "auto", description="Verification encoder: SpeechBrain ECAPA, the builtin GE2E, or auto."
+        "auto", description="Verification encoder: SpeechBrain ECAPA, CAM++ (installed), the builtin GE2E, or auto "
+        "(ECAPA if it loads, else CAM++, else builtin)."
     )
     model: Optional[str] = Field(
         None, description="Whisper model: a name (large-v3, base, ...), a directory, or bundled:base / bundled:tiny.en."
@@ -320,6 +321,8 @@ class TranscriptionResult(BaseModel):
     debug: Optional[dict[str, Any]] = None
     confidence: Optional[dict[str, Any]] = None
     unclear_intervals: Optional[list[dict[str, Any]]] = None
+    verification: Optional[dict[str, Any]] = Field(None, description="enrolled names: which speaker got which, "
+                                                   "and why the others kept their SPEAKER_XX label")
 
     def to_json(self) -> dict[str, Any]:
         out = self.model_dump(mode="json", exclude_none=True)

@@ -117,5 +117,7 @@ def label_speakers(audio: AudioRef, segments: list[Segment], outcome: Diarizatio
                                      threshold=threshold, margin=margin)
         labelled, speakers = verify.relabel(labelled, speakers, mapping)
         summary["names"] = mapping
+        summary["verification"] = {"encoder": encoder.name, **verify.explain(
+            centroids, {k: np.asarray(v) for k, v in enrolled.items()}, mapping, threshold, margin)}
         get_run_logger().info("matched enrolled names: %s", json.dumps(mapping))
     return SpeakerLabels(segments=labelled, speakers=speakers, summary=summary)

@@ -257,6 +257,9 @@ def test_diarization_and_enrolled_names_in_the_flow(prefect_harness, tmp_path, m
     assert set(result["speakers"]) == {"SPEAKER_00", "SPEAKER_01", "SPEAKER_02"}
     assert {s["name"] for s in result["speakers"].values()} == {"slt", "rms", "awb"}
     assert result["debug"]["diarization"]["backend"] == "builtin"
+    verification = result["verification"]  # which speaker got which name, by which encoder
+    assert verification["encoder"] == "campplus" and sorted(verification["names"].values()) == ["awb", "rms", "slt"]
+    assert "unnamed" not in verification and "note" not in verification
     # share of reference speech time whose words carry the right name
     ref = manifest["diar_3spk.wav"]["turns"]
     right = total = 0.0

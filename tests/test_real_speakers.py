@@ -81,3 +81,57 @@ def test_segmented_on_a_rebuilt_council_meeting(real):
     out = _segmented(rec)
     assert abs(len({t.speaker for t in out.turns}) - rec.n_speakers) <= 1
     assert der(rec.turns, out.turns, rec.duration, collar=0.0) <= 0.08  # measured 0.028; builtin 0.31
+
+
+def _named_share(reference: list[dict], turns: list, names: dict[str, str], step: float = 0.01) -> float:
+    """Share of the reference's single-speaker speech time whose diarized turn carries that
+    speaker's enrolled name."""
+    hits = total = 0
+    for t in np.arange(0.0, max(r["end"] for r in reference), step):
+        who = {r["speaker"] for r in reference if r["start"] <= t < r["end"]}
+        if len(who) != 1:
+            continue
+        total += 1
+        said = {names.get(h.speaker) for h in turns if h.start <= t < h.end}
+        hits += said == who
+    return hits / total
+
+
+def test_enrolled_names_on_a_held_out_meeting_excerpt(real, tmp_path):
+    """Both people of AMI dev00 enrolled from another recording (dev01, the same two people):
+    each of the segmented diarizer's two speakers gets the name of the person it mostly holds,
+    and the names cover most of the speech time (measured 77 %: what the diarization gets right
+    on this far-field excerpt, DER 0.27; issue 12's goal of 90 % is not met yet)."""
+    from speech.io.decode import write_wav
+    from speech.schema import SpeakerSample
+    from speech.speakers import verify
+    from speech.speakers.encoders import get_encoder
+
+    encoder = get_encoder("campplus")
+    source, target = real["dev01"], real["dev00"]
+    audio = _audio(source)
+    samples = []
+    for i, turn in enumerate(source.turns):
+        others = [t for t in source.turns if t is not turn and t["start"] < turn["end"] and turn["start"] < t["end"]]
+        if others or turn["end"] - turn["start"] < 1.5:
+            continue  # clean single-speaker stretches only
+        path = tmp_path / f"{turn['speaker']}-{i}.wav"
+        write_wav(audio[int(turn["start"] * 16000):int(turn["end"] * 16000)], path)
+        samples.append(SpeakerSample(name=turn["speaker"], url=str(path)))
+    enrolled = verify.enroll(samples, encoder)
+    assert set(enrolled) == {t["speaker"] for t in target.turns}
+
+    out = _segmented(target)
+    turns = [(t.start, t.end, t.speaker) for t in out.turns]
+    centroids = verify.speaker_embeddings(_audio(target), turns, encoder)
+    mapping = verify.match_names(centroids, enrolled, threshold=encoder.threshold, margin=encoder.margin)
+    for label, name in mapping.items():  # the right person: the one this speaker's turns overlap most
+        overlap = {}
+        for h in (t for t in out.turns if t.speaker == label):
+            for r in target.turns:
+                overlap[r["speaker"]] = overlap.get(r["speaker"], 0.0) + max(
+                    0.0, min(h.end, r["end"]) - max(h.start, r["start"]))
+        assert name == max(overlap, key=overlap.get), (label, name, overlap)
+    assert len(mapping) == 2
+    share = _named_share(target.turns, out.turns, mapping)
+    assert share >= 0.70, (mapping, share)

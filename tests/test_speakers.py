@@ -299,8 +299,22 @@ def fresh_encoders(monkeypatch):
     encoders.clear_encoders()
 
 
-def test_auto_falls_back_to_builtin_offline(fresh_encoders):
+def test_auto_prefers_campplus_offline_and_falls_back_to_builtin(fresh_encoders, tmp_path):
+    """Offline, no ECAPA: auto takes CAM++ (installed by `make setup`), with its own calibration;
+    without CAM++ weights, the builtin GE2E."""
     enc = encoders.get_encoder("auto")
+    assert enc.name == "campplus" and encoders.encoder_defaults(enc) == (enc.threshold, enc.margin) == (0.45, 0.10)
+    assert encoders.get_encoder("campplus") is enc
+    fresh_encoders.setenv("CAMPPLUS_WEIGHTS", str(tmp_path / "missing.pt"))
+    from speech.settings import get_settings
+
+    get_settings.cache_clear()
+    encoders.clear_encoders()
+    with pytest.raises(ModelError, match="CAMPPLUS_WEIGHTS"):
+        encoders.get_encoder("campplus")
+    enc = encoders.get_encoder("auto")
+    fresh_encoders.delenv("CAMPPLUS_WEIGHTS")
+    get_settings.cache_clear()
     assert enc.name.startswith("builtin") and encoders.encoder_defaults(enc) == (encoders.BUILTIN_THRESHOLD, encoders.BUILTIN_MARGIN)
     assert encoders.get_encoder("auto") is enc and encoders.get_encoder("builtin") is enc
     with pytest.raises(InvalidRequest, match="unknown speaker encoder"):
@@ -311,7 +325,7 @@ def test_ecapa_dir_without_model(fresh_encoders, tmp_path):
     fresh_encoders.setenv("SPEAKER_ENCODER_DIR", str(tmp_path))
     with pytest.raises(ModelError, match="hyperparams.yaml"):
         encoders.get_encoder("ecapa")
-    assert encoders.get_encoder("auto").name.startswith("builtin")
+    assert encoders.get_encoder("auto").name == "campplus"  # the next in line
 
 
 TINY_ECAPA = """\
@@ -364,3 +378,14 @@ def test_ecapa_loads_from_a_local_directory(fresh_encoders, tmp_path):
     assert vec.shape == (24,) and abs(float(np.linalg.norm(vec)) - 1.0) < 1e-5
     again = enc.embed(fixture_audio("sample_2spk.wav")[: 2 * SR])
     assert np.allclose(vec, again, atol=1e-5)
+
+
+def test_explain_says_why_a_speaker_kept_its_label():
+    enrolled = {"Alice": np.array([1.0, 0.0, 0.0]), "Bob": np.array([0.0, 1.0, 0.0]), "Cleo": np.array([0.0, 0.0, 1.0])}
+    centroids = {"SPEAKER_00": np.array([0.98, 0.1, 0.0]), "SPEAKER_01": np.array([0.4, 0.4, 0.8])}
+    mapping = verify.match_names(centroids, enrolled, threshold=0.9, margin=0.1)
+    out = verify.explain(centroids, enrolled, mapping, threshold=0.9, margin=0.1)
+    assert out["names"] == {"SPEAKER_00": "Alice"}
+    why = out["unnamed"]["SPEAKER_01"]
+    assert why["closest"] == "Cleo" and why["score"] < 0.9 and "below the threshold 0.90" in why["reason"]
+    assert "found 2 speaker(s) for 3 enrolled names" in out["note"] and "Bob" in out["note"]

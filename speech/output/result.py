@@ -48,6 +48,7 @@ def build_result(run: PipelineResults) -> TranscriptionResult:
         confidence=confidence.summary if confidence is not None else None,
         unclear_intervals=confidence.unclear_intervals if confidence is not None else None,
         alignment=None if alignment is None else alignment.summary(),
+        verification=speakers.summary.get("verification") if speakers is not None else None,
         detected_language=run.transcript.language,
         language_probability=run.transcript.language_probability,
         debug=_debug(run) if run.debug else None,

@@ -249,8 +249,12 @@ class CamPlusEncoder:
 
     name = "campplus"
     dimension = EMBED_DIM
-    threshold: float | None = None  # not yet calibrated (speech.speakers.verify)
-    margin: float | None = None
+    # Name matching (speech.speakers.verify), calibrated on real speech (council clips, training
+    # material): the same member in different meetings scores >= 0.56 in 95 % of pairs, two
+    # members <= 0.44 in 95 % (EER 2.1 % at 0.51); the best enrolled name beat the second by
+    # >= 0.235 in 95 % of clips.
+    threshold: float = 0.45
+    margin: float = 0.10
 
     def __init__(self, weights: Path, device: str = "cpu") -> None:
         import torch

@@ -268,6 +268,34 @@ def match_names(
     return mapping
 
 
+def explain(centroids: dict[str, np.ndarray], enrolled: dict[str, np.ndarray], mapping: dict[str, str],
+            threshold: float, margin: float) -> dict:
+    """What the result says about the naming: the names given, why each other speaker kept its
+    label (its closest enrolled name, the score, the threshold and the lead over the next name),
+    and a note when diarization found fewer speakers than there are enrolled names."""
+    labels, names, sim = similarity_matrix(centroids, enrolled)
+    unnamed = {}
+    for i, label in enumerate(labels):
+        if label in mapping or not names:
+            continue
+        order = np.argsort(sim[i])[::-1]
+        score = float(sim[i, order[0]])
+        lead = score - float(sim[i, order[1]]) if len(order) > 1 else None
+        reason = (f"similarity {score:.2f} to {names[order[0]]} is below the threshold {threshold:.2f}"
+                  if score < threshold else
+                  f"{names[order[0]]} leads the next name by {lead:.2f}, under the margin {margin:.2f}"
+                  if lead is not None and lead < margin else f"{names[order[0]]} went to a closer speaker")
+        unnamed[label] = {"closest": names[order[0]], "score": round(score, 3),
+                          "lead": None if lead is None else round(lead, 3), "reason": reason}
+    out: dict = {"names": dict(mapping), "threshold": threshold, "margin": margin}
+    if unnamed:
+        out["unnamed"] = unnamed
+    if len(centroids) < len(enrolled):
+        out["note"] = (f"diarization found {len(centroids)} speaker(s) for {len(enrolled)} enrolled names: "
+                       f"{', '.join(sorted(set(enrolled) - set(mapping.values())))} not heard as a separate speaker")
+    return out
+
+
 def relabel(
     segments: Sequence[Segment], speakers: Optional[dict[str, SpeakerInfo]], mapping: dict[str, str]
 ) -> tuple[list[Segment], dict[str, SpeakerInfo]]:
