@@ -346,22 +346,20 @@ def request_default(field: str) -> Any:
     return TranscriptionRequest.model_fields[field].default
 
 
-_default = request_default
-
 
 class TranscribeParams(BaseModel):
     """The transcribe stage's own parameters (its cache key, with the audio hash)."""
 
     model: Optional[str] = None
     language: Optional[str] = None
-    language_detection_min_prob: float = _default("language_detection_min_prob")
-    language_detection_max_tries: int = _default("language_detection_max_tries")
+    language_detection_min_prob: float = request_default("language_detection_min_prob")
+    language_detection_max_tries: int = request_default("language_detection_max_tries")
     initial_prompt: Optional[str] = None
-    batch_size: int = _default("batch_size")
-    temperature: float = _default("temperature")
+    batch_size: int = request_default("batch_size")
+    temperature: float = request_default("temperature")
     beam_size: Optional[int] = None
-    vad_onset: float = _default("vad_onset")
-    vad_offset: float = _default("vad_offset")
+    vad_onset: float = request_default("vad_onset")
+    vad_offset: float = request_default("vad_offset")
 
     @classmethod
     def from_request(cls, req: TranscriptionRequest) -> "TranscribeParams":
@@ -371,7 +369,7 @@ class TranscribeParams(BaseModel):
 class AlignParams(BaseModel):
     """The align stage's own parameters (its cache key, with the audio hash + transcript)."""
 
-    backend: AlignBackend = _default("align_backend")
+    backend: AlignBackend = request_default("align_backend")
     align_model: Optional[str] = Field(None, description="wav2vec2 model name or local directory")
     interpolate_method: Literal["nearest", "linear", "ignore"] = "nearest"
 
@@ -405,16 +403,16 @@ class Turn(BaseModel):
 class DiarizeParams(BaseModel):
     """The diarize stage's own parameters (its cache key, with the audio hash and speech regions)."""
 
-    backend: DiarizationBackend = _default("diarization_backend")
+    backend: DiarizationBackend = request_default("diarization_backend")
     num_speakers: Optional[int] = Field(None, ge=1, description="Exact number of speakers, when known.")
     min_speakers: Optional[int] = Field(None, ge=1)
     max_speakers: Optional[int] = Field(None, ge=1)
     model: Optional[str] = Field(None, description="local pyannote pipeline: hub name or directory")
     # hosted pyannoteAI
-    pyannote_model: PyannoteModel = _default("pyannote_model")
-    pyannote_exclusive: bool = _default("pyannote_exclusive")
-    pyannote_poll_interval: float = _default("pyannote_poll_interval")
-    pyannote_timeout: float = _default("pyannote_timeout")
+    pyannote_model: PyannoteModel = request_default("pyannote_model")
+    pyannote_exclusive: bool = request_default("pyannote_exclusive")
+    pyannote_poll_interval: float = request_default("pyannote_poll_interval")
+    pyannote_timeout: float = request_default("pyannote_timeout")
     pyannote_json_in: Optional[str] = Field(None, description="a saved <stem>.pyannote.job.json to reuse")
 
     def hosted_first(self, has_key: bool) -> bool:
@@ -447,7 +445,7 @@ class DiarizationOutcome(BaseModel):
 class DeepgramOptions(BaseModel):
     """Deepgram model options, sent as query parameters (and part of the stage's cache key)."""
 
-    model: str = Field(_default("deepgram_model"), min_length=1, description="Deepgram model, e.g. nova-3, nova-2.")
+    model: str = Field(request_default("deepgram_model"), min_length=1, description="Deepgram model, e.g. nova-3, nova-2.")
     tier: Optional[str] = Field(None, description="Model tier (older models, e.g. enhanced/base).")
     version: Optional[str] = Field(None, description="Model version, e.g. latest.")
     language: Optional[str] = Field(
@@ -462,9 +460,9 @@ class DeepgramOptions(BaseModel):
 class ConfidenceThresholds(BaseModel):
     """How word confidences become segment flags and unclear intervals."""
 
-    low: float = _default("word_confidence_low_threshold")
-    high: float = _default("word_confidence_high_threshold")
-    min_low_dur: float = _default("low_confidence_min_dur")
+    low: float = request_default("word_confidence_low_threshold")
+    high: float = request_default("word_confidence_high_threshold")
+    min_low_dur: float = request_default("low_confidence_min_dur")
     join_gap: float = Field(0.3, description="low words at most this far apart form one unclear interval")
 
     @classmethod

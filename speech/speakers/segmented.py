@@ -70,7 +70,6 @@ def spectral_labels(embeddings: np.ndarray, min_k: int = 1, max_k: int = MAX_AUT
         return np.zeros(n, dtype=int)
     return KMeans(n_clusters=num_k, n_init=10, random_state=0).fit_predict(vectors[:, :num_k])
 SEGMENTATION_STEP = 0.2  # fraction of the 5 s window between consecutive windows
-CLUSTERING = "spectral"
 MIN_EMBED_SECONDS = 0.25  # a window's local speaker with less active speech gets no embedding
 
 
@@ -149,8 +148,7 @@ def _pipeline(encoder: Any, dimension: int, cache: ModelCache) -> Any:
                 self._embedding = embedding
                 self._audio = Audio(sample_rate=SAMPLE_RATE, mono="downmix")
                 self.klustering = "AgglomerativeClustering"
-                self.clustering = (SpectralClustering if CLUSTERING == "spectral" else AgglomerativeClustering)(
-                    metric="cosine")
+                self.clustering = SpectralClustering(metric="cosine")
                 self._expects_num_speakers = self.clustering.expects_num_clusters
 
         checkpoint = os.path.join(os.path.dirname(whisperx.__file__), "assets", "pytorch_model.bin")
