@@ -30,7 +30,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "tests" / "data"
+sys.path.insert(0, str(REPO))  # `speech` and `bench.*` without PYTHONPATH
+
+from bench.common import DATA, report  # noqa: E402 - light: paths and a JSON writer
+
 FIXTURES = ["sample_2spk.wav", "heldout_3spk.wav", "align_3spk.wav"]
 WARMUP_FIXTURE = "heldout_3spk.wav"  # the shortest
 BACKENDS = ["pocketsphinx", "whisper", "wav2vec2"]
@@ -215,14 +218,7 @@ def print_table(res: dict[str, Any]) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    sys.dont_write_bytecode = True  # leave no __pycache__ behind in the repo
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))  # `speech` and `bench.metrics` without PYTHONPATH
-    res = run(args)
-    print_table(res)
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(res, indent=2, default=str) + "\n")
-        print(f"wrote {args.json_path}")
+    report(args, run, print_table)
     return 0
 
 

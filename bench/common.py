@@ -1,7 +1,10 @@
 """What the benchmarks share: where the repository and its fixtures are, quiet library logs."""
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
@@ -24,3 +27,14 @@ def quiet_libraries(verbose: bool) -> None:
     for name in ("speech", "whisperx", "faster_whisper", "pyannote", "lightning", "lightning.pytorch",
                  "lightning_fabric", "pytorch_lightning", "speechbrain", "transformers", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def report(args: Any, run: Callable[[Any], dict], print_table: Callable[[dict], None]) -> dict:
+    """Run one benchmark, print its table and write ``--json PATH`` if asked; no __pycache__ left in the repo."""
+    sys.dont_write_bytecode = True
+    res = run(args)
+    print_table(res)
+    if getattr(args, "json_path", None):
+        Path(args.json_path).write_text(json.dumps(res, indent=2, default=str, ensure_ascii=False) + "\n")
+        print(f"wrote {args.json_path}")
+    return res

@@ -36,6 +36,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `speech` and `bench.*` without PYTHONPATH
+
+from bench.common import report  # noqa: E402 - light: paths and a JSON writer
+
 SETS = ("ami", "sample", "council")  # = bench.realdata.SETS, kept here so --help imports nothing
 BACKENDS = ("auto", "builtin", "segmented", "pyannote", "pyannote-api")
 COLLAR_S = 0.25
@@ -201,14 +205,7 @@ def print_table(res: dict[str, Any]) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    sys.dont_write_bytecode = True  # leave no __pycache__ behind in the repo
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))  # `speech` and `bench.*` without PYTHONPATH
-    res = run(args)
-    print_table(res)
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(res, indent=2, default=str, ensure_ascii=False) + "\n")
-        print(f"wrote {args.json_path}")
+    res = report(args, run, print_table)
     print(json.dumps({"regions": args.regions, "summary": res["summary"]}))
     return 0
 

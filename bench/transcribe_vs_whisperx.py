@@ -250,7 +250,7 @@ def in_process(args: argparse.Namespace, audio_path: Path, res: dict[str, Any]) 
         word_diff_rate=round(wer(a_text, b_text), 4),
     )
 
-    del bare
+    bare = None  # drop the bare model (run_bare is done) before measuring the cache hit
     models.CACHE.clear()
     import gc
 
