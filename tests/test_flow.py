@@ -256,7 +256,7 @@ def test_diarization_and_enrolled_names_in_the_flow(prefect_harness, tmp_path, m
     assert state.is_completed(), state
     assert set(result["speakers"]) == {"SPEAKER_00", "SPEAKER_01", "SPEAKER_02"}
     assert {s["name"] for s in result["speakers"].values()} == {"slt", "rms", "awb"}
-    assert result["debug"]["diarization"]["backend"] == "builtin"
+    assert result["debug"]["diarization"]["backend"] == "segmented"
     verification = result["verification"]  # which speaker got which name, by which encoder
     assert verification["encoder"] == "campplus" and sorted(verification["names"].values()) == ["awb", "rms", "slt"]
     assert "unnamed" not in verification and "note" not in verification
@@ -467,7 +467,7 @@ def test_hosted_diarization_retries_transient_errors_and_never_caches_a_fallback
     state, result = run(audio_file=str(DATA / "diar_2spk.wav"), **kwargs)
     assert state.is_completed(), state
     diarization = result["debug"]["diarization"]
-    assert diarization["backend"] == "builtin" and "pyannote-api" in diarization["error"] and "503" in diarization["error"]
+    assert diarization["backend"] == "segmented" and "pyannote-api" in diarization["error"] and "503" in diarization["error"]
     assert api.submits == 4  # the first try and 3 retries, then the fallback
     assert len(result["speakers"]) == 2
     states = task_states(state.state_details.flow_run_id)

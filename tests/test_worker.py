@@ -142,7 +142,7 @@ def test_deploy_registers_prefect_yaml_deployments_with_typed_forms(server, depl
     assert form["required"] == ["audio_file"]
     props = form["properties"]
     assert props["audio_file"]["type"] == "string" and props["audio_file"]["description"]
-    assert props["diarization_backend"]["enum"] == ["auto", "pyannote", "pyannote-api", "builtin", "segmented"]
+    assert props["diarization_backend"]["enum"] == ["auto", "pyannote", "pyannote-api", "segmented", "builtin"]
     assert props["num_speakers"]["anyOf"][0]["type"] == "integer"
     for secret in ("deepgram_api_key", "pyannote_api_key", "huggingface_access_token", "secret_key"):
         assert props[secret]["anyOf"][0] == {"format": "password", "type": "string", "writeOnly": True}, secret

@@ -4,11 +4,11 @@ Backends (``DiarizeParams.backend``), in :data:`REGISTRY` order, which is also `
   - ``pyannote-api``: hosted pyannoteAI (:mod:`speech.speakers.pyannote_api`); ``auto`` tries it
     when a saved job (``pyannote_json_in``) or a pyannoteAI key is at hand;
   - ``pyannote``: the local pyannote.audio pipeline (:mod:`speech.speakers.pyannote_local`);
-  - ``builtin``: offline, no token (:mod:`speech.speakers.builtin`), on the speech regions of
-    the (aligned) segments;
-  - ``segmented``: offline, for real speech (:mod:`speech.speakers.segmented`): segmentation,
-    CAM++ embeddings and clustering on the audio itself; chosen explicitly for now (``auto``
-    keeps ``builtin``, which still wins on the synthetic fixtures).
+  - ``segmented``: offline, no token (:mod:`speech.speakers.segmented`): segmentation, CAM++
+    embeddings, clustering and turn-level refinement on the audio itself; the offline default;
+  - ``builtin``: offline, no token, no extra weights (:mod:`speech.speakers.builtin`): GE2E
+    windows on the speech regions of the (aligned) segments; ``auto``'s last resort (when the
+    CAM++ weights or the segmentation model cannot load).
 
 A backend that fails or finds no turns is logged and the next one runs; diarization never
 fails the run: with no backend left, the outcome carries no turns and says why (the original
@@ -53,8 +53,8 @@ REGISTRY = BackendRegistry("diarization")
 REGISTRY.register("pyannote-api", lambda x: diarize_hosted(x.audio, x.params, x.api_key, x.stem),
                   when=lambda params, hosted: hosted and params.hosted_first(True))
 REGISTRY.register("pyannote", lambda x: diarize_pyannote_local(x.audio, x.params, x.settings, x.hf_token, x.cache))
+REGISTRY.register("segmented", lambda x: diarize_segmented(x.audio, x.params, cache=x.cache))
 REGISTRY.register("builtin", lambda x: diarize_builtin(x.audio, speech_regions(x.segments), x.params))
-REGISTRY.register("segmented", lambda x: diarize_segmented(x.audio, x.params, cache=x.cache), auto=False)
 
 
 def diarize(

@@ -9,7 +9,7 @@ The flow of a verification run::
     segments, speakers = relabel(segments, speakers, mapping)
 
 Encoders (:mod:`speech.speakers.encoders`): ``builtin`` (resemblyzer GE2E, shipped), ``ecapa``
-(SpeechBrain), ``auto`` (ECAPA if it loads, else builtin).
+(SpeechBrain), ``auto`` (ECAPA if it loads, else CAM++, else builtin).
 
 Cosine similarities are not comparable across encoders, so every encoder carries its own
 ``threshold`` and ``margin``; pass them to :func:`match_names`. The builtin values were measured
