@@ -61,6 +61,9 @@ def build_deployments() -> list[Any]:
         description="Transcribe many files in one flow run, models loaded once (GPU throughput).",
     ))
     inbox = os.environ.get("SWEEP_SOURCE")
+    if inbox and "://" not in inbox and not os.environ.get("ALLOW_LOCAL_PATHS"):
+        # the runs the sweep triggers read files from the swept folder (and nothing else local)
+        os.environ["ALLOW_LOCAL_PATHS"] = str(Path(inbox).expanduser().resolve())
     if inbox:  # e.g. SWEEP_SOURCE=./inbox or s3://bucket/incoming/ ; SWEEP_CRON defaults to every 5 minutes
         deployments.append(sweep_inbox.to_deployment(
             name="sweep-inbox-local", tags=TAGS, version=speech.__version__,

@@ -40,6 +40,7 @@ from speech.schema import (
     TranscriptionRequest,
 )
 from speech.settings import SECRETS, get_settings
+from flows.runtime import refuse_local_sources
 from tasks.align import align_words
 from tasks.audio import share_audio
 from tasks.common import REFRESH_TAG, secret_block
@@ -168,6 +169,7 @@ def run_pipeline(req: TranscriptionRequest) -> PipelineOutput:
     """The DAG body, inside a flow run: the worker's JSON result and where the outputs went."""
     log = get_run_logger()
     req = with_block_secrets(req)
+    refuse_local_sources(req)
     settings = get_settings()
     log.info("request: %s", {k: v for k, v in req.public_dict().items() if v not in (None, [], False)})
     clock = StageClock(storage=task_result_storage(), workers=settings.gpu_task_workers)

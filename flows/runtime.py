@@ -34,27 +34,67 @@ def apply_runtime_switches() -> None:
         get_run_logger().info("mounts:\n%s", "\n".join(mounted_volumes()))
 
 
-def redact_stored_secrets(given: dict[str, Any], nested: Optional[str] = None) -> None:
-    """A token the run was given as a plain parameter (``given``: the request fields, stored at
-    the top level or, e.g. for a batch, under the parameter ``nested``) is used for this run but
-    erased from the stored flow-run parameters.
+def _masked(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with plain-text tokens replaced by Prefect's mask and credentials inside URLs
+    (user-info, signed query parameters) masked."""
+    from speech.redact import mask_url_credentials
 
-    (Passed as ``SecretStr`` it is stored masked from the start; the CLI does that.)
+    out = dict(params)
+    for k in SECRET_FIELDS:
+        if isinstance(out.get(k), str) and out[k] not in ("", MASK):
+            out[k] = MASK
+    if isinstance(out.get("audio_file"), str):
+        out["audio_file"] = mask_url_credentials(out["audio_file"])
+    if isinstance(out.get("audio_files"), list):
+        out["audio_files"] = [mask_url_credentials(a) if isinstance(a, str) else a for a in out["audio_files"]]
+    if isinstance(out.get("speaker_samples"), list):
+        out["speaker_samples"] = [
+            {**x, "url": mask_url_credentials(x["url"])} if isinstance(x, dict) and isinstance(x.get("url"), str)
+            else mask_url_credentials(x) if isinstance(x, str) else x
+            for x in out["speaker_samples"]]
+    return out
+
+
+def redact_stored_secrets(nested: Optional[str] = None) -> None:
+    """A token the run was given as a plain parameter (a request field, stored at the top level
+    or, e.g. for a batch, under the parameter ``nested``), or credentials inside an
+    audio or speaker-sample URL (user-info, a presigned URL's signature), are used for this run
+    but erased from the stored flow-run parameters (a retry from the UI then needs a fresh URL).
+
+    (Passed as ``SecretStr`` a token is stored masked from the start; the CLI does that.)
     """
-    if not any(isinstance(given.get(k), str) and given.get(k) not in ("", MASK) for k in SECRET_FIELDS):
-        return
-    from prefect.client.orchestration import get_client
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
     if ctx is None or ctx.flow_run is None:
         return
     stored = dict(ctx.flow_run.parameters)
-    target = dict(stored.get(nested) or {}) if nested else stored
-    for k in SECRET_FIELDS:
-        if target.get(k):
-            target[k] = MASK
-    if nested:
-        stored[nested] = target
+    masked = _masked(stored)
+    if nested and isinstance(stored.get(nested), dict):
+        masked[nested] = _masked(stored[nested])
+    if masked == stored:
+        return
+    from prefect.client.orchestration import get_client
+
     with get_client(sync_client=True) as client:
-        client.update_flow_run(ctx.flow_run.id, parameters=stored)
+        client.update_flow_run(ctx.flow_run.id, parameters=masked)
+
+
+def refuse_local_sources(req: Any) -> None:
+    """In a deployment run (started from the UI, the API, a sweep or a schedule: anyone who can
+    start one chooses these fields), a local path or file:// URL as audio, speaker sample or
+    saved API response must be allowed by ``ALLOW_LOCAL_PATHS``; runs from the CLI or Python
+    are the caller's own machine and are not restricted."""
+    from prefect.runtime import deployment
+
+    if not deployment.id:
+        return
+    from speech.io.netguard import check_local_path
+
+    settings = get_settings()
+    check_local_path(req.audio_file, settings, "audio_file")
+    for sample in req.speaker_samples:
+        check_local_path(sample.url, settings, "speaker_samples")
+    for field in ("pyannote_json_in", "deepgram_json_in"):
+        if getattr(req, field):
+            check_local_path(getattr(req, field), settings, field)

@@ -142,6 +142,6 @@ def transcribe_audio(
     """
     args = dict(locals())
     args["speaker_samples"] = args["speaker_samples"] or []
-    redact_stored_secrets(args)
+    redact_stored_secrets()
     apply_runtime_switches()
     return run_pipeline(TranscriptionRequest.parse(args)).result

@@ -7,14 +7,18 @@ URL or credentials in a URL goes through these helpers:
 * :func:`scrub` replaces every occurrence of the given secrets in a string or a JSON value;
 * :func:`scrub_configured` does that for every secret the settings hold (CLI errors, blocks);
 * :func:`redact_url` drops query string, fragment and userinfo (presigned signatures, basic auth);
+* :func:`mask_url_credentials` keeps a URL usable for reading but masks its userinfo and the
+  values of credential-like query parameters (``X-Amz-Signature``, ``token``, ``sig``, ...), for
+  stored parameters and the ``request:`` log line;
 * :func:`one_line` squeezes a server's reason into one short line;
 * :func:`check_base_url` validates an API base URL (http(s), a host, no credentials, no query).
 """
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Iterable, Union
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import SecretStr
 
@@ -63,6 +67,28 @@ def redact_url(source: str) -> str:
             netloc += f":{parts.port}"
         return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
     return source
+
+
+# query keys that carry credentials: AWS SigV4/V2, GCS, Azure SAS, CloudFront, generic tokens
+_SECRET_QUERY = re.compile(r"(signature|credential|security-token|token|secret|password|passwd|sig$|^sig|"
+                           r"key-pair-id|api[-_]?key|^key$|auth|session)", re.IGNORECASE)
+
+
+def mask_url_credentials(source: str) -> str:
+    """An http(s)/s3 URL with its user-info and the values of credential-like query parameters
+    replaced by ``***`` (other parameters kept); anything else unchanged."""
+    parts = urlsplit(source)
+    if parts.scheme not in ("http", "https", "s3"):
+        return source
+    netloc = parts.netloc
+    if parts.username is not None or parts.password is not None:
+        netloc = REDACTED + "@" + netloc.rsplit("@", 1)[1]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(_SECRET_QUERY.search(k) for k, _ in pairs):
+            query = urlencode([(k, REDACTED if _SECRET_QUERY.search(k) else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def one_line(value: Any, limit: int = 300) -> str:

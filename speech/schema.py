@@ -211,8 +211,15 @@ class TranscriptionRequest(BaseModel):
             raise InvalidRequest(describe_validation_error(exc)) from None
 
     def public_dict(self) -> dict[str, Any]:
-        """Parameters safe to log or store: secrets dropped, not just masked."""
-        return self.model_dump(mode="json", exclude=set(SECRET_FIELDS))
+        """Parameters safe to log or store: secrets dropped, not just masked; credentials inside
+        URLs (user-info, signed query parameters) masked."""
+        from speech.redact import mask_url_credentials
+
+        out = self.model_dump(mode="json", exclude=set(SECRET_FIELDS))
+        out["audio_file"] = mask_url_credentials(out["audio_file"])
+        for sample in out.get("speaker_samples") or []:
+            sample["url"] = mask_url_credentials(sample["url"])
+        return out
 
 
 def describe_validation_error(exc: ValidationError) -> str:

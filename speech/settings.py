@@ -79,12 +79,42 @@ class Settings(BaseSettings):
         None, validation_alias="ALIGN_MODEL_DIR", description="Cache/download dir for wav2vec2 align models."
     )
     cache_dir: Path = Field(default_factory=_default_cache_dir, validation_alias="SPEECH_CACHE_DIR")
+    decode_cache_max_gb: float = Field(
+        20.0, ge=0, validation_alias="DECODE_CACHE_MAX_GB",
+        description="Size cap of the decoded-audio cache (<SPEECH_CACHE_DIR>/audio); the least recently used "
+        "entries go first (0: keep only the newest).",
+    )
 
     # --- inputs -----------------------------------------------------------------------
     max_audio_bytes: int = Field(2 * 1024**3, validation_alias="MAX_AUDIO_BYTES")
     max_audio_seconds: float = Field(6 * 3600.0, validation_alias="MAX_AUDIO_SECONDS")
     http_connect_timeout: float = Field(10.0, validation_alias="HTTP_CONNECT_TIMEOUT")
     http_read_timeout: float = Field(60.0, validation_alias="HTTP_READ_TIMEOUT")
+    http_max_seconds: float = Field(
+        3600.0, gt=0, validation_alias="HTTP_MAX_SECONDS",
+        description="Total deadline of one download (curl's --max-time).",
+    )
+    http_min_rate: int = Field(
+        1024, ge=0, validation_alias="HTTP_MIN_BYTES_PER_SECOND",
+        description="A download slower than this (bytes/s) over HTTP_MIN_RATE_SECONDS is abandoned (curl's "
+        "--speed-limit; 0 turns it off).",
+    )
+    http_min_rate_seconds: float = Field(30.0, gt=0, validation_alias="HTTP_MIN_RATE_SECONDS")
+    allow_private_urls: bool = Field(
+        False, validation_alias="ALLOW_PRIVATE_URLS",
+        description="Fetch http(s) URLs that resolve to loopback, link-local, private, multicast or unspecified "
+        "addresses (off: such URLs, and redirects to them, are refused).",
+    )
+    fetch_allow_hosts: str = Field(
+        "", validation_alias="FETCH_ALLOW_HOSTS",
+        description="Comma-separated hosts (or host:port) fetched even when they resolve to a private address.",
+    )
+    allow_local_paths: str = Field(
+        "", validation_alias="ALLOW_LOCAL_PATHS",
+        description="For deployment runs: '1' allows any local path or file:// URL as audio or speaker sample, "
+        "or a list of root folders (separated by ':' or ',') it must resolve inside; empty refuses them. Local "
+        "runs (CLI, Python) are not restricted.",
+    )
 
     # --- results store ----------------------------------------------------------------
     results_dir: Path = Field(Path("out"), validation_alias="RESULTS_DIR")

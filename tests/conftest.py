@@ -21,6 +21,9 @@ SR = 16000  # the fixtures' sample rate (16 kHz mono 16-bit)
 # Keep every test run off the user's real caches and off the network.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# The tests' HTTP servers listen on 127.0.0.1, which fetches refuse by default (no SSRF);
+# tests/test_hostile.py clears this to prove the refusal.
+os.environ.setdefault("FETCH_ALLOW_HOSTS", "127.0.0.1")
 os.environ["HF_HUB_OFFLINE"] = "1"
 # a developer's own `prefect server start` on :4200 must not receive the tests' CLI runs
 os.environ["LOCAL_PREFECT_SERVER"] = "off"

@@ -114,8 +114,8 @@ def test_downloads_go_to_jobs_dir_and_are_removed_once_decoded(http_server, tmp_
     monkeypatch.setenv("JOBS_DIR", str(jobs))
     get_settings.cache_clear()
     seen = []
-    real = audio.decode
-    monkeypatch.setattr(audio, "decode", lambda path, *a: (seen.append(Path(path)), real(path, *a))[1])
+    real = audio.decode_to_npy
+    monkeypatch.setattr(audio, "decode_to_npy", lambda path, *a: (seen.append(Path(path)), real(path, *a))[1])
     try:
         data = (DATA / "enrol_kal16.wav").read_bytes() + b"\0\0"  # bytes no other test decoded
         (DATA / "_jobs_dir_probe.wav").write_bytes(data)  # the http server serves tests/data

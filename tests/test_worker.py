@@ -165,7 +165,8 @@ def test_process_worker_runs_transcribe_cpu_from_run_deployment(server, deployed
             [str(BIN / "prefect"), "worker", "start", "--pool", "cpu-pool", "--type", "process", "--limit", "1"],
             cwd=worker_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**server.env, "PREFECT_WORKER_QUERY_SECONDS": "1", "DEEPGRAM_BASE_URL": deepgram.url,
-                 "RESULTS_S3_BLOCK": "whisperx-results", "SPEECH_CACHE_DIR": str(tmp_path / "cache")})
+                 "RESULTS_S3_BLOCK": "whisperx-results", "SPEECH_CACHE_DIR": str(tmp_path / "cache"),
+                 "ALLOW_LOCAL_PATHS": str(DATA)})  # deployment runs read local files only under these roots
         try:
             with temporary_settings({PREFECT_API_URL: server.url}):
                 flow_run = run_deployment("transcribe-audio/transcribe-cpu", timeout=600, poll_interval=1,
@@ -243,7 +244,7 @@ def test_scheduled_sweep_deployment_feeds_the_worker(server, deployed, tmp_path)
             [str(BIN / "prefect"), "worker", "start", "--pool", "cpu-pool", "--type", "process", "--limit", "2"],
             cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**server.env, "PREFECT_WORKER_QUERY_SECONDS": "1", "DEEPGRAM_BASE_URL": deepgram.url,
-                 "SPEECH_CACHE_DIR": str(tmp_path / "cache")})
+                 "SPEECH_CACHE_DIR": str(tmp_path / "cache"), "ALLOW_LOCAL_PATHS": str(inbox)})
         try:
             with temporary_settings({PREFECT_API_URL: server.url}), server.client() as client:
                 target = client.read_deployment_by_name("transcribe-audio/transcribe-cpu")

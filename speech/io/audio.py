@@ -4,18 +4,21 @@ one memory map instead of decoding again. Stages pass the small :class:`AudioRef
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from speech.errors import AudioError
-from speech.io.decode import decode, probe
+from speech.errors import AudioError, StorageError
+from speech.io.decode import decode_to_npy, probe
 from speech.io.fetch import fetch
 from speech.redact import redact_url
 from speech.schema import SAMPLE_RATE, AudioRef
@@ -49,6 +52,7 @@ def load_audio(source: str, output_name: Optional[str] = None, settings: Optiona
     keep = False
     try:
         if npy.exists() and meta.exists():
+            _touch(npy)
             duration, fmt = np.load(npy, mmap_mode="r").shape[0] / SAMPLE_RATE, meta.read_text().strip()
             keep = keep_bytes
         elif decode_now:
@@ -95,7 +99,9 @@ def read_samples(ref: AudioRef, settings: Optional[Settings] = None) -> np.ndarr
                 _decode_to_cache(Path(ref.local_path), ref.source, npy, npy.with_suffix(".fmt"), settings)
                 release(ref)
     try:
-        return np.load(npy, mmap_mode="r")
+        samples = np.load(npy, mmap_mode="r")
+        _touch(npy)
+        return samples
     except FileNotFoundError:
         raise AudioNotHere(f"{ref.source}: its samples are not on this machine (no {npy.name} in "
                            f"{npy.parent}, no local copy of the file)") from None
@@ -108,10 +114,58 @@ def release(ref: AudioRef) -> None:
 
 
 def _decode_to_cache(path: Path, label: str, npy: Path, meta: Path, settings: Settings) -> np.ndarray:
-    audio, fmt = decode(path, label, settings.max_audio_seconds)
+    """Decode into ``<sha256>.npy.part`` beside the cache entry and rename it into place (a
+    concurrent reader sees all samples or none); a failed decode leaves nothing behind, and a
+    full disk is reported once, not retried."""
     fd, tmp = tempfile.mkstemp(dir=npy.parent, suffix=".npy.part")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, audio)
-    os.replace(tmp, npy)  # atomic: a concurrent reader sees all samples or none
-    meta.write_text(fmt)
-    return audio
+    os.close(fd)
+    part = Path(tmp)
+    try:
+        _, fmt = decode_to_npy(path, label, settings.max_audio_seconds, part)
+        os.replace(part, npy)
+        meta.write_text(fmt)
+        evict(npy.parent, int(settings.decode_cache_max_gb * 1024**3), keep=npy)
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageError(f"{label}: no space left for the decoded audio in {npy.parent} "
+                               "(SPEECH_CACHE_DIR; DECODE_CACHE_MAX_GB bounds it)") from None
+        raise
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return np.load(npy, mmap_mode="r")
+
+
+def _touch(npy: Path) -> None:
+    """Mark a cache entry as used now (its mtime orders eviction)."""
+    with contextlib.suppress(OSError):
+        os.utime(npy)
+
+
+def evict(folder: Path, max_bytes: int, keep: Optional[Path] = None) -> list[Path]:
+    """Delete the least recently used ``<sha256>.npy`` (+ ``.fmt``) entries of ``folder`` until the
+    rest fit in ``max_bytes``; ``keep`` (the entry just written) stays. Also removes ``.npy.part``
+    files an interrupted decode left over an hour ago. Returns what was deleted."""
+    entries, removed = [], []
+    now = time.time()
+    for path in folder.iterdir():
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            if path.name.endswith(".npy.part"):
+                if now - st.st_mtime > 3600:
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+            elif path.suffix == ".npy":
+                entries.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    for _, size, path in sorted(entries):
+        if total <= max_bytes:
+            break
+        if keep is not None and path == keep:
+            continue
+        path.unlink(missing_ok=True)
+        path.with_suffix(".fmt").unlink(missing_ok=True)
+        removed.append(path)
+        total -= size
+    return removed

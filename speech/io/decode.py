@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -53,37 +53,92 @@ def probe(path: Path, label: str, max_seconds: float) -> tuple[str, Optional[flo
     return fmt, declared
 
 
-def decode(path: Path, label: str, max_seconds: float) -> tuple[np.ndarray, str]:
-    """Decode any FFmpeg-readable audio to 16 kHz mono float32; detect truncation."""
+def _stream(path: Path, label: str, max_seconds: float, sink: Callable[[np.ndarray], None]) -> tuple[int, str]:
+    """Decode to 16 kHz mono float32, handing each resampled chunk to ``sink`` as it comes; the
+    sample count is checked on every chunk, so a file without a declared length that decodes to
+    more than ``max_seconds`` is refused the moment it passes the limit, never held whole.
+    Returns (samples, "format/codec"); refuses non-audio, truncated, empty and non-finite audio."""
     import av
+
+    limit = int(max_seconds * SAMPLE_RATE)
+    count = 0
+
+    def take(out: Any) -> None:
+        nonlocal count
+        chunk = out.to_ndarray().reshape(-1)
+        count += chunk.shape[0]
+        if count > limit:
+            raise AudioError(f"{label}: longer than the {max_seconds:.0f} s limit (MAX_AUDIO_SECONDS)")
+        if not np.isfinite(chunk).all():
+            raise AudioError(f"{label}: decoded samples are not finite")
+        sink(chunk)
 
     with _opened(path, label, max_seconds) as (container, stream, declared, fmt):
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        chunks: list[np.ndarray] = []
         try:
             for frame in container.decode(stream):
                 frame.pts = None
                 for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
+                    take(out)
             for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
+                take(out)
         except av.FFmpegError as exc:
-            if not chunks:
+            if not count:
                 raise AudioError(f"{label}: not a readable audio file ({_av_reason(exc)})") from None
             raise AudioError(f"{label}: corrupt or truncated audio ({_av_reason(exc)})") from None
-    audio = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
-    decoded = audio.shape[0] / SAMPLE_RATE
-    if audio.shape[0] == 0:
+    decoded = count / SAMPLE_RATE
+    if count == 0:
         raise AudioError(f"{label}: contains no audio samples")
-    if decoded > max_seconds:
-        raise AudioError(f"{label}: {decoded:.0f} s is longer than the {max_seconds:.0f} s limit")
     if declared is not None and declared > 0.5 and decoded < 0.9 * declared - 0.1:
         raise AudioError(
             f"{label}: truncated audio (header declares {declared:.2f} s, only {decoded:.2f} s decodable)"
         )
-    if not np.isfinite(audio).all():
-        raise AudioError(f"{label}: decoded samples are not finite")
-    return audio, fmt
+    return count, fmt
+
+
+def decode(path: Path, label: str, max_seconds: float) -> tuple[np.ndarray, str]:
+    """Decode any FFmpeg-readable audio to 16 kHz mono float32 in memory (one buffer, grown by
+    doubling, never past the limit); long files go to :func:`decode_to_npy` instead."""
+    buf = np.empty(SAMPLE_RATE * 30, dtype=np.float32)
+    used = 0
+
+    def sink(chunk: np.ndarray) -> None:
+        nonlocal buf, used
+        if used + chunk.shape[0] > buf.shape[0]:
+            grown = np.empty(max(2 * buf.shape[0], used + chunk.shape[0]), dtype=np.float32)
+            grown[:used] = buf[:used]
+            buf = grown
+        buf[used:used + chunk.shape[0]] = chunk
+        used += chunk.shape[0]
+
+    count, fmt = _stream(path, label, max_seconds, sink)
+    return buf[:count].copy() if buf.shape[0] > count else buf, fmt
+
+
+def decode_to_npy(path: Path, label: str, max_seconds: float, target: Path) -> tuple[int, str]:
+    """Decode straight into ``target`` as a ``.npy`` file (a provisional header, the samples
+    streamed after it, the real header written last): memory stays at one decoded frame whatever
+    the length. Returns (samples, "format/codec"); on failure ``target`` is left half-written for
+    the caller to delete."""
+    with target.open("wb") as f:
+        provisional = _npy_header(int(max_seconds * SAMPLE_RATE) + 1)
+        f.write(provisional)
+        count, fmt = _stream(path, label, max_seconds, lambda chunk: f.write(chunk.astype("<f4", copy=False).tobytes()))
+        final = _npy_header(count)
+        if len(final) != len(provisional):  # cannot happen for 1-D float32 below 10**40 samples
+            raise AudioError(f"{label}: cannot write the decoded samples (header size changed)")
+        f.seek(0)
+        f.write(final)
+    return count, fmt
+
+
+def _npy_header(samples: int) -> bytes:
+    """The ``.npy`` (version 1.0) header of a 1-D little-endian float32 array of ``samples``."""
+    import io
+
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": "<f4", "fortran_order": False, "shape": (samples,)})
+    return out.getvalue()
 
 
 def _riff_truncation(path: Path) -> Optional[tuple[int, int]]:

@@ -12,6 +12,8 @@ from typing import BinaryIO, Callable, Optional
 from urllib.parse import unquote, urlsplit
 
 from speech.errors import AudioError, FetchError, TransientFetchError
+from speech.io import netguard
+from speech.io.netguard import Deadline
 from speech.io.s3 import s3_client
 from speech.redact import redact_url
 from speech.settings import Settings, get_settings
@@ -27,11 +29,18 @@ class FetchedFile:
     temporary: bool  # True when we downloaded it and the caller may delete it
 
 
-def _copy_hashing(src: BinaryIO, dst: Optional[BinaryIO], limit: int, label: str) -> tuple[str, int]:
+def _copy_hashing(src: BinaryIO, dst: Optional[BinaryIO], limit: int, label: str,
+                  deadline: Optional[Deadline] = None) -> tuple[str, int]:
+    """Copy ``src`` to ``dst`` (if any), hashing; ``deadline`` is ticked after every read, which
+    returns whatever arrived (``read1``) so a trickling server cannot hold it."""
     h = hashlib.sha256()
     size = 0
+    read = getattr(src, "read1", None) if deadline is not None else None
+    read = read or src.read
     while True:
-        chunk = src.read(_CHUNK)
+        chunk = read(_CHUNK)
+        if deadline is not None:
+            deadline.tick(len(chunk))
         if not chunk:
             break
         size += len(chunk)
@@ -70,19 +79,25 @@ def _fetch_local(source: str, settings: Settings) -> FetchedFile:
 
 
 def _fetch_http(source: str, settings: Settings, dir_: Path) -> FetchedFile:
+    """GET through :func:`speech.io.netguard.session` (public addresses only, every redirect
+    checked), within HTTP_MAX_SECONDS and above HTTP_MIN_BYTES_PER_SECOND."""
     import requests
+    import urllib3
 
     shown = redact_url(source)
+    deadline = Deadline(shown, settings)
     try:
-        resp = requests.get(
-            source, stream=True, timeout=(settings.http_connect_timeout, settings.http_read_timeout)
-        )
-    except requests.exceptions.InvalidURL as exc:
-        raise FetchError(f"invalid URL {shown}: {exc}") from None
+        with netguard.session(settings) as http:
+            resp = http.get(source, stream=True, timeout=(settings.http_connect_timeout, settings.http_read_timeout))
+    except requests.exceptions.TooManyRedirects:
+        raise FetchError(f"{shown}: too many redirects") from None
+    except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+            requests.exceptions.InvalidSchema, UnicodeError, ValueError) as exc:
+        raise FetchError(f"invalid URL {shown}: {type(exc).__name__}") from None
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
         raise TransientFetchError(f"cannot reach {shown}: {type(exc).__name__}") from None
     except requests.exceptions.RequestException as exc:
-        raise FetchError(f"cannot fetch {shown}: {exc}") from None
+        raise FetchError(f"cannot fetch {shown}: {type(exc).__name__}") from None
     with resp:
         if resp.status_code >= 500 or resp.status_code == 429:
             raise TransientFetchError(f"{shown}: HTTP {resp.status_code} {resp.reason}")
@@ -93,10 +108,11 @@ def _fetch_http(source: str, settings: Settings, dir_: Path) -> FetchedFile:
             raise AudioError(f"{shown}: {length} bytes exceeds the MAX_AUDIO_BYTES limit")
         resp.raw.decode_content = True
         try:
-            return _download_to(dir_, lambda f: _copy_hashing(resp.raw, f, settings.max_audio_bytes, shown))
-        except (requests.exceptions.RequestException, OSError) as exc:
-            if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
-                raise
+            return _download_to(dir_, lambda f: _copy_hashing(resp.raw, f, settings.max_audio_bytes, shown, deadline))
+        except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
+            raise TransientFetchError(f"download of {shown} stalled: no data for {settings.http_read_timeout:.0f} s "
+                                      "(HTTP_READ_TIMEOUT)") from None
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, ConnectionError) as exc:
             raise TransientFetchError(f"download of {shown} broke off: {type(exc).__name__}") from None
 
 

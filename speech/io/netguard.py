@@ -1,0 +1,167 @@
+"""Outbound fetches that a caller controls: no server-side request forgery, bounded in time.
+
+Anyone who can start a deployment chooses ``audio_file`` and the speaker-sample URLs, so an
+http(s) fetch must not reach the worker's own network: the cloud metadata service
+(169.254.169.254), loopback services, the private LAN. :func:`session` returns a ``requests``
+session whose every connection (the first one and each redirect's) resolves the host, refuses
+loopback, link-local, private (RFC 1918, ULA, CGNAT), multicast, reserved and unspecified
+addresses, and connects to the very address it checked (no second DNS lookup, so no DNS
+rebinding). TLS still verifies the certificate against the host name.
+
+``ALLOW_PRIVATE_URLS=1`` turns the address check off; ``FETCH_ALLOW_HOSTS`` lists hosts (or
+``host:port``) allowed whatever they resolve to. A refusal reads the same whether or not
+something listens there, so it cannot be used to scan ports.
+
+:func:`check_local_path` is the matching rule for local paths in deployment runs
+(``ALLOW_LOCAL_PATHS``), and :class:`Deadline` bounds a download's total time and minimum rate
+(curl's ``--max-time`` and ``--speed-limit``/``--speed-time``).
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import unquote, urlsplit
+
+from speech.errors import FetchError, TransientFetchError
+from speech.settings import Settings
+
+
+class BlockedURL(FetchError):
+    """The URL (or a redirect) points at an address this worker must not fetch from."""
+
+
+def address_blocked(ip: str) -> bool:
+    """True for loopback, link-local, private, shared (CGNAT), multicast, reserved and
+    unspecified addresses, IPv4-mapped IPv6 included."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return (addr.is_loopback or addr.is_link_local or addr.is_private or addr.is_multicast
+            or addr.is_reserved or addr.is_unspecified or not addr.is_global)
+
+
+def _allowed_hosts(settings: Settings) -> set[str]:
+    return {h.strip().lower() for h in settings.fetch_allow_hosts.split(",") if h.strip()}
+
+
+def resolve_checked(host: str, port: int, settings: Settings) -> list[tuple[Any, ...]]:
+    """``getaddrinfo`` results for ``host:port`` that may be connected to; a :class:`BlockedURL`
+    when the host resolves to any blocked address (one bad answer is enough: a resolver may
+    rotate)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise TransientFetchError(f"cannot resolve host {host!r}") from None
+    open_to_all = settings.allow_private_urls or host.lower() in _allowed_hosts(settings) \
+        or f"{host.lower()}:{port}" in _allowed_hosts(settings)
+    if not open_to_all and any(address_blocked(info[4][0]) for info in infos):
+        raise BlockedURL(f"refused to fetch from {host!r}: it is not a public address (set ALLOW_PRIVATE_URLS=1 "
+                         "or list the host in FETCH_ALLOW_HOSTS to allow it)")
+    return infos
+
+
+def session(settings: Settings) -> Any:
+    """A ``requests.Session`` whose connections go only to addresses :func:`resolve_checked`
+    allows, pinned to the address checked; at most 5 redirects."""
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+    from urllib3.util.connection import create_connection
+
+    def connect(conn: Any) -> socket.socket:
+        last: Optional[OSError] = None
+        for *_, address in resolve_checked(conn._dns_host, conn.port, settings):
+            try:  # the checked address itself: no second lookup
+                return create_connection(address[:2], conn.timeout, source_address=conn.source_address,
+                                         socket_options=conn.socket_options)
+            except socket.timeout as exc:
+                raise ConnectTimeoutError(conn, f"connection to {conn.host} timed out") from exc
+            except OSError as exc:
+                last = exc
+        raise NewConnectionError(conn, f"failed to connect to {conn.host}: {last}")
+
+    class GuardedHTTP(HTTPConnection):
+        def _new_conn(self) -> socket.socket:
+            return connect(self)
+
+    class GuardedHTTPS(HTTPSConnection):
+        def _new_conn(self) -> socket.socket:
+            return connect(self)
+
+    class GuardedHTTPPool(HTTPConnectionPool):
+        ConnectionCls = GuardedHTTP
+
+    class GuardedHTTPSPool(HTTPSConnectionPool):
+        ConnectionCls = GuardedHTTPS
+
+    class GuardedAdapter(HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": GuardedHTTPPool, "https": GuardedHTTPSPool}
+
+    s = requests.Session()
+    s.max_redirects = 5
+    s.trust_env = False  # a proxy from the environment would connect on the URL's behalf, unchecked
+    adapter = GuardedAdapter(max_retries=0)
+    s.mount("http://", adapter)
+    s.mount("https://", adapter)
+    return s
+
+
+def local_roots(settings: Settings) -> Optional[list[Path]]:
+    """None when any local path is allowed (``ALLOW_LOCAL_PATHS=1``), else the allowed roots
+    (empty: none)."""
+    value = settings.allow_local_paths.strip()
+    if value.lower() in ("1", "true", "yes", "*"):
+        return None
+    parts = [p for chunk in value.split(",") for p in chunk.split(os.pathsep)]
+    return [Path(p).expanduser().resolve() for p in parts if p.strip()]
+
+
+def check_local_path(source: str, settings: Settings, what: str = "audio_file") -> None:
+    """For deployment runs: refuse a local path or file:// URL unless ``ALLOW_LOCAL_PATHS``
+    allows it; with roots, the path must resolve (``..`` and symlinks followed) inside one."""
+    scheme = urlsplit(source).scheme.lower()
+    if scheme in ("http", "https", "s3"):
+        return
+    roots = local_roots(settings)
+    if roots is None:
+        return
+    raw = unquote(urlsplit(source).path) if scheme == "file" else source
+    path = Path(raw).expanduser().resolve()
+    if not any(path == r or r in path.parents for r in roots):
+        where = "inside " + ", ".join(str(r) for r in roots) if roots else "at all"
+        raise FetchError(f"{what}: local paths are not allowed in deployment runs {where} (ALLOW_LOCAL_PATHS); "
+                         "give an http(s) or s3:// URL")
+
+
+class Deadline:
+    """A download's budget: ``max_seconds`` in all, and no stretch of ``rate_seconds`` averaging
+    under ``min_rate`` bytes/s. :meth:`tick` after every read."""
+
+    def __init__(self, label: str, settings: Settings):
+        self.label = label
+        self.max_seconds = settings.http_max_seconds
+        self.min_rate, self.rate_seconds = settings.http_min_rate, settings.http_min_rate_seconds
+        self.start = self.window_start = time.monotonic()
+        self.window_bytes = 0
+
+    def tick(self, nbytes: int) -> None:
+        now = time.monotonic()
+        if now - self.start > self.max_seconds:
+            raise TransientFetchError(f"download of {self.label} took longer than {self.max_seconds:.0f} s "
+                                      "(HTTP_MAX_SECONDS)")
+        self.window_bytes += nbytes
+        elapsed = now - self.window_start
+        if elapsed >= self.rate_seconds:
+            if self.min_rate and self.window_bytes / elapsed < self.min_rate:
+                raise TransientFetchError(
+                    f"download of {self.label} stalled: {self.window_bytes / elapsed:.0f} bytes/s over "
+                    f"{elapsed:.0f} s, under the {self.min_rate} bytes/s minimum (HTTP_MIN_BYTES_PER_SECOND)")
+            self.window_start, self.window_bytes = now, 0
