@@ -39,8 +39,9 @@ from speech.schema import (
     TranscribeParams,
     TranscriptionRequest,
 )
+from speech.redact import secret_value
 from speech.settings import SECRETS, get_settings
-from flows.runtime import refuse_local_sources
+from flows.runtime import refuse_untrusted_parameters
 from tasks.align import align_words
 from tasks.audio import share_audio
 from tasks.common import REFRESH_TAG, secret_block
@@ -145,23 +146,38 @@ class Running:
         return result
 
 
+SECRET_REF = "prefect-secret:"  # a token parameter naming a Secret block instead of holding the token
+
+
 def with_block_secrets(req: TranscriptionRequest) -> TranscriptionRequest:
-    """Tokens the run needs that are neither parameters nor env vars come from the Prefect
-    Secret blocks named in :data:`speech.settings.SECRETS` (deepgram-api-key, pyannote-api-key,
-    hf-token), when saved. Looked up only for the stages that can use them."""
+    """A token parameter given as ``prefect-secret:<block name>`` is read from that Secret block
+    (so the token itself never travels through the API or lands in its database); tokens the
+    run needs that are neither parameters nor env vars come from the Prefect Secret blocks named
+    in :data:`speech.settings.SECRETS` (deepgram-api-key, pyannote-api-key, hf-token), when
+    saved. Looked up only for the stages that can use them."""
+    import re
+
     settings = get_settings()
     speakers = req.diarization or req.speaker_verification
-    found = {}
+    found, names = {}, {}
+    for spec in SECRETS:
+        given = secret_value(getattr(req, spec.request_field))
+        if given.startswith(SECRET_REF):
+            name = given[len(SECRET_REF):].strip()
+            value = secret_block(name) if re.fullmatch(r"[a-z0-9][a-z0-9-]*", name) else None
+            if value is None:
+                raise InvalidRequest(f"{spec.request_field}: no Secret block named {name!r} "
+                                     f"(save one in the Prefect UI or with `prefect block create secret`)")
+            found[spec.request_field], names[spec.request_field] = value, name
     for spec in SECRETS:
         if spec.block is None or (spec.speakers_only and not speakers):
             continue
         if getattr(req, spec.request_field) is None and getattr(settings, spec.setting) is None:
             value = secret_block(spec.block)
             if value is not None:
-                found[spec.request_field] = value
+                found[spec.request_field], names[spec.request_field] = value, spec.block
     if found:
-        blocks = {s.request_field: s.block for s in SECRETS}
-        get_run_logger().info("tokens from Secret blocks: %s", ", ".join(blocks[f] for f in found))
+        get_run_logger().info("tokens from Secret blocks: %s", ", ".join(names.values()))
     return req.model_copy(update=found) if found else req
 
 
@@ -169,7 +185,7 @@ def run_pipeline(req: TranscriptionRequest) -> PipelineOutput:
     """The DAG body, inside a flow run: the worker's JSON result and where the outputs went."""
     log = get_run_logger()
     req = with_block_secrets(req)
-    refuse_local_sources(req)
+    refuse_untrusted_parameters(req)
     settings = get_settings()
     log.info("request: %s", {k: v for k, v in req.public_dict().items() if v not in (None, [], False)})
     clock = StageClock(storage=task_result_storage(), workers=settings.gpu_task_workers)

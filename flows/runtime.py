@@ -80,21 +80,16 @@ def redact_stored_secrets(nested: Optional[str] = None) -> None:
         client.update_flow_run(ctx.flow_run.id, parameters=masked)
 
 
-def refuse_local_sources(req: Any) -> None:
+def refuse_untrusted_parameters(req: Any) -> None:
     """In a deployment run (started from the UI, the API, a sweep or a schedule: anyone who can
-    start one chooses these fields), a local path or file:// URL as audio, speaker sample or
-    saved API response must be allowed by ``ALLOW_LOCAL_PATHS``; runs from the CLI or Python
-    are the caller's own machine and are not restricted."""
+    start one chooses its parameters), refuse what the worker does not allow
+    (:func:`speech.io.netguard.check_untrusted_request`: local paths outside ``ALLOW_LOCAL_PATHS``,
+    a caller-chosen S3 endpoint or pyannote config without ``ALLOW_REQUEST_ENDPOINTS``). Runs
+    from the CLI or Python are the caller's own machine and are not restricted."""
     from prefect.runtime import deployment
 
     if not deployment.id:
         return
-    from speech.io.netguard import check_local_path
+    from speech.io.netguard import check_untrusted_request
 
-    settings = get_settings()
-    check_local_path(req.audio_file, settings, "audio_file")
-    for sample in req.speaker_samples:
-        check_local_path(sample.url, settings, "speaker_samples")
-    for field in ("pyannote_json_in", "deepgram_json_in"):
-        if getattr(req, field):
-            check_local_path(getattr(req, field), settings, field)
+    check_untrusted_request(req, get_settings())

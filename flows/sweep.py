@@ -102,12 +102,12 @@ def trigger_run(target: str, parameters: dict[str, Any], idempotency_key: str, t
 
 
 def _no_secrets(request: dict[str, Any]) -> None:
-    given = [k for k in SECRET_FIELDS if request.get(k)]
+    given = [k for k in SECRET_FIELDS if request.get(k) and not str(request[k]).startswith("prefect-secret:")]
     if given:
         raise InvalidRequest(
             f"sweep request must not carry secrets ({', '.join(given)}): they would be stored in every triggered "
             "run's parameters; set them as env vars (HF_TOKEN, DEEPGRAM_API_KEY, PYANNOTE_API_KEY, AWS_*) or "
-            "Secret/AwsCredentials blocks on the worker instead")
+            "Secret/AwsCredentials blocks on the worker instead, or pass 'prefect-secret:<block name>'")
 
 
 @flow(name="sweep-inbox", validate_parameters=True, log_prints=False)

@@ -91,10 +91,16 @@ def mask_url_credentials(source: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+_URL_IN_TEXT = re.compile(r"(?:https?|s3)://[^\s\"'<>]+")
+
+
 def one_line(value: Any, limit: int = 300) -> str:
-    """A value (text or JSON) as one line of at most ``limit`` characters."""
+    """A value (text or JSON) as one line of at most ``limit`` characters, with the credentials
+    of any URL in it (user-info, signed query parameters) masked: an upstream's error message
+    may quote a presigned URL."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     text = " ".join(str(text).split())
+    text = _URL_IN_TEXT.sub(lambda m: mask_url_credentials(m.group(0)), text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -109,6 +109,13 @@ class Settings(BaseSettings):
         "", validation_alias="FETCH_ALLOW_HOSTS",
         description="Comma-separated hosts (or host:port) fetched even when they resolve to a private address.",
     )
+    allow_request_endpoints: bool = Field(
+        False, validation_alias="ALLOW_REQUEST_ENDPOINTS",
+        description="Deployment runs may name their own s3_endpoint without their own keys (it would be sent "
+        "the worker's S3 credentials) and any diarization_model (a pyannote config can build arbitrary classes). "
+        "Off: s3_endpoint needs access_key + secret_key and a public address; diarization_model must be a "
+        "known pyannote pipeline. Values from the environment are always trusted.",
+    )
     allow_local_paths: str = Field(
         "", validation_alias="ALLOW_LOCAL_PATHS",
         description="For deployment runs: '1' allows any local path or file:// URL as audio or speaker sample, "
@@ -161,6 +168,12 @@ class Settings(BaseSettings):
         None,
         validation_alias="RESULTS_STORAGE_BLOCK",
         description="Name of a saved prefect-aws S3Bucket block for the same (wins over RESULTS_STORAGE).",
+    )
+
+    diarization_model: Optional[str] = Field(
+        None, validation_alias=AliasChoices("PYANNOTE_DIARIZATION_MODEL", "DIARIZATION_MODEL"),
+        description="The local pyannote pipeline (hub name or directory) when a run names none; trusted, unlike "
+        "the diarization_model run parameter in deployment runs (see ALLOW_REQUEST_ENDPOINTS).",
     )
 
     # --- hosted APIs ------------------------------------------------------------------

@@ -6,6 +6,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
+from speech.errors import StorageError
 from speech.io.store import OutputTarget, S3Store, local_store
 from speech.output.formats import render
 from speech.output.report import summary_markdown
@@ -22,7 +23,14 @@ def write_outputs(run: PipelineResults, target: OutputTarget) -> tuple[dict, lis
     result = build_result(run)
     files = render(result, run.audio.stem, run.extra_files)
     store = results_store(target)
-    refs = store.write(files)
+    try:
+        refs = store.write(files)
+    except StorageError as exc:
+        if not isinstance(store, S3Store):
+            raise
+        kept = local_store(target.download_dir)  # nothing rendered is lost: say where it is
+        kept.write(files)
+        raise type(exc)(f"{exc}; the outputs were kept in {kept.describe()}") from None
     if target.download_transcript and isinstance(store, S3Store):  # the original script's --download-transcript
         refs += local_store(target.download_dir).write(files)
     get_run_logger().info("wrote %d outputs to %s", len(refs), store.describe())

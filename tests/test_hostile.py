@@ -402,3 +402,69 @@ def test_the_decode_cache_evicts_the_least_recently_used(tmp_path):
     assert sorted(p.name for p in removed) == ["old.npy", "stale.npy.part"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.npy.part", "mid.fmt", "mid.npy", "new.fmt", "new.npy"]
     assert [p.name for p in evict(tmp_path, 0, keep=tmp_path / "new.npy")] == ["mid.npy"]
+
+
+# ----------------------------------------------------------------------------------
+# request-chosen endpoints and models do not borrow the worker's identity
+
+
+def test_request_endpoints_and_models_in_deployment_runs(env):
+    from speech.errors import InvalidRequest
+    from speech.io.netguard import BlockedURL, check_untrusted_request
+    from speech.schema import TranscriptionRequest
+
+    settings = _settings(env, ALLOW_LOCAL_PATHS="1")
+
+    def req(**kw):
+        return TranscriptionRequest.parse({"audio_file": "https://example.com/a.wav", **kw})
+
+    check_untrusted_request(req(), settings)
+    with pytest.raises(InvalidRequest, match="needs its own access_key and secret_key"):
+        check_untrusted_request(req(s3_endpoint="http://attacker.example:9000"), settings)
+    with pytest.raises(BlockedURL):  # own keys, but the worker's network
+        check_untrusted_request(req(s3_endpoint="http://169.254.169.254", access_key="a", secret_key="b"), settings)
+    check_untrusted_request(req(s3_endpoint="http://93.184.216.34:9000", access_key="a", secret_key="b"), settings)
+    with pytest.raises(InvalidRequest, match="can build arbitrary classes"):
+        check_untrusted_request(req(diarization_model="/tmp/evil-pipeline"), settings)
+    with pytest.raises(InvalidRequest, match="not one of pyannote's published pipelines"):
+        check_untrusted_request(req(diarization_model="attacker/pipeline"), settings)
+    check_untrusted_request(req(diarization_model="pyannote/speaker-diarization-3.1"), settings)
+    trusting = _settings(env, ALLOW_REQUEST_ENDPOINTS="1")
+    check_untrusted_request(req(s3_endpoint="http://127.0.0.1:9000", diarization_model="/tmp/x"), trusting)
+
+
+# ----------------------------------------------------------------------------------
+# secrets by reference: the token never travels as a parameter
+
+
+def test_a_token_parameter_can_name_a_secret_block(prefect_harness):
+    from prefect import flow
+    from prefect.blocks.system import Secret
+
+    from flows.pipeline import with_block_secrets
+    from speech.errors import InvalidRequest
+    from speech.schema import TranscriptionRequest
+
+    Secret(value="dg-from-the-callers-block").save("caller-deepgram", overwrite=True)
+
+    @flow
+    def resolve(key: str) -> str:
+        req = with_block_secrets(TranscriptionRequest.parse({"audio_file": "a.wav", "deepgram_api_key": key}))
+        return req.deepgram_api_key.get_secret_value()
+
+    assert resolve("prefect-secret:caller-deepgram") == "dg-from-the-callers-block"
+    state = resolve("prefect-secret:no-such-block", return_state=True)
+    exc = state.result(raise_on_failure=False)
+    assert isinstance(exc, InvalidRequest) and "no Secret block named 'no-such-block'" in str(exc)
+
+
+def test_upstream_messages_lose_signed_urls_and_stay_short():
+    from speech.redact import mask_url_credentials, one_line
+
+    text = ("PUT https://b.s3.amazonaws.com/k.wav?X-Amz-Credential=AKIA%2Fx&X-Amz-Signature=deadbeef&v=2 "
+            "failed: 403 " + "x" * 1000)
+    line = one_line(text, 200)
+    assert "deadbeef" not in line and "AKIA" not in line and len(line) <= 200
+    assert "X-Amz-Signature=***" in line and "v=2" in line
+    assert mask_url_credentials("s3://bucket/key.wav") == "s3://bucket/key.wav"
+    assert mask_url_credentials("https://h/a.wav?name=bob") == "https://h/a.wav?name=bob"  # nothing to hide

@@ -141,6 +141,47 @@ def check_local_path(source: str, settings: Settings, what: str = "audio_file") 
                          "give an http(s) or s3:// URL")
 
 
+# pyannote pipelines a run parameter may name without ALLOW_REQUEST_ENDPOINTS (published by pyannote)
+KNOWN_DIARIZATION_MODELS = frozenset({
+    "pyannote/speaker-diarization-community-1", "pyannote/speaker-diarization-3.1",
+    "pyannote/speaker-diarization-3.0", "pyannote/speaker-diarization",
+})
+
+
+def check_untrusted_request(req: Any, settings: Settings) -> None:
+    """What a deployment run's parameters may not do on this worker's behalf (see
+    ``ALLOW_LOCAL_PATHS`` and ``ALLOW_REQUEST_ENDPOINTS``): read local files outside the allowed
+    roots, send the worker's S3 credentials to an endpoint the caller chose, or load a diarization
+    pipeline config the caller wrote. Raises :class:`FetchError` / :class:`InvalidRequest`."""
+    from speech.errors import InvalidRequest
+    from speech.redact import redact_url, secret_value
+
+    check_local_path(req.audio_file, settings, "audio_file")
+    for sample in req.speaker_samples:
+        check_local_path(sample.url, settings, "speaker_samples")
+    for field in ("pyannote_json_in", "deepgram_json_in"):
+        if getattr(req, field):
+            check_local_path(getattr(req, field), settings, field)
+    if settings.allow_request_endpoints:
+        return
+    if req.s3_endpoint:
+        if not (secret_value(req.access_key) and secret_value(req.secret_key)):
+            raise InvalidRequest(
+                f"s3_endpoint {redact_url(req.s3_endpoint)!r} from a run parameter needs its own access_key and "
+                "secret_key: the worker's S3 credentials are not sent to an endpoint the caller chose "
+                "(ALLOW_REQUEST_ENDPOINTS=1 on the worker allows it)")
+        parts = urlsplit(req.s3_endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidRequest(f"s3_endpoint must be an http(s) URL, got {redact_url(req.s3_endpoint)!r}")
+        resolve_checked(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), settings)
+    if req.diarization_model and req.diarization_model not in KNOWN_DIARIZATION_MODELS:
+        raise InvalidRequest(
+            f"diarization_model {req.diarization_model!r} from a run parameter is not one of pyannote's published "
+            f"pipelines ({', '.join(sorted(KNOWN_DIARIZATION_MODELS))}); a pipeline config can build arbitrary "
+            "classes, so other models are set on the worker (PYANNOTE_DIARIZATION_MODEL or "
+            "ALLOW_REQUEST_ENDPOINTS=1)")
+
+
 class Deadline:
     """A download's budget: ``max_seconds`` in all, and no stretch of ``rate_seconds`` averaging
     under ``min_rate`` bytes/s. :meth:`tick` after every read."""

@@ -1,24 +1,33 @@
 """Results stores: a local folder (default ``./out``) or an S3-compatible bucket.
 
-Writes are all-or-nothing from the caller's view: every file is rendered before the first
-write; a local store writes into a hidden temp folder and renames into place; an S3 store
-writes the ``<stem>.json`` (the file consumers poll for) last.
+Writes replace a run's files as a set: every file is rendered before the first write; a local
+store stages them, renames them into place with ``<stem>.json`` (the file consumers poll for)
+last and puts the old set back on any failure, also after a crash (:class:`LocalStore`); an
+S3 store writes ``<stem>.json`` last and, on failure, removes what it added and restores what it
+overwrote (:class:`S3Store`).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import mimetypes
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
+from typing import Any, Iterator, Optional, Protocol
 from urllib.parse import quote
-from typing import Any, Optional, Protocol
 
 from pydantic import BaseModel, Field
 
 from speech.errors import StorageError
 from speech.schema import OutputRef, S3Options, TranscriptionRequest
 from speech.settings import Settings, get_settings
+
+
+LOCK_WAIT_S = 120.0  # a second writer of the same output stem waits this long for the first
+PLAN = "plan.json"  # in a staging folder: which names existed before (for the roll-back)
 
 
 class OutputTarget(BaseModel):
@@ -43,6 +52,15 @@ class ResultStore(Protocol):
 
 
 class LocalStore:
+    """A folder. A run's files are replaced as a set: each is written into a staging folder, the
+    old files are kept as hard links beside them, the new ones are renamed into place with
+    ``<stem>.json`` (what consumers poll for) last, and any failure puts the old set back. A run
+    killed half-way is rolled back by the next write of that stem (its staging folder holds the
+    plan). Writers of the same stem take turns (an ``flock`` on a lock file, released when
+    a process dies): the second waits up to :data:`LOCK_WAIT_S`, then replaces the set whole, so
+    sets never interleave; the last writer wins. (``flock`` is per machine: writers on different
+    machines sharing a network folder are not ordered.)"""
+
     def __init__(self, root: Path):
         self.root = Path(root).expanduser()
 
@@ -50,24 +68,88 @@ class LocalStore:
         return str(self.root.resolve())
 
     def write(self, files: dict[str, bytes]) -> list[OutputRef]:
+        stem = _stem(files)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
         except OSError as exc:
             raise StorageError(f"cannot write to {self.root}: {exc.strerror or exc}") from None
-        try:
-            for name, data in files.items():
-                (staging / name).write_bytes(data)
-            refs = []
-            for name, data in files.items():
-                final = self.root / name
-                os.replace(staging / name, final)
-                refs.append(OutputRef(name=name, uri=str(final.resolve()), size_bytes=len(data)))
-            return refs
-        except OSError as exc:
-            raise StorageError(f"cannot write outputs to {self.root}: {exc.strerror or exc}") from None
-        finally:
+        with self._locked(stem):
+            self.recover(stem)
+            staging = Path(tempfile.mkdtemp(prefix=f".staging-{stem}-", dir=self.root))
+            replaced: list[str] = []
+            plan: dict[str, bool] = {}
+            try:
+                plan = {name: (self.root / name).exists() for name in files}
+                (staging / "old").mkdir()
+                for name, data in files.items():
+                    (staging / name).write_bytes(data)
+                    if plan[name]:
+                        os.link(self.root / name, staging / "old" / name)
+                (staging / PLAN).write_text(json.dumps(plan))
+                for name in sorted(files, key=lambda n: n == f"{stem}.json"):
+                    os.replace(staging / name, self.root / name)
+                    replaced.append(name)
+            except BaseException as exc:
+                _roll_back(self.root, staging, {n: plan[n] for n in replaced} if replaced else {})
+                if isinstance(exc, OSError):
+                    raise StorageError(f"cannot write outputs to {self.root}: {exc.strerror or exc}") from None
+                raise
             shutil.rmtree(staging, ignore_errors=True)
+        return [OutputRef(name=name, uri=str((self.root / name).resolve()), size_bytes=len(data))
+                for name, data in files.items()]
+
+    def recover(self, stem: str) -> None:
+        """Roll back what a killed writer of ``stem`` left (call holding the stem's lock)."""
+        for staging in self.root.glob(f".staging-{stem}-*"):
+            plan_file = staging / PLAN
+            plan = json.loads(plan_file.read_text()) if plan_file.exists() else {}
+            _roll_back(self.root, staging, plan)
+
+    def _lock_path(self, stem: str) -> Path:
+        """The stem's lock file, kept out of the output folder: ``<SPEECH_CACHE_DIR>/output-locks/``."""
+        import hashlib
+
+        folder = get_settings().cache_dir / "output-locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / (hashlib.sha256(f"{self.root.resolve()}\0{stem}".encode()).hexdigest()[:32] + ".lock")
+
+    @contextlib.contextmanager
+    def _locked(self, stem: str) -> Iterator[None]:
+        import fcntl
+
+        with open(self._lock_path(stem), "a+") as lock:
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StorageError(f"another run is still writing the outputs named {stem!r} in {self.root} "
+                                           f"after {LOCK_WAIT_S:.0f} s; retry later or choose another output_name")
+                    time.sleep(0.2)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _stem(files: dict[str, bytes]) -> str:
+    """The shared stem of a run's files (``<stem>.srt`` is the shortest name)."""
+    return min(files, key=len).rsplit(".", 1)[0]
+
+
+def _roll_back(root: Path, staging: Path, plan: dict[str, bool]) -> None:
+    """Undo a partial write: names in ``plan`` that existed get their old file back (kept as a
+    hard link in ``staging/old``); those that did not are removed. Then drop ``staging``."""
+    for name, existed in plan.items():
+        backup = staging / "old" / name
+        with contextlib.suppress(OSError):
+            if existed and backup.exists():
+                os.replace(backup, root / name)
+            elif not existed:
+                (root / name).unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 class S3Store:
@@ -84,22 +166,63 @@ class S3Store:
         return f"{endpoint.rstrip('/')}/{quote(self.bucket)}/{quote(key)}" if endpoint else None
 
     def write(self, files: dict[str, bytes]) -> list[OutputRef]:
-        from botocore.exceptions import BotoCoreError, ClientError
+        """Put every file, ``<stem>.json`` last; an object about to be overwritten is first copied
+        (server-side) under ``<prefix>.backup/<nonce>/``. On a failure the objects this write added
+        are deleted and the overwritten ones restored, so the bucket keeps the old set; the
+        backups go once the set is complete. The client retries throttling, 5xx and connection
+        errors itself (botocore's standard mode)."""
+        import uuid
 
-        order = sorted(files, key=lambda n: n.endswith(".json") and not n.endswith(".segments.json"))
+        from speech.io.s3 import storage_error
+
+        stem = _stem(files)
+        nonce = uuid.uuid4().hex[:12]
+        backups: dict[str, Optional[str]] = {}  # key -> its backup's key, None when it is new
         refs = []
-        for name in order:
-            key = self.prefix + name
-            ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
-            if name.endswith((".srt", ".vtt")):
-                ctype = "text/vtt" if name.endswith(".vtt") else "application/x-subrip"
-            try:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=files[name], ContentType=ctype)
-            except (ClientError, BotoCoreError) as exc:
-                raise StorageError(f"cannot write s3://{self.bucket}/{key}: {exc}") from None
-            refs.append(OutputRef(name=name, uri=f"s3://{self.bucket}/{key}", size_bytes=len(files[name]),
-                                  url=self._url(key)))
+        key = ""
+        try:
+            for name in sorted(files, key=lambda n: n == f"{stem}.json"):
+                key = self.prefix + name
+                backups[key] = self._backup(key, f"{self.prefix}.backup/{nonce}/{name}")
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=files[name], ContentType=_content_type(name))
+                refs.append(OutputRef(name=name, uri=f"s3://{self.bucket}/{key}", size_bytes=len(files[name]),
+                                      url=self._url(key)))
+        except Exception as exc:  # noqa: BLE001 - every failure rolls back, then says what failed
+            self._roll_back(backups)
+            raise storage_error(exc, f"cannot write s3://{self.bucket}/{key}", self.bucket) from None
+        for backup in backups.values():
+            if backup:
+                with contextlib.suppress(Exception):
+                    self.client.delete_object(Bucket=self.bucket, Key=backup)
         return refs
+
+    def _backup(self, key: str, backup: str) -> Optional[str]:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.copy_object(Bucket=self.bucket, Key=backup, CopySource={"Bucket": self.bucket, "Key": key})
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+        return backup
+
+    def _roll_back(self, backups: dict[str, Optional[str]]) -> None:
+        for key, backup in backups.items():
+            with contextlib.suppress(Exception):
+                if backup:
+                    self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": backup})
+                    self.client.delete_object(Bucket=self.bucket, Key=backup)
+                else:
+                    self.client.delete_object(Bucket=self.bucket, Key=key)
+
+
+def _content_type(name: str) -> str:
+    if name.endswith(".vtt"):
+        return "text/vtt"
+    if name.endswith(".srt"):
+        return "application/x-subrip"
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
 def open_store(

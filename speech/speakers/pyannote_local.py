@@ -40,7 +40,8 @@ def load_pipeline(model: Optional[str], device: str, token: Optional[str], cache
 def diarize_pyannote_local(audio: np.ndarray, params: DiarizeParams, settings: Settings, hf_token: Optional[str],
                            cache: ModelCache) -> DiarizationOutcome:
     device, _ = resolve_device(settings)
-    pipeline = load_pipeline(params.model, device, hf_token, cache, probe=params.backend == "auto")
+    pipeline = load_pipeline(params.model or settings.diarization_model, device, hf_token, cache,
+                             probe=params.backend == "auto")
     frame = pipeline(np.ascontiguousarray(audio, dtype=np.float32), num_speakers=params.num_speakers,
                      min_speakers=params.min_speakers, max_speakers=params.max_speakers)
     turns = [Turn(start=round(float(r.start), 3), end=round(float(r.end), 3), speaker=str(r.speaker))

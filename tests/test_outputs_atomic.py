@@ -1,0 +1,153 @@
+"""Outputs are replaced as a set (issue 13): a failure or a kill half-way through leaves the old
+set, two runs writing the same output name take turns, an S3 write that is refused part-way
+leaves the bucket as it was, and a store that cannot be reached keeps the outputs locally."""
+from __future__ import annotations
+
+import fcntl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from speech.errors import StorageError
+from speech.io import store as store_mod
+from speech.io.store import LocalStore, S3Store
+
+ROOT = Path(__file__).resolve().parents[1]
+OLD = {"talk.json": b'{"v": "old"}', "talk.segments.json": b"[old]", "talk.srt": b"old srt", "talk.vtt": b"old vtt"}
+NEW = {"talk.json": b'{"v": "new"}', "talk.segments.json": b"[new]", "talk.srt": b"new srt", "talk.vtt": b"new vtt"}
+
+
+def _contents(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in root.iterdir() if not p.name.startswith(".staging-")}
+
+
+def test_a_failure_half_way_puts_the_old_set_back(tmp_path, monkeypatch):
+    LocalStore(tmp_path).write(OLD)
+    real, calls = store_mod.os.replace, []
+
+    def failing(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(store_mod.os, "replace", failing)
+    with pytest.raises(StorageError, match="No space left"):
+        LocalStore(tmp_path).write(NEW)
+    monkeypatch.setattr(store_mod.os, "replace", real)
+    assert _contents(tmp_path) == OLD
+    assert not list(tmp_path.glob(".staging-*"))
+    LocalStore(tmp_path).write(NEW)
+    assert _contents(tmp_path) == NEW
+
+
+def test_the_json_is_renamed_last(tmp_path, monkeypatch):
+    real, order = store_mod.os.replace, []
+    monkeypatch.setattr(store_mod.os, "replace", lambda s, d: (order.append(Path(d).name), real(s, d))[1])
+    LocalStore(tmp_path).write(NEW)
+    assert order[-1] == "talk.json" and sorted(order) == sorted(NEW)
+
+
+def test_a_run_killed_half_way_is_rolled_back_by_the_next_writer(tmp_path):
+    """A real process dies (os._exit) after two of four renames: the folder holds a mix and a
+    staging folder; the next write of that stem first restores the old set."""
+    LocalStore(tmp_path).write(OLD)
+    script = (
+        "import os, sys\n"
+        "from speech.io import store\n"
+        "real, n = os.replace, [0]\n"
+        "def dying(s, d):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 3:\n"
+        "        os._exit(9)\n"
+        "    real(s, d)\n"
+        "store.os.replace = dying\n"
+        f"store.LocalStore(sys.argv[1]).write({NEW!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr
+    assert _contents(tmp_path) != OLD and list(tmp_path.glob(".staging-talk-*"))  # a mix was left
+    store = LocalStore(tmp_path)
+    with store._locked("talk"):
+        store.recover("talk")
+    assert _contents(tmp_path) == OLD and not list(tmp_path.glob(".staging-*"))
+
+
+def test_two_writers_of_one_name_take_turns(tmp_path, monkeypatch):
+    """While another process holds the name, a writer waits; past LOCK_WAIT_S it fails clearly."""
+    LocalStore(tmp_path).write(OLD)
+    lock = open(LocalStore(tmp_path)._lock_path("talk"), "a+")  # another process's hold
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    monkeypatch.setattr(store_mod, "LOCK_WAIT_S", 0.5)
+    with pytest.raises(StorageError, match="another run is still writing the outputs named 'talk'"):
+        LocalStore(tmp_path).write(NEW)
+    assert _contents(tmp_path) == OLD
+    monkeypatch.setattr(store_mod, "LOCK_WAIT_S", 30)
+    threading.Timer(0.5, lambda: fcntl.flock(lock, fcntl.LOCK_UN)).start()
+    t = time.monotonic()
+    LocalStore(tmp_path).write(NEW)
+    assert time.monotonic() - t >= 0.4 and _contents(tmp_path) == NEW
+    lock.close()
+
+
+def _objects(s3, bucket: str) -> dict[str, bytes]:
+    listed = s3.list_objects_v2(Bucket=bucket).get("Contents", [])
+    return {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}
+
+
+def test_an_s3_write_refused_part_way_leaves_the_bucket_as_it_was(s3):
+    """The final PUT (the json) is refused: the objects the write added are deleted, the ones it
+    overwrote restored, and no backup stays behind."""
+    from botocore.exceptions import ClientError
+
+    s3.create_bucket(Bucket="atomic")
+    S3Store("atomic", "t/", s3).write({k: v for k, v in OLD.items() if k != "talk.vtt"})
+    before = _objects(s3, "atomic")
+    real_put = s3.put_object
+
+    def refuse_json(**kw):
+        if kw["Key"].endswith("talk.json"):
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "denied"},
+                               "ResponseMetadata": {"HTTPStatusCode": 403}}, "PutObject")
+        return real_put(**kw)
+
+    s3.put_object = refuse_json
+    try:
+        with pytest.raises(StorageError, match="access denied"):
+            S3Store("atomic", "t/", s3).write(NEW)
+    finally:
+        s3.put_object = real_put
+    assert _objects(s3, "atomic") == before  # talk.vtt (new) gone, srt/segments restored, no .backup/
+    S3Store("atomic", "t/", s3).write(NEW)
+    assert _objects(s3, "atomic") == {f"t/{k}": v for k, v in NEW.items()}
+
+
+def test_an_unreachable_store_keeps_the_outputs_locally(prefect_harness, s3_server, tmp_path, monkeypatch):
+    """The bucket's endpoint refuses connections (botocore retries, then gives up): the run fails
+    saying where the rendered outputs were kept, and they are all there."""
+    import socket
+
+    from conftest import DATA
+    from flows.transcribe import transcribe_audio
+    from speech.settings import get_settings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{dead}")
+    monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "kept"))
+    get_settings.cache_clear()
+    try:
+        state = transcribe_audio(audio_file=str(DATA / "sample_2spk.wav"), language="en", bucket="results",
+                                 return_state=True)
+    finally:
+        get_settings.cache_clear()
+    exc = state.result(raise_on_failure=False)
+    assert state.is_failed() and isinstance(exc, StorageError)
+    assert "cannot reach the S3 endpoint" in str(exc) and f"the outputs were kept in {tmp_path / 'kept'}" in str(exc)
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir() if not p.name.startswith(".")) == [
+        "sample_2spk.json", "sample_2spk.segments.json", "sample_2spk.srt", "sample_2spk.vtt"]
