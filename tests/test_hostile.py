@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DATA
-from speech.errors import AudioError, FetchError, TransientFetchError
+from speech.errors import FetchError, TransientFetchError
 from speech.settings import get_settings
 
 ROOT = Path(__file__).resolve().parents[1]
