@@ -19,6 +19,45 @@ from pathlib import Path
 from typing import Any, Optional
 
 
+# the CLI's own spellings kept beside the generated ones (field -> extra option strings)
+ALIASES = {"align_output": ["--no-align"], "diarization": ["--no-diarization"]}
+NOT_FLAGS = {"audio_file", "speaker_samples"}  # the positional AUDIO and --speaker-sample
+
+
+def _request_flags(p: argparse.ArgumentParser) -> None:
+    """One option per request field, generated from :class:`speech.schema.TranscriptionRequest`:
+    its name (``--beam-size``), type, choices and description. Defaults are not set here (None
+    means "not given"): the schema applies its own, and the help shows them."""
+    import typing
+
+    from pydantic import SecretStr
+
+    from speech.schema import TranscriptionRequest
+
+    g = p.add_argument_group("request fields (defaults from the schema)")
+    for name, field in TranscriptionRequest.model_fields.items():
+        if name in NOT_FLAGS:
+            continue
+        flag = "--" + name.replace("_", "-")
+        kind = field.annotation
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) is typing.Union and len(args) == 1:
+            kind = args[0]
+        default = field.default
+        shown = "" if default in (None, False, "") or isinstance(default, SecretStr) else f" (default: {default})"
+        text = (field.description or name).replace("%", "%%") + shown
+        if kind is bool:
+            g.add_argument(flag, dest=name, action="store_true", default=None, help=text)
+            negative = ["--no-" + name.replace("_", "-")] + [a for a in ALIASES.get(name, []) if a.startswith("--no-")]
+            g.add_argument(*negative, dest=name, action="store_false", default=None, help=argparse.SUPPRESS)
+        elif typing.get_origin(kind) is typing.Literal:
+            g.add_argument(flag, dest=name, choices=list(typing.get_args(kind)), help=text)
+        elif kind in (int, float):
+            g.add_argument(flag, dest=name, type=kind, metavar="N" if kind is int else "X", help=text)
+        else:  # str, SecretStr (prefer the env var; see the description)
+            g.add_argument(flag, dest=name, metavar="TEXT", help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m flows.transcribe",
@@ -27,68 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("audio_file", nargs="?", help="local path, http(s) URL or s3://bucket/key")
     p.add_argument("--params-json", help="JSON object (or @file / path to a .json file) of request fields; "
                    "the worker's {\"input\": {...}} envelope is accepted; flags override it")
-    m = p.add_argument_group("model")
-    m.add_argument("--model", help="Whisper model: name (large-v3), directory, or bundled:base / bundled:tiny.en")
-    m.add_argument("--language", help="language code (en, de, ...); default: detect")
-    m.add_argument("--language-detection-min-prob", type=float)
-    m.add_argument("--language-detection-max-tries", type=int)
-    m.add_argument("--batch-size", type=int)
-    m.add_argument("--beam-size", type=int)
-    m.add_argument("--temperature", type=float)
-    m.add_argument("--initial-prompt")
-    m.add_argument("--vad-onset", type=float)
-    m.add_argument("--vad-offset", type=float)
-    s = p.add_argument_group("stages")
-    s.add_argument("--align-output", dest="align_output", action="store_true", default=None)
-    s.add_argument("--no-align", dest="align_output", action="store_false")
-    s.add_argument("--align-backend", choices=["auto", "wav2vec2", "pocketsphinx", "whisper"],
-                   help="word aligner (default auto: wav2vec2 if it loads, else pocketsphinx for English, else whisper)")
-    s.add_argument("--align-model", help="wav2vec2 align model name or local directory")
-    s.add_argument("--diarization", dest="diarization", action="store_true", default=None)
-    s.add_argument("--no-diarization", dest="diarization", action="store_false")
-    s.add_argument("--diarization-backend", choices=["auto", "pyannote", "pyannote-api", "segmented", "builtin"])
-    s.add_argument("--diarization-model", help="local pyannote pipeline: hub name or directory")
-    s.add_argument("--num-speakers", type=int)
-    s.add_argument("--min-speakers", type=int)
-    s.add_argument("--max-speakers", type=int)
-    s.add_argument("--speaker-verification", action="store_true", default=None)
-    s.add_argument("--speaker-sample", action="append", metavar="NAME=URL_OR_PATH",
+    p.add_argument("--speaker-sample", action="append", metavar="NAME=URL_OR_PATH",
                    help="enrolment clip (repeatable); a bare URL/path derives the name")
-    s.add_argument("--speaker-encoder", choices=["auto", "builtin", "ecapa", "campplus"])
-    a = p.add_argument_group("pyannoteAI (hosted diarization)")
-    a.add_argument("--pyannote-api-key", help="API key (prefer the PYANNOTE_API_KEY env var)")
-    a.add_argument("--pyannote-model", choices=["precision-2", "community-1"])
-    a.add_argument("--pyannote-exclusive", action="store_true", default=None)
-    a.add_argument("--pyannote-poll-interval", type=float)
-    a.add_argument("--pyannote-timeout", type=float)
-    a.add_argument("--pyannote-json-in", help="reuse a saved <stem>.pyannote.job.json (no request)")
-    d = p.add_argument_group("Deepgram word confidence")
-    d.add_argument("--deepgram-api-key", help="API key (prefer the DEEPGRAM_API_KEY env var)")
-    d.add_argument("--deepgram-json-in", help="reuse a saved <stem>.deepgram.json (no request)")
-    d.add_argument("--deepgram-model")
-    d.add_argument("--deepgram-tier")
-    d.add_argument("--deepgram-version")
-    d.add_argument("--word-confidence-low-threshold", type=float)
-    d.add_argument("--word-confidence-high-threshold", type=float)
-    d.add_argument("--low-confidence-min-dur", type=float)
-    u = p.add_argument_group("S3 upload")
-    u.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (MinIO, R2)")
-    u.add_argument("--access-key", help="S3 access key id (prefer AWS_ACCESS_KEY_ID)")
-    u.add_argument("--secret-key", help="S3 secret key (prefer AWS_SECRET_ACCESS_KEY)")
-    u.add_argument("--upload", action="store_true", default=None, help="upload the audio to the bucket and presign it")
-    u.add_argument("--url-expiry", type=int, help="presigned URL lifetime in seconds")
-    u.add_argument("--prefix-audio", help="key prefix for uploaded audio (default audio/)")
-    u.add_argument("--download-transcript", action="store_true", default=None,
-                   help="with --bucket, also write the outputs to --download-dir")
-    o = p.add_argument_group("output")
-    o.add_argument("--download-dir", help="local folder for outputs (default RESULTS_DIR or ./out)")
-    o.add_argument("--bucket", help="S3 bucket for outputs (default RESULTS_BUCKET)")
-    o.add_argument("--prefix-transcripts", help="key prefix for outputs in the bucket")
-    o.add_argument("--output-name", help="stem of the output files")
-    o.add_argument("--force", action="store_true", default=None, help="ignore cached stage results")
-    o.add_argument("--debug", action="store_true", default=None, help="add timings and memory to the result")
-    o.add_argument("--json", dest="print_json", action="store_true", help="print the result JSON to stdout")
-    o.add_argument("-v", "--verbose", action="store_true", help="show Prefect and library logs")
+    p.add_argument("--json", dest="print_json", action="store_true", help="print the result JSON to stdout")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Prefect and library logs")
+    _request_flags(p)
     return p
 
 
@@ -101,9 +83,9 @@ def _load_params_json(value: str) -> dict[str, Any]:
     data = json.loads(text)
     if not isinstance(data, dict):
         raise ValueError("--params-json must hold a JSON object")
-    if set(data) == {"input"}:
-        data = data["input"]
-    return data
+    from speech.schema import unwrap_envelope
+
+    return unwrap_envelope(data)  # the worker's {"input": ...} or a whole RunPod job {"id", "input"}
 
 
 def _speaker_sample(value: str) -> dict[str, str]:
@@ -186,7 +168,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if not args.verbose:
                     _quiet_prefect_console()
                 bar.update(task_id, description="running flow")
-                result = transcribe_audio(**_flow_kwargs(req))
+                result = transcribe_audio(**flow_kwargs(req))
         except SpeechError as exc:
             console.print(f"[red]error:[/red] {exc}")
             return 2
@@ -331,7 +313,7 @@ def _quiet_prefect_console() -> None:
     set_console_level(logging.CRITICAL)
 
 
-def _flow_kwargs(req: Any) -> dict[str, Any]:
+def flow_kwargs(req: Any) -> dict[str, Any]:
     """Request -> flow kwargs; the token stays a SecretStr so Prefect stores it masked."""
     from speech.schema import SECRET_FIELDS
 

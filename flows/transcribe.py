@@ -78,6 +78,15 @@ def transcribe_audio(
     speaker_encoder: SpeakerEncoder = _d("speaker_encoder"),
     model: Optional[str] = None,
     beam_size: Optional[int] = None,
+    patience: float = _d("patience"),
+    length_penalty: float = _d("length_penalty"),
+    no_speech_threshold: float = _d("no_speech_threshold"),
+    log_prob_threshold: float = _d("log_prob_threshold"),
+    compression_ratio_threshold: float = _d("compression_ratio_threshold"),
+    condition_on_previous_text: Optional[bool] = None,
+    suppress_numerals: bool = _d("suppress_numerals"),
+    hotwords: Optional[str] = None,
+    temperature_increment_on_fallback: Optional[float] = None,
     num_speakers: Optional[int] = None,
     download_dir: Optional[str] = None,
     bucket: Optional[str] = None,
@@ -99,7 +108,7 @@ def transcribe_audio(
         vad_offset: VAD offset threshold, in (0, 1).
         align_output: Align words for accurate word-level timestamps.
         diarization: Label segments and words with speakers.
-        huggingface_access_token: Hugging Face token for gated models (prefer the HF_TOKEN env var or the hf-token Secret block).
+        huggingface_access_token: Hugging Face token for gated models (prefer the HF_TOKEN env var, the hf-token Secret block, or 'prefect-secret:<block name>').
         min_speakers: Minimum number of speakers.
         max_speakers: Maximum number of speakers.
         debug: Add stage timings, model load time and peak memory to the result.
@@ -107,15 +116,15 @@ def transcribe_audio(
         speaker_samples: Enrolment clips, a list of {name?, url}.
         align_backend: Word aligner: auto, wav2vec2 (WhisperX), pocketsphinx (English, offline) or whisper.
         align_model: wav2vec2 align model name or local directory (default: the language's WhisperX model).
-        diarization_backend: Diarizer: auto, pyannote (local pipeline), pyannote-api (hosted pyannoteAI) or builtin (offline).
+        diarization_backend: Diarizer: auto, pyannote (local pipeline), pyannote-api (hosted pyannoteAI), segmented (offline, from the audio) or builtin (offline GE2E).
         diarization_model: Local pyannote pipeline, hub name or directory (default WhisperX's community-1).
-        pyannote_api_key: pyannoteAI API key (prefer the PYANNOTE_API_KEY env var or the pyannote-api-key Secret block).
+        pyannote_api_key: pyannoteAI API key (prefer the PYANNOTE_API_KEY env var, the pyannote-api-key Secret block, or 'prefect-secret:<block name>').
         pyannote_model: pyannoteAI model, precision-2 or community-1.
         pyannote_exclusive: Use pyannoteAI's exclusive (non-overlapping) diarization.
         pyannote_poll_interval: Seconds between pyannoteAI job polls.
         pyannote_timeout: Give up on a pyannoteAI job after this many seconds.
         pyannote_json_in: Reuse a saved <stem>.pyannote.job.json instead of calling the API.
-        deepgram_api_key: Deepgram key for word confidence (prefer the DEEPGRAM_API_KEY env var or the deepgram-api-key Secret block).
+        deepgram_api_key: Deepgram key for word confidence (prefer the DEEPGRAM_API_KEY env var, the deepgram-api-key Secret block, or 'prefect-secret:<block name>').
         deepgram_json_in: Reuse a saved <stem>.deepgram.json instead of calling Deepgram.
         deepgram_model: Deepgram model (default nova-3).
         deepgram_tier: Deepgram tier (older models only).
@@ -130,9 +139,18 @@ def transcribe_audio(
         prefix_audio: Key prefix for uploaded audio (default audio/).
         url_expiry: Presigned URL lifetime in seconds.
         download_transcript: With a bucket, also write the outputs to download_dir.
-        speaker_encoder: Speaker-verification encoder: auto, ecapa (SpeechBrain) or builtin (offline).
+        speaker_encoder: Speaker-verification encoder: auto, ecapa (SpeechBrain), campplus (CAM++, offline) or builtin (offline GE2E).
         model: Whisper model name (large-v3, ...), model directory, or bundled:base / bundled:tiny.en.
-        beam_size: Beam size (default 5).
+        beam_size: Beam size (default 5); clipped to 1..10 as the RunPod worker did.
+        patience: Beam search patience factor (default 1).
+        length_penalty: Exponential length penalty of beam search (default 1).
+        no_speech_threshold: A window above this no-speech probability (and below log_prob_threshold) counts as silence.
+        log_prob_threshold: Decoding below this average log probability is retried at a higher temperature.
+        compression_ratio_threshold: Decoding above this gzip compression ratio is retried at a higher temperature.
+        condition_on_previous_text: Prompt each window with the previous text (default off; on in the worker's envelope).
+        suppress_numerals: Suppress numeric and symbol tokens (numbers spelled out).
+        hotwords: Words or phrases to favour, given as a hint to the decoder.
+        temperature_increment_on_fallback: Retry failed windows at temperature + this, up to 1.0 (default: no fallback).
         num_speakers: Exact number of speakers, when known.
         download_dir: Local folder for the outputs (default RESULTS_DIR or ./out).
         bucket: S3 bucket for the outputs (default RESULTS_BUCKET).

@@ -31,11 +31,20 @@ def resolve_device(settings: Optional[Settings] = None) -> tuple[str, str]:
         import ctranslate2
 
         has_cuda = ctranslate2.get_cuda_device_count() > 0
-    if want == "cuda" and not has_cuda:
-        raise ModelError("WHISPERX_DEVICE=cuda but no CUDA device is visible")
+    if want == "cuda" and not has_cuda:  # as the original worker did: run, slower, and say so
+        _warn_once("WHISPERX_DEVICE=cuda but no CUDA device is visible: running on the CPU")
     device = "cuda" if has_cuda else "cpu"
     compute = settings.compute_type or ("float16" if device == "cuda" else "int8")
     return device, compute
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
 
 
 def hub_reachable(repo_id: str, probe_file: str) -> bool:

@@ -67,6 +67,20 @@ class SpeakerSample(BaseModel):
     url: str = Field(..., min_length=1, description="Local path, http(s) URL or s3:// URI of a clip.")
 
 
+RUNPOD_JOB_KEYS = {"input", "id", "webhook", "policy", "s3Config"}
+
+
+def unwrap_envelope(data: Any) -> Any:
+    """The RunPod worker's ``{"input": {...}}`` (a whole job, ``{"id", "input", ...}``, too): its
+    fields, with the worker's forced ``condition_on_previous_text`` unless given; anything else
+    unchanged."""
+    if isinstance(data, dict) and isinstance(data.get("input"), dict) and set(data) <= RUNPOD_JOB_KEYS:
+        inner = dict(data["input"])
+        inner.setdefault("condition_on_previous_text", True)
+        return inner
+    return data
+
+
 class TranscriptionRequest(BaseModel):
     """Every input of a transcription run. Accepts the worker's ``{"input": {...}}`` envelope."""
 
@@ -142,7 +156,24 @@ class TranscriptionRequest(BaseModel):
     model: Optional[str] = Field(
         None, description="Whisper model: a name (large-v3, base, ...), a directory, or bundled:base / bundled:tiny.en."
     )
-    beam_size: Optional[int] = Field(None, ge=1, le=20, description="Beam size (default 5).")
+    beam_size: Optional[int] = Field(None, description="Beam size (default 5); clipped to 1..10 as the worker did.")
+    patience: float = Field(1.0, gt=0, le=10, description="Beam search patience factor.")
+    length_penalty: float = Field(1.0, ge=0, le=10, description="Exponential length penalty of beam search.")
+    no_speech_threshold: float = Field(
+        0.6, ge=0, le=1, description="A window whose no-speech probability is above this (and whose average log "
+        "probability is below log_prob_threshold) is treated as silence.")
+    log_prob_threshold: float = Field(
+        -1.0, le=0, description="Decoding below this average log probability is retried at a higher temperature.")
+    compression_ratio_threshold: float = Field(
+        2.4, gt=0, description="Decoding whose gzip compression ratio is above this is retried at a higher temperature.")
+    condition_on_previous_text: Optional[bool] = Field(
+        None, description="Prompt each window with the previous window's text (default off, as whisperx; on for "
+        "requests in the RunPod worker's {\"input\": ...} envelope, as the worker forced it).")
+    suppress_numerals: bool = Field(False, description="Suppress numeric and symbol tokens (numbers spelled out).")
+    hotwords: Optional[str] = Field(None, description="Words or phrases to favour, given as a hint to the decoder.")
+    temperature_increment_on_fallback: Optional[float] = Field(
+        None, gt=0, le=1, description="When decoding fails the thresholds, retry at temperature + this, up to 1.0 "
+        "(whisperx CLI: 0.2); default: no fallback.")
     num_speakers: Optional[int] = Field(None, ge=1, description="Exact number of speakers, when known.")
     download_dir: Optional[str] = Field(
         None, description="Local folder for the outputs (default RESULTS_DIR or ./out); ignored when bucket is set."
@@ -155,9 +186,37 @@ class TranscriptionRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _unwrap_envelope(cls, data: Any) -> Any:
-        if isinstance(data, dict) and set(data) == {"input"} and isinstance(data["input"], dict):
-            return data["input"]
-        return data
+        return unwrap_envelope(data)
+
+    @field_validator("beam_size", mode="before")
+    @classmethod
+    def _clip_beam(cls, v: Any) -> Any:
+        """The worker clipped beam_size to 1..10 instead of refusing it."""
+        if v is None or isinstance(v, bool):
+            return v
+        try:
+            return max(1, min(10, int(v)))
+        except (TypeError, ValueError):
+            return v  # pydantic reports it
+
+    @field_validator("speaker_samples", mode="before")
+    @classmethod
+    def _sample_forms(cls, v: Any) -> Any:
+        """Plain URL strings, and the worker's ``file_path`` key, as ``{name?, url}``."""
+        if not isinstance(v, list):
+            return v
+        out = []
+        for item in v:
+            if isinstance(item, str):
+                item = {"url": item}
+            elif isinstance(item, dict) and "file_path" in item:
+                item = dict(item)
+                path = item.pop("file_path")
+                item.setdefault("url", path)
+                if not item.get("url"):
+                    item["url"] = path
+            out.append(item)
+        return out
 
     @field_validator("language", mode="before")
     @classmethod
@@ -199,6 +258,8 @@ class TranscriptionRequest(BaseModel):
             raise ValueError("word_confidence_low_threshold must not exceed word_confidence_high_threshold")
         if self.speaker_verification and not self.speaker_samples:
             raise ValueError("speaker_verification needs at least one entry in speaker_samples")
+        if self.speaker_samples and not self.speaker_verification:
+            self.__dict__["speaker_verification"] = True  # as the worker: samples mean "name the speakers"
         return self
 
     @classmethod
@@ -336,6 +397,7 @@ class TranscriptionResult(BaseModel):
     def to_json(self) -> dict[str, Any]:
         out = self.model_dump(mode="json", exclude_none=True)
         out.setdefault("detected_language", None)  # always present, as in the worker's output
+        out.setdefault("language_probability", None)  # null when the language was given
         return out
 
 
@@ -369,6 +431,35 @@ class TranscribeParams(BaseModel):
     beam_size: Optional[int] = None
     vad_onset: float = request_default("vad_onset")
     vad_offset: float = request_default("vad_offset")
+    patience: float = request_default("patience")
+    length_penalty: float = request_default("length_penalty")
+    no_speech_threshold: float = request_default("no_speech_threshold")
+    log_prob_threshold: float = request_default("log_prob_threshold")
+    compression_ratio_threshold: float = request_default("compression_ratio_threshold")
+    condition_on_previous_text: Optional[bool] = None
+    suppress_numerals: bool = request_default("suppress_numerals")
+    hotwords: Optional[str] = None
+    temperature_increment_on_fallback: Optional[float] = None
+
+    def asr_options(self) -> dict[str, Any]:
+        """whisperx's ``asr_options`` (faster-whisper's TranscriptionOptions) for these params."""
+        temps = [self.temperature]
+        if self.temperature_increment_on_fallback:
+            t = self.temperature
+            while t + self.temperature_increment_on_fallback <= 1.0 + 1e-9:
+                t = round(t + self.temperature_increment_on_fallback, 4)
+                temps.append(t)
+        opts: dict[str, Any] = {
+            "temperatures": temps, "initial_prompt": self.initial_prompt, "patience": self.patience,
+            "length_penalty": self.length_penalty, "no_speech_threshold": self.no_speech_threshold,
+            "log_prob_threshold": self.log_prob_threshold,
+            "compression_ratio_threshold": self.compression_ratio_threshold,
+            "condition_on_previous_text": bool(self.condition_on_previous_text),
+            "suppress_numerals": self.suppress_numerals, "hotwords": self.hotwords,
+        }
+        if self.beam_size is not None:
+            opts["beam_size"] = self.beam_size
+        return opts
 
     @classmethod
     def from_request(cls, req: TranscriptionRequest) -> "TranscribeParams":

@@ -126,29 +126,29 @@ class Settings(BaseSettings):
     # --- results store ----------------------------------------------------------------
     results_dir: Path = Field(Path("out"), validation_alias="RESULTS_DIR")
     s3_bucket: Optional[str] = Field(
-        None, validation_alias=AliasChoices("RESULTS_BUCKET", "S3_BUCKET", "SWAMI_STORAGE_BUCKET")
+        None, validation_alias=AliasChoices("RESULTS_BUCKET", "S3_BUCKET", "SWAMI_STORAGE_BUCKET", "STORAGE_BUCKET")
     )
-    s3_prefix: str = Field("transcripts/", validation_alias=AliasChoices("RESULTS_PREFIX", "S3_PREFIX"))
+    s3_prefix: str = Field("transcripts/", validation_alias=AliasChoices("RESULTS_PREFIX", "S3_PREFIX", "PREFIX_TRANSCRIPTS"))
     s3_endpoint_url: Optional[str] = Field(
         None,
         validation_alias=AliasChoices(
-            "S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "SWAMI_STORAGE_ENDPOINT"
+            "S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "SWAMI_STORAGE_ENDPOINT", "STORAGE_ENDPOINT"
         ),
     )
     s3_access_key: Optional[str] = Field(
         None,
-        validation_alias=AliasChoices("AWS_ACCESS_KEY_ID", "SWAMI_STORAGE_ACCESS_KEY"),
+        validation_alias=AliasChoices("AWS_ACCESS_KEY_ID", "SWAMI_STORAGE_ACCESS_KEY", "STORAGE_ACCESS_KEY"),
         description="S3 access key id; passed to boto3 explicitly when set.",
     )
     s3_secret_key: Optional[SecretStr] = Field(
-        None, validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY", "SWAMI_STORAGE_SECRET_KEY")
+        None, validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY", "SWAMI_STORAGE_SECRET_KEY", "STORAGE_SECRET_KEY")
     )
     prefix_audio: str = Field(
         "audio/", validation_alias="PREFIX_AUDIO", description="Key prefix for uploaded source audio."
     )
     url_expiry: int = Field(
         3600,
-        validation_alias="URL_EXPIRY",
+        validation_alias=AliasChoices("URL_EXPIRY", "PRESIGN_TTL"),
         description="Lifetime in seconds of presigned GET URLs, 1..604800 (S3's 7-day maximum); "
         "checked where a URL is presigned so a bad value fails as a clear InvalidRequest.",
     )

@@ -28,6 +28,32 @@ def test_help_lists_the_pipeline_flags():
         assert flag in proc.stdout
 
 
+def test_every_request_field_has_a_flag_from_the_schema():
+    """The CLI is generated from the schema: a new field gets its flag, type, choices and help
+    without a second list to keep in step (issue 14)."""
+    from flows.cli import NOT_FLAGS, build_parser, request_from_args
+    from speech.schema import TranscriptionRequest
+
+    parser = build_parser()
+    flags: dict[str, list[str]] = {}
+    for action in parser._actions:
+        flags.setdefault(action.dest, []).extend(action.option_strings)
+    for name in TranscriptionRequest.model_fields:
+        if name not in NOT_FLAGS:
+            assert f"--{name.replace('_', '-')}" in flags.get(name, []), f"no flag for {name}"
+    choices = {a.dest: a.choices for a in parser._actions}
+    assert choices["diarization_backend"] == ["auto", "pyannote", "pyannote-api", "segmented", "builtin"]
+    args = parser.parse_args(["a.wav", "--beam-size", "3", "--no-align", "--diarization", "--vad-onset", "0.4",
+                              "--speaker-encoder", "campplus", "--deepgram-api-key", "k"])
+    req = TranscriptionRequest.parse(request_from_args(args))
+    assert (req.beam_size, req.align_output, req.diarization, req.vad_onset, req.speaker_encoder) == (
+        3, False, True, 0.4, "campplus")
+    assert req.deepgram_api_key.get_secret_value() == "k"
+    assert req.batch_size == TranscriptionRequest.model_fields["batch_size"].default  # not given: the schema's
+    with pytest.raises(SystemExit):
+        parser.parse_args(["a.wav", "--diarization-backend", "nope"])
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [
@@ -36,6 +62,7 @@ def test_help_lists_the_pipeline_flags():
         (["x.wav", "--language", "xx"], "unknown language"),
         (["--params-json", '{"input": {"audio_file": "x.wav", "temperature": 3}}'], "temperature"),
         (["/nonexistent/audio.wav"], "not found"),
+        (["--params-json", '{"id": "job-1", "input": {"audio_file": "/nonexistent/a.wav"}}'], "not found"),
         ([], "required"),
     ],
 )

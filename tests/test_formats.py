@@ -46,7 +46,7 @@ def test_words_and_speakers_drive_subtitles():
 
 def test_empty_result_renders():
     files = render(TranscriptionResult(segments=[], detected_language=None), "quiet")
-    assert json.loads(files["quiet.json"]) == {"segments": [], "detected_language": None}
+    assert json.loads(files["quiet.json"]) == {"segments": [], "detected_language": None, "language_probability": None}
     assert files["quiet.srt"] == b"" and files["quiet.vtt"].startswith(b"WEBVTT")
 
 

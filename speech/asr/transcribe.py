@@ -102,9 +102,7 @@ def _decode(audio: np.ndarray, chunks: list[dict], scores: Any, loaded: Any, lan
     """whisperx's batched pipeline over the speech chunks, with the VAD scores already computed."""
     from whisperx.asr import load_model
 
-    asr_options: dict[str, Any] = {"temperatures": [params.temperature], "initial_prompt": params.initial_prompt}
-    if params.beam_size is not None:
-        asr_options["beam_size"] = params.beam_size
+    asr_options = params.asr_options()
     with contextlib.redirect_stdout(io.StringIO()):  # whisperx prints a notice here
         pipeline = load_model(
             loaded.spec.source,

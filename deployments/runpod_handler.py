@@ -1,0 +1,84 @@
+"""RunPod's serverless handler signature around this pipeline, for people who keep running on
+RunPod but want the Prefect DAG inside:
+
+    python deployments/runpod_handler.py          # runpod.serverless.start({"handler": handler})
+
+``handler({"id": ..., "input": {...}})`` takes the original worker's job, runs one
+``transcribe-audio`` flow run (in-process; the Prefect API from ``PREFECT_API_URL``, else a
+throw-away one) and returns what the original handler returned: the worker's JSON result
+(``segments``, ``detected_language``, ``language_probability``, ...), plus, when the outputs
+went to a bucket, ``transcript_key`` / ``transcript_url`` and ``segments_key`` / ``segments_url``
+(presigned GET URLs, ``URL_EXPIRY`` / ``PRESIGN_TTL`` seconds). A failure is
+``{"error": "<one line>"}``, as the worker answered, never a traceback; no token appears in it.
+The ``runpod`` package is only needed to serve (``pip install runpod==1.10.*``).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def handler(job: dict[str, Any]) -> dict[str, Any]:
+    """One RunPod job through the transcribe flow; the worker's output or ``{"error": ...}``."""
+    from speech.errors import SpeechError
+    from speech.redact import scrub_configured
+    from speech.schema import TranscriptionRequest
+
+    try:
+        req = TranscriptionRequest.parse(job)
+    except SpeechError as exc:
+        return {"error": str(exc)}
+    from flows.cli import flow_kwargs
+    from flows.transcribe import transcribe_audio
+    from tasks.progress import RunListener, listening
+
+    refs: list[Any] = []
+    try:
+        with listening(RunListener(on_outputs=lambda written, _where: refs.extend(written))):
+            result = transcribe_audio(**flow_kwargs(req))
+    except SpeechError as exc:
+        return {"error": scrub_configured(str(exc))}
+    except Exception as exc:  # noqa: BLE001 - the worker answered every failure with one line
+        return {"error": f"{type(exc).__name__}: {scrub_configured(str(exc))}"}
+    return {**result, **_bucket_keys(req, refs)}
+
+
+def _bucket_keys(req: Any, refs: list[Any]) -> dict[str, str]:
+    """``transcript_key/url`` and ``segments_key/url`` for outputs written to a bucket."""
+    from speech.io.store import OutputTarget, S3Store
+    from speech.settings import get_settings
+    from tasks.storage import results_store
+
+    s3_refs = [r for r in refs if r.uri.startswith("s3://")]
+    if not s3_refs:
+        return {}
+    store = results_store(OutputTarget.from_request(req))
+    client = store.client if isinstance(store, S3Store) else None
+    jsons = [r for r in s3_refs if r.name.endswith(".json")]
+    picked = {
+        "segments": next((r for r in jsons if r.name.endswith(".segments.json")), None),
+        # <stem>.json: the shortest (not <stem>.deepgram.json or <stem>.pyannote.job.json)
+        "transcript": min((r for r in jsons if not r.name.endswith(".segments.json")), key=lambda r: len(r.name),
+                          default=None),
+    }
+    out: dict[str, str] = {}
+    for kind, ref in picked.items():
+        if ref is None:
+            continue
+        bucket, _, key = ref.uri[len("s3://"):].partition("/")
+        out[f"{kind}_key"] = key
+        if client is not None:
+            out[f"{kind}_url"] = client.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=get_settings().url_expiry)
+    return out
+
+
+if __name__ == "__main__":
+    import runpod  # pip install runpod==1.10.* (1.11+ needs a newer fastapi than Prefect 3.8.8's)
+
+    runpod.serverless.start({"handler": handler})

@@ -1,0 +1,42 @@
+"""The RunPod handler signature (issue 14): the worker's jobs in, the worker's output out."""
+from __future__ import annotations
+
+import pytest
+import requests
+
+from conftest import DATA, wer
+
+from deployments.runpod_handler import handler
+
+
+@pytest.fixture
+def manifest_text():
+    import json
+
+    return json.loads((DATA / "fixtures.json").read_text())["sample_2spk.wav"]["text"]
+
+
+def test_a_job_returns_the_workers_output(prefect_harness, tmp_path, manifest_text):
+    out = handler({"id": "sync-1", "input": {"audio_file": str(DATA / "sample_2spk.wav"), "language": "en",
+                                            "beam_size": 99, "download_dir": str(tmp_path / "out")}})
+    assert "error" not in out, out
+    assert {"segments", "detected_language", "language_probability"} <= set(out)
+    assert out["language_probability"] is None  # the language was given
+    assert wer(manifest_text, " ".join(s["text"] for s in out["segments"])) <= 0.12
+    assert "transcript_key" not in out  # written to a folder, not a bucket
+
+
+def test_bad_jobs_answer_with_one_error_line(prefect_harness):
+    assert handler({"id": "x", "input": {}})["error"].startswith("invalid request: audio_file")
+    missing = handler({"id": "x", "input": {"audio_file": "/nonexistent/a.wav"}})
+    assert set(missing) == {"error"} and "not found" in missing["error"] and "Traceback" not in missing["error"]
+
+
+def test_outputs_in_a_bucket_come_back_as_keys_and_urls(prefect_harness, s3, tmp_path):
+    s3.create_bucket(Bucket="handler-out")
+    out = handler({"id": "j", "input": {"audio_file": str(DATA / "sample_2spk.wav"), "language": "en",
+                                       "bucket": "handler-out", "prefix_transcripts": "tx/"}})
+    assert out["transcript_key"] == "tx/sample_2spk.json" and out["segments_key"] == "tx/sample_2spk.segments.json"
+    body = requests.get(out["transcript_url"], timeout=30)
+    assert body.status_code == 200 and body.json()["segments"] == out["segments"]
+    assert requests.get(out["segments_url"], timeout=30).json() == out["segments"]
