@@ -8,6 +8,7 @@ so ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -106,40 +107,12 @@ def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
-def _quiet_libraries(verbose: bool) -> None:
-    # the CLI's private ephemeral API: no telemetry, and patience on a loaded 2-core machine
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    if verbose:
-        return
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    warnings.filterwarnings("ignore")
-    for name in ("whisperx", "lightning", "lightning.pytorch", "lightning.pytorch.utilities.migration.utils",
-                 "pytorch_lightning", "speechbrain", "pyannote"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    data = request_from_args(args) if args.audio_file or args.params_json else None
-    if not data or not data.get("audio_file"):
-        build_parser().print_usage(sys.stderr)
-        print("error: an AUDIO file, URL or S3 URI is required", file=sys.stderr)
-        return 2
-    _quiet_libraries(args.verbose)
-
-    from speech.errors import SpeechError
-    from speech.schema import TranscriptionRequest
-
-    try:
-        req = TranscriptionRequest.parse(data)
-        _precheck_local(req.audio_file)
-    except SpeechError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
+def _run(args: argparse.Namespace, req: Any) -> Any:
+    """The flow run with a progress bar: (result, output refs, start time, console), or an exit code."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from speech.errors import SpeechError
 
     started = time.perf_counter()
     server = _prefect_api()
@@ -183,6 +156,48 @@ def main(argv: Optional[list[str]] = None) -> int:
                 console.print_exception()
             return 1
 
+    return result, outputs, started, console
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    # the CLI's private ephemeral API: no telemetry, and patience on a loaded 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if verbose:
+        return
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    warnings.filterwarnings("ignore")
+    for name in ("whisperx", "lightning", "lightning.pytorch", "lightning.pytorch.utilities.migration.utils",
+                 "pytorch_lightning", "speechbrain", "pyannote"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    data = request_from_args(args) if args.audio_file or args.params_json else None
+    if not data or not data.get("audio_file"):
+        build_parser().print_usage(sys.stderr)
+        print("error: an AUDIO file, URL or S3 URI is required", file=sys.stderr)
+        return 2
+    _quiet_libraries(args.verbose)
+
+    from speech.errors import SpeechError
+    from speech.schema import TranscriptionRequest
+
+    try:
+        req = TranscriptionRequest.parse(data)
+        _precheck_local(req.audio_file)
+    except SpeechError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    # stdout carries only the result: whatever libraries print or log to "stdout" while the run
+    # goes (whisperx binds its console log handler to sys.stdout when imported) lands on stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        outcome = _run(args, req)
+    if isinstance(outcome, int):
+        return outcome
+    result, outputs, started, console = outcome
     if args.print_json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:

@@ -104,7 +104,7 @@ def test_cache_on_s3_is_shared_by_separate_processes(tmp_path, s3):
                    env={"PREFECT_HOME": str(home / "prefect"), "SPEECH_CACHE_DIR": str(home / "cache"),
                         "RESULTS_STORAGE": "s3://prefect-cache/results"})
         assert proc.returncode == 0, proc.stderr[-2000:]
-        runs.append(json.loads(proc.stdout[proc.stdout.index("{"):]))
+        runs.append(json.loads(proc.stdout))  # --json: stdout holds the JSON alone
     first, second = runs
     assert first["debug"]["cached_stages"] == [] and first["debug"]["model_loads"] >= 2  # Whisper + VAD
     assert set(second["debug"]["cached_stages"]) == {"transcribe", "align", "diarize"}

@@ -188,7 +188,7 @@ def test_the_real_call_through_the_cli(real, tmp_path):
                           cwd=root, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PREFECT_HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    result = json.loads(proc.stdout)  # --json: stdout holds the JSON alone
     assert len(result["speakers"]) == 2 and result["debug"]["diarization"]["backend"] == "segmented"
     words = [{"start": w["start"], "end": w["end"], "speaker": w["speaker"]}
              for s in result["segments"] for w in s["words"]]
