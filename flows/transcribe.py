@@ -24,6 +24,7 @@ from flows.runtime import apply_runtime_switches, redact_stored_secrets
 from speech.schema import (
     AlignBackend,
     DiarizationBackend,
+    OutputFormat,
     PyannoteModel,
     SpeakerEncoder,
     TranscriptionRequest,
@@ -93,6 +94,10 @@ def transcribe_audio(
     prefix_transcripts: Optional[str] = None,
     output_name: Optional[str] = None,
     force: bool = _d("force"),
+    output_format: Optional[OutputFormat] = None,
+    highlight_words: bool = _d("highlight_words"),
+    max_line_width: Optional[int] = None,
+    max_line_count: Optional[int] = None,
 ) -> dict[str, Any]:
     """Transcribe one audio file with WhisperX and store JSON, SRT and VTT outputs.
 
@@ -157,6 +162,10 @@ def transcribe_audio(
         prefix_transcripts: Key prefix for outputs in the bucket.
         output_name: Stem of the output files (default: the audio file's stem).
         force: Recompute every stage even when a cached result exists.
+        output_format: Files besides <stem>.json: json (.segments.json), srt, vtt, txt, tsv, aud or all (default: the worker's .segments.json, .srt, .vtt).
+        highlight_words: Underline each word in .srt/.vtt as it is spoken (needs word times).
+        max_line_width: Subtitle line width in characters (needs word times).
+        max_line_count: Lines per subtitle cue (needs max_line_width).
     """
     args = dict(locals())
     args["speaker_samples"] = args["speaker_samples"] or []

@@ -44,6 +44,7 @@ AlignBackend = Literal["auto", "wav2vec2", "pocketsphinx", "whisper"]
 DiarizationBackend = Literal["auto", "pyannote", "pyannote-api", "segmented", "builtin"]
 PyannoteModel = Literal["precision-2", "community-1"]
 SpeakerEncoder = Literal["auto", "builtin", "ecapa", "campplus"]
+OutputFormat = Literal["all", "json", "srt", "vtt", "txt", "tsv", "aud"]
 
 SECRET_FIELDS = tuple(spec.request_field for spec in SECRETS)
 
@@ -182,6 +183,13 @@ class TranscriptionRequest(BaseModel):
     prefix_transcripts: Optional[str] = Field(None, description="Key prefix for outputs in the bucket.")
     output_name: Optional[str] = Field(None, description="Stem of the output files (default: the audio's stem).")
     force: bool = Field(False, description="Recompute every stage even when a cached result exists.")
+    output_format: Optional[OutputFormat] = Field(
+        None, description="Files besides <stem>.json (always written): json (.segments.json), srt, vtt, txt, tsv or "
+        "aud (Audacity labels), through whisperx's writers, or all of them; default: the worker's .segments.json, "
+        ".srt and .vtt.")
+    highlight_words: bool = Field(False, description="Underline each word in .srt/.vtt as it is spoken (needs word times).")
+    max_line_width: Optional[int] = Field(None, ge=1, description="Subtitle line width in characters (needs word times).")
+    max_line_count: Optional[int] = Field(None, ge=1, description="Lines per subtitle cue (needs max_line_width).")
 
     @model_validator(mode="before")
     @classmethod
@@ -399,6 +407,19 @@ class TranscriptionResult(BaseModel):
         out.setdefault("detected_language", None)  # always present, as in the worker's output
         out.setdefault("language_probability", None)  # null when the language was given
         return out
+
+
+class OutputOptions(BaseModel):
+    """Which files the output stage renders, and the subtitle writers' options (whisperx CLI's)."""
+
+    output_format: Optional[OutputFormat] = None
+    highlight_words: bool = False
+    max_line_width: Optional[int] = None
+    max_line_count: Optional[int] = None
+
+    @classmethod
+    def from_request(cls, req: "TranscriptionRequest") -> "OutputOptions":
+        return cls(**req.model_dump(include=set(cls.model_fields)))
 
 
 class OutputRef(BaseModel):

@@ -21,7 +21,7 @@ from tasks.storage import results_store
 def write_outputs(run: PipelineResults, target: OutputTarget) -> tuple[dict, list[OutputRef]]:
     """Merge into the worker's JSON, render json/srt/vtt, store them, publish artifacts."""
     result = build_result(run)
-    files = render(result, run.audio.stem, run.extra_files)
+    files = render(result, run.audio.stem, run.extra_files, target.options)
     store = results_store(target)
     try:
         refs = store.write(files)

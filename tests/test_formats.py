@@ -44,6 +44,28 @@ def test_words_and_speakers_drive_subtitles():
     assert "00:00:00,100 --> 00:00:00,900\n[Alice]: Hi Bob" in srt
 
 
+def test_whisperx_cli_output_formats_and_subtitle_options():
+    """output_format picks whisperx's writers (txt, tsv, aud, all); <stem>.json is always there
+    (what consumers poll for); highlight_words and line limits reach the subtitle writers."""
+    from speech.schema import OutputOptions
+
+    words = [TimedWord(word=w, start=0.1 + 0.4 * i, end=0.4 + 0.4 * i) for i, w in enumerate("one two three four".split())]
+    r = TranscriptionResult(segments=[Segment(start=0.1, end=1.6, text="one two three four", words=words,
+                                              speaker="SPEAKER_00")], detected_language="en")
+    assert set(render(r, "t", options=OutputOptions(output_format="txt"))) == {"t.json", "t.txt"}
+    every = render(r, "t", options=OutputOptions(output_format="all"))
+    assert set(every) == {"t.json", "t.segments.json", "t.srt", "t.vtt", "t.txt", "t.tsv", "t.aud"}
+    assert every["t.txt"].decode() == "[SPEAKER_00]: one two three four\n"
+    assert every["t.tsv"].decode().splitlines() == ["start\tend\ttext", "100\t1600\tone two three four"]
+    assert every["t.aud"].decode().startswith("0.1\t1.6\t[[SPEAKER_00]]one two three four")
+    assert set(render(r, "t", options=OutputOptions(output_format="json"))) == {"t.json", "t.segments.json"}
+    lit = render(r, "t", options=OutputOptions(output_format="srt", highlight_words=True))["t.srt"].decode()
+    assert "<u>two</u>" in lit
+    narrow = render(r, "t", options=OutputOptions(output_format="vtt", max_line_width=8, max_line_count=1))["t.vtt"]
+    cues = [line for line in narrow.decode().splitlines() if line and "-->" not in line and line != "WEBVTT"]
+    assert len(cues) >= 2 and all(len(c) <= len("[SPEAKER_00]: ") + 9 for c in cues), cues
+
+
 def test_empty_result_renders():
     files = render(TranscriptionResult(segments=[], detected_language=None), "quiet")
     assert json.loads(files["quiet.json"]) == {"segments": [], "detected_language": None, "language_probability": None}

@@ -22,7 +22,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, Field
 
 from speech.errors import StorageError
-from speech.schema import OutputRef, S3Options, TranscriptionRequest
+from speech.schema import OutputOptions, OutputRef, S3Options, TranscriptionRequest
 from speech.settings import Settings, get_settings
 
 
@@ -38,11 +38,13 @@ class OutputTarget(BaseModel):
     prefix: Optional[str] = None
     s3: S3Options = Field(default_factory=S3Options)
     download_transcript: bool = Field(False, description="with a bucket, also write the files to download_dir")
+    options: OutputOptions = Field(default_factory=OutputOptions, description="which files, subtitle options")
 
     @classmethod
     def from_request(cls, req: TranscriptionRequest) -> "OutputTarget":
         return cls(download_dir=req.download_dir, bucket=req.bucket, prefix=req.prefix_transcripts,
-                   s3=S3Options.from_request(req), download_transcript=req.download_transcript)
+                   s3=S3Options.from_request(req), download_transcript=req.download_transcript,
+                   options=OutputOptions.from_request(req))
 
 
 class ResultStore(Protocol):

@@ -1,7 +1,9 @@
-"""Render a result into its output files: <stem>.json, .segments.json, .srt, .vtt.
+"""Render a result into its output files: <stem>.json always, then by ``output_format``
+(default: the worker's .segments.json, .srt, .vtt; or json, srt, vtt, txt, tsv, aud, all).
 
-SRT/VTT come from whisperx's own writers (``whisperx.utils.WriteSRT``/``WriteVTT``), so cue
-splitting, speaker prefixes and timestamp formatting match the ``whisperx`` CLI.
+SRT/VTT/TXT/TSV/AUD come from whisperx's own writers (``whisperx.utils.Write*``), so cue
+splitting, speaker prefixes, word highlighting, line limits and timestamp formatting match the
+``whisperx`` CLI.
 """
 from __future__ import annotations
 
@@ -10,32 +12,38 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from speech.schema import TranscriptionResult
+from speech.schema import OutputOptions, TranscriptionResult
 
-SUBTITLE_OPTIONS = {"max_line_width": None, "max_line_count": None, "highlight_words": False}
+DEFAULT_FORMATS = ("json", "srt", "vtt")  # the worker's: .segments.json, .srt, .vtt beside <stem>.json
+ALL_FORMATS = ("json", "srt", "vtt", "txt", "tsv", "aud")
 
 
-def _subtitles(writer_cls: Any, data: dict[str, Any]) -> str:
+def _written(writer_cls: Any, data: dict[str, Any], options: OutputOptions) -> bytes:
     buf = io.StringIO()
-    writer_cls(output_dir=".").write_result(data, file=buf, options=dict(SUBTITLE_OPTIONS))
-    return buf.getvalue()
+    writer_cls(output_dir=".").write_result(data, file=buf, options={
+        "highlight_words": options.highlight_words, "max_line_width": options.max_line_width,
+        "max_line_count": options.max_line_count})
+    return buf.getvalue().encode()
 
 
-def render(result: TranscriptionResult, stem: str, extra: Optional[dict[str, Any]] = None) -> dict[str, bytes]:
+def render(result: TranscriptionResult, stem: str, extra: Optional[dict[str, Any]] = None,
+           options: Optional[OutputOptions] = None) -> dict[str, bytes]:
     """All output files of one result, as name -> bytes (rendered fully before any write).
 
     ``extra`` adds helper artefacts by file name (e.g. ``<stem>.pyannote.job.json``)."""
-    from whisperx.utils import WriteSRT, WriteVTT
+    from whisperx.utils import WriteAudacity, WriteSRT, WriteTSV, WriteTXT, WriteVTT
 
+    options = options or OutputOptions()
+    chosen = {None: DEFAULT_FORMATS, "all": ALL_FORMATS}.get(options.output_format, (options.output_format,))
     full = result.to_json()
-    sub_input = {"segments": full["segments"], "language": full.get("detected_language") or "en"}
+    data = {"segments": full["segments"], "language": full.get("detected_language") or "en"}
+    writers = {"srt": WriteSRT, "vtt": WriteVTT, "txt": WriteTXT, "tsv": WriteTSV, "aud": WriteAudacity}
     files = {name: _dumps(obj) for name, obj in (extra or {}).items()}
-    return files | {
-        f"{stem}.json": _dumps(full),
-        f"{stem}.segments.json": _dumps(full["segments"]),
-        f"{stem}.srt": _subtitles(WriteSRT, sub_input).encode(),
-        f"{stem}.vtt": _subtitles(WriteVTT, sub_input).encode(),
-    }
+    files[f"{stem}.json"] = _dumps(full)
+    for fmt in chosen:
+        files[f"{stem}.segments.json" if fmt == "json" else f"{stem}.{fmt}"] = (
+            _dumps(full["segments"]) if fmt == "json" else _written(writers[fmt], data, options))
+    return files
 
 
 def _dumps(obj: Any) -> bytes:
