@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def handler(job: dict[str, Any]) -> dict[str, Any]:
-    """One RunPod job through the transcribe flow; the worker's output or ``{"error": ...}``."""
+def handler(job: dict[str, Any], flow_run_name: Optional[str] = None) -> dict[str, Any]:
+    """One RunPod job through the transcribe flow; the worker's output or ``{"error": ...}``.
+    ``flow_run_name`` names the flow run (the HTTP endpoint passes the job id)."""
     from speech.errors import SpeechError
     from speech.redact import scrub_configured
     from speech.schema import TranscriptionRequest
@@ -40,7 +41,8 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
     refs: list[Any] = []
     try:
         with listening(RunListener(on_outputs=lambda written, _where: refs.extend(written))):
-            result = transcribe_audio(**flow_kwargs(req))
+            flow = transcribe_audio.with_options(flow_run_name=flow_run_name) if flow_run_name else transcribe_audio
+            result = flow(**flow_kwargs(req))
     except SpeechError as exc:
         return {"error": scrub_configured(str(exc))}
     except Exception as exc:  # noqa: BLE001 - the worker answered every failure with one line

@@ -1,0 +1,120 @@
+"""The RunPod-compatible endpoint (issue 14) driven by the official ``runpod`` SDK as the client:
+the original worker README's example input, run_sync, run + status + output, errors, auth."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+from conftest import DATA, wer
+
+KEY = "endpoint-key-for-tests"
+
+
+@pytest.fixture(scope="module")
+def endpoint(prefect_harness):
+    import uvicorn
+
+    from deployments.runpod_api import Jobs, create_app
+    from deployments.runpod_handler import handler
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    jobs = Jobs(lambda job, job_id: handler(job, flow_run_name=job_id), workers=1)
+    server = uvicorn.Server(uvicorn.Config(create_app(KEY, jobs), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}/v2"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def sdk(endpoint, monkeypatch):
+    import runpod
+
+    monkeypatch.setattr(runpod, "api_key", KEY)
+    monkeypatch.setattr(runpod, "endpoint_url_base", endpoint)
+    return runpod
+
+
+def _text():
+    import json
+
+    return json.loads((DATA / "fixtures.json").read_text())["sample_2spk.wav"]["text"]
+
+
+def test_run_sync_with_the_workers_example_input(sdk, tmp_path):
+    """The README's "Transcription with Language Detection and Alignment" input, our audio."""
+    out = sdk.Endpoint("whisperx").run_sync({"input": {
+        "audio_file": str(DATA / "sample_2spk.wav"), "align_output": True, "batch_size": 32, "debug": True,
+        "download_dir": str(tmp_path / "out")}}, timeout=600)
+    assert out["detected_language"] == "en" and out["language_probability"] > 0.5
+    assert all("words" in s for s in out["segments"]) and "debug" in out
+    assert wer(_text(), " ".join(s["text"] for s in out["segments"])) <= 0.12
+
+
+def test_run_then_status_then_output_and_the_flow_run_in_prefect(sdk, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    job = sdk.Endpoint("whisperx").run({"audio_file": str(DATA / "sample_2spk.wav"), "language": "en",
+                                        "download_dir": str(tmp_path / "out")})
+    assert job.status() in ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
+    out = job.output(timeout=600)
+    assert job.status() == "COMPLETED" and out["segments"] and out["language_probability"] is None
+    with get_client(sync_client=True) as client:  # the job is a Prefect flow run named after it
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[job.job_id])))
+    assert len(runs) == 1 and runs[0].state.is_completed()
+
+
+def test_a_bad_job_fails_with_the_handlers_error(sdk, endpoint):
+    job = sdk.Endpoint("whisperx").run({"audio_file": "/nonexistent/a.wav"})
+    job.output(timeout=120)
+    body = requests.get(f"{endpoint}/whisperx/status/{job.job_id}", headers={"Authorization": f"Bearer {KEY}"},
+                        timeout=30).json()
+    assert body["status"] == "FAILED" and "not found" in body["error"] and "output" not in body
+
+
+def test_auth_unknown_jobs_bad_bodies_and_health(endpoint):
+    assert requests.post(f"{endpoint}/e/run", json={"input": {"audio_file": "a.wav"}}, timeout=30).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert requests.get(f"{endpoint}/e/status/x", headers=wrong, timeout=30).status_code == 401
+    ok = {"Authorization": f"Bearer {KEY}"}
+    assert requests.get(f"{endpoint}/e/status/no-such-job", headers=ok, timeout=30).status_code == 404
+    bad = requests.post(f"{endpoint}/e/run", json={"audio_file": "a.wav"}, headers=ok, timeout=30)
+    assert bad.status_code == 400 and "input" in bad.json()["error"]
+    health = requests.get(f"{endpoint}/e/health", timeout=30)  # no key needed
+    assert health.status_code == 200 and "jobs" in health.json()
+
+
+def test_runsync_answers_in_progress_after_its_wait(endpoint, tmp_path):
+    ok = {"Authorization": f"Bearer {KEY}"}
+    body = {"input": {"audio_file": str(DATA / "heldout_3spk.wav"), "download_dir": str(tmp_path / "o"),
+                      "force": True}}
+    first = requests.post(f"{endpoint}/e/runsync?wait=10", json=body, headers=ok, timeout=60).json()
+    assert first["status"] in ("IN_QUEUE", "IN_PROGRESS") and "output" not in first
+    deadline = time.monotonic() + 600
+    while True:
+        view = requests.get(f"{endpoint}/e/status/{first['id']}", headers=ok, timeout=30).json()
+        if view["status"] == "COMPLETED":
+            break
+        assert time.monotonic() < deadline and view["status"] in ("IN_QUEUE", "IN_PROGRESS"), view
+        time.sleep(1)
+    assert view["output"]["segments"] and view["executionTime"] > 0
+
+
+def test_the_service_refuses_a_public_host_without_a_key(monkeypatch):
+    from deployments.runpod_api import main
+
+    monkeypatch.delenv("ENDPOINT_API_KEY", raising=False)
+    with pytest.raises(SystemExit):
+        main(["--host", "0.0.0.0"])
