@@ -64,13 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m flows.transcribe",
         description="Transcribe audio with WhisperX as a Prefect flow; writes <stem>.json/.segments.json/.srt/.vtt.",
     )
-    p.add_argument("audio_file", nargs="?", help="local path, http(s) URL or s3://bucket/key")
+    p.add_argument("audio_file", nargs="*", metavar="AUDIO",
+                   help="local path, http(s) URL or s3://bucket/key; several files run as one batch flow run "
+                   "(models loaded once), each named after its file")
     p.add_argument("--params-json", help="JSON object (or @file / path to a .json file) of request fields; "
                    "the worker's {\"input\": {...}} envelope is accepted; flags override it")
     p.add_argument("--speaker-sample", action="append", metavar="NAME=URL_OR_PATH",
                    help="enrolment clip (repeatable); a bare URL/path derives the name")
     p.add_argument("--json", dest="print_json", action="store_true", help="print the result JSON to stdout")
     p.add_argument("-v", "--verbose", action="store_true", help="show Prefect and library logs")
+    p.add_argument("--print-progress", action="store_true",
+                   help="print each stage's progress as plain lines on stderr (for logs and pipes; whisperx's flag)")
     _request_flags(p)
     return p
 
@@ -98,16 +102,32 @@ def _speaker_sample(value: str) -> dict[str, str]:
 
 def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     data: dict[str, Any] = _load_params_json(args.params_json) if args.params_json else {}
-    skip = {"params_json", "print_json", "verbose", "speaker_sample"}
+    skip = {"params_json", "print_json", "verbose", "speaker_sample", "print_progress", "audio_file"}
     for key, value in vars(args).items():
         if key not in skip and value is not None:
             data[key] = value
+    if args.audio_file:
+        data["audio_file"] = args.audio_file[0]
     if args.speaker_sample:
         data["speaker_samples"] = [_speaker_sample(v) for v in args.speaker_sample]
     return data
 
 
-def _run(args: argparse.Namespace, req: Any) -> Any:
+def _report_batch(args: argparse.Namespace, result: dict[str, Any], outputs: list[Any], started: float,
+                  console: Any) -> int:
+    """The batch's outcome: JSON ({succeeded, failed}) or one line per failed file; exit 1 if any failed."""
+    if args.print_json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    for failure in result["failed"]:
+        console.print(f"[red]failed:[/red] {failure['audio_file']}: {failure['error']}")
+    console.print(f"[green]done[/green] in {time.perf_counter() - started:.1f} s: {len(result['succeeded'])} of "
+                  f"{len(result['succeeded']) + len(result['failed'])} files")
+    for line in describe_outputs(outputs) or ["(not reported)"]:
+        console.print(f"outputs: {line}")
+    return 1 if result["failed"] else 0
+
+
+def _run(args: argparse.Namespace, req: Any, files: list[str]) -> Any:
     """The flow run with a progress bar: (result, output refs, start time, console), or an exit code."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -130,8 +150,15 @@ def _run(args: argparse.Namespace, req: Any) -> Any:
     ) as bar:
         task_id = bar.add_task("starting Prefect", total=1.0)
 
+        printed: dict[str, int] = {}
+
         def on_progress(stage: str, fraction: float, message: str) -> None:
             bar.update(task_id, description=f"{stage}: {message}" if message else stage, completed=fraction)
+            pct = int(round(100 * fraction))
+            if args.print_progress and (pct >= printed.get(stage, -5) + 5 or (pct == 100 and printed.get(stage) != 100)):
+                printed[stage] = pct
+                print(f"Progress: {stage} {pct}%" + (f" ({message})" if message else ""), file=sys.__stderr__,
+                      flush=True)
 
         listener = RunListener(on_progress=on_progress, on_outputs=lambda refs, _where: outputs.extend(refs))
         try:
@@ -141,7 +168,13 @@ def _run(args: argparse.Namespace, req: Any) -> Any:
                 if not args.verbose:
                     _quiet_prefect_console()
                 bar.update(task_id, description="running flow")
-                result = transcribe_audio(**flow_kwargs(req))
+                if len(files) > 1:  # one batch flow run: models load once
+                    from flows.batch import transcribe_batch
+
+                    shared = {k: v for k, v in flow_kwargs(req).items() if k != "audio_file" and v is not None}
+                    result = transcribe_batch(files, request=shared)
+                else:
+                    result = transcribe_audio(**flow_kwargs(req))
         except SpeechError as exc:
             console.print(f"[red]error:[/red] {exc}")
             return 2
@@ -181,12 +214,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     _quiet_libraries(args.verbose)
 
-    from speech.errors import SpeechError
+    from speech.errors import InvalidRequest, SpeechError
     from speech.schema import TranscriptionRequest
 
+    files = list(args.audio_file) or [data["audio_file"]]
     try:
         req = TranscriptionRequest.parse(data)
-        _precheck_local(req.audio_file)
+        for audio_file in files:
+            _precheck_local(audio_file)
+        if len(files) > 1 and req.output_name:
+            raise InvalidRequest("--output-name names one file's outputs; with several files each is named after it")
     except SpeechError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -194,10 +231,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     # stdout carries only the result: whatever libraries print or log to "stdout" while the run
     # goes (whisperx binds its console log handler to sys.stdout when imported) lands on stderr
     with contextlib.redirect_stdout(sys.stderr):
-        outcome = _run(args, req)
+        outcome = _run(args, req, files)
     if isinstance(outcome, int):
         return outcome
     result, outputs, started, console = outcome
+    if len(files) > 1:
+        return _report_batch(args, result, outputs, started, console)
     if args.print_json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
@@ -294,13 +333,16 @@ def _warm_up() -> None:
 
 
 def describe_outputs(refs: list[Any]) -> list[str]:
-    """One line per place the files went: ``/out/talk.{json,segments.json,srt,vtt}``."""
+    """One line per place and output stem: ``/out/talk.{json,segments.json,srt,vtt}``."""
     by_place: dict[str, list[str]] = {}
     for ref in refs:
         place, _, name = ref.uri.rpartition("/")
-        by_place.setdefault(place, []).append(name)
+        stem = min((r.uri.rpartition("/")[2] for r in refs if r.uri.startswith(place + "/")
+                    and name.startswith(r.uri.rpartition("/")[2].rsplit(".", 1)[0] + ".")), key=len)
+        by_place.setdefault(f"{place}\0{stem.rsplit('.', 1)[0]}", []).append(name)
     lines = []
-    for place, names in by_place.items():
+    for key, names in by_place.items():
+        place = key.split("\0", 1)[0]
         stem = os.path.commonprefix(names).rstrip(".")
         rest = [n[len(stem) + 1:] if stem else n for n in names]
         lines.append(f"{place}/{stem}.{{{','.join(rest)}}}" if stem and len(names) > 1 else

@@ -27,6 +27,7 @@ from speech.schema import (
     OutputFormat,
     PyannoteModel,
     SpeakerEncoder,
+    TaskName,
     TranscriptionRequest,
     request_default as _d,
 )
@@ -88,6 +89,7 @@ def transcribe_audio(
     suppress_numerals: bool = _d("suppress_numerals"),
     hotwords: Optional[str] = None,
     temperature_increment_on_fallback: Optional[float] = None,
+    task: TaskName = _d("task"),
     num_speakers: Optional[int] = None,
     download_dir: Optional[str] = None,
     bucket: Optional[str] = None,
@@ -156,6 +158,7 @@ def transcribe_audio(
         suppress_numerals: Suppress numeric and symbol tokens (numbers spelled out).
         hotwords: Words or phrases to favour, given as a hint to the decoder.
         temperature_increment_on_fallback: Retry failed windows at temperature + this, up to 1.0 (default: no fallback).
+        task: transcribe (in the spoken language) or translate (to English).
         num_speakers: Exact number of speakers, when known.
         download_dir: Local folder for the outputs (default RESULTS_DIR or ./out).
         bucket: S3 bucket for the outputs (default RESULTS_BUCKET).

@@ -45,6 +45,7 @@ DiarizationBackend = Literal["auto", "pyannote", "pyannote-api", "segmented", "b
 PyannoteModel = Literal["precision-2", "community-1"]
 SpeakerEncoder = Literal["auto", "builtin", "ecapa", "campplus"]
 OutputFormat = Literal["all", "json", "srt", "vtt", "txt", "tsv", "aud"]
+TaskName = Literal["transcribe", "translate"]
 
 SECRET_FIELDS = tuple(spec.request_field for spec in SECRETS)
 
@@ -175,6 +176,8 @@ class TranscriptionRequest(BaseModel):
     temperature_increment_on_fallback: Optional[float] = Field(
         None, gt=0, le=1, description="When decoding fails the thresholds, retry at temperature + this, up to 1.0 "
         "(whisperx CLI: 0.2); default: no fallback.")
+    task: TaskName = Field(
+        "transcribe", description="transcribe (in the spoken language) or translate (to English).")
     num_speakers: Optional[int] = Field(None, ge=1, description="Exact number of speakers, when known.")
     download_dir: Optional[str] = Field(
         None, description="Local folder for the outputs (default RESULTS_DIR or ./out); ignored when bucket is set."
@@ -399,6 +402,9 @@ class TranscriptionResult(BaseModel):
     debug: Optional[dict[str, Any]] = None
     confidence: Optional[dict[str, Any]] = None
     unclear_intervals: Optional[list[dict[str, Any]]] = None
+    language: Optional[str] = Field(None, description="whisperx's key: the language of the segments")
+    word_segments: Optional[list[TimedWord]] = Field(
+        None, description="whisperx's key: every timed word in order (present once words are aligned)")
     verification: Optional[dict[str, Any]] = Field(None, description="enrolled names: which speaker got which, "
                                                    "and why the others kept their SPEAKER_XX label")
 
@@ -461,6 +467,7 @@ class TranscribeParams(BaseModel):
     suppress_numerals: bool = request_default("suppress_numerals")
     hotwords: Optional[str] = None
     temperature_increment_on_fallback: Optional[float] = None
+    task: TaskName = request_default("task")
 
     def asr_options(self) -> dict[str, Any]:
         """whisperx's ``asr_options`` (faster-whisper's TranscriptionOptions) for these params."""

@@ -80,7 +80,7 @@ def test_cli_transcribes_and_writes_outputs(tmp_path, manifest):
     params = tmp_path / "params.json"
     params.write_text(json.dumps({"input": {"language": "en", "batch_size": 8}}))
     proc = cli(str(DATA / "heldout_3spk.wav"), "--params-json", str(params), "--download-dir", str(out),
-               env={"PREFECT_HOME": str(tmp_path / "prefect-home")})
+               "--print-progress", env={"PREFECT_HOME": str(tmp_path / "prefect-home")})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == [
         "heldout_3spk.json", "heldout_3spk.segments.json", "heldout_3spk.srt", "heldout_3spk.vtt",
@@ -88,6 +88,7 @@ def test_cli_transcribes_and_writes_outputs(tmp_path, manifest):
     result = json.loads((out / "heldout_3spk.json").read_text())
     assert wer(manifest["heldout_3spk.wav"]["text"], " ".join(s["text"] for s in result["segments"])) <= 0.12
     assert "-->" in proc.stdout and str(out) in proc.stderr
+    assert "Progress: transcribe 100%" in proc.stderr  # --print-progress: plain lines for logs and pipes
 
 
 def test_cache_on_s3_is_shared_by_separate_processes(tmp_path, s3):
@@ -117,3 +118,24 @@ def test_cache_on_s3_is_shared_by_separate_processes(tmp_path, s3):
     # the first process decoded the audio; the second, with every stage cached, never did
     assert list((tmp_path / "first" / "cache" / "audio").glob("*.npy"))
     assert not list((tmp_path / "second" / "cache" / "audio").glob("*.npy"))
+
+
+def test_several_files_run_as_one_batch(tmp_path, manifest):
+    """whisperx's CLI takes several files: here one transcribe-batch flow run (models loaded once),
+    each file's outputs named after it; a file that fails makes the exit code 1, the others land."""
+    from conftest import wer
+
+    out = tmp_path / "out"
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF\x24\x00\x00\x00WAVEnot audio at all" * 20)
+    proc = cli(str(DATA / "heldout_3spk.wav"), str(DATA / "sample_2spk.wav"), str(bad), "--language", "en",
+               "--download-dir", str(out), "--json", env={"PREFECT_HOME": str(tmp_path / "prefect-home")})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert [f.rsplit("/", 1)[1] for f in summary["succeeded"]] == ["heldout_3spk.wav", "sample_2spk.wav"]
+    assert summary["failed"][0]["audio_file"] == str(bad) and "broken.wav" in proc.stderr
+    for name in ("heldout_3spk", "sample_2spk"):
+        result = json.loads((out / f"{name}.json").read_text())
+        assert wer(manifest[f"{name}.wav"]["text"], " ".join(s["text"] for s in result["segments"])) <= 0.12
+    assert not list(out.glob("broken*"))
+    assert f"{out}/heldout_3spk.{{json,segments.json,srt,vtt}}" in "".join(proc.stderr.split())  # rich wraps

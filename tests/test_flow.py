@@ -237,6 +237,7 @@ def test_alignment_stage_in_the_flow(prefect_harness, tmp_path):
     words = [w for s in result["segments"] for w in s["words"]]
     assert len(words) == len(" ".join(s["text"] for s in result["segments"]).split())
     assert all(w["start"] <= w["end"] for w in words)
+    assert result["word_segments"] == words and result["language"] == "en"  # whisperx's keys too
     assert len(result["segments"]) == 4  # one per sentence
     assert (out / "heldout_3spk.srt").read_text().count("-->") == 4
 

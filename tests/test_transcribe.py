@@ -1,6 +1,8 @@
 """Real WhisperX inference with the bundled Whisper base on synthesized speech."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -55,6 +57,14 @@ def long_spanish():
     whisper = get_whisper(resolve_model(None), device, compute, get_settings()).whisper
     _, chunks = speech_chunks(get_vad(device, get_settings()), audio, 0.5, 0.363)
     return whisper, audio, chunks
+
+
+def test_translate_gives_english(manifest):
+    """task=translate (whisperx CLI's --task): the Spanish fixture comes out in English."""
+    tr = transcribe(samples("es_espeak.wav"), TranscribeParams(language="es", task="translate"))
+    text = " ".join(s.text for s in tr.segments).lower()
+    assert {"morning", "coffee", "friends"} <= set(re.findall(r"[a-z]+", text)), text
+    assert "días" not in text and "amigos" not in text
 
 
 def test_min_prob_zero_uses_one_window(long_spanish):

@@ -118,6 +118,7 @@ def _decode(audio: np.ndarray, chunks: list[dict], scores: Any, loaded: Any, lan
         audio,
         batch_size=params.batch_size,
         language=language,
+        task=params.task,
         progress_callback=lambda pct: report(progress, "transcribe", pct / 100.0, "decoding"),
     )
     return [Segment(start=float(s["start"]), end=float(s["end"]), text=s["text"].strip())

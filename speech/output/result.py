@@ -42,8 +42,12 @@ class PipelineResults(BaseModel):
 def build_result(run: PipelineResults) -> TranscriptionResult:
     """The worker's JSON: segments, detected_language, language_probability (+ debug)."""
     speakers, confidence, alignment = run.speakers, run.confidence, run.alignment
+    segments = run.final_segments()
+    words = [w for s in segments for w in (s.words or []) if w.start is not None]
     return TranscriptionResult(
-        segments=run.final_segments(),
+        segments=segments,
+        language=run.transcript.language,
+        word_segments=words or None,
         speakers=speakers.speakers if speakers is not None and speakers.speakers else None,
         confidence=confidence.summary if confidence is not None else None,
         unclear_intervals=confidence.unclear_intervals if confidence is not None else None,
