@@ -345,6 +345,8 @@ class Segment(BaseModel):
     text: str
     words: Optional[list[TimedWord]] = None
     speaker: Optional[str] = None
+    speaker_id: Optional[str] = Field(None, description="the diarization label behind an enrolled name (the worker's)")
+    similarity: Optional[float] = Field(None, description="that label's cosine similarity to the name (the worker's)")
     confidence: Optional[float] = None
     confidence_flag: Optional[str] = None
 

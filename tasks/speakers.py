@@ -115,7 +115,8 @@ def label_speakers(audio: AudioRef, segments: list[Segment], outcome: Diarizatio
         threshold, margin = encoders.encoder_defaults(encoder)
         mapping = verify.match_names(centroids, {k: np.asarray(v) for k, v in enrolled.items()},
                                      threshold=threshold, margin=margin)
-        labelled, speakers = verify.relabel(labelled, speakers, mapping)
+        named = {k: np.asarray(v) for k, v in enrolled.items()}
+        labelled, speakers = verify.relabel(labelled, speakers, mapping, verify.match_scores(centroids, named, mapping))
         summary["names"] = mapping
         summary["verification"] = {"encoder": encoder.name, **verify.explain(
             centroids, {k: np.asarray(v) for k, v in enrolled.items()}, mapping, threshold, margin)}

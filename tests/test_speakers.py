@@ -266,8 +266,12 @@ def test_relabel_puts_names_everywhere_and_keeps_keys():
         Segment(start=3, end=4, text="no speaker"),
     ]
     speakers = {f"SPEAKER_0{i}": SpeakerInfo(name=f"SPEAKER_0{i}", time=1.0 + i) for i in range(3)}
-    new_segs, new_speakers = verify.relabel(segs, speakers, {"SPEAKER_00": "Alice", "SPEAKER_02": "Carol"})
+    new_segs, new_speakers = verify.relabel(segs, speakers, {"SPEAKER_00": "Alice", "SPEAKER_02": "Carol"},
+                                            {"SPEAKER_00": 0.812345, "SPEAKER_02": 0.6})
     assert [s.speaker for s in new_segs] == ["Alice", "SPEAKER_01", "Carol", None]
+    # the worker's per-segment keys beside the name: the label it came from and its similarity
+    assert [(s.speaker_id, s.similarity) for s in new_segs] == [
+        ("SPEAKER_00", 0.8123), (None, None), ("SPEAKER_02", 0.6), (None, None)]
     assert [w.speaker for w in new_segs[0].words] == ["Alice", "SPEAKER_01"]
     assert new_segs[1].words[0].speaker == "SPEAKER_01"
     assert list(new_speakers) == ["SPEAKER_00", "SPEAKER_01", "SPEAKER_02"]

@@ -268,6 +268,13 @@ def match_names(
     return mapping
 
 
+def match_scores(centroids: dict[str, np.ndarray], enrolled: dict[str, np.ndarray],
+                 mapping: dict[str, str]) -> dict[str, float]:
+    """{label: cosine similarity to the name it was given}."""
+    labels, names, sim = similarity_matrix(centroids, enrolled)
+    return {label: float(sim[labels.index(label), names.index(name)]) for label, name in mapping.items()}
+
+
 def explain(centroids: dict[str, np.ndarray], enrolled: dict[str, np.ndarray], mapping: dict[str, str],
             threshold: float, margin: float) -> dict:
     """What the result says about the naming: the names given, why each other speaker kept its
@@ -297,9 +304,12 @@ def explain(centroids: dict[str, np.ndarray], enrolled: dict[str, np.ndarray], m
 
 
 def relabel(
-    segments: Sequence[Segment], speakers: Optional[dict[str, SpeakerInfo]], mapping: dict[str, str]
+    segments: Sequence[Segment], speakers: Optional[dict[str, SpeakerInfo]], mapping: dict[str, str],
+    scores: Optional[dict[str, float]] = None,
 ) -> tuple[list[Segment], dict[str, SpeakerInfo]]:
-    """Put enrolled names into ``segment.speaker``, ``word.speaker`` and ``speakers[label].name``.
+    """Put enrolled names into ``segment.speaker``, ``word.speaker`` and ``speakers[label].name``;
+    a named segment also keeps its label as ``speaker_id`` and, given ``scores`` ({label:
+    similarity to its name}), the ``similarity``, as the original worker's segments did.
 
     Returns copies. The keys of ``speakers`` stay the diarization labels (``SPEAKER_XX``), as
     in the original worker's ``speakers: {SPEAKER_XX: {name, time}}``; labels without a match
@@ -309,7 +319,10 @@ def relabel(
     for seg in segments:
         new = seg.model_copy(deep=True)
         if new.speaker in mapping:
-            new.speaker = mapping[new.speaker]
+            label = new.speaker
+            new.speaker, new.speaker_id = mapping[label], label
+            if scores and label in scores:
+                new.similarity = round(float(scores[label]), 4)
         for word in new.words or []:
             if word.speaker in mapping:
                 word.speaker = mapping[word.speaker]
