@@ -90,6 +90,7 @@ def transcribe_audio(
     hotwords: Optional[str] = None,
     temperature_increment_on_fallback: Optional[float] = None,
     task: TaskName = _d("task"),
+    chunk_size: int = _d("chunk_size"),
     num_speakers: Optional[int] = None,
     download_dir: Optional[str] = None,
     bucket: Optional[str] = None,
@@ -159,6 +160,7 @@ def transcribe_audio(
         hotwords: Words or phrases to favour, given as a hint to the decoder.
         temperature_increment_on_fallback: Retry failed windows at temperature + this, up to 1.0 (default: no fallback).
         task: transcribe (in the spoken language) or translate (to English).
+        chunk_size: Merge VAD speech into chunks of at most this many seconds (default 30); shorter chunks, shorter segments.
         num_speakers: Exact number of speakers, when known.
         download_dir: Local folder for the outputs (default RESULTS_DIR or ./out).
         bucket: S3 bucket for the outputs (default RESULTS_BUCKET).

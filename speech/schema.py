@@ -178,6 +178,9 @@ class TranscriptionRequest(BaseModel):
         "(whisperx CLI: 0.2); default: no fallback.")
     task: TaskName = Field(
         "transcribe", description="transcribe (in the spoken language) or translate (to English).")
+    chunk_size: int = Field(
+        30, ge=1, le=30, description="Merge VAD speech into chunks of at most this many seconds (whisperx's "
+        "--chunk_size); shorter chunks give shorter segments.")
     num_speakers: Optional[int] = Field(None, ge=1, description="Exact number of speakers, when known.")
     download_dir: Optional[str] = Field(
         None, description="Local folder for the outputs (default RESULTS_DIR or ./out); ignored when bucket is set."
@@ -470,6 +473,7 @@ class TranscribeParams(BaseModel):
     hotwords: Optional[str] = None
     temperature_increment_on_fallback: Optional[float] = None
     task: TaskName = request_default("task")
+    chunk_size: int = request_default("chunk_size")
 
     def asr_options(self) -> dict[str, Any]:
         """whisperx's ``asr_options`` (faster-whisper's TranscriptionOptions) for these params."""

@@ -67,6 +67,17 @@ def test_translate_gives_english(manifest):
     assert "días" not in text and "amigos" not in text
 
 
+def test_chunk_size_bounds_the_segments(manifest):
+    """chunk_size (whisperx CLI's --chunk_size): speech merged into chunks of at most 8 s, so no
+    segment is longer; the words are the same."""
+    long = transcribe(samples("diar_3spk.wav"), TranscribeParams(language="en"))
+    short = transcribe(samples("diar_3spk.wav"), TranscribeParams(language="en", chunk_size=8))
+    assert max(s.end - s.start for s in long.segments) > 8.5
+    assert max(s.end - s.start for s in short.segments) <= 8.5
+    text = manifest["diar_3spk.wav"]["text"]
+    assert wer(text, " ".join(s.text for s in short.segments)) <= 0.15
+
+
 def test_min_prob_zero_uses_one_window(long_spanish):
     lang, prob, tries = detect_language(*long_spanish, min_prob=0, max_tries=5)
     assert (lang, tries) == ("es", 1) and prob > 0.5

@@ -62,7 +62,7 @@ def transcribe(
 
     t = time.perf_counter()
     report(progress, "transcribe", 0.0, "voice activity detection")
-    scores, chunks = speech_chunks(vad_model, audio, params.vad_onset, params.vad_offset)
+    scores, chunks = speech_chunks(vad_model, audio, params.vad_onset, params.vad_offset, params.chunk_size)
     timings["vad"] = round(time.perf_counter() - t, 3)
 
     language, probability, tries = params.language, None, 0
@@ -111,7 +111,8 @@ def _decode(audio: np.ndarray, chunks: list[dict], scores: Any, loaded: Any, lan
             asr_options=asr_options,
             language=language,
             vad_model=PrecomputedVad(scores),
-            vad_options={"vad_onset": params.vad_onset, "vad_offset": params.vad_offset},
+            vad_options={"vad_onset": params.vad_onset, "vad_offset": params.vad_offset,
+                         "chunk_size": params.chunk_size},
             model=loaded.whisper,
         )
     out = pipeline.transcribe(
@@ -119,6 +120,7 @@ def _decode(audio: np.ndarray, chunks: list[dict], scores: Any, loaded: Any, lan
         batch_size=params.batch_size,
         language=language,
         task=params.task,
+        chunk_size=params.chunk_size,
         progress_callback=lambda pct: report(progress, "transcribe", pct / 100.0, "decoding"),
     )
     return [Segment(start=float(s["start"]), end=float(s["end"]), text=s["text"].strip())

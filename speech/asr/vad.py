@@ -43,10 +43,11 @@ class PrecomputedVad:
         return self.scores
 
 
-def speech_chunks(vad_model: Any, audio: np.ndarray, onset: float, offset: float) -> tuple[Any, list[dict]]:
-    """VAD scores and whisperx's merged ≤30 s speech chunks [{start, end, segments}]."""
+def speech_chunks(vad_model: Any, audio: np.ndarray, onset: float, offset: float,
+                  chunk_size: int = CHUNK_SECONDS) -> tuple[Any, list[dict]]:
+    """VAD scores and whisperx's merged speech chunks of at most ``chunk_size`` s [{start, end, segments}]."""
     from whisperx.vads import Pyannote
 
     scores = vad_model({"waveform": Pyannote.preprocess_audio(audio), "sample_rate": SAMPLE_RATE})
-    chunks = Pyannote.merge_chunks(scores, CHUNK_SECONDS, onset=onset, offset=offset)
+    chunks = Pyannote.merge_chunks(scores, chunk_size, onset=onset, offset=offset)
     return scores, chunks
