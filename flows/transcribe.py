@@ -23,6 +23,8 @@ from flows.pipeline import run_pipeline
 from flows.runtime import apply_runtime_switches, redact_stored_secrets
 from speech.schema import (
     AlignBackend,
+    ComputeType,
+    DeviceName,
     DiarizationBackend,
     OutputFormat,
     PyannoteModel,
@@ -91,6 +93,8 @@ def transcribe_audio(
     temperature_increment_on_fallback: Optional[float] = None,
     task: TaskName = _d("task"),
     chunk_size: int = _d("chunk_size"),
+    device: Optional[DeviceName] = None,
+    compute_type: Optional[ComputeType] = None,
     num_speakers: Optional[int] = None,
     download_dir: Optional[str] = None,
     bucket: Optional[str] = None,
@@ -161,6 +165,8 @@ def transcribe_audio(
         temperature_increment_on_fallback: Retry failed windows at temperature + this, up to 1.0 (default: no fallback).
         task: transcribe (in the spoken language) or translate (to English).
         chunk_size: Merge VAD speech into chunks of at most this many seconds (default 30); shorter chunks, shorter segments.
+        device: Device for transcription: auto, cpu or cuda (default WHISPERX_DEVICE).
+        compute_type: CTranslate2 compute type for transcription (default WHISPERX_COMPUTE_TYPE, else float16 on CUDA, int8 on CPU).
         num_speakers: Exact number of speakers, when known.
         download_dir: Local folder for the outputs (default RESULTS_DIR or ./out).
         bucket: S3 bucket for the outputs (default RESULTS_BUCKET).

@@ -22,10 +22,12 @@ from speech.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 
-def resolve_device(settings: Optional[Settings] = None) -> tuple[str, str]:
-    """WHISPERX_DEVICE auto|cpu|cuda -> (device, compute type): float16 on CUDA, int8 on CPU."""
+def resolve_device(settings: Optional[Settings] = None, device: Optional[str] = None,
+                   compute_type: Optional[str] = None) -> tuple[str, str]:
+    """WHISPERX_DEVICE auto|cpu|cuda -> (device, compute type): float16 on CUDA, int8 on CPU.
+    ``device`` / ``compute_type`` (a run's own choice) win over the settings."""
     settings = settings or get_settings()
-    want = settings.device
+    want = device or settings.device
     has_cuda = False
     if want in ("auto", "cuda"):
         import ctranslate2
@@ -33,9 +35,9 @@ def resolve_device(settings: Optional[Settings] = None) -> tuple[str, str]:
         has_cuda = ctranslate2.get_cuda_device_count() > 0
     if want == "cuda" and not has_cuda:  # as the original worker did: run, slower, and say so
         _warn_once("WHISPERX_DEVICE=cuda but no CUDA device is visible: running on the CPU")
-    device = "cuda" if has_cuda else "cpu"
-    compute = settings.compute_type or ("float16" if device == "cuda" else "int8")
-    return device, compute
+    resolved = "cuda" if has_cuda and want != "cpu" else "cpu"
+    compute = compute_type or settings.compute_type or ("float16" if resolved == "cuda" else "int8")
+    return resolved, compute
 
 
 _WARNED: set[str] = set()

@@ -46,6 +46,9 @@ PyannoteModel = Literal["precision-2", "community-1"]
 SpeakerEncoder = Literal["auto", "builtin", "ecapa", "campplus"]
 OutputFormat = Literal["all", "json", "srt", "vtt", "txt", "tsv", "aud"]
 TaskName = Literal["transcribe", "translate"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+ComputeType = Literal["default", "auto", "int8", "int8_float16", "int8_float32", "int8_bfloat16", "int16",
+                      "float16", "float32", "bfloat16"]
 
 SECRET_FIELDS = tuple(spec.request_field for spec in SECRETS)
 
@@ -181,6 +184,12 @@ class TranscriptionRequest(BaseModel):
     chunk_size: int = Field(
         30, ge=1, le=30, description="Merge VAD speech into chunks of at most this many seconds (whisperx's "
         "--chunk_size); shorter chunks give shorter segments.")
+    device: Optional[DeviceName] = Field(
+        None, description="Device for transcription: auto, cpu or cuda (default WHISPERX_DEVICE; cuda without a "
+        "GPU runs on the CPU with a warning).")
+    compute_type: Optional[ComputeType] = Field(
+        None, description="CTranslate2 compute type for transcription (default WHISPERX_COMPUTE_TYPE, else "
+        "float16 on CUDA, int8 on CPU).")
     num_speakers: Optional[int] = Field(None, ge=1, description="Exact number of speakers, when known.")
     download_dir: Optional[str] = Field(
         None, description="Local folder for the outputs (default RESULTS_DIR or ./out); ignored when bucket is set."
@@ -474,6 +483,8 @@ class TranscribeParams(BaseModel):
     temperature_increment_on_fallback: Optional[float] = None
     task: TaskName = request_default("task")
     chunk_size: int = request_default("chunk_size")
+    device: Optional[DeviceName] = None
+    compute_type: Optional[ComputeType] = None
 
     def asr_options(self) -> dict[str, Any]:
         """whisperx's ``asr_options`` (faster-whisper's TranscriptionOptions) for these params."""

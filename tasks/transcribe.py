@@ -23,7 +23,7 @@ def transcribe_key(audio_sha256: str, params: TranscribeParams, context: Any = N
     """The transcribe stage's cache key: audio, its own parameters, the resolved model (env vars
     included, not just the parameter), device and compute type, code version."""
     label = resolve_model(params.model, assemble=False).label
-    device, compute = resolve_device()
+    device, compute = resolve_device(None, params.device, params.compute_type)
     return stage_key("transcribe", audio_sha256, [params.model_dump(), label, device, compute], VERSION, context)
 
 

@@ -78,6 +78,18 @@ def test_chunk_size_bounds_the_segments(manifest):
     assert wer(text, " ".join(s.text for s in short.segments)) <= 0.15
 
 
+def test_a_run_chooses_its_compute_type_and_device(manifest):
+    """compute_type / device as run parameters (whisperx CLI's --compute_type / --device): the
+    model loads with them, and they are part of the transcribe cache key."""
+    from tasks.transcribe import transcribe_key
+
+    tr = transcribe(samples("sample_2spk.wav"), TranscribeParams(language="en", compute_type="float32", device="cpu"))
+    assert (tr.device, tr.compute_type) == ("cpu", "float32")
+    assert wer(manifest["sample_2spk.wav"]["text"], " ".join(s.text for s in tr.segments)) <= 0.12
+    keys = {transcribe_key("0" * 64, TranscribeParams(language="en", compute_type=c)) for c in (None, "float32")}
+    assert len(keys) == 2
+
+
 def test_min_prob_zero_uses_one_window(long_spanish):
     lang, prob, tries = detect_language(*long_spanish, min_prob=0, max_tries=5)
     assert (lang, tries) == ("es", 1) and prob > 0.5

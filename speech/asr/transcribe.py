@@ -53,7 +53,7 @@ def transcribe(
 
     t = time.perf_counter()
     spec = resolve_model(params.model, settings)
-    device, compute_type = resolve_device(settings)
+    device, compute_type = resolve_device(settings, params.device, params.compute_type)
     before = cache.load_count
     loaded = get_whisper(spec, device, compute_type, settings, cache)
     vad_model = get_vad(device, settings, cache)
