@@ -53,6 +53,7 @@ def handler(job: dict[str, Any], flow_run_name: Optional[str] = None) -> dict[st
 def _bucket_keys(req: Any, refs: list[Any]) -> dict[str, str]:
     """``transcript_key/url`` and ``segments_key/url`` for outputs written to a bucket."""
     from speech.io.store import OutputTarget, S3Store
+    from speech.io.upload import presign
     from speech.settings import get_settings
     from tasks.storage import results_store
 
@@ -75,8 +76,7 @@ def _bucket_keys(req: Any, refs: list[Any]) -> dict[str, str]:
         bucket, _, key = ref.uri[len("s3://"):].partition("/")
         out[f"{kind}_key"] = key
         if client is not None:
-            out[f"{kind}_url"] = client.generate_presigned_url(
-                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=get_settings().url_expiry)
+            out[f"{kind}_url"] = presign(client, bucket, key, get_settings().url_expiry)
     return out
 
 

@@ -334,19 +334,17 @@ def _warm_up() -> None:
 
 def describe_outputs(refs: list[Any]) -> list[str]:
     """One line per place and output stem: ``/out/talk.{json,segments.json,srt,vtt}``."""
-    by_place: dict[str, list[str]] = {}
-    for ref in refs:
-        place, _, name = ref.uri.rpartition("/")
-        stem = min((r.uri.rpartition("/")[2] for r in refs if r.uri.startswith(place + "/")
-                    and name.startswith(r.uri.rpartition("/")[2].rsplit(".", 1)[0] + ".")), key=len)
-        by_place.setdefault(f"{place}\0{stem.rsplit('.', 1)[0]}", []).append(name)
+    groups: dict[tuple[str, str], list[str]] = {}
+    for place, name in sorted((r.uri.rpartition("/")[::2] for r in refs), key=lambda pn: len(pn[1])):
+        # shortest names first: <stem>.srt fixes the stem before <stem>.segments.json comes
+        stem = next((st for pl, st in groups if pl == place and name.startswith(st + ".")), name.rsplit(".", 1)[0])
+        groups.setdefault((place, stem), []).append(name)
+    order = {r.uri.rpartition("/")[2]: i for i, r in enumerate(refs)}
     lines = []
-    for key, names in by_place.items():
-        place = key.split("\0", 1)[0]
-        stem = os.path.commonprefix(names).rstrip(".")
-        rest = [n[len(stem) + 1:] if stem else n for n in names]
-        lines.append(f"{place}/{stem}.{{{','.join(rest)}}}" if stem and len(names) > 1 else
-                     ", ".join(f"{place}/{n}" for n in names))
+    for (place, stem), names in groups.items():
+        names.sort(key=order.get)
+        rest = [n[len(stem) + 1:] for n in names]
+        lines.append(f"{place}/{stem}.{{{','.join(rest)}}}" if len(names) > 1 else f"{place}/{names[0]}")
     return lines
 
 

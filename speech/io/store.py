@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import mimetypes
 import os
 import shutil
 import tempfile
@@ -176,6 +175,7 @@ class S3Store:
         import uuid
 
         from speech.io.s3 import storage_error
+        from speech.io.upload import content_type_for
 
         stem = _stem(files)
         nonce = uuid.uuid4().hex[:12]
@@ -186,7 +186,7 @@ class S3Store:
             for name in sorted(files, key=lambda n: n == f"{stem}.json"):
                 key = self.prefix + name
                 backups[key] = self._backup(key, f"{self.prefix}.backup/{nonce}/{name}")
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=files[name], ContentType=_content_type(name))
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=files[name], ContentType=content_type_for(name))
                 refs.append(OutputRef(name=name, uri=f"s3://{self.bucket}/{key}", size_bytes=len(files[name]),
                                       url=self._url(key)))
         except Exception as exc:  # noqa: BLE001 - every failure rolls back, then says what failed
@@ -217,14 +217,6 @@ class S3Store:
                     self.client.delete_object(Bucket=self.bucket, Key=backup)
                 else:
                     self.client.delete_object(Bucket=self.bucket, Key=key)
-
-
-def _content_type(name: str) -> str:
-    if name.endswith(".vtt"):
-        return "text/vtt"
-    if name.endswith(".srt"):
-        return "application/x-subrip"
-    return mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
 def open_store(

@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 MAX_URL_EXPIRY = 604800  # S3 SigV4 presigned URLs live at most 7 days
 
-_AUDIO_TYPES = {
+_TYPES = {  # audio (guessed badly or not at all by mimetypes) and the subtitle outputs
+    ".srt": "application/x-subrip",
+    ".vtt": "text/vtt",
     ".mp3": "audio/mpeg",
     ".m4a": "audio/mp4",
     ".mp4": "video/mp4",
@@ -58,9 +60,19 @@ class UploadResult(BaseModel):
     sha256: str
 
 
+def presign(client: Any, bucket: str, key: str, expiry: int) -> str:
+    """A presigned GET URL for ``s3://bucket/key`` (it carries credentials: never log it)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expiry)
+    except (ClientError, BotoCoreError) as exc:
+        raise storage_error(exc, f"cannot presign s3://{bucket}/{key}", bucket) from None
+
+
 def content_type_for(name: str) -> str:
     ext = Path(name).suffix.lower()
-    return _AUDIO_TYPES.get(ext) or mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return _TYPES.get(ext) or mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
 def _md5_of(path: Path) -> str:
@@ -158,12 +170,7 @@ def upload_audio(
     else:
         log.info("%s already holds this audio (sha256 %s…); upload skipped", uri, sha256[:12])
 
-    try:
-        url = client.generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=url_expiry
-        )
-    except (ClientError, BotoCoreError) as exc:
-        raise storage_error(exc, f"cannot presign {uri}", bucket) from None
+    url = presign(client, bucket, key, url_expiry)
     log.debug("presigned %s for %ds: %s", uri, url_expiry, redact_url(url))
     return UploadResult(
         bucket=bucket, key=key, uri=uri, presigned_url=url, uploaded=uploaded, size_bytes=size, sha256=sha256
