@@ -28,9 +28,11 @@ from speech.schema import (
     DiarizationBackend,
     OutputFormat,
     PyannoteModel,
+    SegmentResolution,
     SpeakerEncoder,
     TaskName,
     TranscriptionRequest,
+    VadMethod,
     request_default as _d,
 )
 
@@ -95,6 +97,10 @@ def transcribe_audio(
     chunk_size: int = _d("chunk_size"),
     device: Optional[DeviceName] = None,
     compute_type: Optional[ComputeType] = None,
+    vad_method: VadMethod = _d("vad_method"),
+    threads: Optional[int] = None,
+    segment_resolution: SegmentResolution = _d("segment_resolution"),
+    return_char_alignments: bool = _d("return_char_alignments"),
     num_speakers: Optional[int] = None,
     download_dir: Optional[str] = None,
     bucket: Optional[str] = None,
@@ -167,6 +173,10 @@ def transcribe_audio(
         chunk_size: Merge VAD speech into chunks of at most this many seconds (default 30); shorter chunks, shorter segments.
         device: Device for transcription: auto, cpu or cuda (default WHISPERX_DEVICE).
         compute_type: CTranslate2 compute type for transcription (default WHISPERX_COMPUTE_TYPE, else float16 on CUDA, int8 on CPU).
+        vad_method: Voice activity detection: pyannote (default) or silero (Silero VAD v6 bundled with faster-whisper).
+        threads: CPU threads for this run's inference (default WHISPERX_CPU_THREADS, else all cores).
+        segment_resolution: With word alignment: one segment per sentence (default) or per transcription chunk.
+        return_char_alignments: With the wav2vec2 aligner: also return per-character times (segments[].chars).
         num_speakers: Exact number of speakers, when known.
         download_dir: Local folder for the outputs (default RESULTS_DIR or ./out).
         bucket: S3 bucket for the outputs (default RESULTS_BUCKET).

@@ -47,6 +47,8 @@ SpeakerEncoder = Literal["auto", "builtin", "ecapa", "campplus"]
 OutputFormat = Literal["all", "json", "srt", "vtt", "txt", "tsv", "aud"]
 TaskName = Literal["transcribe", "translate"]
 DeviceName = Literal["auto", "cpu", "cuda"]
+VadMethod = Literal["pyannote", "silero"]
+SegmentResolution = Literal["sentence", "chunk"]
 ComputeType = Literal["default", "auto", "int8", "int8_float16", "int8_float32", "int8_bfloat16", "int16",
                       "float16", "float32", "bfloat16"]
 
@@ -190,6 +192,19 @@ class TranscriptionRequest(BaseModel):
     compute_type: Optional[ComputeType] = Field(
         None, description="CTranslate2 compute type for transcription (default WHISPERX_COMPUTE_TYPE, else "
         "float16 on CUDA, int8 on CPU).")
+    vad_method: VadMethod = Field(
+        "pyannote", description="Voice activity detection: pyannote (whisperx's default; weights in the whisperx "
+        "wheel) or silero (Silero VAD v6, the ONNX model bundled with faster-whisper; vad_onset is its speech "
+        "threshold, vad_offset the level speech must fall below to end; far-field audio wants both lower).")
+    threads: Optional[int] = Field(
+        None, ge=1, le=256, description="CPU threads for this run's inference (whisperx's --threads; default "
+        "WHISPERX_CPU_THREADS, else all cores); does not change the result.")
+    segment_resolution: SegmentResolution = Field(
+        "sentence", description="With word alignment: one segment per sentence (whisperx's default) or per "
+        "transcription chunk, words aligned within it.")
+    return_char_alignments: bool = Field(
+        False, description="With word alignment by wav2vec2: also return per-character times (segments[].chars), "
+        "as whisperx's --return_char_alignments.")
     num_speakers: Optional[int] = Field(None, ge=1, description="Exact number of speakers, when known.")
     download_dir: Optional[str] = Field(
         None, description="Local folder for the outputs (default RESULTS_DIR or ./out); ignored when bucket is set."
@@ -340,6 +355,16 @@ class AudioRef(BaseModel):
                                   "workers on other machines")
 
 
+class TimedChar(BaseModel):
+    """One character of an aligned segment (whisperx's ``chars``; no times when it has no frames)."""
+
+    model_config = ConfigDict(extra="forbid")
+    char: str
+    start: Optional[float] = None
+    end: Optional[float] = None
+    score: Optional[float] = None
+
+
 class TimedWord(BaseModel):
     model_config = ConfigDict(extra="forbid")
     word: str
@@ -361,6 +386,7 @@ class Segment(BaseModel):
     similarity: Optional[float] = Field(None, description="that label's cosine similarity to the name (the worker's)")
     confidence: Optional[float] = None
     confidence_flag: Optional[str] = None
+    chars: Optional[list[TimedChar]] = Field(None, description="per-character times (return_char_alignments)")
 
 
 class Transcript(BaseModel):
@@ -458,7 +484,6 @@ def request_default(field: str) -> Any:
     return TranscriptionRequest.model_fields[field].default
 
 
-
 class TranscribeParams(BaseModel):
     """The transcribe stage's own parameters (its cache key, with the audio hash)."""
 
@@ -485,6 +510,12 @@ class TranscribeParams(BaseModel):
     chunk_size: int = request_default("chunk_size")
     device: Optional[DeviceName] = None
     compute_type: Optional[ComputeType] = None
+    vad_method: VadMethod = request_default("vad_method")
+    threads: Optional[int] = Field(None, description="not part of the cache key: the result does not depend on it")
+
+    def cache_fields(self) -> dict[str, Any]:
+        """What the result depends on (the cache key's share of these params)."""
+        return self.model_dump(exclude={"threads"})
 
     def asr_options(self) -> dict[str, Any]:
         """whisperx's ``asr_options`` (faster-whisper's TranscriptionOptions) for these params."""
@@ -517,10 +548,13 @@ class AlignParams(BaseModel):
     backend: AlignBackend = request_default("align_backend")
     align_model: Optional[str] = Field(None, description="wav2vec2 model name or local directory")
     interpolate_method: Literal["nearest", "linear", "ignore"] = "nearest"
+    segment_resolution: SegmentResolution = request_default("segment_resolution")
+    return_char_alignments: bool = False
 
     @classmethod
     def from_request(cls, req: TranscriptionRequest) -> "AlignParams":
-        return cls(backend=req.align_backend, align_model=req.align_model)
+        return cls(backend=req.align_backend, align_model=req.align_model,
+                   segment_resolution=req.segment_resolution, return_char_alignments=req.return_char_alignments)
 
 
 class AlignOutcome(BaseModel):
@@ -530,12 +564,15 @@ class AlignOutcome(BaseModel):
     seconds: float = 0.0
     settled: bool = Field(True, description="False when no backend succeeded or one failed transiently: "
                           "a later run should try again, so the outcome is not cached")
+    chars_error: Optional[str] = Field(None, description="why character times were asked for but not given")
 
     def summary(self) -> dict[str, Any]:
         """The result's ``alignment`` key: which backend ran (None = segment times kept)."""
         out: dict[str, Any] = {"backend": self.backend}
         if self.error:
             out["error"] = self.error
+        if self.chars_error:
+            out["chars_error"] = self.chars_error
         return out
 
 
@@ -584,6 +621,7 @@ class DiarizationOutcome(BaseModel):
     seconds: float = 0.0
     settled: bool = Field(True, description="False when no backend succeeded or one failed transiently: "
                           "a later run should try again, so the outcome is not cached")
+    chars_error: Optional[str] = Field(None, description="why character times were asked for but not given")
     job: Optional[dict[str, Any]] = Field(None, description="pyannoteAI job JSON (saved as <stem>.pyannote.job.json)")
 
 

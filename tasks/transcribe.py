@@ -24,7 +24,7 @@ def transcribe_key(audio_sha256: str, params: TranscribeParams, context: Any = N
     included, not just the parameter), device and compute type, code version."""
     label = resolve_model(params.model, assemble=False).label
     device, compute = resolve_device(None, params.device, params.compute_type)
-    return stage_key("transcribe", audio_sha256, [params.model_dump(), label, device, compute], VERSION, context)
+    return stage_key("transcribe", audio_sha256, [params.cache_fields(), label, device, compute], VERSION, context)
 
 
 def transcribe_cache_key(context: Any, parameters: dict[str, Any]) -> str:

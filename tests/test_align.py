@@ -145,3 +145,50 @@ def test_pipeline_word_times_within_30ms(name, manifest):
     print(f"{name}: start MAE {start_err * 1000:.1f} ms, end MAE {end_err * 1000:.1f} ms over {matched} words")
     assert matched >= 0.85 * len(manifest[name]["words"])
     assert start_err <= 0.030 and end_err <= 0.030
+
+
+def test_chunk_segment_resolution_keeps_the_transcripts_segments(sample_transcript):
+    """segment_resolution=chunk (whisperx CLI's --segment_resolution): one aligned segment per
+    transcription segment, the same words and times as the sentence split."""
+    audio, tr = sample_transcript
+    by_sentence = align(audio, tr, AlignParams(backend="pocketsphinx"))
+    by_chunk = align(audio, tr, AlignParams(backend="pocketsphinx", segment_resolution="chunk"))
+    assert len(by_sentence.segments) == 8 and len(by_chunk.segments) == len(tr.segments)
+    def timed(outcome):
+        return [(w.word, w.start, w.end) for s in outcome.segments for w in s.words]
+
+    assert timed(by_chunk) == timed(by_sentence)
+    assert by_chunk.segments[0].start == by_sentence.segments[0].start
+
+
+def test_char_alignments_from_wav2vec2_in_both_resolutions(sample_transcript, tiny_wav2vec2):
+    """return_char_alignments: every character of each segment's text, in order, times within
+    the segment; chunk resolution joins whisperx's sentences again, chars included; a backend
+    without character times says so instead of failing."""
+    audio, tr = sample_transcript
+    for resolution in ("sentence", "chunk"):
+        out = align(audio, tr, AlignParams(backend="wav2vec2", align_model=tiny_wav2vec2,
+                                           segment_resolution=resolution, return_char_alignments=True))
+        assert out.backend == "wav2vec2", out.error
+        if resolution == "chunk":
+            assert len(out.segments) == len(tr.segments)
+        for seg in out.segments:
+            assert "".join(c.char for c in seg.chars) == seg.text, (resolution, seg.text)
+            timed = [c for c in seg.chars if c.start is not None]
+            assert len(timed) >= len(seg.text.replace(" ", "")) * 0.8
+            assert all(seg.start - 0.05 <= c.start <= c.end <= seg.end + 0.05 for c in timed)
+    plain = align(audio, tr, AlignParams(backend="wav2vec2", align_model=tiny_wav2vec2))
+    assert all(s.chars is None for s in plain.segments)
+    sphinx = align(audio, tr, AlignParams(backend="pocketsphinx", return_char_alignments=True))
+    assert sphinx.backend == "pocketsphinx" and "wav2vec2" in sphinx.summary()["chars_error"]
+    assert all(s.chars is None for s in sphinx.segments)
+
+
+def test_sentence_split_carries_chars():
+    from speech.schema import TimedChar
+
+    text = "Hi there. How are you?"
+    seg = Segment(start=0, end=3, text=text, chars=[TimedChar(char=c, start=i * 0.1) for i, c in enumerate(text)],
+                  words=[TimedWord(word=w, start=i * 0.5, end=i * 0.5 + 0.4) for i, w in enumerate(text.split())])
+    parts = split_sentences(seg)
+    assert ["".join(c.char for c in p.chars) for p in parts] == ["Hi there.", "How are you?"]

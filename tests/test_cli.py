@@ -139,3 +139,24 @@ def test_several_files_run_as_one_batch(tmp_path, manifest):
         assert wer(manifest[f"{name}.wav"]["text"], " ".join(s["text"] for s in result["segments"])) <= 0.12
     assert not list(out.glob("broken*"))
     assert f"{out}/heldout_3spk.{{json,segments.json,srt,vtt}}" in "".join(proc.stderr.split())  # rich wraps
+
+
+def test_json_pipes_into_json_tool_with_whisperx_options(tmp_path, manifest):
+    """`--json | python -m json.tool` (stdout holds the JSON alone) with whisperx CLI options:
+    Silero VAD, chunk segment resolution, one thread, char alignments asked of an aligner that
+    has none (said in the result, not a failure)."""
+    from conftest import wer
+
+    out = tmp_path / "out"
+    cmd = (f"{sys.executable} -m flows.transcribe {DATA / 'heldout_3spk.wav'} --language en --align-output "
+           f"--align-backend pocketsphinx --vad-method silero --segment-resolution chunk --threads 1 "
+           f"--return-char-alignments --output-format txt --download-dir {out} --json "
+           f"| {sys.executable} -m json.tool")
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert len(result["segments"]) == 1 and len(result["segments"][0]["words"]) >= 30  # one chunk, not 4 sentences
+    assert wer(manifest["heldout_3spk.wav"]["text"], result["segments"][0]["text"]) <= 0.12
+    assert result["alignment"]["backend"] == "pocketsphinx" and "wav2vec2" in result["alignment"]["chars_error"]
+    assert sorted(p.name for p in out.iterdir()) == ["heldout_3spk.json", "heldout_3spk.txt"]

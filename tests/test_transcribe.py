@@ -206,3 +206,71 @@ def test_failed_aligner_and_diarizer_loads_are_remembered(tmp_path):
     with pytest.raises(ModelError) as again:
         load_pipeline("org/not-a-pipeline", "cpu", None, cache, probe=True)
     assert again.value is first.value and cache.load_count == 0
+
+
+def _speech_miss_and_false_alarm(chunks: list[dict], turns: list[dict], seconds: float) -> tuple[float, float]:
+    """Missed speech and false alarm of the VAD's raw regions, as fractions of reference speech (10 ms frames)."""
+    n = int(seconds * 100) + 1
+
+    def mask(regions):
+        m = np.zeros(n, bool)
+        for a, b in regions:
+            m[int(a * 100):int(b * 100)] = True
+        return m
+
+    ref = mask((t["start"], t["end"]) for t in turns)
+    hyp = mask(seg for c in chunks for seg in c["segments"])
+    return float((ref & ~hyp).sum() / ref.sum()), float((hyp & ~ref).sum() / ref.sum())
+
+
+def test_silero_vad_offline_on_synthetic_and_real_speech(manifest):
+    """vad_method=silero (whisperx CLI's --vad_method) runs offline from faster-whisper's bundled
+    ONNX model (whisperx's own loads it from torch.hub). Measured on pyannote.audio's real
+    two-person telephone call: silero misses 2.6 % of the reference speech and adds 0.2 %
+    (pyannote's VAD: 0.4 % / 1.2 %); on far-field AMI dev00 it misses 38 % at onset 0.5 / offset
+    0.363 and 2.6 % (5.5 % false alarm) at 0.15 / 0.01 (pyannote: 3 %), so far-field users lower
+    both thresholds."""
+    import soundfile as sf
+
+    from bench.realdata import recordings
+    from speech.asr.vad import get_vad, speech_chunks
+
+    settings = get_settings()
+    silero = get_vad("cpu", settings, method="silero")
+    real = {r.id: r for r in recordings(("sample", "ami")) if r.id in ("sample", "dev00")}
+    for rec_id, onset, offset in (("sample", 0.5, 0.363), ("dev00", 0.15, 0.01)):
+        audio, rate = sf.read(str(real[rec_id].path), dtype="float32")
+        audio = audio.mean(axis=1) if audio.ndim == 2 else audio
+        _, chunks = speech_chunks(silero, audio, onset, offset, 30, "silero")
+        miss, false_alarm = _speech_miss_and_false_alarm(chunks, real[rec_id].turns, len(audio) / rate)
+        assert miss <= 0.05 and false_alarm <= 0.08, (rec_id, miss, false_alarm)
+        assert all(c["end"] - c["start"] <= 30.5 for c in chunks)
+
+    params = TranscribeParams(language="en", vad_method="silero")
+    tr = transcribe(samples("diar_3spk.wav"), params)
+    assert wer(manifest["diar_3spk.wav"]["text"], " ".join(s.text for s in tr.segments)) <= 0.15
+    _, chunks = speech_chunks(silero, samples("diar_3spk.wav"), 0.5, 0.363, 30, "silero")
+    miss, false_alarm = _speech_miss_and_false_alarm(chunks, manifest["diar_3spk.wav"]["turns"],
+                                                     manifest["diar_3spk.wav"]["duration"])
+    assert miss <= 0.05 and false_alarm <= 0.1, (miss, false_alarm)
+    assert transcribe(np.zeros(16000 * 3, np.float32), params).segments == []
+
+
+def test_threads_do_not_change_the_result_or_the_cache_key(two_speaker):
+    """threads (whisperx CLI's --threads) sizes torch's pool and the CTranslate2 model's; the
+    transcript and the transcribe cache key stay the same, vad_method changes the key."""
+    import torch
+
+    from tasks.transcribe import transcribe_key
+
+    base = two_speaker
+    before = torch.get_num_threads()
+    try:
+        one = transcribe(samples("sample_2spk.wav"), TranscribeParams(batch_size=8, threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert [s.text for s in one.segments] == [s.text for s in base.segments]
+    key = transcribe_key("0" * 64, TranscribeParams(language="en"))
+    assert transcribe_key("0" * 64, TranscribeParams(language="en", threads=1)) == key
+    assert transcribe_key("0" * 64, TranscribeParams(language="en", vad_method="silero")) != key

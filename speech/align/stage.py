@@ -8,7 +8,9 @@ Backends (``AlignParams.backend``), in :data:`REGISTRY` order, which is also ``a
     (:mod:`speech.align.whisper`), any language.
 
 Alignment never fails the run: a backend error is logged, the segment-level times are kept
-and the outcome says so (``AlignOutcome.error``). Aligned segments are split into sentences.
+and the outcome says so (``AlignOutcome.error``). Aligned segments are split into sentences
+(``segment_resolution="sentence"``, whisperx's default) or keep the transcription's segments
+(``"chunk"``); only wav2vec2 gives character times (``return_char_alignments``).
 """
 from __future__ import annotations
 
@@ -61,5 +63,12 @@ def align(
         log.warning("alignment failed; keeping segment-level times (%s)", tried.error)
         return AlignOutcome(segments=transcript.segments, backend=None, error=tried.error, seconds=seconds,
                             settled=False)
-    segments = [part for seg in tried.result for part in split_sentences(seg)]
-    return AlignOutcome(segments=segments, backend=tried.backend, seconds=seconds, settled=tried.settled)
+    segments = tried.result
+    if params.segment_resolution == "sentence":
+        segments = [part for seg in segments for part in split_sentences(seg)]
+    chars_error = None
+    if params.return_char_alignments and tried.backend != "wav2vec2":
+        chars_error = f"character times need the wav2vec2 aligner; {tried.backend} aligns words only"
+        log.warning("return_char_alignments: %s", chars_error)
+    return AlignOutcome(segments=segments, backend=tried.backend, seconds=seconds, settled=tried.settled,
+                        chars_error=chars_error)

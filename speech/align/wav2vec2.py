@@ -7,10 +7,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from speech.align.words import fill_missing, refine, round_time
+from speech.align.words import fill_missing, merge_segments, refine, round_time
 from speech.models import ModelCache, hub_offline, resolve_device
 from speech.progress import ProgressCallback, report
-from speech.schema import AlignParams, Segment, TimedWord, Transcript
+from speech.schema import AlignParams, Segment, TimedChar, TimedWord, Transcript
 from speech.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,24 +59,42 @@ def ensure_punkt(language: str, settings: Settings) -> None:
 
 def align_wav2vec2(audio: np.ndarray, transcript: Transcript, params: AlignParams, settings: Settings,
                    cache: ModelCache, progress: Optional[ProgressCallback] = None) -> list[Segment]:
+    """whisperx.align over the transcript. whisperx splits segments into sentences itself; for
+    ``segment_resolution="chunk"`` each transcript segment is aligned on its own and its
+    sentences joined again."""
     import whisperx
 
     device, _ = resolve_device(settings)
     language = transcript.language or "en"
     model, metadata = load_align_model(language, params.align_model, device, settings, cache)
     ensure_punkt(language, settings)
-    segments = [{"start": s.start, "end": s.end, "text": s.text} for s in transcript.segments]
-    result = whisperx.align(
-        segments, model, metadata, np.ascontiguousarray(audio), device,
-        interpolate_method=params.interpolate_method, return_char_alignments=False,
-        progress_callback=lambda pct: report(progress, "align", pct / 100.0, "wav2vec2"),
-    )
-    out = []
-    for seg in result["segments"]:
-        raw = seg.get("words", [])
-        words = [TimedWord(word=w["word"], start=round_time(w.get("start")), end=round_time(w.get("end")),
-                           score=round_time(w.get("score"))) for w in raw]
-        start, end = round_time(seg.get("start")), round_time(seg.get("end"))
-        words = fill_missing(words, start, end)
-        out.append(refine(Segment(start=start, end=end, text=seg["text"].strip()), words))
-    return out
+    samples = np.ascontiguousarray(audio)
+
+    def run(segments: list[Segment], done: float, share: float) -> list[Segment]:
+        result = whisperx.align(
+            [{"start": s.start, "end": s.end, "text": s.text} for s in segments], model, metadata, samples, device,
+            interpolate_method=params.interpolate_method, return_char_alignments=params.return_char_alignments,
+            progress_callback=lambda pct: report(progress, "align", done + share * pct / 100.0, "wav2vec2"),
+        )
+        return [_segment(seg) for seg in result["segments"]]
+
+    if params.segment_resolution == "sentence":
+        return run(transcript.segments, 0.0, 1.0)
+    n = len(transcript.segments)
+    return [merge_segments(run([seg], i / n, 1 / n), seg) for i, seg in enumerate(transcript.segments)]
+
+
+def _segment(seg: dict) -> Segment:
+    """One of whisperx.align's segments as ours (words filled, bounds from words, chars kept)."""
+    words = [TimedWord(word=w["word"], start=round_time(w.get("start")), end=round_time(w.get("end")),
+                       score=round_time(w.get("score"))) for w in seg.get("words", [])]
+    start, end = round_time(seg.get("start")), round_time(seg.get("end"))
+    words = fill_missing(words, start, end)
+    chars, text = seg.get("chars"), seg["text"]
+    if chars is not None:
+        # one char per character of the stripped text (whisperx's spans can take a space either side)
+        at = "".join(c["char"] for c in chars).find(text.strip())
+        chars = chars[at:at + len(text.strip())] if at >= 0 else chars
+        chars = [TimedChar(char=c["char"], start=round_time(c.get("start")), end=round_time(c.get("end")),
+                           score=round_time(c.get("score"))) for c in chars]
+    return refine(Segment(start=start, end=end, text=text.strip(), chars=chars), words)

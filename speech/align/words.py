@@ -1,5 +1,6 @@
 """Word-level helpers every aligner shares: mapping an aligner's words onto the transcript's
-tokens, filling the words it could not place, segment bounds from words, sentence splits."""
+tokens, filling the words it could not place, segment bounds from words, sentence splits (or
+their undoing, for whisperx's chunk segment resolution)."""
 from __future__ import annotations
 
 import re
@@ -7,7 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from speech.schema import Segment, TimedWord
+from speech.schema import Segment, TimedChar, TimedWord
 
 
 def round_time(x: Any) -> Optional[float]:
@@ -76,7 +77,8 @@ _SENTENCE_END = re.compile(r"[.!?。！？]['\")\]]*$")
 
 
 def split_sentences(segment: Segment) -> list[Segment]:
-    """One segment per sentence, cut at word boundaries (as WhisperX's aligner does)."""
+    """One segment per sentence, cut at word boundaries (as WhisperX's aligner does); character
+    times (``chars``), when present, go with their sentence."""
     words = segment.words or []
     if len(words) < 2:
         return [segment]
@@ -90,6 +92,44 @@ def split_sentences(segment: Segment) -> list[Segment]:
         groups.append(current)
     if len(groups) == 1:
         return [segment]
+    chars = _chars_per_group(segment, groups)
     return [
-        refine(Segment(start=g[0].start, end=g[-1].end, text=" ".join(w.word for w in g)), g) for g in groups
+        refine(Segment(start=g[0].start, end=g[-1].end, text=" ".join(w.word for w in g), chars=c), g)
+        for g, c in zip(groups, chars)
     ]
+
+
+def _chars_per_group(segment: Segment, groups: list[list[TimedWord]]) -> list[Optional[list[TimedChar]]]:
+    """Cut ``segment.chars`` (one per character of its text) at the groups' last words."""
+    chars, text = segment.chars, segment.text
+    if not chars or len(chars) != len(text):
+        return [None] * len(groups)
+    out, pos = [], 0
+    for group in groups:
+        end = pos
+        for w in group:  # each word's first occurrence from where the last one ended
+            found = text.find(w.word, end)
+            end = found + len(w.word) if found >= 0 else end
+        start = pos
+        while start < end and text[start] == " ":
+            start += 1
+        out.append(chars[start:end])
+        pos = end
+    return out
+
+
+def merge_segments(parts: list[Segment], original: Segment) -> Segment:
+    """Pieces an aligner split one transcript segment into, joined again (chunk resolution)."""
+    if not parts:
+        return original
+    words = [w for p in parts for w in (p.words or [])]
+    chars: Optional[list[TimedChar]] = None
+    if all(p.chars is not None for p in parts):
+        chars = []
+        for p in parts:
+            if chars:
+                chars.append(TimedChar(char=" "))
+            chars.extend(p.chars or [])
+    text = " ".join(p.text.strip() for p in parts)
+    merged = Segment(start=min(p.start for p in parts), end=max(p.end for p in parts), text=text, chars=chars)
+    return refine(merged, words)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from speech.asr.language import detect_language
-from speech.asr.vad import PrecomputedVad, get_vad, speech_chunks
+from speech.asr.vad import get_vad, precomputed, speech_chunks
 from speech.asr.whisper import get_whisper, resolve_model
 from speech.models import CACHE, ModelCache, resolve_device
 from speech.progress import ProgressCallback, report
@@ -55,14 +55,19 @@ def transcribe(
     spec = resolve_model(params.model, settings)
     device, compute_type = resolve_device(settings, params.device, params.compute_type)
     before = cache.load_count
-    loaded = get_whisper(spec, device, compute_type, settings, cache)
-    vad_model = get_vad(device, settings, cache)
+    if params.threads:  # whisperx's --threads: torch's pool (process-wide) and CTranslate2's
+        import torch
+
+        torch.set_num_threads(params.threads)
+    loaded = get_whisper(spec, device, compute_type, settings, cache, threads=params.threads)
+    vad_model = get_vad(device, settings, cache, params.vad_method)
     if cache.load_count != before:
         timings["model_load"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()
     report(progress, "transcribe", 0.0, "voice activity detection")
-    scores, chunks = speech_chunks(vad_model, audio, params.vad_onset, params.vad_offset, params.chunk_size)
+    scores, chunks = speech_chunks(vad_model, audio, params.vad_onset, params.vad_offset, params.chunk_size,
+                                   params.vad_method)
     timings["vad"] = round(time.perf_counter() - t, 3)
 
     language, probability, tries = params.language, None, 0
@@ -110,7 +115,7 @@ def _decode(audio: np.ndarray, chunks: list[dict], scores: Any, loaded: Any, lan
             compute_type=loaded.compute_type,
             asr_options=asr_options,
             language=language,
-            vad_model=PrecomputedVad(scores),
+            vad_model=precomputed(scores, params.vad_method),
             vad_options={"vad_onset": params.vad_onset, "vad_offset": params.vad_offset,
                          "chunk_size": params.chunk_size},
             model=loaded.whisper,

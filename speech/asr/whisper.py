@@ -119,23 +119,26 @@ def resolve_model(requested: Optional[str], settings: Optional[Settings] = None,
 
 
 def get_whisper(spec: ModelSpec, device: str, compute_type: str, settings: Settings,
-                cache: ModelCache = CACHE) -> LoadedModel:
-    """The Whisper model for (source, device, compute type), loaded once per process."""
+                cache: ModelCache = CACHE, threads: Optional[int] = None) -> LoadedModel:
+    """The Whisper model for (source, device, compute type), loaded once per process; a run's
+    own ``threads`` (CTranslate2 fixes them at load) is a model of its own."""
 
     def load() -> LoadedModel:
         t0 = time.perf_counter()
-        model = _load_whisper(spec, device, compute_type, settings)
+        model = _load_whisper(spec, device, compute_type, settings, threads)
         loaded = LoadedModel(model, spec, device, compute_type, time.perf_counter() - t0)
         log.info("loaded Whisper %s on %s/%s in %.1f s", spec.label, device, compute_type, loaded.load_seconds)
         return loaded
 
-    return cache.get("whisper", (spec.source, device, compute_type), load)
+    key = (spec.source, device, compute_type) + ((threads,) if threads else ())
+    return cache.get("whisper", key, load)
 
 
-def _load_whisper(spec: ModelSpec, device: str, compute_type: str, settings: Settings) -> Any:
+def _load_whisper(spec: ModelSpec, device: str, compute_type: str, settings: Settings,
+                  threads: Optional[int] = None) -> Any:
     from whisperx.asr import WhisperModel
 
-    threads = settings.cpu_threads or os.cpu_count() or 4
+    threads = threads or settings.cpu_threads or os.cpu_count() or 4
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
     try:
         return WhisperModel(
