@@ -171,7 +171,7 @@ def transcribe_audio(
         temperature_increment_on_fallback: Retry failed windows at temperature + this, up to 1.0 (default: no fallback).
         task: transcribe (in the spoken language) or translate (to English).
         chunk_size: Merge VAD speech into chunks of at most this many seconds (default 30); shorter chunks, shorter segments.
-        device: Device for transcription: auto, cpu or cuda (default WHISPERX_DEVICE).
+        device: Device for transcription, wav2vec2 alignment and local pyannote diarization: auto, cpu or cuda (default WHISPERX_DEVICE).
         compute_type: CTranslate2 compute type for transcription (default WHISPERX_COMPUTE_TYPE, else float16 on CUDA, int8 on CPU).
         vad_method: Voice activity detection: pyannote (default) or silero (Silero VAD v6 bundled with faster-whisper).
         threads: CPU threads for this run's inference (default WHISPERX_CPU_THREADS, else all cores).

@@ -187,8 +187,8 @@ class TranscriptionRequest(BaseModel):
         30, ge=1, le=30, description="Merge VAD speech into chunks of at most this many seconds (whisperx's "
         "--chunk_size); shorter chunks give shorter segments.")
     device: Optional[DeviceName] = Field(
-        None, description="Device for transcription: auto, cpu or cuda (default WHISPERX_DEVICE; cuda without a "
-        "GPU runs on the CPU with a warning).")
+        None, description="Device for transcription, wav2vec2 alignment and local pyannote diarization: auto, cpu "
+        "or cuda (default WHISPERX_DEVICE; cuda without a GPU runs on the CPU with a warning).")
     compute_type: Optional[ComputeType] = Field(
         None, description="CTranslate2 compute type for transcription (default WHISPERX_COMPUTE_TYPE, else "
         "float16 on CUDA, int8 on CPU).")
@@ -400,6 +400,7 @@ class Transcript(BaseModel):
     model_source: str = Field("", description="the directory or hub name that was loaded")
     device: str
     compute_type: str
+    threads: Optional[int] = Field(None, description="the run's own CPU threads (finds the loaded model again)")
     timings: dict[str, float] = Field(default_factory=dict)
     peak_memory_mb: Optional[float] = None
 
@@ -550,10 +551,12 @@ class AlignParams(BaseModel):
     interpolate_method: Literal["nearest", "linear", "ignore"] = "nearest"
     segment_resolution: SegmentResolution = request_default("segment_resolution")
     return_char_alignments: bool = False
+    device: Optional[DeviceName] = Field(None, description="the run's device for wav2vec2 (whisper aligns where "
+                                         "it transcribed)")
 
     @classmethod
     def from_request(cls, req: TranscriptionRequest) -> "AlignParams":
-        return cls(backend=req.align_backend, align_model=req.align_model,
+        return cls(backend=req.align_backend, align_model=req.align_model, device=req.device,
                    segment_resolution=req.segment_resolution, return_char_alignments=req.return_char_alignments)
 
 
@@ -596,6 +599,7 @@ class DiarizeParams(BaseModel):
     pyannote_poll_interval: float = request_default("pyannote_poll_interval")
     pyannote_timeout: float = request_default("pyannote_timeout")
     pyannote_json_in: Optional[str] = Field(None, description="a saved <stem>.pyannote.job.json to reuse")
+    device: Optional[DeviceName] = Field(None, description="the run's device for the local pyannote pipeline")
 
     def hosted_first(self, has_key: bool) -> bool:
         """Whether the hosted pyannoteAI API runs (first): chosen, or ``auto`` with a saved job

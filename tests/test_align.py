@@ -192,3 +192,20 @@ def test_sentence_split_carries_chars():
                   words=[TimedWord(word=w, start=i * 0.5, end=i * 0.5 + 0.4) for i, w in enumerate(text.split())])
     parts = split_sentences(seg)
     assert ["".join(c.char for c in p.chars) for p in parts] == ["Hi there.", "How are you?"]
+
+
+def test_the_whisper_aligner_reuses_the_model_that_transcribed():
+    """A run's own threads/compute type load a Whisper model of their own; the whisper aligner
+    finds that one again instead of loading the default (and a run's device reaches the stages
+    that have one)."""
+    from speech.models import CACHE
+    from speech.schema import DiarizeParams, TranscriptionRequest
+
+    audio = samples("sample_2spk.wav")[: 16000 * 6]
+    tr = transcribe(audio, TranscribeParams(language="en", threads=1, compute_type="float32"))
+    assert tr.threads == 1 and tr.compute_type == "float32"
+    loads = CACHE.load_count
+    out = align(audio, tr, AlignParams(backend="whisper"))
+    assert out.backend == "whisper" and CACHE.load_count == loads
+    req = TranscriptionRequest.parse({"audio_file": "a.wav", "device": "cpu"})
+    assert AlignParams.from_request(req).device == "cpu" and DiarizeParams.from_request(req).device == "cpu"

@@ -64,7 +64,7 @@ def align_wav2vec2(audio: np.ndarray, transcript: Transcript, params: AlignParam
     sentences joined again."""
     import whisperx
 
-    device, _ = resolve_device(settings)
+    device, _ = resolve_device(settings, params.device)
     language = transcript.language or "en"
     model, metadata = load_align_model(language, params.align_model, device, settings, cache)
     ensure_punkt(language, settings)

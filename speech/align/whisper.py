@@ -27,9 +27,12 @@ def align_whisper(audio: np.ndarray, transcript: Transcript, settings: Settings,
     from faster_whisper.audio import pad_or_trim
     from faster_whisper.tokenizer import Tokenizer
 
-    device, compute = resolve_device(settings)
     spec = ModelSpec(source=transcript.model_source, label=transcript.model, is_dir=Path(transcript.model_source).is_dir())
-    model = get_whisper(spec, device, compute, settings, cache).whisper  # the one that transcribed: cached
+    # the model that transcribed (cached), where it ran; a cached transcript's device may be gone
+    device, compute = resolve_device(settings, transcript.device)
+    if device == transcript.device:
+        compute = transcript.compute_type
+    model = get_whisper(spec, device, compute, settings, cache, threads=transcript.threads).whisper
     language = transcript.language or "en"
     tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe",
                           language=language if model.model.is_multilingual else "en")

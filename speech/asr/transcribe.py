@@ -97,6 +97,7 @@ def transcribe(
         model_source=spec.source,
         device=device,
         compute_type=compute_type,
+        threads=params.threads,
         timings=timings,
         peak_memory_mb=peak_memory_mb(device),
     )

@@ -39,7 +39,7 @@ def load_pipeline(model: Optional[str], device: str, token: Optional[str], cache
 
 def diarize_pyannote_local(audio: np.ndarray, params: DiarizeParams, settings: Settings, hf_token: Optional[str],
                            cache: ModelCache) -> DiarizationOutcome:
-    device, _ = resolve_device(settings)
+    device, _ = resolve_device(settings, params.device)
     pipeline = load_pipeline(params.model or settings.diarization_model, device, hf_token, cache,
                              probe=params.backend == "auto")
     frame = pipeline(np.ascontiguousarray(audio, dtype=np.float32), num_speakers=params.num_speakers,
