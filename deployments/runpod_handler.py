@@ -52,16 +52,9 @@ def handler(job: dict[str, Any], flow_run_name: Optional[str] = None) -> dict[st
 
 def _bucket_keys(req: Any, refs: list[Any]) -> dict[str, str]:
     """``transcript_key/url`` and ``segments_key/url`` for outputs written to a bucket."""
-    from speech.io.store import OutputTarget, S3Store
-    from speech.io.upload import presign
-    from speech.settings import get_settings
-    from tasks.storage import results_store
-
     s3_refs = [r for r in refs if r.uri.startswith("s3://")]
     if not s3_refs:
         return {}
-    store = results_store(OutputTarget.from_request(req))
-    client = store.client if isinstance(store, S3Store) else None
     jsons = [r for r in s3_refs if r.name.endswith(".json")]
     picked = {
         "segments": next((r for r in jsons if r.name.endswith(".segments.json")), None),
@@ -69,11 +62,43 @@ def _bucket_keys(req: Any, refs: list[Any]) -> dict[str, str]:
         "transcript": min((r for r in jsons if not r.name.endswith(".segments.json")), key=lambda r: len(r.name),
                           default=None),
     }
-    out: dict[str, str] = {}
-    for kind, ref in picked.items():
-        if ref is None:
+    return _keys_and_urls(req, {kind: ref.uri for kind, ref in picked.items() if ref is not None})
+
+
+def stored_bucket_keys(req: Any) -> dict[str, str]:
+    """The same keys for a run that wrote elsewhere (a deployment's worker): ``<stem>.json`` and
+    ``<stem>.segments.json`` where the request's results store puts them, those that exist."""
+    from speech.io.audio import stem_of
+    from speech.io.store import OutputTarget, S3Store
+    from tasks.storage import results_store
+
+    store = results_store(OutputTarget.from_request(req))
+    if not isinstance(store, S3Store):
+        return {}
+    stem = req.output_name or stem_of(req.audio_file)
+    uris = {}
+    for kind, name in (("transcript", f"{stem}.json"), ("segments", f"{stem}.segments.json")):
+        try:
+            store.client.head_object(Bucket=store.bucket, Key=store.prefix + name)
+        except Exception:  # noqa: BLE001 - not written (output_format) or not readable: no key
             continue
-        bucket, _, key = ref.uri[len("s3://"):].partition("/")
+        uris[kind] = f"s3://{store.bucket}/{store.prefix}{name}"
+    return _keys_and_urls(req, uris)
+
+
+def _keys_and_urls(req: Any, uris: dict[str, str]) -> dict[str, str]:
+    from speech.io.store import OutputTarget, S3Store
+    from speech.io.upload import presign
+    from speech.settings import get_settings
+    from tasks.storage import results_store
+
+    if not uris:
+        return {}
+    store = results_store(OutputTarget.from_request(req))
+    client = store.client if isinstance(store, S3Store) else None
+    out: dict[str, str] = {}
+    for kind, uri in uris.items():
+        bucket, _, key = uri[len("s3://"):].partition("/")
         out[f"{kind}_key"] = key
         if client is not None:
             out[f"{kind}_url"] = presign(client, bucket, key, get_settings().url_expiry)

@@ -26,6 +26,7 @@ from speech.io.store import OutputTarget
 from speech.models import CACHE
 from speech.output.result import PipelineResults
 from speech.schema import (
+    SECRET_REF_PREFIX,
     AlignParams,
     AudioRef,
     ConfidenceLabels,
@@ -146,9 +147,6 @@ class Running:
         return result
 
 
-SECRET_REF = "prefect-secret:"  # a token parameter naming a Secret block instead of holding the token
-
-
 def with_block_secrets(req: TranscriptionRequest) -> TranscriptionRequest:
     """A token parameter given as ``prefect-secret:<block name>`` is read from that Secret block
     (so the token itself never travels through the API or lands in its database); tokens the
@@ -162,8 +160,8 @@ def with_block_secrets(req: TranscriptionRequest) -> TranscriptionRequest:
     found, names = {}, {}
     for spec in SECRETS:
         given = secret_value(getattr(req, spec.request_field))
-        if given.startswith(SECRET_REF):
-            name = given[len(SECRET_REF):].strip()
+        if given.startswith(SECRET_REF_PREFIX):
+            name = given[len(SECRET_REF_PREFIX):].strip()
             value = secret_block(name) if re.fullmatch(r"[a-z0-9][a-z0-9-]*", name) else None
             if value is None:
                 raise InvalidRequest(f"{spec.request_field}: no Secret block named {name!r} "

@@ -35,7 +35,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 import speech
 from speech.errors import InvalidRequest
-from speech.schema import SECRET_FIELDS, TranscriptionRequest
+from speech.schema import TranscriptionRequest, plain_secrets
 from speech.io.inbox import Candidate, list_local, list_s3, local_identity
 from tasks.common import artifact_key
 
@@ -102,7 +102,7 @@ def trigger_run(target: str, parameters: dict[str, Any], idempotency_key: str, t
 
 
 def _no_secrets(request: dict[str, Any]) -> None:
-    given = [k for k in SECRET_FIELDS if request.get(k) and not str(request[k]).startswith("prefect-secret:")]
+    given = plain_secrets(request)
     if given:
         raise InvalidRequest(
             f"sweep request must not carry secrets ({', '.join(given)}): they would be stored in every triggered "

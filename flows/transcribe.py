@@ -37,7 +37,10 @@ from speech.schema import (
 )
 
 
-@flow(name="transcribe-audio", validate_parameters=False, log_prints=False)
+# persist_result: a run's result (the worker's JSON) stays readable from the Prefect API after the
+# run, in Prefect's default result storage (PREFECT_DEFAULT_RESULT_STORAGE_BLOCK, else
+# $PREFECT_HOME/storage): how deployments/runpod_api.py answers /status for deployment runs
+@flow(name="transcribe-audio", validate_parameters=False, log_prints=False, persist_result=True)
 def transcribe_audio(
     audio_file: str,
     language: Optional[str] = None,

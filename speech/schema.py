@@ -53,6 +53,16 @@ ComputeType = Literal["default", "auto", "int8", "int8_float16", "int8_float32",
                       "float16", "float32", "bfloat16"]
 
 SECRET_FIELDS = tuple(spec.request_field for spec in SECRETS)
+SECRET_REF_PREFIX = "prefect-secret:"
+
+
+def plain_secrets(values: dict[str, Any]) -> list[str]:
+    """The secret fields of ``values`` that hold a token itself rather than a
+    ``prefect-secret:<block>`` reference: refused where parameters are stored (sweeps, queued runs)."""
+    def text(v: Any) -> str:
+        return v.get_secret_value() if isinstance(v, SecretStr) else str(v)
+
+    return [k for k in SECRET_FIELDS if values.get(k) and not text(values[k]).startswith(SECRET_REF_PREFIX)]
 
 
 def check_speaker_counts(n: Optional[int], lo: Optional[int], hi: Optional[int]) -> None:

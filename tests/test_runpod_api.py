@@ -76,6 +76,45 @@ def test_run_then_status_then_output_and_the_flow_run_in_prefect(sdk, tmp_path):
     assert len(runs) == 1 and runs[0].state.is_completed()
 
 
+def test_the_workers_diarization_and_verification_examples(sdk, http_server, manifest):
+    """The README's "Full Configuration with Diarization/Speaker Verification" inputs over HTTP,
+    with the three ways the worker names a sample: ``?name=``, ``#fragment``, the file stem (a
+    plain URL string). The output has the worker's shape: named segments with ``speaker_id`` and
+    ``similarity``, no token anywhere."""
+    token = "hf_example_token_never_echoed"
+    out = sdk.Endpoint("whisperx").run_sync({"input": {
+        "audio_file": f"{http_server}/diar_3spk.wav", "language": "en", "batch_size": 32, "temperature": 0.2,
+        "align_output": True, "diarization": True, "huggingface_access_token": token, "min_speakers": 2,
+        "max_speakers": 5, "debug": True, "speaker_verification": True,
+        "speaker_samples": [{"url": f"{http_server}/enrol_slt.wav?name=slt"}, {"url": f"{http_server}/enrol_rms.wav#rms"},
+                            f"{http_server}/enrol_awb.wav"]}}, timeout=900)
+    assert out["detected_language"] == "en" and out["language_probability"] is None and "debug" in out
+    assert {s["name"] for s in out["speakers"].values()} == {"slt", "rms", "enrol_awb"}
+    ref = manifest["diar_3spk.wav"]["turns"]
+    truth = {"slt": "slt", "rms": "rms", "enrol_awb": "awb"}
+    right = total = 0.0
+    for seg in out["segments"]:
+        assert seg["speaker_id"].startswith("SPEAKER_") and 0 < seg["similarity"] <= 1 and seg["words"]
+        mid = (seg["start"] + seg["end"]) / 2
+        who = next((t["speaker"] for t in ref if t["start"] <= mid <= t["end"]), None)
+        if who:
+            total += seg["end"] - seg["start"]
+            right += (seg["end"] - seg["start"]) * (truth.get(seg["speaker"]) == who)
+    assert right / total >= 0.9
+    assert token not in str(out)
+
+
+def test_s3_mode_returns_keys_and_presigned_urls(sdk, s3):
+    s3.create_bucket(Bucket="runpod-api-out")
+    out = sdk.Endpoint("whisperx").run_sync({"input": {
+        "audio_file": str(DATA / "sample_2spk.wav"), "language": "en", "bucket": "runpod-api-out",
+        "prefix_transcripts": "transcripts/"}}, timeout=600)
+    assert out["transcript_key"] == "transcripts/sample_2spk.json"
+    assert out["segments_key"] == "transcripts/sample_2spk.segments.json"
+    served = requests.get(out["transcript_url"], timeout=30).json()
+    assert served["segments"] == out["segments"] and requests.get(out["segments_url"], timeout=30).json() == out["segments"]
+
+
 def test_a_bad_job_fails_with_the_handlers_error(sdk, endpoint):
     job = sdk.Endpoint("whisperx").run({"audio_file": "/nonexistent/a.wav"})
     job.output(timeout=120)

@@ -1,0 +1,169 @@
+"""The RunPod-compatible endpoint in deployment mode (issue 14): each job is a run of a Prefect
+deployment, executed by a separate process (a runner serving the deployment, as
+``deployments/serve.py`` does), driven by the official ``runpod`` SDK. The job id is the flow run
+id, the status outlives a restart of the service, a running job can be cancelled (the runner
+stops its process), and tokens never become stored parameters."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import DATA, wer
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "deployment-endpoint-key"
+DEPLOYMENT = "transcribe-audio/runpod-api-test"
+SERVE = ("from flows.transcribe import transcribe_audio\n"
+         "transcribe_audio.serve(name='runpod-api-test', limit=2, print_starting_message=False)\n")
+
+
+@pytest.fixture(scope="module")
+def runner(prefect_harness, tmp_path_factory):
+    """A separate process serving the transcribe flow as a deployment against the test API."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    out = tmp_path_factory.mktemp("deployment-out")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+           "ALLOW_LOCAL_PATHS": f"{DATA}:{out}", "PYTHONPATH": str(ROOT)}
+    log = (out / "runner.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-c", SERVE], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                client.read_deployment_by_name(DEPLOYMENT)
+                break
+            except Exception:  # noqa: BLE001 - not registered yet
+                assert proc.poll() is None and time.monotonic() < deadline, (out / "runner.log").read_text()[-3000:]
+                time.sleep(1)
+    yield out
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def _serve(jobs) -> tuple[str, object, threading.Thread]:
+    import uvicorn
+
+    from deployments.runpod_api import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(KEY, jobs), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return f"http://127.0.0.1:{port}/v2", server, thread
+
+
+@pytest.fixture
+def service(runner):
+    from deployments.runpod_api import DeploymentJobs
+
+    base, server, thread = _serve(DeploymentJobs(DEPLOYMENT))
+    yield base
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def sdk(service, monkeypatch):
+    import runpod
+
+    monkeypatch.setattr(runpod, "api_key", KEY)
+    monkeypatch.setattr(runpod, "endpoint_url_base", service)
+    return runpod
+
+
+def _status(base: str, job_id: str) -> dict:
+    return requests.get(f"{base}/e/status/{job_id}", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+
+
+def test_a_job_is_a_deployment_run_and_outlives_a_restart(sdk, runner, manifest):
+    from prefect.client.orchestration import get_client
+
+    from deployments.runpod_api import DeploymentJobs
+
+    job = sdk.Endpoint("whisperx").run({"audio_file": str(DATA / "sample_2spk.wav"), "align_output": True,
+                                        "download_dir": str(runner / "a")})
+    out = job.output(timeout=600)
+    assert job.status() == "COMPLETED", _status(sdk.endpoint_url_base, job.job_id)
+    assert wer(manifest["sample_2spk.wav"]["text"], " ".join(s["text"] for s in out["segments"])) <= 0.12
+    assert out["detected_language"] == "en" and all("words" in s for s in out["segments"])
+    with get_client(sync_client=True) as client:  # the job id is the flow run of the deployment
+        run = client.read_flow_run(uuid.UUID(job.job_id))
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
+    assert run.deployment_id == deployment.id and run.state.is_completed()
+    assert run.parameters["condition_on_previous_text"] is True  # the worker's envelope semantics travel
+    assert "batch_size" not in run.parameters  # only what the job set: the deployment's defaults stand
+
+    # a restarted service (a new job table) still answers for the job, from the Prefect API
+    base, server, thread = _serve(DeploymentJobs(DEPLOYMENT))
+    try:
+        again = _status(base, job.job_id)
+        assert again["status"] == "COMPLETED" and again["output"]["segments"] == out["segments"]
+        assert again["executionTime"] > 0
+        assert requests.get(f"{base}/e/status/{uuid.uuid4()}", headers={"Authorization": f"Bearer {KEY}"},
+                            timeout=30).status_code == 404
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_cancelling_a_running_job_stops_its_run(service):
+    from prefect.client.orchestration import get_client
+
+    ok = {"Authorization": f"Bearer {KEY}"}
+    body = {"input": {"audio_file": str(DATA / "diar_4spk.wav"), "diarization": True, "align_output": True,
+                      "force": True, "download_dir": str(Path(service).parent)}}
+    job_id = requests.post(f"{service}/e/run", json=body, headers=ok, timeout=60).json()["id"]
+    deadline = time.monotonic() + 300
+    while _status(service, job_id)["status"] != "IN_PROGRESS":
+        assert time.monotonic() < deadline and _status(service, job_id)["status"] == "IN_QUEUE"
+        time.sleep(0.5)
+    answer = requests.post(f"{service}/e/cancel/{job_id}", headers=ok, timeout=60).json()
+    assert answer["status"] == "CANCELLED"
+    with get_client(sync_client=True) as client:  # the runner stops the process: the run ends CANCELLED
+        deadline = time.monotonic() + 120
+        while not (state := client.read_flow_run(uuid.UUID(job_id)).state).is_final():
+            assert time.monotonic() < deadline, state
+            time.sleep(1)
+    assert state.is_cancelled(), state
+    assert _status(service, job_id)["status"] == "CANCELLED"
+
+
+def test_failures_and_tokens(service, runner):
+    ok = {"Authorization": f"Bearer {KEY}"}
+    # a bad input fails in the run, answered with the handler's one-line error
+    bad = requests.post(f"{service}/e/runsync?wait=120000", headers=ok, timeout=200,
+                        json={"input": {"audio_file": str(runner / "missing.wav")}}).json()
+    assert bad["status"] == "FAILED" and "not found" in bad["error"], bad
+    assert "Flow run encountered" not in bad["error"] and "Traceback" not in bad["error"]
+    # a token would be stored in the queued run's parameters: refused before a run is made
+    token = requests.post(f"{service}/e/run", headers=ok, timeout=60, json={"input": {
+        "audio_file": str(DATA / "sample_2spk.wav"), "deepgram_api_key": "dg-secret-123"}}).json()
+    refused = _status(service, token["id"])
+    assert refused["status"] == "FAILED" and "prefect-secret:" in refused["error"]
+    assert "dg-secret-123" not in str(refused)
+    invalid = requests.post(f"{service}/e/run", headers=ok, timeout=60,
+                            json={"input": {"audio_file": "a.wav", "batch_size": 0}}).json()
+    assert "batch_size" in _status(service, invalid["id"])["error"]
+    health = requests.get(f"{service}/e/health", timeout=30).json()
+    assert health["jobs"]["failed"] >= 3 and health["jobs"]["completed"] >= 1
