@@ -2,6 +2,7 @@
 RunPod worker switch by changing one base URL:
 
     ENDPOINT_API_KEY=... python -m deployments.runpod_api [--host 127.0.0.1] [--port 8000] [--workers 1]
+    ENDPOINT_API_KEY=... python -m deployments.runpod_api --deployment transcribe-audio/transcribe-gpu
 
 Routes (RunPod's serverless API; ``{endpoint_id}`` is accepted as given):
 
@@ -10,15 +11,20 @@ Routes (RunPod's serverless API; ``{endpoint_id}`` is accepted as given):
   answers like RunPod: the finished job, or ``{"id", "status": "IN_PROGRESS" | "IN_QUEUE"}``;
 * ``GET /v2/{endpoint_id}/status/{id}`` -> ``{"id", "status", "output" | "error", "delayTime",
   "executionTime"}`` (IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELLED);
-* ``POST /v2/{endpoint_id}/cancel/{id}`` -> cancels a queued job (a running one runs on);
+* ``POST /v2/{endpoint_id}/cancel/{id}`` -> cancels a queued job, and with ``--deployment`` a
+  running one too;
 * ``GET /v2/{endpoint_id}/health`` -> job counts (no key needed).
 
 Every route but ``/health`` wants ``Authorization: Bearer <ENDPOINT_API_KEY>`` (401 otherwise);
-without a key the service only starts on a loopback host. Each job is one ``transcribe-audio``
-flow run in this process (named after the job id, so the Prefect UI lists it), through
-:func:`deployments.runpod_handler.handler`: ``output`` is exactly what the original worker
-returned, a failure is ``FAILED`` with its one-line ``error``. Jobs are kept in memory
-(``--keep`` finished jobs, default 1000): a restart forgets them, as RunPod forgets results.
+without a key the service only starts on a loopback host. ``output`` is exactly what the
+original worker returned, a failure is ``FAILED`` with its one-line ``error``.
+
+Without ``--deployment`` (:class:`Jobs`) each job is one ``transcribe-audio`` flow run in this
+process (named after the job id, so the Prefect UI lists it), through
+:func:`deployments.runpod_handler.handler`; jobs are kept in memory (``--keep`` finished jobs,
+default 1000): a restart forgets them, as RunPod forgets results. With ``--deployment``
+(:class:`DeploymentJobs`) each job is a run of that deployment on its work pool: the job id is
+the flow run id and everything is read back from the Prefect API.
 """
 # no "from __future__ import annotations": FastAPI reads the route functions' annotations at runtime
 
