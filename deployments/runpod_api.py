@@ -180,9 +180,11 @@ class DeploymentJobs:
             return None
         with get_client(sync_client=True) as client:
             try:
-                return client.read_flow_run(run_id)
+                run = client.read_flow_run(run_id)
             except ObjectNotFound:
                 return None
+        # only the runs this endpoint started: a key holder must not read or cancel other flow runs
+        return run if TAG in (run.tags or []) else None
 
     def view(self, job_id: str) -> Optional[dict[str, Any]]:
         if job_id in self.refused:
@@ -220,8 +222,8 @@ class DeploymentJobs:
             result = run.state.result(raise_on_failure=False)
         except Exception as exc:  # noqa: BLE001 - result storage the service cannot read
             return {"status": "FAILED", "error": one_line(
-                f"the run completed but its result cannot be read here ({type(exc).__name__}: {exc}); the service "
-                "and the deployment's workers need the same PREFECT_DEFAULT_RESULT_STORAGE_BLOCK")}
+                f"the run completed but its result cannot be read here ({type(exc).__name__}: {exc}); give the "
+                "deployment's workers a shared RESULTS_STORAGE_BLOCK / RESULTS_STORAGE and this service S3 access to it")}
         if not isinstance(result, dict):
             return {"status": "FAILED", "error": f"the run completed without the worker's result ({type(result).__name__})"}
         try:

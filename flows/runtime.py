@@ -93,3 +93,18 @@ def refuse_untrusted_parameters(req: Any) -> None:
     from speech.io.netguard import check_untrusted_request
 
     check_untrusted_request(req, get_settings())
+
+
+def keep_result_with_task_results() -> None:
+    """The flow run's own result (persisted: ``persist_result=True``) goes where the task results
+    go (``RESULTS_STORAGE_BLOCK`` / ``RESULTS_STORAGE``), not to the machine's disk, so whoever
+    reads the run back from the API (``deployments/runpod_api.py --deployment``) finds it in the
+    shared bucket. Prefect reads the run context's result store when the flow returns."""
+    from prefect.context import FlowRunContext
+
+    from tasks.storage import task_result_storage
+
+    ctx = FlowRunContext.get()
+    storage = task_result_storage()
+    if ctx is not None and ctx.result_store is not None and storage is not None:
+        ctx.result_store = ctx.result_store.model_copy(update={"result_storage": storage})

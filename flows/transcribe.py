@@ -20,7 +20,7 @@ from prefect import flow
 from pydantic import SecretStr
 
 from flows.pipeline import run_pipeline
-from flows.runtime import apply_runtime_switches, redact_stored_secrets
+from flows.runtime import apply_runtime_switches, keep_result_with_task_results, redact_stored_secrets
 from speech.schema import (
     AlignBackend,
     ComputeType,
@@ -38,7 +38,7 @@ from speech.schema import (
 
 
 # persist_result: a run's result (the worker's JSON) stays readable from the Prefect API after the
-# run, in Prefect's default result storage (PREFECT_DEFAULT_RESULT_STORAGE_BLOCK, else
+# run, beside the task results (RESULTS_STORAGE_BLOCK / RESULTS_STORAGE; else Prefect's default,
 # $PREFECT_HOME/storage): how deployments/runpod_api.py answers /status for deployment runs
 @flow(name="transcribe-audio", validate_parameters=False, log_prints=False, persist_result=True)
 def transcribe_audio(
@@ -195,4 +195,5 @@ def transcribe_audio(
     args["speaker_samples"] = args["speaker_samples"] or []
     redact_stored_secrets()
     apply_runtime_switches()
+    keep_result_with_task_results()
     return run_pipeline(TranscriptionRequest.parse(args)).result

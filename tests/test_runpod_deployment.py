@@ -27,14 +27,23 @@ SERVE = ("from flows.transcribe import transcribe_audio\n"
 
 
 @pytest.fixture(scope="module")
-def runner(prefect_harness, tmp_path_factory):
-    """A separate process serving the transcribe flow as a deployment against the test API."""
+def runner(prefect_harness, s3_server, tmp_path_factory):
+    """A separate process serving the transcribe flow as a deployment against the test API, with
+    a home of its own: results reach the service only through the bucket (RESULTS_STORAGE)."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
+    from speech.io.s3 import s3_client
+    from speech.settings import get_settings
+
+    for bucket in ("runpod-results", "runpod-out"):
+        s3_client(get_settings()).create_bucket(Bucket=bucket)
     out = tmp_path_factory.mktemp("deployment-out")
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-           "ALLOW_LOCAL_PATHS": f"{DATA}:{out}", "PYTHONPATH": str(ROOT)}
+           "ALLOW_LOCAL_PATHS": f"{DATA}:{out}", "PYTHONPATH": str(ROOT),
+           "PREFECT_HOME": str(tmp_path_factory.mktemp("runner-home")),
+           "SPEECH_CACHE_DIR": str(tmp_path_factory.mktemp("runner-cache")),
+           "RESULTS_STORAGE": "s3://runpod-results/prefect"}
     log = (out / "runner.log").open("w")
     proc = subprocess.Popen([sys.executable, "-c", SERVE], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
@@ -102,17 +111,26 @@ def test_a_job_is_a_deployment_run_and_outlives_a_restart(sdk, runner, manifest)
     from deployments.runpod_api import DeploymentJobs
 
     job = sdk.Endpoint("whisperx").run({"audio_file": str(DATA / "sample_2spk.wav"), "align_output": True,
-                                        "download_dir": str(runner / "a")})
+                                        "bucket": "runpod-out", "prefix_transcripts": "jobs/"})
     out = job.output(timeout=600)
     assert job.status() == "COMPLETED", _status(sdk.endpoint_url_base, job.job_id)
+    # the result came through the bucket (the runner has its own home); the outputs' keys are presigned
+    assert out["transcript_key"] == "jobs/sample_2spk.json" and out["segments_key"] == "jobs/sample_2spk.segments.json"
+    assert requests.get(out["transcript_url"], timeout=30).json()["segments"] == out["segments"]
     assert wer(manifest["sample_2spk.wav"]["text"], " ".join(s["text"] for s in out["segments"])) <= 0.12
     assert out["detected_language"] == "en" and all("words" in s for s in out["segments"])
     with get_client(sync_client=True) as client:  # the job id is the flow run of the deployment
         run = client.read_flow_run(uuid.UUID(job.job_id))
         deployment = client.read_deployment_by_name(DEPLOYMENT)
+        stored = client.read_block_document(run.state.data.storage_block_id)  # the run's result record
     assert run.deployment_id == deployment.id and run.state.is_completed()
+    assert stored.block_type.slug == "s3-bucket" and stored.data["bucket_name"] == "runpod-results"
     assert run.parameters["condition_on_previous_text"] is True  # the worker's envelope semantics travel
     assert "batch_size" not in run.parameters  # only what the job set: the deployment's defaults stand
+
+    from prefect.deployments import run_deployment
+
+    other_run = run_deployment(DEPLOYMENT, parameters={"audio_file": str(runner / "not-a-job.wav")}, timeout=0).id
 
     # a restarted service (a new job table) still answers for the job, from the Prefect API
     base, server, thread = _serve(DeploymentJobs(DEPLOYMENT))
@@ -120,8 +138,9 @@ def test_a_job_is_a_deployment_run_and_outlives_a_restart(sdk, runner, manifest)
         again = _status(base, job.job_id)
         assert again["status"] == "COMPLETED" and again["output"]["segments"] == out["segments"]
         assert again["executionTime"] > 0
-        assert requests.get(f"{base}/e/status/{uuid.uuid4()}", headers={"Authorization": f"Bearer {KEY}"},
-                            timeout=30).status_code == 404
+        for other in (uuid.uuid4(), other_run):  # unknown, or a flow run this endpoint did not start
+            assert requests.get(f"{base}/e/status/{other}", headers={"Authorization": f"Bearer {KEY}"},
+                                timeout=30).status_code == 404
     finally:
         server.should_exit = True
         thread.join(timeout=10)
