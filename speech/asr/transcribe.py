@@ -49,7 +49,8 @@ def transcribe(
 
     if time.perf_counter() - t > 0.05:
         timings["import"] = round(time.perf_counter() - t, 3)
-    audio = np.array(audio, dtype=np.float32)  # writable copy: torch dislikes read-only maps
+    if audio.dtype != np.float32 or not audio.flags.writeable:  # torch dislikes read-only maps
+        audio = np.array(audio, dtype=np.float32)  # (the decode cache's copy-on-write map needs no copy)
 
     t = time.perf_counter()
     spec = resolve_model(params.model, settings)
@@ -82,7 +83,12 @@ def transcribe(
         language = "en"
 
     t = time.perf_counter()
-    segments = _decode(audio, chunks, scores, loaded, language, params, progress) if chunks else []
+    batch_size = params.batch_size
+    if device == "cpu" and settings.cpu_batch_size and batch_size > settings.cpu_batch_size:
+        batch_size = settings.cpu_batch_size  # same transcript, same speed on the CPU, a fraction of the memory
+        log.info("decoding %d chunks at a time on the CPU (WHISPERX_CPU_BATCH_SIZE; batch_size %d is for GPUs)",
+                 batch_size, params.batch_size)
+    segments = _decode(audio, chunks, scores, loaded, language, params, batch_size, progress) if chunks else []
     if not chunks:
         log.info("no speech found; returning an empty transcript")
     timings["asr"] = round(time.perf_counter() - t, 3)
@@ -104,7 +110,7 @@ def transcribe(
 
 
 def _decode(audio: np.ndarray, chunks: list[dict], scores: Any, loaded: Any, language: Optional[str],
-            params: TranscribeParams, progress: Optional[ProgressCallback]) -> list[Segment]:
+            params: TranscribeParams, batch_size: int, progress: Optional[ProgressCallback]) -> list[Segment]:
     """whisperx's batched pipeline over the speech chunks, with the VAD scores already computed."""
     from whisperx.asr import load_model
 
@@ -123,7 +129,7 @@ def _decode(audio: np.ndarray, chunks: list[dict], scores: Any, loaded: Any, lan
         )
     out = pipeline.transcribe(
         audio,
-        batch_size=params.batch_size,
+        batch_size=batch_size,
         language=language,
         task=params.task,
         chunk_size=params.chunk_size,

@@ -99,7 +99,8 @@ def read_samples(ref: AudioRef, settings: Optional[Settings] = None) -> np.ndarr
                 _decode_to_cache(Path(ref.local_path), ref.source, npy, npy.with_suffix(".fmt"), settings)
                 release(ref)
     try:
-        samples = np.load(npy, mmap_mode="r")
+        # copy-on-write map: writable for torch without a second in-memory copy of the audio
+        samples = np.load(npy, mmap_mode="c")
         _touch(npy)
         return samples
     except FileNotFoundError:
