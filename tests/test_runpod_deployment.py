@@ -146,12 +146,21 @@ def test_a_job_is_a_deployment_run_and_outlives_a_restart(sdk, runner, manifest)
         thread.join(timeout=10)
 
 
-def test_cancelling_a_running_job_stops_its_run(service):
+def test_cancelling_a_running_job_stops_its_run(service, runner):
+    """A job long enough (5 min of speech, aligned and diarized: minutes on 2 cores) that only the
+    cancellation can end it early: the run ends Cancelled and writes no outputs."""
+    import numpy as np
+    import soundfile as sf
+
     from prefect.client.orchestration import get_client
 
+    clip, rate = sf.read(str(DATA / "diar_4spk.wav"), dtype="float32")
+    long = runner / "long.wav"
+    sf.write(str(long), np.tile(clip, int(300 * rate // len(clip)) + 1), rate)
+    out = runner / "cancelled"
     ok = {"Authorization": f"Bearer {KEY}"}
-    body = {"input": {"audio_file": str(DATA / "diar_4spk.wav"), "diarization": True, "align_output": True,
-                      "force": True, "download_dir": str(Path(service).parent)}}
+    body = {"input": {"audio_file": str(long), "diarization": True, "align_output": True, "force": True,
+                      "download_dir": str(out)}}
     job_id = requests.post(f"{service}/e/run", json=body, headers=ok, timeout=60).json()["id"]
     deadline = time.monotonic() + 300
     while _status(service, job_id)["status"] != "IN_PROGRESS":
@@ -166,6 +175,7 @@ def test_cancelling_a_running_job_stops_its_run(service):
             time.sleep(1)
     assert state.is_cancelled(), state
     assert _status(service, job_id)["status"] == "CANCELLED"
+    assert not out.exists() or not list(out.iterdir())  # stopped before any output was written
 
 
 def test_failures_and_tokens(service, runner):
