@@ -357,11 +357,25 @@ def test_a_deployment_run_refuses_local_paths_unless_allowed(prefect_harness, mo
     monkeypatch.setenv("ALLOW_LOCAL_PATHS", str(DATA))
     get_settings.cache_clear()
     try:
+        # the audio may be read now, but the outputs may not land outside RESULTS_DIR and the roots
+        victim = tmp_path / "home" / ".bashrc"
+        victim.parent.mkdir()
+        victim.write_text("# the worker's own file\n")
+        for folder in (victim.parent, get_settings().results_dir / ".." / "elsewhere"):  # `..` is resolved
+            state, exc = _run_flow(audio_file=str(DATA / "sample_2spk.wav"), language="en", download_dir=str(folder),
+                                   output_name="bashrc")
+            assert state.is_failed() and "download_dir: deployment runs write outputs only inside" in str(exc)
+        assert victim.read_text() == "# the worker's own file\n" and len(list(victim.parent.iterdir())) == 1
+        state, result = _run_flow(audio_file=str(DATA / "sample_2spk.wav"), language="en",
+                                  download_dir=str(get_settings().results_dir / "mine"))
+        assert state.is_completed(), state
+        monkeypatch.setenv("ALLOW_LOCAL_PATHS", f"{DATA}{os.pathsep}{tmp_path}")
+        get_settings.cache_clear()
         state, result = _run_flow(audio_file=str(DATA / "sample_2spk.wav"), language="en", download_dir=str(out))
     finally:
         get_settings.cache_clear()
     assert state.is_completed(), state
-    assert result["segments"]
+    assert result["segments"] and (out / "sample_2spk.json").is_file()
 
 
 def test_credentials_in_urls_are_not_stored_or_logged(prefect_harness, http_server, tmp_path):

@@ -249,7 +249,8 @@ def test_scheduled_sweep_deployment_feeds_the_worker(server, deployed, tmp_path)
             [str(BIN / "prefect"), "worker", "start", "--pool", "cpu-pool", "--type", "process", "--limit", "2"],
             cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**server.env, "PREFECT_WORKER_QUERY_SECONDS": "1", "DEEPGRAM_BASE_URL": deepgram.url,
-                 "SPEECH_CACHE_DIR": str(tmp_path / "cache"), "ALLOW_LOCAL_PATHS": str(inbox)})
+                 "SPEECH_CACHE_DIR": str(tmp_path / "cache"),
+                 "ALLOW_LOCAL_PATHS": f"{inbox}{os.pathsep}{out}"})
         try:
             with temporary_settings({PREFECT_API_URL: server.url}), server.client() as client:
                 target = client.read_deployment_by_name("transcribe-audio/transcribe-cpu")

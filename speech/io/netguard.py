@@ -141,6 +141,22 @@ def check_local_path(source: str, settings: Settings, what: str = "audio_file") 
                          "give an http(s) or s3:// URL")
 
 
+def check_output_dir(folder: str, settings: Settings) -> None:
+    """For deployment runs: a ``download_dir`` the run chose must resolve inside ``RESULTS_DIR``
+    or an ``ALLOW_LOCAL_PATHS`` root (``1``: anywhere), so a caller cannot have the worker write
+    outputs over its own files."""
+    from speech.errors import InvalidRequest
+
+    roots = local_roots(settings)
+    if roots is None:
+        return
+    roots = [*roots, Path(settings.results_dir).expanduser().resolve()]
+    path = Path(folder).expanduser().resolve()
+    if not any(path == r or r in path.parents for r in roots):
+        raise InvalidRequest(f"download_dir: deployment runs write outputs only inside "
+                             f"{', '.join(str(r) for r in roots)} (RESULTS_DIR, ALLOW_LOCAL_PATHS)")
+
+
 # pyannote pipelines a run parameter may name without ALLOW_REQUEST_ENDPOINTS (published by pyannote)
 KNOWN_DIARIZATION_MODELS = frozenset({
     "pyannote/speaker-diarization-community-1", "pyannote/speaker-diarization-3.1",
@@ -151,7 +167,7 @@ KNOWN_DIARIZATION_MODELS = frozenset({
 def check_untrusted_request(req: Any, settings: Settings) -> None:
     """What a deployment run's parameters may not do on this worker's behalf (see
     ``ALLOW_LOCAL_PATHS`` and ``ALLOW_REQUEST_ENDPOINTS``): read local files outside the allowed
-    roots, send the worker's S3 credentials to an endpoint the caller chose, or load a diarization
+    roots, write outputs outside them and ``RESULTS_DIR``, send the worker's S3 credentials to an endpoint the caller chose, or load a diarization
     pipeline config the caller wrote. Raises :class:`FetchError` / :class:`InvalidRequest`."""
     from speech.errors import InvalidRequest
     from speech.redact import redact_url, secret_value
@@ -162,6 +178,8 @@ def check_untrusted_request(req: Any, settings: Settings) -> None:
     for field in ("pyannote_json_in", "deepgram_json_in"):
         if getattr(req, field):
             check_local_path(getattr(req, field), settings, field)
+    if req.download_dir:
+        check_output_dir(req.download_dir, settings)
     if settings.allow_request_endpoints:
         return
     if req.s3_endpoint:
