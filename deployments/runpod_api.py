@@ -46,6 +46,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 DEFAULT_WAIT_MS = 90_000
+# RunPod status -> its key in /health's job counts
+HEALTH_KEYS = {"COMPLETED": "completed", "FAILED": "failed", "IN_PROGRESS": "inProgress", "IN_QUEUE": "inQueue",
+               "CANCELLED": "cancelled"}
 
 
 class Jobs:
@@ -111,9 +114,7 @@ class Jobs:
 
     def counts(self) -> dict[str, int]:
         statuses = [s["status"] for s in self.jobs.values()]
-        return {"completed": statuses.count("COMPLETED"), "failed": statuses.count("FAILED"),
-                "inProgress": statuses.count("IN_PROGRESS"), "inQueue": statuses.count("IN_QUEUE"),
-                "cancelled": statuses.count("CANCELLED")}
+        return {name: statuses.count(status) for status, name in HEALTH_KEYS.items()}
 
     def _trim(self) -> None:
         finished = [k for k, s in self.jobs.items() if s["status"] in ("COMPLETED", "FAILED", "CANCELLED")]
@@ -261,11 +262,9 @@ class DeploymentJobs:
         from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
                                                     FlowRunFilterTags)
 
-        names = {"COMPLETED": "completed", "FAILED": "failed", "IN_PROGRESS": "inProgress", "IN_QUEUE": "inQueue",
-                 "CANCELLED": "cancelled"}
-        out = {name: 0 for name in names.values()}
+        out = {}
         with get_client(sync_client=True) as client:
-            for status, name in names.items():
+            for status, name in HEALTH_KEYS.items():
                 types = [t for t, s in RUNPOD_STATUS.items() if s == status]
                 out[name] = client.count_flow_runs(flow_run_filter=FlowRunFilter(
                     tags=FlowRunFilterTags(all_=[TAG]), state=FlowRunFilterState(type=FlowRunFilterStateType(any_=types))))

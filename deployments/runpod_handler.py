@@ -52,27 +52,25 @@ def handler(job: dict[str, Any], flow_run_name: Optional[str] = None) -> dict[st
 
 def _bucket_keys(req: Any, refs: list[Any]) -> dict[str, str]:
     """``transcript_key/url`` and ``segments_key/url`` for outputs written to a bucket."""
-    s3_refs = [r for r in refs if r.uri.startswith("s3://")]
-    if not s3_refs:
+    jsons = [r for r in refs if r.uri.startswith("s3://") and r.name.endswith(".json")]
+    if not jsons:
         return {}
-    jsons = [r for r in s3_refs if r.name.endswith(".json")]
     picked = {
         "segments": next((r for r in jsons if r.name.endswith(".segments.json")), None),
         # <stem>.json: the shortest (not <stem>.deepgram.json or <stem>.pyannote.job.json)
         "transcript": min((r for r in jsons if not r.name.endswith(".segments.json")), key=lambda r: len(r.name),
                           default=None),
     }
-    return _keys_and_urls(req, {kind: ref.uri for kind, ref in picked.items() if ref is not None})
+    return _keys_and_urls(_results_store(req), {kind: ref.uri for kind, ref in picked.items() if ref is not None})
 
 
 def stored_bucket_keys(req: Any) -> dict[str, str]:
     """The same keys for a run that wrote elsewhere (a deployment's worker): ``<stem>.json`` and
     ``<stem>.segments.json`` where the request's results store puts them, those that exist."""
     from speech.io.audio import stem_of
-    from speech.io.store import OutputTarget, S3Store
-    from tasks.storage import results_store
+    from speech.io.store import S3Store
 
-    store = results_store(OutputTarget.from_request(req))
+    store = _results_store(req)
     if not isinstance(store, S3Store):
         return {}
     stem = req.output_name or stem_of(req.audio_file)
@@ -83,25 +81,28 @@ def stored_bucket_keys(req: Any) -> dict[str, str]:
         except Exception:  # noqa: BLE001 - not written (output_format) or not readable: no key
             continue
         uris[kind] = f"s3://{store.bucket}/{store.prefix}{name}"
-    return _keys_and_urls(req, uris)
+    return _keys_and_urls(store, uris)
 
 
-def _keys_and_urls(req: Any, uris: dict[str, str]) -> dict[str, str]:
-    from speech.io.store import OutputTarget, S3Store
-    from speech.io.upload import presign
-    from speech.settings import get_settings
+def _results_store(req: Any) -> Any:
+    from speech.io.store import OutputTarget
     from tasks.storage import results_store
 
-    if not uris:
-        return {}
-    store = results_store(OutputTarget.from_request(req))
-    client = store.client if isinstance(store, S3Store) else None
+    return results_store(OutputTarget.from_request(req))
+
+
+def _keys_and_urls(store: Any, uris: dict[str, str]) -> dict[str, str]:
+    """``<kind>_key`` per s3:// URI, and ``<kind>_url`` presigned when ``store`` is a bucket."""
+    from speech.io.store import S3Store
+    from speech.io.upload import presign
+    from speech.settings import get_settings
+
     out: dict[str, str] = {}
     for kind, uri in uris.items():
         bucket, _, key = uri[len("s3://"):].partition("/")
         out[f"{kind}_key"] = key
-        if client is not None:
-            out[f"{kind}_url"] = presign(client, bucket, key, get_settings().url_expiry)
+        if isinstance(store, S3Store):
+            out[f"{kind}_url"] = presign(store.client, bucket, key, get_settings().url_expiry)
     return out
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures: isolated caches, one Prefect harness, loopback HTTP and S3 servers."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
@@ -8,6 +9,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -147,3 +149,40 @@ def samples(name: str) -> np.ndarray:
     from speech.io.audio import load_audio, read_samples
 
     return np.asarray(read_samples(load_audio(str(DATA / name))), dtype=np.float32)
+
+
+# ---- the RunPod-compatible endpoint ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def serving_runpod_api(key: str, jobs) -> Iterator[str]:
+    """deployments.runpod_api's app over ``jobs`` on a free 127.0.0.1 port, in a thread: yields
+    the base URL an SDK's ``runpod.endpoint_url_base`` takes (``http://127.0.0.1:PORT/v2``)."""
+    import time
+
+    import uvicorn
+
+    from deployments.runpod_api import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(key, jobs), host="127.0.0.1", port=free_port(),
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the endpoint did not start"
+        time.sleep(0.1)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}/v2"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def runpod_sdk(monkeypatch, key: str, base: str):
+    """The official runpod SDK pointed at a local endpoint (the one line a client changes)."""
+    import runpod
+
+    monkeypatch.setattr(runpod, "api_key", key)
+    monkeypatch.setattr(runpod, "endpoint_url_base", base)
+    return runpod

@@ -2,48 +2,28 @@
 the original worker README's example input, run_sync, run + status + output, errors, auth."""
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import pytest
 import requests
 
-from conftest import DATA, wer
+from conftest import DATA, runpod_sdk, serving_runpod_api, wer
 
 KEY = "endpoint-key-for-tests"
 
 
 @pytest.fixture(scope="module")
 def endpoint(prefect_harness):
-    import uvicorn
-
-    from deployments.runpod_api import Jobs, create_app
+    from deployments.runpod_api import Jobs
     from deployments.runpod_handler import handler
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    jobs = Jobs(lambda job, job_id: handler(job, flow_run_name=job_id), workers=1)
-    server = uvicorn.Server(uvicorn.Config(create_app(KEY, jobs), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}/v2"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving_runpod_api(KEY, Jobs(lambda job, job_id: handler(job, flow_run_name=job_id), workers=1)) as base:
+        yield base
 
 
 @pytest.fixture
 def sdk(endpoint, monkeypatch):
-    import runpod
-
-    monkeypatch.setattr(runpod, "api_key", KEY)
-    monkeypatch.setattr(runpod, "endpoint_url_base", endpoint)
-    return runpod
+    return runpod_sdk(monkeypatch, KEY, endpoint)
 
 
 def _text():

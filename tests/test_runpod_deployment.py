@@ -6,10 +6,8 @@ stops its process), and tokens never become stored parameters."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -17,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import DATA, wer
+from conftest import DATA, runpod_sdk, serving_runpod_api, wer
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "deployment-endpoint-key"
@@ -64,41 +62,17 @@ def runner(prefect_harness, s3_server, tmp_path_factory):
     log.close()
 
 
-def _serve(jobs) -> tuple[str, object, threading.Thread]:
-    import uvicorn
-
-    from deployments.runpod_api import create_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(KEY, jobs), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    return f"http://127.0.0.1:{port}/v2", server, thread
-
-
 @pytest.fixture
 def service(runner):
     from deployments.runpod_api import DeploymentJobs
 
-    base, server, thread = _serve(DeploymentJobs(DEPLOYMENT))
-    yield base
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving_runpod_api(KEY, DeploymentJobs(DEPLOYMENT)) as base:
+        yield base
 
 
 @pytest.fixture
 def sdk(service, monkeypatch):
-    import runpod
-
-    monkeypatch.setattr(runpod, "api_key", KEY)
-    monkeypatch.setattr(runpod, "endpoint_url_base", service)
-    return runpod
+    return runpod_sdk(monkeypatch, KEY, service)
 
 
 def _status(base: str, job_id: str) -> dict:
@@ -133,17 +107,13 @@ def test_a_job_is_a_deployment_run_and_outlives_a_restart(sdk, runner, manifest)
     other_run = run_deployment(DEPLOYMENT, parameters={"audio_file": str(runner / "not-a-job.wav")}, timeout=0).id
 
     # a restarted service (a new job table) still answers for the job, from the Prefect API
-    base, server, thread = _serve(DeploymentJobs(DEPLOYMENT))
-    try:
+    with serving_runpod_api(KEY, DeploymentJobs(DEPLOYMENT)) as base:
         again = _status(base, job.job_id)
         assert again["status"] == "COMPLETED" and again["output"]["segments"] == out["segments"]
         assert again["executionTime"] > 0
         for other in (uuid.uuid4(), other_run):  # unknown, or a flow run this endpoint did not start
             assert requests.get(f"{base}/e/status/{other}", headers={"Authorization": f"Bearer {KEY}"},
                                 timeout=30).status_code == 404
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_cancelling_a_running_job_stops_its_run(service, runner):

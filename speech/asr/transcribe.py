@@ -49,6 +49,7 @@ def transcribe(
 
     if time.perf_counter() - t > 0.05:
         timings["import"] = round(time.perf_counter() - t, 3)
+    audio = np.asarray(audio)
     if audio.dtype != np.float32 or not audio.flags.writeable:  # torch dislikes read-only maps
         audio = np.array(audio, dtype=np.float32)  # (the decode cache's copy-on-write map needs no copy)
 
