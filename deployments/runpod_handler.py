@@ -52,16 +52,9 @@ def handler(job: dict[str, Any], flow_run_name: Optional[str] = None) -> dict[st
 
 def _bucket_keys(req: Any, refs: list[Any]) -> dict[str, str]:
     """``transcript_key/url`` and ``segments_key/url`` for outputs written to a bucket."""
-    jsons = [r for r in refs if r.uri.startswith("s3://") and r.name.endswith(".json")]
-    if not jsons:
-        return {}
-    picked = {
-        "segments": next((r for r in jsons if r.name.endswith(".segments.json")), None),
-        # <stem>.json: the shortest (not <stem>.deepgram.json or <stem>.pyannote.job.json)
-        "transcript": min((r for r in jsons if not r.name.endswith(".segments.json")), key=lambda r: len(r.name),
-                          default=None),
-    }
-    return _keys_and_urls(_results_store(req), {kind: ref.uri for kind, ref in picked.items() if ref is not None})
+    from tasks.outputs import bucket_keys
+
+    return bucket_keys(refs, _results_store(req))
 
 
 def stored_bucket_keys(req: Any) -> dict[str, str]:
@@ -69,6 +62,7 @@ def stored_bucket_keys(req: Any) -> dict[str, str]:
     ``<stem>.segments.json`` where the request's results store puts them, those that exist."""
     from speech.io.audio import stem_of
     from speech.io.store import S3Store
+    from tasks.outputs import keys_and_urls
 
     store = _results_store(req)
     if not isinstance(store, S3Store):
@@ -81,7 +75,7 @@ def stored_bucket_keys(req: Any) -> dict[str, str]:
         except Exception:  # noqa: BLE001 - not written (output_format) or not readable: no key
             continue
         uris[kind] = f"s3://{store.bucket}/{store.prefix}{name}"
-    return _keys_and_urls(store, uris)
+    return keys_and_urls(store, uris)
 
 
 def _results_store(req: Any) -> Any:
@@ -89,21 +83,6 @@ def _results_store(req: Any) -> Any:
     from tasks.storage import results_store
 
     return results_store(OutputTarget.from_request(req))
-
-
-def _keys_and_urls(store: Any, uris: dict[str, str]) -> dict[str, str]:
-    """``<kind>_key`` per s3:// URI, and ``<kind>_url`` presigned when ``store`` is a bucket."""
-    from speech.io.store import S3Store
-    from speech.io.upload import presign
-    from speech.settings import get_settings
-
-    out: dict[str, str] = {}
-    for kind, uri in uris.items():
-        bucket, _, key = uri[len("s3://"):].partition("/")
-        out[f"{kind}_key"] = key
-        if isinstance(store, S3Store):
-            out[f"{kind}_url"] = presign(store.client, bucket, key, get_settings().url_expiry)
-    return out
 
 
 if __name__ == "__main__":

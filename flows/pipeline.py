@@ -1,22 +1,20 @@
-"""The DAG body of one transcription, inside a flow run: which tasks run, in what order, on
-what. Used by the ``transcribe-audio`` flow and, per file, by ``transcribe-batch``.
+"""The DAG body of one transcription: which tasks run, in what order, on what. Used by the
+``transcribe-audio`` flow, per file by ``transcribe-batch``, and by a task worker's whole-file
+job (:mod:`flows.jobs`, the throughput path).
 
     fetch ─┬─ upload (optional: presigned URL for Deepgram)
            ├─ enrol speakers (verification: a bad sample fails before any work)
-           └─ transcribe ── align (words: asked for, or needed by speakers / confidence)
-                              ├─ diarize ── label speakers (+ enrolled names)
-                              └─ Deepgram ── word confidence
-                                               └─ write outputs (+ artifacts)
+           ├─ pyannoteAI job (hosted diarization, when chosen)
+           └─ GPU unit (flows.gpu: one task on a warm worker, or here):
+                transcribe ── align ── diarize ── label speakers (+ enrolled names)
+                    └─ Deepgram (once the language is known) ── word confidence
+                                                                   └─ write outputs (+ artifacts)
 """
 from __future__ import annotations
 
-import contextlib
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
-from prefect import tags
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
@@ -36,115 +34,28 @@ from speech.schema import (
     DiarizeParams,
     OutputRef,
     S3Options,
-    SpeakerLabels,
     TranscribeParams,
     TranscriptionRequest,
 )
 from speech.redact import secret_value
 from speech.settings import SECRETS, get_settings
+from flows.dispatch import run_deadline, run_on_worker
+from flows.gpu import GpuOutcome, GpuPlan, gpu_stages, run_gpu_stages
 from flows.runtime import refuse_untrusted_parameters
-from tasks.align import align_words
+from flows.stages import Running, StageClock
 from tasks.audio import share_audio
-from tasks.common import REFRESH_TAG, secret_block
+from tasks.common import secret_block
 from tasks.confidence import deepgram, word_confidence
 from tasks.fetch import fetch_audio
 from tasks.outputs import write_outputs
-from tasks.speakers import diarize, diarize_hosted, enroll_speakers, label_speakers
+from tasks.speakers import diarize_hosted, enroll_speakers
 from tasks.storage import task_result_storage
-from tasks.transcribe import transcribe
 from tasks.upload import upload
 
 
 class PipelineOutput(BaseModel):
     result: dict[str, Any]  # the worker's JSON
     outputs: list[OutputRef]  # where each output file landed
-
-
-@dataclass
-class StageClock:
-    """Seconds per stage and which stages were cache hits (the debug block, the summary artifact)."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-    cached: list[str] = field(default_factory=list)
-    storage: Any = None  # where task results and cache records live (None: Prefect's default)
-    workers: bool = False  # GPU stages go to warm task workers (GPU_TASK_WORKERS)
-
-    @contextlib.contextmanager
-    def time(self, stage: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - t0, 3)
-
-    def run(self, stage: str, task: Any, *args: Any, force: bool = False, gpu: bool = False) -> Any:
-        """Run a cached task (``force`` refreshes its cache), timed; note a cache hit. A ``gpu``
-        stage goes to a warm task worker when :attr:`workers` is on."""
-        result, error = self.attempt(stage, task, *args, force=force, gpu=gpu)
-        if error is not None:
-            raise error
-        return result
-
-    def attempt(self, stage: str, task: Any, *args: Any, force: bool = False,
-                gpu: bool = False) -> tuple[Any, Optional[BaseException]]:
-        """Like :meth:`run`, but a failed task gives ``(None, its exception)`` instead of raising."""
-        with self.time(stage):
-            if gpu and self.workers:
-                # the worker runs its own copy of the task: the flow's options do not travel, a tag does
-                with tags(*([REFRESH_TAG] if force else [])):
-                    future = self._task(task, force).delay(*args)
-                future.wait()
-                state = future.state
-            else:
-                state = self._task(task, force)(*args, return_state=True)
-        return self._settle(stage, state)
-
-    def submit(self, stage: str, task: Any, *args: Any, force: bool = False) -> "Running":
-        """Start a task in the background (the flow's thread pool); its seconds run from now
-        until it finishes. Arguments may be other :class:`Running` stages' futures."""
-        args = tuple(a.future if isinstance(a, Running) else a for a in args)
-        return Running(self, stage, self._task(task, force).submit(*args), time.perf_counter())
-
-    def _task(self, task: Any, force: bool) -> Any:
-        options: dict[str, Any] = {"refresh_cache": force}
-        if self.storage is not None:
-            options["result_storage"] = self.storage
-        return task.with_options(**options)
-
-    def _settle(self, stage: str, state: Any) -> tuple[Any, Optional[BaseException]]:
-        result = state.result(raise_on_failure=False)
-        if not state.is_completed():
-            return None, result if isinstance(result, BaseException) else RuntimeError(state.message or state.name)
-        if state.name == "Cached":
-            self.cached.append(stage)
-        return result, None
-
-
-@dataclass
-class Running:
-    """A stage running in the background."""
-
-    clock: StageClock
-    stage: str
-    future: Any  # PrefectFuture
-    started: float
-    finished: Optional[float] = None
-
-    def __post_init__(self) -> None:
-        self.future.add_done_callback(lambda _f: setattr(self, "finished", time.perf_counter()))
-
-    def outcome(self) -> tuple[Any, Optional[BaseException]]:
-        """Wait; ``(result, None)`` or ``(None, the task's exception)``."""
-        self.future.wait()
-        seconds = (self.finished or time.perf_counter()) - self.started
-        self.clock.seconds[self.stage] = round(self.clock.seconds.get(self.stage, 0.0) + seconds, 3)
-        return self.clock._settle(self.stage, self.future.state)
-
-    def result(self) -> Any:
-        result, error = self.outcome()
-        if error is not None:
-            raise error
-        return result
 
 
 def with_block_secrets(req: TranscriptionRequest) -> TranscriptionRequest:
@@ -179,29 +90,35 @@ def with_block_secrets(req: TranscriptionRequest) -> TranscriptionRequest:
     return req.model_copy(update=found) if found else req
 
 
-def run_pipeline(req: TranscriptionRequest) -> PipelineOutput:
-    """The DAG body, inside a flow run: the worker's JSON result and where the outputs went."""
+def run_pipeline(req: TranscriptionRequest, runner: Any = None, on_audio: Any = None) -> PipelineOutput:
+    """The DAG body, inside a flow run (or a task worker's job, ``runner`` its thread pool for
+    background stages; ``on_audio`` is told the fetched audio): the worker's JSON result and where
+    the outputs went."""
     log = get_run_logger()
     req = with_block_secrets(req)
     refuse_untrusted_parameters(req)
     settings = get_settings()
     log.info("request: %s", {k: v for k, v in req.public_dict().items() if v not in (None, [], False)})
-    clock = StageClock(storage=task_result_storage(), workers=settings.gpu_task_workers)
-    if clock.workers and clock.storage is None:
+    clock = StageClock(storage=task_result_storage(), runner=runner)
+    workers = settings.gpu_task_workers and runner is None  # a task worker's own job runs its GPU stages itself
+    if workers and clock.storage is None:
         raise InvalidRequest("GPU_TASK_WORKERS=1 needs a result storage the task workers share: "
                              "set RESULTS_STORAGE (s3://bucket/prefix or a shared folder) or RESULTS_STORAGE_BLOCK")
 
     with clock.time("fetch"):
-        audio = fetch_audio(req.audio_file, req.output_name, keep_bytes=clock.workers)
-        if clock.workers:
+        audio = fetch_audio(req.audio_file, req.output_name, keep_bytes=workers)
+        if workers:
             audio = share_audio(audio, clock.storage)  # task workers elsewhere decode their own copy
+    if on_audio is not None:
+        on_audio(audio)
     try:
-        return _run_stages(req, audio, clock, settings)
+        return _run_stages(req, audio, clock, settings, workers)
     finally:
         release(audio)  # a download kept for decoding, if no stage needed the samples
 
 
-def _run_stages(req: TranscriptionRequest, audio: AudioRef, clock: StageClock, settings: Any) -> PipelineOutput:
+def _run_stages(req: TranscriptionRequest, audio: AudioRef, clock: StageClock, settings: Any,
+                workers: bool) -> PipelineOutput:
     log = get_run_logger()
     loads_before = CACHE.load_count
     wants_speakers = req.diarization or req.speaker_verification
@@ -214,34 +131,57 @@ def _run_stages(req: TranscriptionRequest, audio: AudioRef, clock: StageClock, s
     # network stages start at once and overlap the GPU stages below
     uploading = _upload(req, audio, clock)
     enrolling = (clock.submit("enroll", enroll_speakers, req.speaker_samples, req.speaker_encoder)
-                 if req.speaker_verification else None)
+                 if req.speaker_verification and not workers else None)  # task workers enrol on the GPU
     hosted = _hosted_diarization(req, audio, clock) if wants_speakers else None
-    asking = _ask_deepgram(req, audio, clock, deepgram_key, uploading, req.language) if (
-        wants_confidence and req.language) else None
+    asking = [_ask_deepgram(req, audio, clock, deepgram_key, uploading, req.language)] if (
+        wants_confidence and req.language) else []
     enrolled = enrolling.result() if enrolling else None  # a bad sample fails the run before any GPU work
 
-    # GPU stages, one after another in this process
-    transcript = clock.run("transcribe", transcribe, audio, TranscribeParams.from_request(req), force=req.force,
-                           gpu=True)
-    if wants_confidence and asking is None:  # the language is known now
-        asking = _ask_deepgram(req, audio, clock, deepgram_key, uploading, transcript.language)
-    run = PipelineResults(audio=audio, transcript=transcript, debug=req.debug or settings.debug)
-    if req.align_output or wants_speakers or wants_confidence:
-        if not req.align_output:
-            log.info("speakers and confidence are matched per word: aligning words")
-        run.alignment = clock.run("align", align_words, audio, transcript, AlignParams.from_request(req),
-                                  force=req.force, gpu=True)
-    if wants_speakers:
-        run.speakers = _speakers(req, run, clock, enrolled, hosted)
-    if asking is not None:
-        run.confidence = _confidence(req, run, clock, asking)
+    def on_transcript(transcript: Any) -> None:  # the language is known now
+        if wants_confidence and not asking:
+            asking.append(_ask_deepgram(req, audio, clock, deepgram_key, uploading, transcript.language))
+
+    if (req.align_output or wants_speakers or wants_confidence) and not req.align_output:
+        log.info("speakers and confidence are matched per word: aligning words")
+    plan = GpuPlan(
+        transcribe=TranscribeParams.from_request(req),
+        align=AlignParams.from_request(req) if req.align_output or wants_speakers or wants_confidence else None,
+        speakers=wants_speakers and hosted is None, diarize=DiarizeParams.from_request(req),
+        samples=req.speaker_samples if req.speaker_verification and workers else [], enrolled=enrolled,
+        encoder=req.speaker_encoder, force=req.force, deadline=run_deadline(audio.duration, settings))
+    hf_token = req.huggingface_access_token or settings.hf_token
+    gpu = _gpu(audio, plan, clock, workers, hf_token, on_transcript)
+    on_transcript(gpu.transcript)
+    run = PipelineResults(audio=audio, transcript=gpu.transcript, alignment=gpu.alignment, speakers=gpu.speakers,
+                          debug=req.debug or settings.debug)
+    model_loads = gpu.model_loads
+    if hosted is not None:  # a second, small unit: the hosted turns (or this machine's) on the words
+        speakers = _gpu(audio, _speakers_plan(req, run, plan, hosted, gpu), clock, workers, hf_token)
+        run.speakers, model_loads = speakers.speakers, model_loads + speakers.model_loads
+        gpu.diarization_job = speakers.diarization_job
+    if gpu.diarization_job is not None:
+        run.extra_files[f"{audio.stem}.pyannote.job.json"] = gpu.diarization_job
+    if asking:
+        run.confidence = _confidence(req, run, clock, asking[0])
     if uploading is not None:
         uploading.result()  # an upload that failed fails the run, even when nothing used its URL
 
     run.stage_seconds, run.cached_stages = clock.seconds, clock.cached
-    run.model_loads = CACHE.load_count - loads_before
+    run.model_loads = model_loads if workers else CACHE.load_count - loads_before
     result, refs = write_outputs(run, OutputTarget.from_request(req))
     return PipelineOutput(result=result, outputs=refs)
+
+
+def _gpu(audio: AudioRef, plan: GpuPlan, clock: StageClock, workers: bool, hf_token: Any,
+         on_transcript: Any = None) -> GpuOutcome:
+    """The GPU unit here, or on a warm task worker (a token never travels: workers use their own)."""
+    if not workers:
+        return run_gpu_stages(audio, plan, clock, hf_token=hf_token, on_transcript=on_transcript)
+    with clock.time("gpu-task"):
+        out = run_on_worker(gpu_stages, audio, plan, label=f"gpu-stages of {audio.stem}", deadline=plan.deadline,
+                            storage=clock.storage)
+    clock.merge(out.seconds, out.cached)
+    return out
 
 
 def _upload(req: TranscriptionRequest, audio: AudioRef, clock: StageClock) -> Optional[Running]:
@@ -277,33 +217,21 @@ def _ask_deepgram(req: TranscriptionRequest, audio: AudioRef, clock: StageClock,
                         force=req.force)
 
 
-def _speakers(req: TranscriptionRequest, run: PipelineResults, clock: StageClock,
-              enrolled: Optional[dict[str, list[float]]], hosted: Optional[Running]) -> SpeakerLabels:
-    """The hosted job's speakers, else (not asked, or failed) this machine's; then speakers and
-    enrolled names on the words."""
-    settings = get_settings()
-    segments = run.final_segments()
-    params = DiarizeParams.from_request(req)
-    outcome, api_error = None, None
-    if hosted is not None:
-        outcome, error = hosted.outcome()
-        if error is not None:
-            api_error = f"pyannote-api: {type(error).__name__}: {error}".splitlines()[0][:300]
-            get_run_logger().warning("hosted diarization failed%s: %s", "" if params.backend == "pyannote-api"
-                                     else "; diarizing on this machine", api_error)
-    if outcome is None and params.backend == "pyannote-api":
+def _speakers_plan(req: TranscriptionRequest, run: PipelineResults, plan: GpuPlan, hosted: Running,
+                   first: GpuOutcome) -> GpuPlan:
+    """Speakers from the hosted job's turns; when it failed, this machine's diarizer (unless
+    pyannote-api was asked for by name: then no speakers, and the error in the summary)."""
+    outcome, error = hosted.outcome()
+    api_error = None
+    if error is not None:
+        api_error = f"pyannote-api: {type(error).__name__}: {error}".splitlines()[0][:300]
+        get_run_logger().warning("hosted diarization failed%s: %s", "" if plan.diarize.backend == "pyannote-api"
+                                 else "; diarizing on this machine", api_error)
+    if outcome is None and plan.diarize.backend == "pyannote-api":
         outcome = DiarizationOutcome(turns=[], backend=None, error=api_error, settled=False)
-    elif outcome is None:
-        # a task worker uses its own HF token: tokens never go into stored task parameters
-        token = None if clock.workers else req.huggingface_access_token or settings.hf_token
-        outcome = clock.run("diarize", diarize, run.audio, segments, params, token, force=req.force, gpu=True)
-        if api_error:
-            outcome = outcome.model_copy(update={"error": "; ".join(filter(None, [api_error, outcome.error]))})
-    speakers = clock.run("diarize", label_speakers, run.audio, segments, outcome, enrolled, req.speaker_encoder,
-                         gpu=enrolled is not None)  # speaker embeddings: GPU work
-    if outcome.job is not None:
-        run.extra_files[f"{run.audio.stem}.pyannote.job.json"] = outcome.job
-    return speakers
+    return plan.model_copy(update={"segments": run.final_segments(), "speakers": True, "turns": outcome,
+                                   "hosted_error": api_error if outcome is None else None, "samples": [],
+                                   "enrolled": plan.enrolled or first.enrolled})
 
 
 def _confidence(req: TranscriptionRequest, run: PipelineResults, clock: StageClock,

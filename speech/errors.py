@@ -38,6 +38,15 @@ class StorageError(SpeechError):
     """The results store could not be written."""
 
 
+class Stopped(SpeechError):
+    """The work was stopped from outside: its run was cancelled, or it ran past its deadline.
+    Raised from progress callbacks too (:func:`speech.progress.report` lets it through)."""
+
+
+class WorkerUnavailable(SpeechError):
+    """No task worker serves the work, or the workers that took it died too often."""
+
+
 class DiarizationError(SpeechError):
     """Diarization failed: a failed or timed-out hosted job, a rejected key, bad output.
 

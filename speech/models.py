@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import warnings
+from collections import OrderedDict
 from typing import Any, Callable, Hashable, Optional
 
 from speech.errors import ModelError
@@ -78,12 +79,26 @@ def hub_offline() -> bool:
 
 
 class ModelCache:
-    """Process-wide cache: one load per (kind, key); ``load_count`` counts real loads."""
+    """Process-wide cache: one load per (kind, key); ``load_count`` counts real loads.
 
-    def __init__(self) -> None:
-        self._tables: dict[str, dict[Hashable, Any]] = {}
+    Bounded: at most ``max_models`` loaded models (``MODEL_CACHE_MAX``; 0 = no bound) are kept,
+    the least recently used going first (``evictions`` counts them), so requests naming new
+    models cannot pile models up until the GPU runs out of memory. Each key has its own load
+    lock: one slow load (a hub download) does not block requests for models already loaded or
+    for other keys, and two requests for the same model load it once."""
+
+    def __init__(self, max_models: Optional[int] = None) -> None:
+        self._models: "OrderedDict[tuple[str, Hashable], Any]" = OrderedDict()  # least recently used first
+        self._failures: dict[tuple[str, Hashable], ModelError] = {}
+        self._load_locks: dict[tuple[str, Hashable], threading.Lock] = {}
+        self._guard = threading.Lock()
+        self._max_models = max_models
         self.load_count = 0
-        self._lock = threading.RLock()
+        self.evictions = 0
+
+    @property
+    def max_models(self) -> int:
+        return self._max_models if self._max_models is not None else get_settings().model_cache_max
 
     def get(self, kind: str, key: Hashable, load: Callable[[], Any],
             failure: Optional[Callable[[Exception], str]] = None) -> Any:
@@ -92,11 +107,14 @@ class ModelCache:
         With ``failure``, a failed load is remembered as a :class:`ModelError` with that reason
         and raised again at once on later calls; without it, the error propagates unremembered.
         """
-        with self._lock:
-            table = self._tables.setdefault(kind, {})
-            found = table.get(key)
-            if isinstance(found, ModelError):
-                raise found
+        slot = (kind, key)
+        found = self._lookup(slot)
+        if found is not None:
+            return found
+        with self._guard:
+            lock = self._load_locks.setdefault(slot, threading.Lock())
+        with lock:  # one load per key; other keys load (or are served) meanwhile
+            found = self._lookup(slot)
             if found is not None:
                 return found
             try:
@@ -105,25 +123,65 @@ class ModelCache:
                     loaded = load()
             except ModelError as err:
                 if failure is not None:
-                    table[key] = err
+                    with self._guard:
+                        self._failures[slot] = err
                 raise
             except Exception as exc:  # hub/network/gating/format errors of many kinds
                 if failure is None:
                     raise
                 err = ModelError(failure(exc))
-                table[key] = err
+                with self._guard:
+                    self._failures[slot] = err
                 raise err from None
-            table[key] = loaded
-            self.load_count += 1
+            self._insert(slot, loaded)
             return loaded
+
+    def _lookup(self, slot: tuple[str, Hashable]) -> Any:
+        with self._guard:
+            if slot in self._failures:
+                raise self._failures[slot]
+            found = self._models.get(slot)
+            if found is not None:
+                self._models.move_to_end(slot)
+            return found
+
+    def _insert(self, slot: tuple[str, Hashable], loaded: Any) -> None:
+        evicted = []
+        with self._guard:
+            self._models[slot] = loaded
+            self.load_count += 1
+            limit = self.max_models
+            while limit > 0 and len(self._models) > limit:
+                old, _model = self._models.popitem(last=False)
+                evicted.append(old)
+                self.evictions += 1
+        if evicted:
+            log.info("model cache full (MODEL_CACHE_MAX=%d): evicted %s", self.max_models,
+                     ", ".join(f"{kind} {key}" for kind, key in evicted))
+            _free_accelerator_memory()
+
+    def loaded(self) -> list[tuple[str, Hashable]]:
+        """(kind, key) of every model held now, least recently used first."""
+        with self._guard:
+            return list(self._models)
 
     def clear(self, kind: Optional[str] = None) -> None:
         """Forget every model (or those of one kind) and remembered failures."""
-        with self._lock:
-            if kind is None:
-                self._tables.clear()
-            else:
-                self._tables.pop(kind, None)
+        with self._guard:
+            for table in (self._models, self._failures, self._load_locks):
+                for slot in [s for s in table if kind is None or s[0] == kind]:
+                    del table[slot]
+
+
+def _free_accelerator_memory() -> None:
+    """Give an evicted model's GPU memory back (once nothing else holds it)."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 CACHE = ModelCache()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional
 
+from speech.errors import Stopped
+
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, float, str], None]
@@ -20,5 +22,7 @@ def report(callback: Optional[ProgressCallback], stage: str, fraction: float, me
         return
     try:
         callback(stage, min(max(fraction, 0.0), 1.0), message)
+    except Stopped:  # the run was cancelled or is out of time: stop the stage here
+        raise
     except Exception:  # a broken progress display must never fail a transcription
         log.debug("progress callback failed", exc_info=True)

@@ -525,8 +525,10 @@ class TranscribeParams(BaseModel):
     threads: Optional[int] = Field(None, description="not part of the cache key: the result does not depend on it")
 
     def cache_fields(self) -> dict[str, Any]:
-        """What the result depends on (the cache key's share of these params)."""
-        return self.model_dump(exclude={"threads"})
+        """What the result depends on (the cache key's share of these params); the model, device
+        and compute type count as resolved (the key adds them), not as asked, so a worker that
+        fills in the model it serves shares cache entries with a run that named the same one."""
+        return self.model_dump(exclude={"threads", "model", "device", "compute_type"})
 
     def asr_options(self) -> dict[str, Any]:
         """whisperx's ``asr_options`` (faster-whisper's TranscriptionOptions) for these params."""

@@ -212,6 +212,27 @@ class Settings(BaseSettings):
         description="Send the GPU stages (transcribe, align, local diarization, speaker embeddings) to warm task "
         "workers (python -m deployments.task_worker) instead of running them in the flow-run process.",
     )
+    gpu_task_pickup_timeout: float = Field(
+        300.0, gt=0, validation_alias="GPU_TASK_PICKUP_TIMEOUT",
+        description="A GPU task waits in the queue while a task worker serves it (busy workers: as long as it "
+        "takes); with no task worker serving it for this many seconds the run fails, saying so.")
+    gpu_task_timeout: float = Field(
+        0.0, ge=0, validation_alias="GPU_TASK_TIMEOUT",
+        description="Seconds one file's GPU task may run before it is stopped and fails the run (0: scaled to the "
+        "audio, 300 s + 2 s per second of audio).")
+    gpu_task_retries: int = Field(
+        2, ge=0, validation_alias="GPU_TASK_RETRIES",
+        description="A GPU task whose worker died (killed, crashed, lost) runs again on another worker up to this "
+        "many times; then it fails the run. Failures of the file itself are never retried.")
+    worker_models: str = Field(
+        "", validation_alias="WORKER_MODELS",
+        description="What a task worker serves, comma-separated model[:compute_type] (e.g. 'large-v3:float16'); "
+        "default: its configured model (WHISPERX_MODEL...) with the default compute type. Requests for "
+        "another model, compute type, device or thread count are refused, never loaded on the side.")
+    model_cache_max: int = Field(
+        8, ge=0, validation_alias="MODEL_CACHE_MAX",
+        description="Loaded models kept per process (Whisper, VAD, aligners, diarizers, speaker encoders), the "
+        "least recently used evicted first (0: no bound).")
     local_prefect_server: str = Field(
         "http://127.0.0.1:4200/api", validation_alias="LOCAL_PREFECT_SERVER",
         description="With no PREFECT_API_URL, the CLI uses a Prefect server answering here instead of starting "

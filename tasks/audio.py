@@ -19,7 +19,9 @@ def share_audio(audio: AudioRef, storage: Any) -> AudioRef:
     """Put the fetched bytes in ``storage`` (a saved Prefect file-system block) under
     ``audio/<sha256>``, once per content; the reference says where."""
     path = f"{SHARED_FOLDER}/{audio.sha256}"
-    if not _exists(storage, path):
+    from tasks.storage import path_exists
+
+    if not path_exists(storage, path):
         if not audio.local_path:
             raise AudioNotHere(f"{audio.source}: no local copy of the file to share with task workers")
         storage.write_path(path, Path(audio.local_path).read_bytes())
@@ -43,17 +45,3 @@ def audio_samples(audio: AudioRef) -> np.ndarray:
     with tempfile.NamedTemporaryFile(dir=jobs, prefix="shared-", delete=False) as f:
         f.write(storage.read_path(audio.shared))
     return read_samples(audio.model_copy(update={"local_path": f.name, "temporary": True}))
-
-
-def _exists(storage: Any, path: str) -> bool:
-    """Whether ``path`` is in the block already (a folder: a stat; S3: a HEAD request)."""
-    from prefect.filesystems import LocalFileSystem
-
-    if isinstance(storage, LocalFileSystem):
-        return (Path(storage.basepath) / path).is_file()
-    try:
-        key = storage._join_bucket_folder(path)  # S3Bucket: bucket_folder/path
-        storage.credentials.get_s3_client().head_object(Bucket=storage.bucket_name, Key=key)
-        return True
-    except Exception:  # noqa: BLE001 - missing (404) or unknown: write it
-        return False

@@ -1,6 +1,8 @@
 """Merge, render, store (all files or none) and publish the run's artifacts."""
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -67,3 +69,33 @@ def _announce(run: PipelineResults, result: TranscriptionResult, refs: list[Outp
                  "segments": len(result.segments), "speakers": sorted(result.speakers or {}),
                  "source": run.audio.source},
     )
+
+
+def bucket_keys(refs: list[OutputRef], store: Any) -> dict[str, str]:
+    """The RunPod worker's ``transcript_key/url`` and ``segments_key/url`` for outputs written to a
+    bucket (``<stem>.json``, ``<stem>.segments.json``); URLs presigned with ``store``'s client
+    (``URL_EXPIRY`` / ``PRESIGN_TTL``) when it is a bucket."""
+    jsons = [r for r in refs if r.uri.startswith("s3://") and r.name.endswith(".json")]
+    if not jsons:
+        return {}
+    picked = {
+        "segments": next((r for r in jsons if r.name.endswith(".segments.json")), None),
+        # <stem>.json: the shortest (not <stem>.deepgram.json or <stem>.pyannote.job.json)
+        "transcript": min((r for r in jsons if not r.name.endswith(".segments.json")), key=lambda r: len(r.name),
+                          default=None),
+    }
+    return keys_and_urls(store, {kind: ref.uri for kind, ref in picked.items() if ref is not None})
+
+
+def keys_and_urls(store: Any, uris: dict[str, str]) -> dict[str, str]:
+    """``<kind>_key`` per s3:// URI, and ``<kind>_url`` presigned when ``store`` is a bucket."""
+    from speech.io.upload import presign
+    from speech.settings import get_settings
+
+    out: dict[str, str] = {}
+    for kind, uri in uris.items():
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        out[f"{kind}_key"] = key
+        if isinstance(store, S3Store):
+            out[f"{kind}_url"] = presign(store.client, bucket, key, get_settings().url_expiry)
+    return out

@@ -23,6 +23,24 @@ class RunListener:
 
 
 _LISTENER: ContextVar[Optional[RunListener]] = ContextVar("speech_run_listener", default=None)
+# raises speech.errors.Stopped when the work must stop (a task worker's RunGuard.check)
+_CHECKPOINT: ContextVar[Optional[Callable[[], None]]] = ContextVar("speech_checkpoint", default=None)
+
+
+@contextlib.contextmanager
+def checkpointing(check: Callable[[], None]) -> Iterator[None]:
+    """Stages run inside call ``check`` between steps and with every progress report."""
+    token = _CHECKPOINT.set(check)
+    try:
+        yield
+    finally:
+        _CHECKPOINT.reset(token)
+
+
+def checkpoint() -> None:
+    check = _CHECKPOINT.get()
+    if check is not None:
+        check()
 
 
 @contextlib.contextmanager
@@ -46,6 +64,7 @@ def stage_progress(artifact: Optional[str] = None) -> ProgressCallback:
     last = [0.0]
 
     def report(stage: str, fraction: float, message: str) -> None:
+        checkpoint()
         pct = round(fraction * 100, 1)
         if artifact_id is not None and (pct - last[0] >= 5 or pct >= 100):
             from prefect.artifacts import update_progress_artifact

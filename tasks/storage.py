@@ -92,3 +92,41 @@ def _build_result_storage(settings: Any) -> Optional[Any]:
         pass
     block.save(name, overwrite=True)
     return block
+
+
+def path_exists(storage: Any, path: str) -> bool:
+    """Whether ``path`` is in the storage block already (a folder: a stat; S3: a HEAD request)."""
+    from prefect.filesystems import LocalFileSystem
+
+    if isinstance(storage, LocalFileSystem):
+        return (Path(storage.basepath) / path).is_file()
+    try:
+        storage.credentials.get_s3_client().head_object(Bucket=storage.bucket_name, Key=_s3_key(storage, path))
+        return True
+    except Exception:  # noqa: BLE001 - missing (404) or unknown
+        return False
+
+
+def read_if_there(storage: Any, path: str) -> Optional[bytes]:
+    """The bytes at ``path`` in the storage block, or None when there are none."""
+    try:
+        return storage.read_path(path)
+    except Exception:  # noqa: BLE001 - missing: ValueError (folder), ClientError/NoSuchKey (S3)
+        return None
+
+
+def remove_path(storage: Any, path: str) -> None:
+    """Delete ``path`` from the storage block (a folder or an S3Bucket); missing is fine."""
+    from prefect.filesystems import LocalFileSystem
+
+    if isinstance(storage, LocalFileSystem):
+        (Path(storage.basepath) / path).unlink(missing_ok=True)
+        return
+    try:
+        storage.credentials.get_s3_client().delete_object(Bucket=storage.bucket_name, Key=_s3_key(storage, path))
+    except Exception:  # noqa: BLE001 - best effort: a leftover marker is harmless
+        _log().debug("could not delete %s from the result storage", path, exc_info=True)
+
+
+def _s3_key(storage: Any, path: str) -> str:
+    return storage._join_bucket_folder(path)  # S3Bucket: bucket_folder/path

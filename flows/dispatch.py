@@ -1,0 +1,273 @@
+"""Work handed to warm task workers, with a deadline at every wait.
+
+Prefect's background tasks (``task.delay()``) queue on the server until a task worker
+(``deployments/task_worker.py``) takes them; nothing in Prefect notices a queue no worker
+serves, a worker killed mid-run (its task run stays Running for ever) or a run that never
+ends. :class:`Watch` does, for whoever waits on the work (a flow run, the RunPod-compatible
+endpoint, a sweep), from Prefect's own records:
+
+* **no worker** - Prefect's task-worker registry (``/task_workers/filter``, the workers
+  connected now, by task key) has held no worker for the task for ``GPU_TASK_PICKUP_TIMEOUT``
+  seconds: the run fails, saying so. (A queue behind busy workers waits as long as it takes.)
+* **a dead worker** - each worker leaves a claim (``claims/<task run id>`` in the shared result
+  storage: its Prefect client id) when it takes a run; when that worker leaves the registry
+  (SIGKILL, OOM, a lost node: the server notices its websocket close within seconds) the run
+  is scheduled again, the same task run with the same stored parameters, for another worker;
+  after ``GPU_TASK_RETRIES`` such losses it fails. Stage results finished before the loss are
+  cache hits for the next attempt.
+* **too long** - a run Running for longer than its deadline (``GPU_TASK_TIMEOUT``, by default
+  scaled to the audio) is failed; the worker stops it at its next checkpoint
+  (:class:`RunGuard`) or, stuck in native code, exits (its watchdog).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+from uuid import UUID
+
+from speech.errors import Stopped, WorkerUnavailable
+from speech.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+CLAIMS = "claims"
+LOST_AFTER = 4.0  # seconds a claiming worker must be missing from the registry to count as gone
+POLL = 1.0  # seconds between looks at a waited-for run
+GRACE = 60.0  # beyond its deadline, a run the worker has not stopped itself is failed from outside
+
+
+def run_deadline(audio_seconds: float, settings: Optional[Settings] = None) -> float:
+    """Seconds one file's GPU task may run: ``GPU_TASK_TIMEOUT``, else 300 s + 2 s per second of
+    audio (a CPU worker's transcription, alignment and diarization with room to spare)."""
+    settings = settings or get_settings()
+    return settings.gpu_task_timeout or 300.0 + 2.0 * max(0.0, audio_seconds)
+
+
+# --- claims: which worker holds a run ------------------------------------------------------
+
+
+def claim_path(task_run_id: Any) -> str:
+    return f"{CLAIMS}/{task_run_id}"
+
+
+def write_claim(storage: Any, task_run_id: Any, worker: str) -> None:
+    storage.write_path(claim_path(task_run_id), json.dumps({"worker": worker, "at": time.time()}).encode())
+
+
+def read_claim(storage: Any, task_run_id: Any) -> Optional[dict[str, Any]]:
+    from tasks.storage import read_if_there
+
+    raw = read_if_there(storage, claim_path(task_run_id))
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def drop_claim(storage: Any, task_run_id: Any) -> None:
+    from tasks.storage import remove_path
+
+    remove_path(storage, claim_path(task_run_id))
+
+
+def serving_workers(client: Any, task_key: str) -> set[str]:
+    """Client ids of the task workers connected now that serve ``task_key`` (Prefect's registry)."""
+    reply = client.request("POST", "/task_workers/filter", json={"task_worker_filter": {"task_keys": [task_key]}})
+    reply.raise_for_status()
+    return {w["identifier"] for w in reply.json()}
+
+
+# --- the waiting side ---------------------------------------------------------------------
+
+
+@dataclass
+class Watch:
+    """What is known about one task run handed to workers; :meth:`check` acts on it."""
+
+    task_run_id: UUID
+    task_key: str
+    label: str  # what the work is, for messages: "gpu-stages of call.wav"
+    deadline: float  # seconds it may run
+    storage: Any  # where claims are
+    settings: Settings = field(default_factory=get_settings)
+    served_at: float = field(default_factory=time.monotonic)  # last time a worker served the task
+    missing_since: Optional[float] = None
+    claim: Optional[dict[str, Any]] = None
+    notes: list[str] = field(default_factory=list)  # what was done, for the caller's log
+    ended: Optional[str] = None  # why this watch ended the run, if it did
+
+    def check(self, client: Any, task_run: Any) -> None:
+        """One look at a run that is not final: fail it (no worker, out of time), or schedule it
+        again (its worker is gone)."""
+        state = task_run.state
+        now = time.monotonic()
+        workers = serving_workers(client, self.task_key)
+        if workers:
+            self.served_at = now
+        kind = state.type.value if state is not None else "SCHEDULED"
+        if self.claim is None or kind == "SCHEDULED":
+            self.claim = read_claim(self.storage, self.task_run_id)
+        if self.claim is None:  # queued: no worker has taken it
+            if kind == "SCHEDULED" and not workers and now - self.served_at >= self.settings.gpu_task_pickup_timeout:
+                self._end(client, "Failed", f"no task worker serves {self.label}: none took it within "
+                          f"{self.settings.gpu_task_pickup_timeout:.0f} s (GPU_TASK_PICKUP_TIMEOUT). Start "
+                          "`python -m deployments.task_worker` against this Prefect API, with the same code version "
+                          f"and RESULTS_STORAGE (task key {self.task_key})")
+            return
+        if self.claim["worker"] not in workers:
+            self.missing_since = self.missing_since or now
+            if now - self.missing_since >= LOST_AFTER:
+                self._lost(client, task_run)
+            return
+        self.missing_since = None
+        if kind == "RUNNING" and _age(state.timestamp) > self.deadline + GRACE:
+            self._end(client, "Failed", f"{self.label} ran past its {self.deadline:.0f} s deadline "
+                      "(GPU_TASK_TIMEOUT) and was stopped")
+
+    def _lost(self, client: Any, task_run: Any) -> None:
+        worker, attempts = self.claim["worker"], max(1, task_run.run_count)
+        self.claim, self.missing_since = None, None
+        drop_claim(self.storage, self.task_run_id)
+        if attempts > self.settings.gpu_task_retries:
+            self._end(client, "Crashed", f"{self.label}: its task worker {worker} stopped (killed, crashed or lost) "
+                      f"while running it, {attempts} time(s) (GPU_TASK_RETRIES={self.settings.gpu_task_retries})")
+            return
+        reschedule(client, task_run, f"task worker {worker} stopped while running it: scheduled again "
+                   f"(attempt {attempts + 1} of {self.settings.gpu_task_retries + 1})")
+        self.notes.append(f"{self.label}: task worker {worker} stopped; running it again (attempt {attempts + 1})")
+        log.warning(self.notes[-1])
+
+    def _end(self, client: Any, kind: str, message: str) -> None:
+        from prefect.states import Crashed, Failed
+
+        client.set_task_run_state(self.task_run_id, (Crashed if kind == "Crashed" else Failed)(message=message),
+                                  force=True)
+        self.ended = message
+        self.notes.append(message)
+        log.warning(message)
+
+
+def reschedule(client: Any, task_run: Any, message: str) -> None:
+    """Queue ``task_run`` again for any worker (Prefect's retry queue, ahead of new work), with the
+    parameters it was created with."""
+    from prefect.states import AwaitingRetry
+
+    parameters_id = next((s.state_details.task_parameters_id for s in client.read_task_run_states(task_run.id)
+                          if s.state_details.task_parameters_id is not None), None)
+    state = AwaitingRetry(message=message)
+    state.state_details.deferred = True
+    state.state_details.task_parameters_id = parameters_id
+    client.set_task_run_state(task_run.id, state, force=True)
+
+
+def _age(timestamp: Any) -> float:
+    from datetime import datetime, timezone
+
+    return (datetime.now(timezone.utc) - timestamp).total_seconds() if timestamp is not None else 0.0
+
+
+def run_on_worker(task: Any, *args: Any, label: str, deadline: float, storage: Any,
+                  tags: tuple[str, ...] = ()) -> Any:
+    """``task.delay(*args)`` to a warm task worker and wait for its result, watched
+    (:class:`Watch`); raises the task's own error, or :class:`WorkerUnavailable` with one line."""
+    from prefect import tags as prefect_tags
+    from prefect.client.orchestration import get_client
+
+    from prefect.exceptions import ObjectNotFound
+
+    with prefect_tags(*tags):
+        future = task.with_options(result_storage=storage).delay(*args)
+    watch = Watch(future.task_run_id, task.task_key, label, deadline, storage)
+    with get_client(sync_client=True) as client:
+        while True:
+            future.wait(timeout=POLL)
+            try:
+                task_run = client.read_task_run(future.task_run_id)
+            except ObjectNotFound:  # a worker deletes a run whose parameters it cannot read
+                raise WorkerUnavailable(f"{label}: its task run was deleted (a task worker could not read its "
+                                        "parameters: do the workers use the same RESULTS_STORAGE?)") from None
+            if task_run.state is not None and task_run.state.is_final():
+                break
+            watch.check(client, task_run)
+    state = task_run.state
+    if state.is_completed():
+        return future.result()
+    if watch.ended:  # the watch failed it: no worker, a worker lost too often, out of time
+        raise (Stopped if "deadline" in watch.ended else WorkerUnavailable)(watch.ended)
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - no stored exception (set from outside, or unreadable)
+        error = None
+    if isinstance(error, Exception):
+        raise error  # the task's own failure: a bad file, a refused model ...
+    raise WorkerUnavailable(state.message or f"{label} ended {state.name}")
+
+
+# --- the working side ---------------------------------------------------------------------
+
+
+class RunGuard:
+    """Inside a task on a worker: :meth:`check` raises :class:`Stopped` once the run is past its
+    deadline or was cancelled / failed from outside (read from the API at most every
+    ``every`` seconds). Stages call it between steps and from their progress callbacks."""
+
+    running: dict[str, float] = {}  # task run id -> monotonic deadline, for the worker's watchdog
+    _lock = threading.Lock()
+
+    def __init__(self, task_run_id: Any, seconds: float, label: str, every: float = 2.0,
+                 read_state: Optional[Callable[[], Any]] = None):
+        self.task_run_id, self.label, self.every = str(task_run_id), label, every
+        self.started = time.monotonic()
+        self.seconds = seconds
+        self.deadline = self.started + seconds
+        self._read_state = read_state or self._api_state
+        self._next_look = 0.0
+
+    def __enter__(self) -> "RunGuard":
+        with self._lock:
+            RunGuard.running[self.task_run_id] = self.deadline
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._lock:
+            RunGuard.running.pop(self.task_run_id, None)
+
+    def extend(self, seconds: float) -> None:
+        """The run may take ``seconds`` from its start (its audio's length is known now)."""
+        self.seconds, self.deadline = seconds, self.started + seconds
+        with self._lock:
+            if self.task_run_id in RunGuard.running:
+                RunGuard.running[self.task_run_id] = self.deadline
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now > self.deadline:
+            raise Stopped(f"{self.label} ran past its {self.seconds:.0f} s deadline (GPU_TASK_TIMEOUT) and was stopped")
+        if now < self._next_look:
+            return
+        self._next_look = now + self.every
+        state = self._read_state()
+        if state is not None and (state.is_final() or state.type.value == "CANCELLING"):
+            raise Stopped(f"{self.label} was stopped: its run is {state.name}" +
+                          (f" ({state.message})" if state.message else ""))
+
+    def _api_state(self) -> Any:
+        from prefect.client.orchestration import get_client
+
+        try:
+            with get_client(sync_client=True) as client:
+                return client.read_task_run(UUID(self.task_run_id)).state
+        except Exception:  # noqa: BLE001 - an API hiccup must not stop the work
+            return None
+
+    @classmethod
+    def overdue(cls, grace: float = GRACE) -> list[str]:
+        """Runs of this process past their deadline by more than ``grace`` (stuck where no
+        checkpoint is reached: the watchdog ends the process)."""
+        now = time.monotonic()
+        with cls._lock:
+            return [run for run, deadline in cls.running.items() if now > deadline + grace]

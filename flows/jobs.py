@@ -1,0 +1,78 @@
+"""The throughput path: a whole file as ONE background task on a warm task worker.
+
+UI runs and the Python API get a flow run per file (:mod:`flows.transcribe`). For many files from
+services, a flow run per file costs a process and seconds of orchestration each; the
+RunPod-compatible endpoint (``--task-workers``) and sweeps (``via: task-workers``) instead hand
+each file to :func:`transcribe_job`, which a task worker runs start to finish: fetch, the GPU
+stages (its own models, no second hop), hosted APIs, outputs. Its task run is the job: its state
+is the job's status, its persisted result the output, and it shows in the Prefect UI. Waiting on
+it, and noticing a dead worker, is :mod:`flows.dispatch`'s.
+
+The request comes from someone else, so it meets the deployment runs' policy here
+(:func:`speech.io.netguard.check_untrusted_request`), tokens are refused (they would be stored
+with the task's parameters; workers use their env vars and Secret blocks) and the model must be
+one this worker serves.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+JOB_TAG = "transcribe-job"
+
+
+def _job_name() -> str:
+    from prefect.runtime import task_run
+
+    from speech.io.audio import stem_of
+
+    request = (task_run.parameters or {}).get("request") or {}
+    return f"transcribe-job {stem_of(str(request.get('audio_file') or ''))}"
+
+
+def check_job_request(request: dict[str, Any]) -> Any:
+    """The request as the worker will run it, or a :class:`speech.errors.SpeechError` saying why
+    not: invalid, a plain token, outside the trust policy. (Checked by the submitter too, so a bad
+    job fails before it queues.)"""
+    from speech.errors import InvalidRequest
+    from speech.io.netguard import check_untrusted_request
+    from speech.schema import TranscriptionRequest, plain_secrets
+    from speech.settings import get_settings
+
+    req = TranscriptionRequest.parse(request)
+    given = plain_secrets(request)
+    if given:
+        raise InvalidRequest(f"{', '.join(given)}: a token would be stored with the queued job's parameters; the "
+                             "workers read tokens from their env vars or Secret blocks, or pass "
+                             "'prefect-secret:<block name>'")
+    check_untrusted_request(req, get_settings())
+    return req
+
+
+@task(name="transcribe-job", cache_policy=NO_CACHE, persist_result=True, task_run_name=_job_name)
+def transcribe_job(request: dict[str, Any]) -> dict[str, Any]:
+    """One whole file on this task worker: ``{"result": the worker's JSON, "outputs": [where each
+    file went]}``. Stopped at its deadline (scaled to the audio once fetched) or when cancelled."""
+    from prefect.context import TaskRunContext
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.dispatch import RunGuard, run_deadline
+    from flows.pipeline import run_pipeline
+    from speech.asr.serving import check_served
+    from speech.schema import TranscribeParams
+    from tasks.progress import checkpointing
+
+    req = check_job_request(request)
+    served = check_served(TranscribeParams.from_request(req))
+    req = req.model_copy(update={"model": served.model, "compute_type": served.compute_type, "threads": None})
+    ctx = TaskRunContext.get()
+    guard = RunGuard(ctx.task_run.id if ctx else "local", run_deadline(0.0), f"transcribe-job of {req.audio_file}")
+
+    def on_audio(audio: Any) -> None:  # the deadline, now that the audio's length is known
+        guard.extend(run_deadline(audio.duration))
+
+    with ThreadPoolTaskRunner(max_workers=4) as runner, guard, checkpointing(guard.check):
+        out = run_pipeline(req, runner=runner, on_audio=on_audio)
+    return {"result": out.result, "outputs": [ref.model_dump() for ref in out.outputs]}
