@@ -133,3 +133,34 @@ def start_process_worker(pool: str, env: Mapping[str, str], log_path: Path) -> s
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"],
             cwd=ROOT, env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def start_task_worker(env: Mapping[str, str], log_path: Path, limit: int = 1,
+                      preload: bool = False) -> subprocess.Popen:
+    """``python -m deployments.task_worker`` in its own session, logging to ``log_path``."""
+    with log_path.open("w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "deployments.task_worker", "--limit", str(limit)] + (["--preload"] if preload else []),
+            cwd=ROOT, env=dict(env), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+
+
+def wait_for_task_workers(url: str, count: int, timeout: float = 180,
+                          procs: tuple[subprocess.Popen, ...] = ()) -> set[str]:
+    """Until ``count`` task workers are connected to the server at ``url`` (Prefect's registry);
+    their client ids. Raises RuntimeError if one of ``procs`` exits or time runs out."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    while True:
+        request = urllib.request.Request(f"{url}/task_workers/filter", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            workers = {w["identifier"] for w in json.loads(reply.read())}
+        if len(workers) >= count:
+            return workers
+        dead = [p.pid for p in procs if p.poll() is not None]
+        if dead or time.monotonic() > deadline:
+            raise RuntimeError(f"{len(workers)} of {count} task workers connected" +
+                               (f"; exited: {dead}" if dead else " in time"))
+        time.sleep(0.5)

@@ -20,6 +20,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 
 from flows.pipeline import run_pipeline
+from flows.local_api import record_run_process
 from flows.runtime import apply_runtime_switches, redact_stored_secrets
 from speech.errors import InvalidRequest
 from speech.io.audio import stem_of
@@ -50,6 +51,7 @@ def transcribe_batch(audio_files: list[str], request: Optional[dict[str, Any]] =
     log = get_run_logger()
     request = dict(request or {})
     redact_stored_secrets(nested="request")
+    record_run_process()
     apply_runtime_switches()
     request.pop("audio_file", None)
     # a bad request would fail every file the same way: fail the run now, clearly

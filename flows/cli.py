@@ -134,15 +134,19 @@ def _run(args: argparse.Namespace, req: Any, files: list[str]) -> Any:
 
     from speech.errors import SpeechError
 
+    from flows.local_api import mark_abandoned_runs_quietly, start_throwaway_api
+
     started = time.perf_counter()
     server = _prefect_api()
-    if server is None and not _transcript_cached(req):
-        # Prefect starts a throw-away server (seconds): import WhisperX meanwhile
-        threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
+    throwaway = None
+    if server is None:  # a throw-away server (seconds to start) that dies with this process
+        throwaway = start_throwaway_api()
+        if not _transcript_cached(req):  # import WhisperX meanwhile
+            threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
 
     from tasks.progress import RunListener, listening
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # an error stays one line in logs and pipes
     outputs: list[Any] = []
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
@@ -162,7 +166,10 @@ def _run(args: argparse.Namespace, req: Any, files: list[str]) -> Any:
 
         listener = RunListener(on_progress=on_progress, on_outputs=lambda refs, _where: outputs.extend(refs))
         try:
-            with listening(listener), _api_settings(server):
+            with listening(listener), _api_settings(server or throwaway.url):
+                if throwaway is not None:
+                    throwaway.wait_ready(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120)))
+                mark_abandoned_runs_quietly()  # runs of killed CLI processes: Crashed, not Running for ever
                 from flows.transcribe import transcribe_audio
 
                 if not args.verbose:
@@ -176,8 +183,10 @@ def _run(args: argparse.Namespace, req: Any, files: list[str]) -> Any:
                 else:
                     result = transcribe_audio(**flow_kwargs(req))
         except SpeechError as exc:
+            from speech.errors import Stopped, WorkerUnavailable
+
             console.print(f"[red]error:[/red] {exc}")
-            return 2
+            return 1 if isinstance(exc, (Stopped, WorkerUnavailable)) else 2  # not the input's fault
         except KeyboardInterrupt:
             console.print("[red]interrupted[/red]")
             return 130
@@ -188,6 +197,9 @@ def _run(args: argparse.Namespace, req: Any, files: list[str]) -> Any:
             if args.verbose:
                 console.print_exception()
             return 1
+        finally:
+            if throwaway is not None:
+                throwaway.stop()
 
     return result, outputs, started, console
 

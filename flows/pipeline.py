@@ -177,9 +177,11 @@ def _gpu(audio: AudioRef, plan: GpuPlan, clock: StageClock, workers: bool, hf_to
     """The GPU unit here, or on a warm task worker (a token never travels: workers use their own)."""
     if not workers:
         return run_gpu_stages(audio, plan, clock, hf_token=hf_token, on_transcript=on_transcript)
-    with clock.time("gpu-task"):
+    from prefect.runtime import flow_run
+
+    with clock.time("gpu-task"):  # tagged with its flow run: Prefect does not link background tasks to one
         out = run_on_worker(gpu_stages, audio, plan, label=f"gpu-stages of {audio.stem}", deadline=plan.deadline,
-                            storage=clock.storage)
+                            storage=clock.storage, tags=(f"flow-run:{flow_run.id}",) if flow_run.id else ())
     clock.merge(out.seconds, out.cached)
     return out
 

@@ -20,6 +20,7 @@ from prefect import flow
 from pydantic import SecretStr
 
 from flows.pipeline import run_pipeline
+from flows.local_api import record_run_process
 from flows.runtime import apply_runtime_switches, keep_result_with_task_results, redact_stored_secrets
 from speech.schema import (
     AlignBackend,
@@ -194,6 +195,7 @@ def transcribe_audio(
     args = dict(locals())
     args["speaker_samples"] = args["speaker_samples"] or []
     redact_stored_secrets()
+    record_run_process()
     apply_runtime_switches()
     keep_result_with_task_results()
     return run_pipeline(TranscriptionRequest.parse(args)).result

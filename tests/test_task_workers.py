@@ -1,0 +1,267 @@
+"""Every wait on a task worker has a deadline, with real processes: a `prefect server start`, task
+workers (`python -m deployments.task_worker`) and CLI runs with GPU_TASK_WORKERS=1, each its own
+process. No worker: the run fails after GPU_TASK_PICKUP_TIMEOUT with one line. A worker killed
+with SIGKILL mid-file: the file finishes on another worker (the same task run, scheduled again),
+or, with no retries left, the run fails cleanly and nothing stays Running. A file past its
+deadline is stopped on the worker, which goes on serving. A model the workers do not serve is
+refused. A CLI killed with SIGKILL leaves no server behind, and the next run marks its run Crashed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DATA, SR, read_wav, wer
+
+from deployments.local_server import start_task_worker, stop, wait_for_task_workers
+
+pytestmark = pytest.mark.prefect
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from deployments.local_server import local_prefect_server
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    with local_prefect_server(tmp_path_factory.mktemp("prefect-server"), base_env=base) as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    return tmp_path_factory.mktemp("shared-results")
+
+
+@pytest.fixture(scope="module")
+def long_audio(tmp_path_factory) -> tuple[Path, str]:
+    """Three minutes of speech (diar_4spk, repeated): tens of seconds of work on 2 cores, so a
+    worker can be killed in the middle of it; and the text it says."""
+    import wave
+
+    clip = read_wav("diar_4spk.wav")
+    tiled = np.tile(clip, int(180 * SR // len(clip)) + 1)
+    path = tmp_path_factory.mktemp("audio") / "long.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(SR)
+        w.writeframes((np.clip(tiled, -1, 1) * 32767).astype(np.int16).tobytes())
+    text = json.loads((DATA / "fixtures.json").read_text())["diar_4spk.wav"]["text"]
+    return path, " ".join([text] * (int(180 * SR // len(clip)) + 1))
+
+
+def _env(server, shared, tmp_path, **extra) -> dict[str, str]:
+    return {**server.env, "RESULTS_STORAGE": str(shared), "HF_HUB_OFFLINE": "1",
+            "SPEECH_CACHE_DIR": str(tmp_path / f"cache-{len(extra)}-{time.monotonic_ns()}"), **extra}
+
+
+def _cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.transcribe", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _start_cli(env: dict, *args: str, log: Path) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, "-m", "flows.transcribe", *args], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _claimed_by(shared: Path, proc: subprocess.Popen, log: Path, timeout: float = 240) -> str:
+    """Wait until a task worker claims a run; the claiming worker's client id."""
+    deadline = time.monotonic() + timeout
+    while True:
+        claims = list((shared / "claims").glob("*")) if (shared / "claims").exists() else []
+        if claims:
+            return json.loads(claims[0].read_text())["worker"]
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def _task_runs(server) -> list:
+    from prefect.client.orchestration import SyncPrefectClient
+
+    with SyncPrefectClient(server.url) as client:
+        return client.read_task_runs()
+
+
+def _flow_run_and_gpu_task(server, output_name):
+    """The CLI's flow run with this output_name (None: named after the file, long.wav) and its GPU
+    task runs (background task runs carry no flow run id: they are tagged with it)."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterTags
+
+    with SyncPrefectClient(server.url) as client:
+        (run,) = [r for r in client.read_flow_runs() if r.parameters.get("output_name") == output_name
+                  and str(r.parameters.get("audio_file", "")).endswith("long.wav")]
+        tasks = client.read_task_runs(task_run_filter=TaskRunFilter(tags=TaskRunFilterTags(all_=[f"flow-run:{run.id}"])))
+    return run, [t for t in tasks if t.task_key.startswith("gpu_stages")]
+
+
+def test_no_task_worker_fails_the_run_after_the_pickup_timeout(server, shared, tmp_path):
+    t0 = time.monotonic()
+    proc = _cli(_env(server, shared, tmp_path, GPU_TASK_WORKERS="1", GPU_TASK_PICKUP_TIMEOUT="3"),
+                str(DATA / "enrol_slt.wav"), "--language", "en", "--download-dir", str(tmp_path / "out"))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "no task worker serves gpu-stages of enrol_slt" in lines[0], proc.stderr[-2000:]
+    assert "GPU_TASK_PICKUP_TIMEOUT" in lines[0] and "Traceback" not in proc.stderr
+    assert time.monotonic() - t0 < 90
+    assert not (tmp_path / "out").exists()
+    (gpu,) = [r for r in _task_runs(server) if r.name.startswith("gpu-stages")]
+    assert gpu.state.type.value == "FAILED"  # not left Scheduled: a worker that starts later skips it
+
+
+def test_a_killed_worker_hands_the_file_to_another(server, shared, tmp_path, long_audio):
+    """Worker A takes the file and is killed with SIGKILL mid-run; the same task run is scheduled
+    again and worker B finishes it: the run completes with the right transcript."""
+    audio, text = long_audio
+    worker_env = _env(server, shared, tmp_path)
+    a = start_task_worker(worker_env, tmp_path / "a.log")
+    b = None
+    try:
+        wait_for_task_workers(server.url, 1, procs=(a,))
+        cli = _start_cli(_env(server, shared, tmp_path, GPU_TASK_WORKERS="1"), str(audio), "--language", "en",
+                         "--force", "--json", "--download-dir", str(tmp_path / "out"), log=tmp_path / "cli.log")
+        holder = _claimed_by(shared, cli, tmp_path / "cli.log")
+        assert holder.endswith(f"-{a.pid}")
+        b = start_task_worker({**worker_env, "SPEECH_CACHE_DIR": str(tmp_path / "cache-b")}, tmp_path / "b.log")
+        wait_for_task_workers(server.url, 2, procs=(a, b))
+        os.killpg(a.pid, signal.SIGKILL)
+        a.wait()
+        assert cli.wait(timeout=600) == 0, (tmp_path / "cli.log").read_text()[-3000:] + (tmp_path / "b.log").read_text()[-3000:]
+    finally:
+        for proc in (a, b):
+            if proc is not None:
+                stop(proc)
+    result = json.loads((tmp_path / "out" / "long.json").read_text())
+    assert wer(text, " ".join(s["text"] for s in result["segments"])) <= 0.2
+    _, (gpu,) = _flow_run_and_gpu_task(server, None)
+    assert gpu.state.is_completed() and gpu.run_count == 2  # the same task run, run again on B
+    assert "took task run" in (tmp_path / "b.log").read_text()
+    assert not list((shared / "claims").glob("*"))  # B dropped its claim when done
+
+
+def test_with_no_retries_left_a_killed_worker_fails_the_run_cleanly(server, shared, tmp_path, long_audio):
+    audio, _ = long_audio
+    worker = start_task_worker(_env(server, shared, tmp_path), tmp_path / "worker.log")
+    try:
+        wait_for_task_workers(server.url, 1, procs=(worker,))
+        cli = _start_cli(_env(server, shared, tmp_path, GPU_TASK_WORKERS="1", GPU_TASK_RETRIES="0"), str(audio),
+                         "--language", "en", "--force", "--output-name", "lost", "--download-dir",
+                         str(tmp_path / "out"), log=tmp_path / "cli.log")
+        _claimed_by(shared, cli, tmp_path / "cli.log")
+        time.sleep(1)
+        os.killpg(worker.pid, signal.SIGKILL)
+        assert cli.wait(timeout=120) == 1
+    finally:
+        stop(worker)
+    log = (tmp_path / "cli.log").read_text()
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "stopped (killed, crashed or lost) while running it, 1 time(s)" in errors[0], log
+    assert not (tmp_path / "out").exists()
+    run, (gpu,) = _flow_run_and_gpu_task(server, "lost")
+    assert gpu.state.type.value == "CRASHED"
+    assert run.state.type.value == "FAILED"  # nothing left Running
+
+
+def test_deadline_and_unserved_model_end_the_run_but_not_the_worker(server, shared, tmp_path, long_audio):
+    audio, _ = long_audio
+    worker = start_task_worker(_env(server, shared, tmp_path), tmp_path / "worker.log")
+    try:
+        wait_for_task_workers(server.url, 1, procs=(worker,))
+        flow_env = _env(server, shared, tmp_path, GPU_TASK_WORKERS="1")
+        late = _cli({**flow_env, "GPU_TASK_TIMEOUT": "3"}, str(audio), "--language", "en", "--force",
+                    "--output-name", "late", "--download-dir", str(tmp_path / "out"))
+        assert late.returncode == 1, late.stderr[-3000:]
+        assert "gpu-stages of late ran past its 3 s deadline (GPU_TASK_TIMEOUT) and was stopped" in late.stderr
+        refused = _cli(flow_env, str(DATA / "enrol_slt.wav"), "--model", "bundled:tiny.en", "--download-dir",
+                       str(tmp_path / "out"))
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert "this worker serves bundled:base (int8 on cpu); the request asks for model 'bundled:tiny.en'" \
+            in refused.stderr
+        served = _cli(flow_env, str(DATA / "enrol_slt.wav"), "--language", "en", "--json", "--download-dir",
+                      str(tmp_path / "out"))  # the same worker, still serving
+        assert served.returncode == 0, served.stderr[-3000:]
+        assert worker.poll() is None
+    finally:
+        stop(worker)
+    assert json.loads(served.stdout)["segments"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "enrol_slt.json", "enrol_slt.segments.json", "enrol_slt.srt", "enrol_slt.vtt"]
+
+
+def test_a_killed_cli_leaves_no_server_and_its_run_is_marked_crashed(tmp_path):
+    """No PREFECT_API_URL: the CLI's throw-away server dies with it; the next run in that
+    PREFECT_HOME marks the abandoned run Crashed."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(home), SPEECH_CACHE_DIR=str(tmp_path / "cache"), LOCAL_PREFECT_SERVER="off")
+    killed = _start_cli(env, str(DATA / "diar_4spk.wav"), "--diarization", "--force", "--download-dir",
+                        str(tmp_path / "out"), log=tmp_path / "killed.log")
+    deadline = time.monotonic() + 240
+    while not _running_flow_runs(killed.pid):  # killed while its run is Running
+        assert killed.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
+        time.sleep(0.5)
+    server_pids = _children(killed.pid)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    deadline = time.monotonic() + 20
+    while any(_running(pid) for pid in server_pids):
+        assert time.monotonic() < deadline, f"server processes {server_pids} outlived the killed CLI"
+        time.sleep(0.2)
+    again = _cli(env, str(DATA / "enrol_slt.wav"), "--language", "en", "--download-dir", str(tmp_path / "out"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    from flows.local_api import start_throwaway_api
+
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.settings import PREFECT_HOME, temporary_settings
+
+    with temporary_settings({PREFECT_HOME: str(home)}):
+        api = start_throwaway_api()
+    try:
+        api.wait_ready(120)
+        with SyncPrefectClient(api.url) as client:
+            states = {r.infrastructure_pid: r.state for r in client.read_flow_runs()}
+    finally:
+        api.stop()
+    mine = states[f"{os.uname().nodename}:{killed.pid}"]
+    assert mine.type.value == "CRASHED" and "ended without finishing" in mine.message
+    assert sum(s.type.value == "COMPLETED" for s in states.values()) == 1
+
+
+def _running_flow_runs(cli_pid: int) -> int:
+    """Flow runs Running on the CLI's own server (its child; the port from its command line)."""
+    import urllib.request
+
+    for child in _children(cli_pid):
+        try:
+            args = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            port = int(args[args.index(b"--port") + 1])
+            body = json.dumps({"flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}}}).encode()
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/api/flow_runs/filter", data=body,
+                                             method="POST", headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=5) as reply:
+                return len(json.loads(reply.read()))
+        except (OSError, ValueError, IndexError):
+            continue
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] not in ("Z", "X")
+    except OSError:
+        return False
