@@ -100,16 +100,19 @@ class Watch:
     notes: list[str] = field(default_factory=list)  # what was done, for the caller's log
     ended: Optional[str] = None  # why this watch ended the run, if it did
 
-    def check(self, client: Any, task_run: Any) -> None:
+    def check(self, client: Any, task_run: Any, workers: Optional[set[str]] = None) -> None:
         """One look at a run that is not final: fail it (no worker, out of time), or schedule it
-        again (its worker is gone)."""
+        again (its worker is gone). ``workers``: the registry, when the caller read it already."""
         state = task_run.state
         now = time.monotonic()
-        workers = serving_workers(client, self.task_key)
+        if workers is None:
+            workers = serving_workers(client, self.task_key)
         if workers:
             self.served_at = now
         kind = state.type.value if state is not None else "SCHEDULED"
-        if self.claim is None or kind == "SCHEDULED":
+        # a worker claims a run as it takes it and starts it at once: a run still Scheduled a while
+        # after a claim was its worker's last act
+        if kind != "SCHEDULED" and self.claim is None or kind == "SCHEDULED" and _age(state.timestamp) > 20:
             self.claim = read_claim(self.storage, self.task_run_id)
         if self.claim is None:  # queued: no worker has taken it
             if kind == "SCHEDULED" and not workers and now - self.served_at >= self.settings.gpu_task_pickup_timeout:
