@@ -210,6 +210,40 @@ def run_on_worker(task: Any, *args: Any, label: str, deadline: float, storage: A
     raise WorkerUnavailable(state.message or f"{label} ended {state.name}")
 
 
+def follow(task_run_ids: list[Any], task_key: str, storage: Any, every: float = 2.0,
+           label: str = "transcribe-job") -> dict[Any, Any]:
+    """Watch many runs of one task until each is final (a :class:`Watch` each: no worker, a dead
+    worker, the deadline backstop); their final states by id. The worker itself stops a run at
+    its own deadline, scaled to its audio; the backstop here is the longest audio's."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
+    from prefect.states import Failed
+
+    settings = get_settings()
+    watches = {i: Watch(i, task_key, f"{label} {i}", run_deadline(settings.max_audio_seconds, settings), storage,
+                        settings) for i in task_run_ids}
+    done: dict[Any, Any] = {}
+    with get_client(sync_client=True) as client:
+        while len(done) < len(watches):
+            pending = [i for i in watches if i not in done]
+            workers = serving_workers(client, task_key)
+            seen = set()
+            for start in range(0, len(pending), 200):
+                for run in client.read_task_runs(task_run_filter=TaskRunFilter(
+                        id=TaskRunFilterId(any_=pending[start:start + 200])), limit=200):
+                    seen.add(run.id)
+                    if run.state is not None and run.state.is_final():
+                        done[run.id] = run.state
+                    else:
+                        watches[run.id].check(client, run, workers)
+            for gone in set(pending) - seen:  # deleted (a worker that could not read its parameters)
+                done[gone] = Failed(message="its task run was deleted (a task worker could not read its parameters: "
+                                    "the same RESULTS_STORAGE everywhere?)")
+            if len(done) < len(watches):
+                time.sleep(every)
+    return done
+
+
 # --- the working side ---------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
@@ -40,22 +40,32 @@ from speech.io.inbox import Candidate, list_local, list_s3, local_identity
 from tasks.common import artifact_key
 
 RETRYABLE = {"FAILED", "CRASHED"}
+TASK_WORKERS = "task-workers"  # the ledger's target for files sent to warm task workers
 
 
 def _existing_runs(keys_to_candidates: dict[str, Candidate]) -> dict[str, list[Any]]:
     """Ledger key -> the flow runs that carry it (as idempotency key, or as the per-file tag that
-    batch runs and retries carry), newest first."""
+    batch runs and retries carry) and the task-worker jobs tagged with it, newest first."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterIdempotencyKey, FlowRunFilterTags
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterIdempotencyKey,
+        FlowRunFilterTags,
+        TaskRunFilter,
+        TaskRunFilterTags,
+    )
 
     found: dict[str, dict[Any, Any]] = {}
     keys = list(keys_to_candidates)
     by_tag = {c.tag: k for k, c in keys_to_candidates.items()}
 
-    def all_runs(client: Any, flow_run_filter: Any) -> list[Any]:  # every page, not the API's first 200
-        out: list[Any] = []
+    def all_runs(client: Any, flow_run_filter: Any = None, task_run_filter: Any = None) -> list[Any]:
+        out: list[Any] = []  # every page, not the API's first 200
         while True:
-            page = client.read_flow_runs(flow_run_filter=flow_run_filter, limit=200, offset=len(out))
+            if task_run_filter is not None:
+                page = client.read_task_runs(task_run_filter=task_run_filter, limit=200, offset=len(out))
+            else:
+                page = client.read_flow_runs(flow_run_filter=flow_run_filter, limit=200, offset=len(out))
             out.extend(page)
             if len(page) < 200:
                 return out
@@ -66,7 +76,8 @@ def _existing_runs(keys_to_candidates: dict[str, Candidate]) -> dict[str, list[A
             for run in all_runs(client, FlowRunFilter(idempotency_key=FlowRunFilterIdempotencyKey(any_=chunk))):
                 found.setdefault(run.idempotency_key, {})[run.id] = run
             tags = [keys_to_candidates[k].tag for k in chunk]
-            for run in all_runs(client, FlowRunFilter(tags=FlowRunFilterTags(any_=tags))):
+            for run in (all_runs(client, FlowRunFilter(tags=FlowRunFilterTags(any_=tags)))
+                        + all_runs(client, task_run_filter=TaskRunFilter(tags=TaskRunFilterTags(any_=tags)))):
                 for t in run.tags:
                     if t in by_tag:
                         found.setdefault(by_tag[t], {})[run.id] = run
@@ -120,6 +131,7 @@ def sweep_inbox(
     concurrency: int = 4,
     batch_size: int = 0,
     max_attempts: int = 3,
+    via: Literal["deployment", "task-workers"] = "deployment",
 ) -> dict[str, int]:
     """Trigger one transcription run per new audio file in a folder or S3 prefix (each file once).
 
@@ -132,6 +144,9 @@ def sweep_inbox(
         concurrency: Runs created at once.
         batch_size: 0 = one run per file; N > 0 = one transcribe-batch run per N files.
         max_attempts: Trigger a file again while fewer than this many of its runs have failed or crashed.
+        via: deployment = one run of target per file (or batch); task-workers = one background job per file on
+            warm task workers (no flow run per file: the throughput path; target and batch_size are not used),
+            watched until done.
     """
     log = get_run_logger()
     request = {k: v for k, v in (request or {}).items() if k != "audio_file"}
@@ -139,6 +154,10 @@ def sweep_inbox(
     TranscriptionRequest.parse({**request, "audio_file": "placeholder.wav"})  # a bad request fails the sweep, not N runs
     if limit < 0 or concurrency < 1 or batch_size < 0 or max_attempts < 1:
         raise InvalidRequest("limit and batch_size must be >= 0, concurrency and max_attempts >= 1")
+    if via == "task-workers":
+        if batch_size:
+            raise InvalidRequest("via task-workers sends each file as one job: batch_size must be 0")
+        target = TASK_WORKERS
 
     candidates = list_s3(source, glob) if source.startswith("s3://") else list_local(source, glob)
     log.info("sweep %s (%s): %d candidate file(s)", source, glob, len(candidates))
@@ -153,7 +172,10 @@ def sweep_inbox(
         for c in new[limit:]:
             c.status = "deferred"
         new = new[:limit]
-    _trigger_all(_jobs(new, target, request, batch_size), target, concurrency)
+    if via == "task-workers":
+        _dispatch_to_task_workers(new, request)
+    else:
+        _trigger_all(_jobs(new, target, request, batch_size), target, concurrency)
     for copy, first in copies:
         copy.flow_run_id, copy.error = first.flow_run_id, first.error
         copy.status = "already-done" if first.status == "triggered" else first.status
@@ -239,20 +261,61 @@ def _trigger_all(jobs: list[tuple[list[Candidate], dict[str, Any], str]], target
                 c.flow_run_id = out["flow_run_id"]
 
 
+def _dispatch_to_task_workers(new: list[Candidate], request: dict[str, Any]) -> None:
+    """Each new file as one ``transcribe-job`` on warm task workers (tagged with its ledger tag),
+    then watched until every one has finished (:mod:`flows.dispatch`: a job whose worker dies
+    runs again elsewhere; none is left Running). Only one sweep of a source should run at a time
+    (the deployment's concurrency limit): task runs have no idempotency key."""
+    from prefect import tags
+
+    from flows.dispatch import follow
+    from flows.jobs import JOB_TAG, check_job_request, transcribe_job
+    from speech.errors import SpeechError
+    from tasks.storage import task_result_storage
+
+    storage = task_result_storage()
+    if storage is None:
+        raise InvalidRequest("via task-workers needs the result storage the task workers use: set RESULTS_STORAGE "
+                             "or RESULTS_STORAGE_BLOCK")
+    sent = {}
+    for c in new:
+        try:
+            check_job_request({**request, "audio_file": c.path})
+        except SpeechError as exc:  # outside the policy: this file, not the sweep
+            c.status, c.error = "failed", str(exc)[:500]
+            continue
+        with tags("sweep", JOB_TAG, c.tag):
+            future = transcribe_job.with_options(result_storage=storage).delay({**request, "audio_file": c.path})
+        c.status, c.flow_run_id = "triggered", str(future.task_run_id)
+        c.detail["sent"] = True
+        sent[future.task_run_id] = c
+    get_run_logger().info("sent %d file(s) to task workers; watching them", len(sent))
+    for task_run_id, state in follow(list(sent), transcribe_job.task_key, storage).items():
+        c = sent[task_run_id]
+        c.detail["state"] = state.name
+        if state.is_completed():
+            c.status = "done"
+        else:
+            c.status, c.error = "failed", f"{state.name}: {(state.message or '').strip()}"[:500]
+
+
 def _report(candidates: list[Candidate], source: str, glob: str, target: str) -> dict[str, int]:
     """The sweep's table artifact and counts."""
     log = get_run_logger()
     counts = {
-        "triggered": sum(c.status == "triggered" for c in candidates),
+        "triggered": sum(c.status == "triggered" or bool(c.detail.get("sent")) for c in candidates),
         "skipped": sum(c.status == "already-done" for c in candidates),
         "failed": sum(c.status == "failed" for c in candidates),
         "deferred": sum(c.status == "deferred" for c in candidates),
     }
+    if target == TASK_WORKERS:  # watched until done: how many finished well
+        counts["done"] = sum(c.status == "done" for c in candidates)
     create_table_artifact(
         key=artifact_key(f"sweep-{stem_key(source)}"),
         table=[{"file": c.path, "identity": c.identity, "status": c.status, "attempt": c.detail.get("attempt"),
                 "flow_run_id": c.flow_run_id, "error": c.error} for c in candidates],
-        description=(f"Sweep of {source} ({glob}) -> {target}: {counts['triggered']} triggered, "
+        description=(f"Sweep of {source} ({glob}) -> {target}: {counts['triggered']} triggered"
+                     + (f" ({counts['done']} done), " if "done" in counts else ", ") +
                      f"{counts['skipped']} already done, {counts['failed']} failed, {counts['deferred']} deferred"),
     )
     for c in candidates:

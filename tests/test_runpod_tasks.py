@@ -148,3 +148,23 @@ def test_policy_tokens_and_failures_at_the_edge(jobs, worker, tmp_path):
             assert "\n" not in failed["error"] and "encountered an exception" not in failed["error"]
         health = requests.get(f"{base}/e/health", timeout=30).json()
     assert health["jobs"]["failed"] >= 4
+
+
+def test_a_sweep_sends_each_new_file_to_task_workers(jobs, worker):
+    """sweep_inbox(via="task-workers"): one transcribe-job per new file (no flow run per file),
+    watched until done; the next sweep sends nothing and reports the failed file."""
+    import shutil
+
+    from flows.sweep import sweep_inbox
+
+    inbox, out = worker / "inbox", worker / "swept"
+    inbox.mkdir()
+    shutil.copy(DATA / "enrol_slt.wav", inbox / "a.wav")
+    shutil.copy(DATA / "enrol_rms.wav", inbox / "b.wav")
+    (inbox / "corrupt.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEnot really audio" * 50)
+    request = {"language": "en", "download_dir": str(out)}
+    first = sweep_inbox(str(inbox), glob="*.wav", request=request, via="task-workers", max_attempts=1)
+    assert first == {"triggered": 3, "done": 2, "skipped": 0, "failed": 1, "deferred": 0}, first
+    assert sorted(p.name for p in out.glob("*.json") if p.name.count(".") == 1) == ["a.json", "b.json"]
+    again = sweep_inbox(str(inbox), glob="*.wav", request=request, via="task-workers", max_attempts=1)
+    assert again == {"triggered": 0, "done": 0, "skipped": 2, "failed": 1, "deferred": 0}, again
