@@ -67,13 +67,15 @@ def stop(proc: subprocess.Popen, grace: float = 20) -> None:
         proc.wait(timeout=10)
 
 
-def server_env(home: Path, base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
-    """``base`` (default os.environ) with its own PREFECT_HOME and SQLite database, no client
-    settings of the caller's, analytics off, and this checkout on PYTHONPATH."""
+def server_env(home: Path, base: Optional[Mapping[str, str]] = None,
+               database_url: Optional[str] = None) -> dict[str, str]:
+    """``base`` (default os.environ) with its own PREFECT_HOME and database (SQLite in the home
+    unless ``database_url`` names another, e.g. :func:`local_postgres`'s), no client settings of
+    the caller's, analytics off, and this checkout on PYTHONPATH."""
     env = {k: v for k, v in (base if base is not None else os.environ).items() if k not in _PREFECT_CLIENT_VARS}
     env.update(
         PREFECT_HOME=str(home),
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+        PREFECT_API_DATABASE_CONNECTION_URL=database_url or f"sqlite+aiosqlite:///{home}/prefect.db",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         DO_NOT_TRACK="1",
         PYTHONPATH=os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
@@ -83,13 +85,15 @@ def server_env(home: Path, base: Optional[Mapping[str, str]] = None) -> dict[str
 
 @contextmanager
 def local_prefect_server(home: Path, *, base_env: Optional[Mapping[str, str]] = None,
-                         timeout: float = 180, ui: bool = False) -> Iterator[LocalServer]:
-    """Start ``prefect server start`` on a free 127.0.0.1 port with ``home`` as PREFECT_HOME;
-    yield once /api/health answers; raise RuntimeError (with the log tail) if it does not."""
+                         timeout: float = 180, ui: bool = False,
+                         database_url: Optional[str] = None) -> Iterator[LocalServer]:
+    """Start ``prefect server start`` on a free 127.0.0.1 port with ``home`` as PREFECT_HOME
+    (and ``database_url`` as its database: SQLite in the home by default); yield once
+    /api/health answers; raise RuntimeError (with the log tail) if it does not."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = server_env(home, base_env)
+    env = server_env(home, base_env, database_url)
     env["PREFECT_UI_ENABLED"] = "true" if ui else "false"
     log_path = home / "server.log"
     t0 = time.perf_counter()
@@ -164,3 +168,59 @@ def wait_for_task_workers(url: str, count: int, timeout: float = 180,
             raise RuntimeError(f"{len(workers)} of {count} task workers connected" +
                                (f"; exited: {dead}" if dead else " in time"))
         time.sleep(0.5)
+
+
+def _postgres_bin() -> Optional[Path]:
+    """The newest installed PostgreSQL's bin folder (Debian: /usr/lib/postgresql/<major>/bin)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    return found[-1].parent if found else None
+
+
+def ensure_postgres() -> Path:
+    """PostgreSQL's binaries: Debian's ``postgresql`` package, installed with apt-get when
+    missing (as root; otherwise say what to install)."""
+    found = _postgres_bin()
+    if found is not None:
+        return found
+    if os.geteuid() != 0:
+        raise RuntimeError("PostgreSQL is not installed: sudo apt-get install -y postgresql")
+    subprocess.run(["apt-get", "install", "-y", "-q", "postgresql"], check=True, capture_output=True,
+                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    found = _postgres_bin()
+    if found is None:
+        raise RuntimeError("apt-get installed postgresql but no initdb was found under /usr/lib/postgresql")
+    return found
+
+
+@contextmanager
+def local_postgres() -> Iterator[str]:
+    """A PostgreSQL server of its own (as ``infra/docker-compose.yml`` runs one for Prefect): a new
+    cluster in a temporary folder, on a free 127.0.0.1 port, trust auth on loopback only, stopped
+    and deleted on exit. Yields the SQLAlchemy URL Prefect takes (asyncpg)."""
+    import shutil
+    import tempfile
+
+    bindir = ensure_postgres()
+    base = Path(tempfile.mkdtemp(prefix="prefect-postgres-"))
+    data = base / "data"
+    as_db_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: its own user, as Debian's package makes it
+        shutil.chown(base, "postgres")
+        as_db_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+
+    def run(*cmd: str) -> None:
+        done = subprocess.run([*as_db_user, *cmd], capture_output=True, text=True, cwd=base)
+        if done.returncode:
+            raise RuntimeError(f"{Path(cmd[0]).name} failed ({done.returncode}): {(done.stderr or done.stdout)[-2000:]}")
+
+    try:
+        run(str(bindir / "initdb"), "-D", str(data), "-U", "prefect", "--auth=trust", "-E", "UTF8")
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "server.log"), "-w", "-t", "60", "-o",
+            f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c max_connections=200", "start")
+        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "prefect", "prefect")
+        yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect"
+    finally:
+        subprocess.run([*as_db_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                       capture_output=True, cwd=base)
+        shutil.rmtree(base, ignore_errors=True)

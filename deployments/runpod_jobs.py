@@ -334,7 +334,8 @@ class TaskJobs:
                 run = client.read_task_run(run_id)
             except ObjectNotFound:
                 return None
-        return run if TAG in (run.tags or []) else None  # only this endpoint's jobs
+        # only this endpoint's jobs (not their stage runs, which carry the tag too)
+        return run if TAG in (run.tags or []) and run.task_key.startswith("transcribe_job") else None
 
     def view(self, job_id: str) -> Optional[dict[str, Any]]:
         if job_id in self.refused:
@@ -400,15 +401,13 @@ class TaskJobs:
 
     def counts(self) -> dict[str, int]:
         from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import (TaskRunFilter, TaskRunFilterState, TaskRunFilterStateType,
-                                                    TaskRunFilterTags)
+
+        from flows.jobs import job_filter
 
         out = {}
         with get_client(sync_client=True) as client:
             for status, name in HEALTH_KEYS.items():
-                types = [t for t, s in RUNPOD_STATUS.items() if s == status]
-                wanted = TaskRunFilter(tags=TaskRunFilterTags(all_=[TAG]),
-                                       state=TaskRunFilterState(type=TaskRunFilterStateType(any_=types)))
+                wanted = job_filter(TAG, states=tuple(t for t, s in RUNPOD_STATUS.items() if s == status))
                 reply = client.request("POST", "/task_runs/count", json={"task_runs": wanted.model_dump(mode="json")})
                 reply.raise_for_status()
                 out[name] = int(reply.json())
@@ -427,16 +426,13 @@ class TaskJobs:
     def watch_once(self) -> None:
         """One look at every unfinished job: :meth:`flows.dispatch.Watch.check` each."""
         from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import (TaskRunFilter, TaskRunFilterState, TaskRunFilterStateType,
-                                                    TaskRunFilterTags)
 
         from flows.dispatch import Watch, run_deadline, serving_workers
-        from flows.jobs import transcribe_job
+        from flows.jobs import job_filter, transcribe_job
         from speech.settings import get_settings
 
         with get_client(sync_client=True) as client:
-            wanted = TaskRunFilter(tags=TaskRunFilterTags(all_=[TAG]), state=TaskRunFilterState(
-                type=TaskRunFilterStateType(any_=["SCHEDULED", "PENDING", "RUNNING"])))
+            wanted = job_filter(TAG, states=("SCHEDULED", "PENDING", "RUNNING"))
             runs: list[Any] = []
             while True:  # every page: the API answers 200 at most
                 page = client.read_task_runs(task_run_filter=wanted, limit=200, offset=len(runs))

@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
+import uuid
 from uuid import UUID
 
 from speech.errors import Stopped, WorkerUnavailable
@@ -35,6 +36,7 @@ from speech.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 CLAIMS = "claims"
+UNIT_TAG = "unit:"  # one per delayed run; its nested stage runs carry it too
 LOST_AFTER = 4.0  # seconds a claiming worker must be missing from the registry to count as gone
 POLL = 1.0  # seconds between looks at a waited-for run
 GRACE = 60.0  # beyond its deadline, a run the worker has not stopped itself is failed from outside
@@ -135,6 +137,7 @@ class Watch:
         worker, attempts = self.claim["worker"], max(1, task_run.run_count)
         self.claim, self.missing_since = None, None
         drop_claim(self.storage, self.task_run_id)
+        crash_stages(client, task_run, f"its task worker {worker} stopped while running it")
         if attempts > self.settings.gpu_task_retries:
             self._end(client, "Crashed", f"{self.label}: its task worker {worker} stopped (killed, crashed or lost) "
                       f"while running it, {attempts} time(s) (GPU_TASK_RETRIES={self.settings.gpu_task_retries})")
@@ -152,6 +155,21 @@ class Watch:
         self.ended = message
         self.notes.append(message)
         log.warning(message)
+
+
+def crash_stages(client: Any, task_run: Any, why: str) -> None:
+    """The stage runs a dead worker left Running under ``task_run`` (its unit tag): Crashed."""
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterState, TaskRunFilterStateType, TaskRunFilterTags
+    from prefect.states import Crashed
+
+    unit = next((t for t in task_run.tags or [] if t.startswith(UNIT_TAG)), None)
+    if unit is None:
+        return
+    for run in client.read_task_runs(task_run_filter=TaskRunFilter(
+            tags=TaskRunFilterTags(all_=[unit]),
+            state=TaskRunFilterState(type=TaskRunFilterStateType(any_=["PENDING", "RUNNING"]))), limit=200):
+        if run.id != task_run.id:
+            client.set_task_run_state(run.id, Crashed(message=why), force=True)
 
 
 def reschedule(client: Any, task_run: Any, message: str) -> None:
@@ -173,17 +191,43 @@ def _age(timestamp: Any) -> float:
     return (datetime.now(timezone.utc) - timestamp).total_seconds() if timestamp is not None else 0.0
 
 
+def delay(task: Any, *args: Any, tags: tuple[str, ...] = ()) -> Any:
+    """``task.delay(*args)`` with ``tags``, from a thread with no run context: Prefect stores the
+    caller's context beside the parameters, and a flow run's context pickles its flow, which a
+    deployment loads from a file path (module ``transcribe``, ``sweep``) that task workers
+    cannot import; they would then delete the run. (So the task run is not linked to the flow
+    run: the caller tags it instead.)"""
+    import threading
+
+    from prefect import tags as prefect_tags
+
+    box: dict[str, Any] = {}
+    tags = (*tags, f"{UNIT_TAG}{uuid.uuid4().hex[:16]}")  # inherited by its stage runs: found again on a loss
+
+    def send() -> None:
+        try:
+            with prefect_tags(*tags):
+                box["future"] = task.delay(*args)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=send, name="delay")  # a new thread starts with an empty context
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["future"]
+
+
 def run_on_worker(task: Any, *args: Any, label: str, deadline: float, storage: Any,
                   tags: tuple[str, ...] = ()) -> Any:
     """``task.delay(*args)`` to a warm task worker and wait for its result, watched
     (:class:`Watch`); raises the task's own error, or :class:`WorkerUnavailable` with one line."""
-    from prefect import tags as prefect_tags
     from prefect.client.orchestration import get_client
 
     from prefect.exceptions import ObjectNotFound
 
-    with prefect_tags(*tags):
-        future = task.with_options(result_storage=storage).delay(*args)
+    future = delay(task.with_options(result_storage=storage), *args, tags=tags)
     watch = Watch(future.task_run_id, task.task_key, label, deadline, storage)
     with get_client(sync_client=True) as client:
         while True:

@@ -32,6 +32,16 @@ def _job_name() -> str:
     return f"transcribe-job {stem_of(str(request.get('audio_file') or ''))}"
 
 
+def job_filter(*tags: str, states: tuple[str, ...] = ()) -> Any:
+    """A task-run filter for the ``transcribe-job`` runs carrying ``tags`` (not their stage runs,
+    which inherit the tags), in ``states`` when given."""
+    from prefect.client.schemas.filters import (TaskRunFilter, TaskRunFilterName, TaskRunFilterState,
+                                                TaskRunFilterStateType, TaskRunFilterTags)
+
+    return TaskRunFilter(tags=TaskRunFilterTags(all_=list(tags)), name=TaskRunFilterName(like_="transcribe-job"),
+                         state=TaskRunFilterState(type=TaskRunFilterStateType(any_=list(states))) if states else None)
+
+
 def check_job_request(request: dict[str, Any]) -> Any:
     """The request as the worker will run it, or a :class:`speech.errors.SpeechError` saying why
     not: invalid, a plain token, outside the trust policy. (Checked by the submitter too, so a bad

@@ -52,6 +52,7 @@ def _existing_runs(keys_to_candidates: dict[str, Candidate]) -> dict[str, list[A
         FlowRunFilterIdempotencyKey,
         FlowRunFilterTags,
         TaskRunFilter,
+        TaskRunFilterName,
         TaskRunFilterTags,
     )
 
@@ -77,7 +78,8 @@ def _existing_runs(keys_to_candidates: dict[str, Candidate]) -> dict[str, list[A
                 found.setdefault(run.idempotency_key, {})[run.id] = run
             tags = [keys_to_candidates[k].tag for k in chunk]
             for run in (all_runs(client, FlowRunFilter(tags=FlowRunFilterTags(any_=tags)))
-                        + all_runs(client, task_run_filter=TaskRunFilter(tags=TaskRunFilterTags(any_=tags)))):
+                        + all_runs(client, task_run_filter=TaskRunFilter(  # the jobs, not their stage runs
+                            tags=TaskRunFilterTags(any_=tags), name=TaskRunFilterName(like_="transcribe-job")))):
                 for t in run.tags:
                     if t in by_tag:
                         found.setdefault(by_tag[t], {})[run.id] = run
@@ -266,9 +268,7 @@ def _dispatch_to_task_workers(new: list[Candidate], request: dict[str, Any]) -> 
     then watched until every one has finished (:mod:`flows.dispatch`: a job whose worker dies
     runs again elsewhere; none is left Running). Only one sweep of a source should run at a time
     (the deployment's concurrency limit): task runs have no idempotency key."""
-    from prefect import tags
-
-    from flows.dispatch import follow
+    from flows.dispatch import delay, follow
     from flows.jobs import JOB_TAG, check_job_request, transcribe_job
     from speech.errors import SpeechError
     from tasks.storage import task_result_storage
@@ -284,8 +284,8 @@ def _dispatch_to_task_workers(new: list[Candidate], request: dict[str, Any]) -> 
         except SpeechError as exc:  # outside the policy: this file, not the sweep
             c.status, c.error = "failed", str(exc)[:500]
             continue
-        with tags("sweep", JOB_TAG, c.tag):
-            future = transcribe_job.with_options(result_storage=storage).delay({**request, "audio_file": c.path})
+        future = delay(transcribe_job.with_options(result_storage=storage), {**request, "audio_file": c.path},
+                       tags=("sweep", JOB_TAG, c.tag))
         c.status, c.flow_run_id = "triggered", str(future.task_run_id)
         c.detail["sent"] = True
         sent[future.task_run_id] = c
