@@ -32,7 +32,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `speech` and `bench.*` without PYTHONPATH
 
-from bench.common import DATA, report  # noqa: E402 - light: paths and a JSON writer
+from bench.common import DATA, report, apply_smoke, smoke_option  # noqa: E402 - light: paths and a JSON writer
 
 FIXTURES = ["sample_2spk.wav", "heldout_3spk.wav", "align_3spk.wav"]
 WARMUP_FIXTURE = "heldout_3spk.wav"  # the shortest
@@ -54,7 +54,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help=f"comma-separated backends to measure (default {','.join(BACKENDS)})")
     p.add_argument("--verbose", action="store_true", help="keep library warnings and log output")
     p.add_argument("--json", dest="json_path", metavar="PATH", help="also write every number to this JSON file")
-    return p.parse_args(argv)
+    smoke_option(p, seconds=20.0, repeats=1, backends="pocketsphinx,whisper")
+    return apply_smoke(p.parse_args(argv))
 
 
 def _ms(x: float) -> Optional[float]:

@@ -31,7 +31,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import DATA, FIXTURES  # noqa: E402
+from bench.common import DATA, FIXTURES, apply_smoke, smoke_option  # noqa: E402
 from deployments.local_server import (  # noqa: E402
     deploy_to_process_pool,
     local_prefect_server,
@@ -49,7 +49,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="Whisper model (default: the pipeline's, WHISPERX_MODEL)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for one flow run")
     p.add_argument("--json", type=Path, help="also write the measurements to this file")
-    args = p.parse_args(argv)
+    smoke_option(p, files=2)
+    args = apply_smoke(p.parse_args(argv))
     if not 1 <= args.files <= len(FIXTURES):
         p.error(f"--files must be 1..{len(FIXTURES)}")
     return args
@@ -80,7 +81,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             deploy_to_process_pool(server, POOL, transcribe_audio, transcribe_batch)
             worker_log = tmp / "worker.log"
-            worker = start_process_worker(POOL, {**server.env, "SPEECH_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"},
+            worker = start_process_worker(POOL, {**server.env, "SPEECH_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1",
+                                                 "ALLOW_LOCAL_PATHS": f"{DATA}:{tmp}"},
                                           worker_log)
             try:
                 with temporary_settings({PREFECT_API_URL: server.url}):

@@ -38,3 +38,19 @@ def report(args: Any, run: Callable[[Any], dict], print_table: Callable[[dict], 
         Path(args.json_path).write_text(json.dumps(res, indent=2, default=str, ensure_ascii=False) + "\n")
         print(f"wrote {args.json_path}")
     return res
+
+
+def smoke_option(p: Any, **small: Any) -> None:
+    """``--smoke``: the same path with small inputs (``small``: argument -> value), quick enough for CI
+    (``make bench-smoke``), so a change that breaks a benchmark fails CI."""
+    shown = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in small.items())
+    p.add_argument("--smoke", action="store_true", help=f"a quick run of the same path, for CI ({shown})")
+    p.set_defaults(_smoke=small)
+
+
+def apply_smoke(args: Any) -> Any:
+    """``args`` with the ``--smoke`` values put in, when asked for."""
+    if getattr(args, "smoke", False):
+        for key, value in args._smoke.items():
+            setattr(args, key, value)
+    return args

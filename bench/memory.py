@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, report  # noqa: E402
+from bench.common import REPO, report, apply_smoke, smoke_option  # noqa: E402
 
 
 def long_audio(minutes: float, into: Path) -> tuple[Path, Path]:
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=60.0)
     p.add_argument("--align", action="store_true", help="also align words (pocketsphinx, offline)")
     p.add_argument("--json", dest="json_path", help="also write the numbers here")
-    report(p.parse_args(argv), run, print_table)
+    smoke_option(p, minutes=1.0)
+    report(apply_smoke(p.parse_args(argv)), run, print_table)
     return 0
 
 

@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # the loopback API servers
 
+from bench.common import apply_smoke, smoke_option  # noqa: E402
+
 GOAL_SECONDS = 3.0
 
 
@@ -41,7 +43,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--pyannote-job", type=float, default=10.0, help="seconds a pyannoteAI job runs")
     p.add_argument("--repeats", type=int, default=2, help="runs per scenario; the fastest counts")
     p.add_argument("--json", dest="json_path", help="also write the numbers here")
-    return p.parse_args(argv)
+    smoke_option(p, seconds=10.0, deepgram_delay=1.0, pyannote_job=2.0, repeats=1)
+    return apply_smoke(p.parse_args(argv))
 
 
 def build_clip(path: Path, seconds: float) -> float:

@@ -38,7 +38,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `speech` and `bench.*` without PYTHONPATH
 
-from bench.common import report  # noqa: E402 - light: paths and a JSON writer
+from bench.common import report, apply_smoke, smoke_option  # noqa: E402 - light: paths and a JSON writer
 
 SETS = ("ami", "sample", "council")  # = bench.realdata.SETS, kept here so --help imports nothing
 BACKENDS = ("auto", "builtin", "segmented", "pyannote", "pyannote-api")
@@ -64,7 +64,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=0, help="at most this many recordings (0 = all)")
     p.add_argument("--verbose", action="store_true", help="keep library warnings and log output")
     p.add_argument("--json", dest="json_path", metavar="PATH", help="also write every number to this JSON file")
-    args = p.parse_args(argv)
+    smoke_option(p, sets="sample", backends="segmented", limit=1)
+    args = apply_smoke(p.parse_args(argv))
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     bad = [b for b in args.backends if b not in BACKENDS] + [s for s in args.sets if s not in SETS]

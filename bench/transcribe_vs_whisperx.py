@@ -38,6 +38,8 @@ from typing import Any, Callable, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import apply_smoke, smoke_option  # noqa: E402
+
 from bench.metrics import normalize_text, wer  # noqa: E402
 from deployments.local_server import local_prefect_server, server_env  # noqa: E402
 from speech.schema import SAMPLE_RATE  # noqa: E402
@@ -70,7 +72,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    "threads spinning at barriers can slow torch's VAD many-fold; this takes that noise out")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (audio, outputs, PREFECT_HOMEs)")
     p.add_argument("--json", dest="json_path", metavar="PATH", help="also write every number to this JSON file")
-    return p.parse_args(argv)
+    smoke_option(p, seconds=20.0, repeats=1, skip_cli=True)
+    return apply_smoke(p.parse_args(argv))
 
 
 # ----------------------------------------------------------------------------------
