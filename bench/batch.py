@@ -49,7 +49,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="Whisper model (default: the pipeline's, WHISPERX_MODEL)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for one flow run")
     p.add_argument("--json", type=Path, help="also write the measurements to this file")
-    smoke_option(p, files=2)
+    smoke_option(p, files=1)
     args = apply_smoke(p.parse_args(argv))
     if not 1 <= args.files <= len(FIXTURES):
         p.error(f"--files must be 1..{len(FIXTURES)}")

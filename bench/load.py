@@ -77,6 +77,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=3600, help="seconds for everything to finish")
     p.add_argument("--json", dest="json_path", type=Path, help="also write the measurements here")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, outputs) and say where")
+    p.add_argument("--model", default="bundled:base", help="the model the workers serve (WORKER_MODELS) and the "
+                   "references use (default bundled:base)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="WHISPERX_DEVICE (default cpu)")
+    p.add_argument("--compute-type", default=None, help="compute type (default: float16 on CUDA, int8 on CPU)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per worker (WHISPERX_CPU_THREADS; default 1: "
+                   "two workers on two cores)")
     args = p.parse_args(argv)
     if args.smoke:
         args.jobs, args.files, args.timeout = 3, 3, min(args.timeout, 600)
@@ -171,9 +177,19 @@ def worker_log_runs(log: Path) -> list[str]:
 # --- the run ---------------------------------------------------------------------------------
 
 
+def model_env(args: argparse.Namespace) -> dict[str, str]:
+    """What the workers serve and run on (and the references, in this process)."""
+    env = {"WORKER_MODELS": args.model + (f":{args.compute_type}" if args.compute_type else ""),
+           "WHISPERX_MODEL": args.model, "WHISPERX_DEVICE": args.device, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+           "WHISPERX_CPU_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
+    if args.compute_type:
+        env["WHISPERX_COMPUTE_TYPE"] = args.compute_type
+    return env
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-load-"))
-    os.environ.update(WHISPERX_CPU_THREADS="1", HF_HUB_OFFLINE="1")  # references: the workers' threads
+    os.environ.update(model_env(args))  # the references run with the workers' model, device and threads
     try:
         return _run(args, tmp)
     finally:
@@ -190,30 +206,35 @@ def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     print(f"{len(pool)} distinct clips of 5-30 s; {args.jobs} endpoint jobs + {args.files} swept files", flush=True)
     with local_postgres() as database, local_prefect_server(tmp / "home", database_url=database) as server:
         print(f"Prefect server on PostgreSQL: {server.url} (up in {server.startup_seconds:.1f} s)", flush=True)
-        os.environ["PREFECT_API_URL"] = server.url
-        common = {**server.env, "RESULTS_STORAGE": str(tmp / "shared"), "ALLOW_LOCAL_PATHS": str(tmp),
-                  "HF_HUB_OFFLINE": "1", "WHISPERX_CPU_THREADS": "1", "OMP_NUM_THREADS": "1",
-                  "GPU_TASK_PICKUP_TIMEOUT": "120"}
-        procs: dict[str, subprocess.Popen] = {}
-        try:
-            for name in ("A", "B"):
-                procs[name] = start_task_worker({**common, "SPEECH_CACHE_DIR": str(tmp / f"cache-{name}")},
-                                                tmp / f"worker-{name}.log", limit=1, preload=True)
-            from flows.sweep import sweep_inbox
+        from prefect.settings import PREFECT_API_URL, temporary_settings
 
-            deploy_to_process_pool(server, POOL, sweep_inbox, name="load")
-            procs["process-worker"] = start_process_worker(POOL, {**common, "SPEECH_CACHE_DIR": str(tmp / "cache-sweep")},
-                                                           tmp / "process-worker.log")
-            procs["endpoint"], base = start_endpoint({**common, "SPEECH_CACHE_DIR": str(tmp / "cache-endpoint")},
-                                                     tmp / "endpoint.log")
-            refs = references(pool, tmp)
-            workers = wait_for_task_workers(server.url, 2, procs=(procs["A"], procs["B"]), timeout=300)
-            ready = time.time()
-            print(f"task workers ready: {', '.join(sorted(workers))}", flush=True)
-            return drive(args, tmp, pool, refs, procs, base, server, ready)
-        finally:
-            for proc in procs.values():
-                stop(proc)
+        with temporary_settings({PREFECT_API_URL: server.url}):
+            return _with_server(args, tmp, pool, server)
+
+
+def _with_server(args: argparse.Namespace, tmp: Path, pool: list[Path], server: Any) -> dict[str, Any]:
+    common = {**server.env, **model_env(args), "RESULTS_STORAGE": str(tmp / "shared"),
+              "ALLOW_LOCAL_PATHS": str(tmp), "GPU_TASK_PICKUP_TIMEOUT": "120"}
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name in ("A", "B"):
+            procs[name] = start_task_worker({**common, "SPEECH_CACHE_DIR": str(tmp / f"cache-{name}")},
+                                            tmp / f"worker-{name}.log", limit=1, preload=True)
+        from flows.sweep import sweep_inbox
+
+        deploy_to_process_pool(server, POOL, sweep_inbox, name="load")
+        procs["process-worker"] = start_process_worker(POOL, {**common, "SPEECH_CACHE_DIR": str(tmp / "cache-sweep")},
+                                                       tmp / "process-worker.log")
+        procs["endpoint"], base = start_endpoint({**common, "SPEECH_CACHE_DIR": str(tmp / "cache-endpoint")},
+                                                 tmp / "endpoint.log")
+        refs = references(pool, tmp)
+        workers = wait_for_task_workers(server.url, 2, procs=(procs["A"], procs["B"]), timeout=300)
+        ready = time.time()
+        print(f"task workers ready: {', '.join(sorted(workers))}", flush=True)
+        return drive(args, tmp, pool, refs, procs, base, server, ready)
+    finally:
+        for proc in procs.values():
+            stop(proc)
 
 
 def references(pool: list[Path], tmp: Path) -> dict[str, dict]:

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=60.0)
     p.add_argument("--align", action="store_true", help="also align words (pocketsphinx, offline)")
     p.add_argument("--json", dest="json_path", help="also write the numbers here")
-    smoke_option(p, minutes=1.0)
+    smoke_option(p, minutes=0.5)
     report(apply_smoke(p.parse_args(argv)), run, print_table)
     return 0
 

@@ -50,8 +50,8 @@ def transcribe_batch(audio_files: list[str], request: Optional[dict[str, Any]] =
     """
     log = get_run_logger()
     request = dict(request or {})
-    redact_stored_secrets(nested="request")
     record_run_process()
+    redact_stored_secrets(nested="request")
     apply_runtime_switches()
     request.pop("audio_file", None)
     # a bad request would fail every file the same way: fail the run now, clearly

@@ -99,6 +99,7 @@ class Watch:
     served_at: float = field(default_factory=time.monotonic)  # last time a worker served the task
     missing_since: Optional[float] = None
     claim: Optional[dict[str, Any]] = None
+    next_claim_look: float = 0.0
     notes: list[str] = field(default_factory=list)  # what was done, for the caller's log
     ended: Optional[str] = None  # why this watch ended the run, if it did
 
@@ -113,9 +114,11 @@ class Watch:
             self.served_at = now
         kind = state.type.value if state is not None else "SCHEDULED"
         # a worker claims a run as it takes it and starts it at once: a run still Scheduled a while
-        # after a claim was its worker's last act
-        if kind != "SCHEDULED" and self.claim is None or kind == "SCHEDULED" and _age(state.timestamp) > 20:
+        # after a claim was its worker's last act (looked for every 10 s: a long queue, few reads)
+        if kind != "SCHEDULED" and self.claim is None:
             self.claim = read_claim(self.storage, self.task_run_id)
+        elif kind == "SCHEDULED" and _age(state.timestamp) > 20 and now >= self.next_claim_look:
+            self.claim, self.next_claim_look = read_claim(self.storage, self.task_run_id), now + 10
         if self.claim is None:  # queued: no worker has taken it
             if kind == "SCHEDULED" and not workers and now - self.served_at >= self.settings.gpu_task_pickup_timeout:
                 self._end(client, "Failed", f"no task worker serves {self.label}: none took it within "

@@ -9,6 +9,7 @@ call the same function: inline and task-worker runs give the same result.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Optional
 
 from prefect import task
@@ -33,6 +34,12 @@ from tasks.align import align_words
 from tasks.progress import checkpoint
 from tasks.speakers import diarize, enroll_speakers, label_speakers
 from tasks.transcribe import transcribe
+
+
+# whisperx's batched pipeline keeps per-call state on the shared model object, and a GPU runs one
+# file's kernels best at a time: a process's GPU units take turns (a task worker with --limit 2 then
+# overlaps one file's downloads, uploads and API waits with another's GPU work)
+GPU_LOCK = threading.Lock()
 
 
 class GpuPlan(BaseModel):
@@ -72,6 +79,14 @@ def run_gpu_stages(audio: AudioRef, plan: GpuPlan, clock: StageClock, hf_token: 
     enrolled = plan.enrolled
     if plan.samples and enrolled is None:  # a bad sample fails the unit before any transcription
         enrolled = out.enrolled = clock.run("enroll", enroll_speakers, plan.samples, plan.encoder)
+    with GPU_LOCK:  # one file's GPU work at a time per process; others fetch, upload, wait on APIs meanwhile
+        _run_locked(audio, plan, clock, out, enrolled, hf_token, on_transcript)
+    out.seconds, out.cached, out.model_loads = dict(clock.seconds), list(clock.cached), CACHE.load_count - loads
+    return out
+
+
+def _run_locked(audio: AudioRef, plan: GpuPlan, clock: StageClock, out: GpuOutcome, enrolled: Any, hf_token: Any,
+                on_transcript: Optional[Callable[[Transcript], None]]) -> None:
     segments = plan.segments
     if segments is None:
         checkpoint()
@@ -94,8 +109,6 @@ def run_gpu_stages(audio: AudioRef, plan: GpuPlan, clock: StageClock, hf_token: 
         checkpoint()
         out.speakers = clock.run("diarize", label_speakers, audio, segments, outcome, enrolled, plan.encoder)
         out.diarization_job = outcome.job
-    out.seconds, out.cached, out.model_loads = dict(clock.seconds), list(clock.cached), CACHE.load_count - loads
-    return out
 
 
 def _unit_name() -> str:

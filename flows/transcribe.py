@@ -194,8 +194,8 @@ def transcribe_audio(
     """
     args = dict(locals())
     args["speaker_samples"] = args["speaker_samples"] or []
+    record_run_process()  # first: a run killed from here on is found abandoned by the next CLI run
     redact_stored_secrets()
-    record_run_process()
     apply_runtime_switches()
     keep_result_with_task_results()
     return run_pipeline(TranscriptionRequest.parse(args)).result

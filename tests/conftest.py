@@ -20,6 +20,30 @@ from deployments.local_server import free_port
 DATA = Path(__file__).parent / "data"
 SR = 16000  # the fixtures' sample rate (16 kHz mono 16-bit)
 
+# Word error rate of each English fixture through the transcribe stage (bundled base, int8, the
+# language detected) as measured on an AMD EPYC with AVX2 only, with the numerics pinned below
+# (the same without pinning there). On an Intel CPU with AVX-512/VNNI, before pinning,
+# diar_2spk gave 0.1261 (issue 19). A test's limit is the measured value plus two words of the
+# fixture, and never under 0.12: room for a word or two of machine-to-machine difference.
+MEASURED_WER = {"sample_2spk.wav": 0.0938, "heldout_3spk.wav": 0.0286, "align_3spk.wav": 0.1,
+                "diar_2spk.wav": 0.1171, "diar_3spk.wav": 0.0756, "diar_4spk.wav": 0.0992}
+
+
+def wer_limit(name: str) -> float:
+    words = len(json.loads((DATA / "fixtures.json").read_text())[name]["text"].split())
+    return round(max(0.12, MEASURED_WER[name] + 2 / words), 4)
+
+# The same numerics on every x86-64 machine (set before torch or CTranslate2 load; subprocesses
+# inherit them). Left alone, CTranslate2 multiplies with Intel MKL on Intel CPUs and oneDNN on
+# others, and every library picks its kernels by the CPU's ISA (AVX2, AVX-512, VNNI): on an
+# AVX-512 Intel machine a fixture's transcript differed by a word from an AVX2 AMD one. Pinned to
+# what an AVX2 machine runs (oneDNN, AVX2 kernels), both give the same words. Tests only:
+# production keeps the fastest kernels of its machine.
+for _name, _value in (("CT2_USE_MKL", "0"), ("CT2_FORCE_CPU_ISA", "AVX2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+                      ("DNNL_MAX_CPU_ISA", "AVX2"), ("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_CBWR", "AVX2"),
+                      ("MKL_ENABLE_INSTRUCTIONS", "AVX2")):
+    os.environ.setdefault(_name, _value)
+
 # Keep every test run off the user's real caches and off the network.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+from conftest import DATA, wer_limit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def test_cli_transcribes_and_writes_outputs(tmp_path, manifest):
         "heldout_3spk.json", "heldout_3spk.segments.json", "heldout_3spk.srt", "heldout_3spk.vtt",
     ]
     result = json.loads((out / "heldout_3spk.json").read_text())
-    assert wer(manifest["heldout_3spk.wav"]["text"], " ".join(s["text"] for s in result["segments"])) <= 0.12
+    assert wer(manifest["heldout_3spk.wav"]["text"], " ".join(s["text"] for s in result["segments"])) <= wer_limit("heldout_3spk.wav")
     assert "-->" in proc.stdout and str(out) in proc.stderr
     assert "Progress: transcribe 100%" in proc.stderr  # --print-progress: plain lines for logs and pipes
 
@@ -136,7 +136,7 @@ def test_several_files_run_as_one_batch(tmp_path, manifest):
     assert summary["failed"][0]["audio_file"] == str(bad) and "broken.wav" in proc.stderr
     for name in ("heldout_3spk", "sample_2spk"):
         result = json.loads((out / f"{name}.json").read_text())
-        assert wer(manifest[f"{name}.wav"]["text"], " ".join(s["text"] for s in result["segments"])) <= 0.12
+        assert wer(manifest[f"{name}.wav"]["text"], " ".join(s["text"] for s in result["segments"])) <= wer_limit(f"{name}.wav")
     assert not list(out.glob("broken*"))
     assert f"{out}/heldout_3spk.{{json,segments.json,srt,vtt}}" in "".join(proc.stderr.split())  # rich wraps
 
@@ -157,6 +157,6 @@ def test_json_pipes_into_json_tool_with_whisperx_options(tmp_path, manifest):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert len(result["segments"]) == 1 and len(result["segments"][0]["words"]) >= 30  # one chunk, not 4 sentences
-    assert wer(manifest["heldout_3spk.wav"]["text"], result["segments"][0]["text"]) <= 0.12
+    assert wer(manifest["heldout_3spk.wav"]["text"], result["segments"][0]["text"]) <= wer_limit("heldout_3spk.wav")
     assert result["alignment"]["backend"] == "pocketsphinx" and "wav2vec2" in result["alignment"]["chars_error"]
     assert sorted(p.name for p in out.iterdir()) == ["heldout_3spk.json", "heldout_3spk.txt"]

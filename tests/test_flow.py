@@ -10,7 +10,7 @@ import pytest
 from speech import models
 from speech.errors import AudioError, FetchError, InvalidRequest
 from speech.schema import TranscriptionResult
-from conftest import DATA, wer
+from conftest import DATA, wer, wer_limit
 
 pytestmark = pytest.mark.prefect
 
@@ -84,7 +84,7 @@ def test_flow_writes_worker_outputs_and_artifacts(prefect_harness, tmp_path, man
     TranscriptionResult.model_validate(stored)
     assert stored == result
     assert stored["detected_language"] == "en" and stored["language_probability"] > 0.9
-    assert wer(manifest["sample_2spk.wav"]["text"], " ".join(s["text"] for s in stored["segments"])) <= 0.12
+    assert wer(manifest["sample_2spk.wav"]["text"], " ".join(s["text"] for s in stored["segments"])) <= wer_limit("sample_2spk.wav")
     assert set(stored["debug"]) >= {"transcribe_timings", "model_load_seconds", "peak_memory_mb", "stage_seconds"}
     assert "-->" in (out / "sample_2spk.srt").read_text()
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,19 @@ pytestmark = pytest.mark.prefect
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from deployments.local_server import local_prefect_server
+@dataclass
+class Api:
+    url: str
+    env: dict
 
-    base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    with local_prefect_server(tmp_path_factory.mktemp("prefect-server"), base_env=base) as local:
-        yield local
+
+@pytest.fixture(scope="module")
+def server(prefect_harness):
+    """The session's Prefect API (a real server process), and an environment pointing at it."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    return Api(url, {**os.environ, "PREFECT_API_URL": url})
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +49,18 @@ def shared(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def long_audio(tmp_path_factory) -> tuple[Path, str]:
-    """Three minutes of speech (diar_4spk, repeated): tens of seconds of work on 2 cores, so a
-    worker can be killed in the middle of it; and the text it says."""
+    """100 s of speech (diar_4spk, repeated): seconds of work on 2 cores, so a worker can be
+    killed in the middle of it; and the text it says."""
     import wave
 
     clip = read_wav("diar_4spk.wav")
-    tiled = np.tile(clip, int(180 * SR // len(clip)) + 1)
-    path = tmp_path_factory.mktemp("audio") / "long.wav"
+    tiled = np.tile(clip, int(100 * SR // len(clip)) + 1)
+    path = tmp_path_factory.mktemp("audio") / "tiled.wav"
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(SR)
         w.writeframes((np.clip(tiled, -1, 1) * 32767).astype(np.int16).tobytes())
     text = json.loads((DATA / "fixtures.json").read_text())["diar_4spk.wav"]["text"]
-    return path, " ".join([text] * (int(180 * SR // len(clip)) + 1))
+    return path, " ".join([text] * (int(100 * SR // len(clip)) + 1))
 
 
 def _env(server, shared, tmp_path, **extra) -> dict[str, str]:
@@ -83,22 +90,15 @@ def _claimed_by(shared: Path, proc: subprocess.Popen, log: Path, timeout: float 
         time.sleep(0.2)
 
 
-def _task_runs(server) -> list:
-    from prefect.client.orchestration import SyncPrefectClient
-
-    with SyncPrefectClient(server.url) as client:
-        return client.read_task_runs()
-
-
-def _flow_run_and_gpu_task(server, output_name):
-    """The CLI's flow run with this output_name (None: named after the file, long.wav) and its GPU
+def _flow_run_and_gpu_task(server, output_name, audio="tiled.wav"):
+    """The CLI's flow run with this output_name (None: named after the file, tiled.wav) and its GPU
     task runs (background task runs carry no flow run id: they are tagged with it)."""
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterTags
 
     with SyncPrefectClient(server.url) as client:
         (run,) = [r for r in client.read_flow_runs() if r.parameters.get("output_name") == output_name
-                  and str(r.parameters.get("audio_file", "")).endswith("long.wav")]
+                  and str(r.parameters.get("audio_file", "")).endswith(audio)]
         tasks = client.read_task_runs(task_run_filter=TaskRunFilter(tags=TaskRunFilterTags(all_=[f"flow-run:{run.id}"])))
     return run, [t for t in tasks if t.task_key.startswith("gpu_stages")]
 
@@ -106,45 +106,44 @@ def _flow_run_and_gpu_task(server, output_name):
 def test_no_task_worker_fails_the_run_after_the_pickup_timeout(server, shared, tmp_path):
     t0 = time.monotonic()
     proc = _cli(_env(server, shared, tmp_path, GPU_TASK_WORKERS="1", GPU_TASK_PICKUP_TIMEOUT="3"),
-                str(DATA / "enrol_slt.wav"), "--language", "en", "--download-dir", str(tmp_path / "out"))
+                str(DATA / "enrol_slt.wav"), "--language", "en", "--output-name", "nobody", "--download-dir",
+                str(tmp_path / "out"))
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "no task worker serves gpu-stages of enrol_slt" in lines[0], proc.stderr[-2000:]
+    assert len(lines) == 1 and "no task worker serves gpu-stages of nobody" in lines[0], proc.stderr[-2000:]
     assert "GPU_TASK_PICKUP_TIMEOUT" in lines[0] and "Traceback" not in proc.stderr
     assert time.monotonic() - t0 < 90
     assert not (tmp_path / "out").exists()
-    (gpu,) = [r for r in _task_runs(server) if r.name.startswith("gpu-stages")]
+    _, (gpu,) = _flow_run_and_gpu_task(server, "nobody", audio="enrol_slt.wav")
     assert gpu.state.type.value == "FAILED"  # not left Scheduled: a worker that starts later skips it
 
 
 def test_a_killed_worker_hands_the_file_to_another(server, shared, tmp_path, long_audio):
-    """Worker A takes the file and is killed with SIGKILL mid-run; the same task run is scheduled
-    again and worker B finishes it: the run completes with the right transcript."""
+    """Two workers; the one that takes the file is killed with SIGKILL mid-run; the same task run is
+    scheduled again and the other finishes it: the run completes with the right transcript."""
     audio, text = long_audio
-    worker_env = _env(server, shared, tmp_path)
-    a = start_task_worker(worker_env, tmp_path / "a.log")
-    b = None
+    workers = {name: start_task_worker(_env(server, shared, tmp_path, SPEECH_CACHE_DIR=str(tmp_path / name)),
+                                       tmp_path / f"{name}.log") for name in ("a", "b")}
     try:
-        wait_for_task_workers(server.url, 1, procs=(a,))
+        wait_for_task_workers(server.url, 2, procs=tuple(workers.values()))
         cli = _start_cli(_env(server, shared, tmp_path, GPU_TASK_WORKERS="1"), str(audio), "--language", "en",
                          "--force", "--json", "--download-dir", str(tmp_path / "out"), log=tmp_path / "cli.log")
         holder = _claimed_by(shared, cli, tmp_path / "cli.log")
-        assert holder.endswith(f"-{a.pid}")
-        b = start_task_worker({**worker_env, "SPEECH_CACHE_DIR": str(tmp_path / "cache-b")}, tmp_path / "b.log")
-        wait_for_task_workers(server.url, 2, procs=(a, b))
-        os.killpg(a.pid, signal.SIGKILL)
-        a.wait()
-        assert cli.wait(timeout=600) == 0, (tmp_path / "cli.log").read_text()[-3000:] + (tmp_path / "b.log").read_text()[-3000:]
+        (killed,) = [n for n, w in workers.items() if holder.endswith(f"-{w.pid}")]
+        (other,) = set(workers) - {killed}
+        time.sleep(1)
+        os.killpg(workers[killed].pid, signal.SIGKILL)
+        workers[killed].wait()
+        assert cli.wait(timeout=600) == 0, (tmp_path / "cli.log").read_text()[-3000:]
     finally:
-        for proc in (a, b):
-            if proc is not None:
-                stop(proc)
-    result = json.loads((tmp_path / "out" / "long.json").read_text())
+        for proc in workers.values():
+            stop(proc)
+    result = json.loads((tmp_path / "out" / "tiled.json").read_text())
     assert wer(text, " ".join(s["text"] for s in result["segments"])) <= 0.2
     _, (gpu,) = _flow_run_and_gpu_task(server, None)
-    assert gpu.state.is_completed() and gpu.run_count == 2  # the same task run, run again on B
-    assert "took task run" in (tmp_path / "b.log").read_text()
-    assert not list((shared / "claims").glob("*"))  # B dropped its claim when done
+    assert gpu.state.is_completed() and gpu.run_count == 2  # the same task run, run again on the other worker
+    assert "took task run" in (tmp_path / f"{other}.log").read_text()
+    assert not list((shared / "claims").glob("*"))  # the claim went with the work
 
 
 def test_with_no_retries_left_a_killed_worker_fails_the_run_cleanly(server, shared, tmp_path, long_audio):
@@ -202,7 +201,7 @@ def test_a_killed_cli_leaves_no_server_and_its_run_is_marked_crashed(tmp_path):
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PREFECT_HOME=str(home), SPEECH_CACHE_DIR=str(tmp_path / "cache"), LOCAL_PREFECT_SERVER="off")
-    killed = _start_cli(env, str(DATA / "diar_4spk.wav"), "--diarization", "--force", "--download-dir",
+    killed = _start_cli(env, str(DATA / "diar_4spk.wav"), "--force", "--download-dir",
                         str(tmp_path / "out"), log=tmp_path / "killed.log")
     deadline = time.monotonic() + 240
     while not _running_flow_runs(killed.pid):  # killed while its run is Running
@@ -246,8 +245,8 @@ def _running_flow_runs(cli_pid: int) -> int:
             body = json.dumps({"flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}}}).encode()
             request = urllib.request.Request(f"http://127.0.0.1:{port}/api/flow_runs/filter", data=body,
                                              method="POST", headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=5) as reply:
-                return len(json.loads(reply.read()))
+            with urllib.request.urlopen(request, timeout=5) as reply:  # Running, with its process noted
+                return len([r for r in json.loads(reply.read()) if r.get("infrastructure_pid")])
         except (OSError, ValueError, IndexError):
             continue
     return 0
