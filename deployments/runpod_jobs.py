@@ -105,7 +105,56 @@ FINAL = ("COMPLETED", "FAILED", "CANCELLED")
 TAG = "runpod-api"
 
 
-class DeploymentJobs:
+class _RunJobs:
+    """What the job tables over Prefect runs share (:class:`DeploymentJobs`, :class:`TaskJobs`):
+    a job is a run read back from the API (``_run``: None when it is not one of this endpoint's),
+    its RunPod status from the run's state, its output from the run's result (``_output``)."""
+
+    refused: "OrderedDict[str, dict[str, Any]]"
+    outputs: "OrderedDict[str, dict[str, Any]]"
+    poll = 1.0  # seconds between looks while a caller waits
+
+    def _run(self, job_id: str) -> Any:
+        raise NotImplementedError
+
+    def _output(self, run: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _status(self, state: Any) -> str:
+        return RUNPOD_STATUS.get(state.type.value if state else "SCHEDULED", "IN_QUEUE")
+
+    def view(self, job_id: str) -> Optional[dict[str, Any]]:
+        if job_id in self.refused:
+            return {k: v for k, v in self.refused[job_id].items() if k != "submitted"}
+        if job_id in self.outputs:
+            return self.outputs[job_id]
+        run = self._run(job_id)
+        if run is None:
+            return None
+        state = run.state
+        out: dict[str, Any] = {"id": job_id, "status": self._status(state)}
+        if run.start_time is not None:
+            out["delayTime"] = int(1000 * max(0.0, (run.start_time - run.created).total_seconds()))
+            if run.end_time is not None:
+                out["executionTime"] = int(1000 * max(0.0, (run.end_time - run.start_time).total_seconds()))
+        if out["status"] == "COMPLETED":
+            out.update(self._output(run))
+        elif out["status"] == "FAILED":
+            out["error"] = failure_message(state)
+        if out["status"] in FINAL and state.type.value != "CANCELLING":
+            _remember(self, job_id, out)
+        return out
+
+    def wait(self, job_id: str, seconds: float) -> None:
+        deadline = time.monotonic() + max(0.0, seconds)
+        while True:
+            view = self.view(job_id)
+            if view is None or view["status"] in FINAL or time.monotonic() >= deadline:
+                return
+            time.sleep(min(self.poll, max(0.0, deadline - time.monotonic())))
+
+
+class DeploymentJobs(_RunJobs):
     """Jobs as runs of a Prefect deployment (``run_deployment``), executed by its work pool's
     workers: the job id is the flow run id, the status is the flow run's state read from the
     Prefect API (so it outlives a restart of this service), ``output`` is the flow run's
@@ -136,7 +185,7 @@ class DeploymentJobs:
         run = run_deployment(self.deployment, parameters=deployment_parameters(req), timeout=0, tags=[TAG])
         return str(run.id)
 
-    def _flow_run(self, job_id: str) -> Any:
+    def _run(self, job_id: str) -> Any:
         from prefect.client.orchestration import get_client
         from prefect.exceptions import ObjectNotFound
 
@@ -151,29 +200,6 @@ class DeploymentJobs:
                 return None
         # only the runs this endpoint started: a key holder must not read or cancel other flow runs
         return run if TAG in (run.tags or []) else None
-
-    def view(self, job_id: str) -> Optional[dict[str, Any]]:
-        if job_id in self.refused:
-            return {k: v for k, v in self.refused[job_id].items() if k != "submitted"}
-        if job_id in self.outputs:
-            return self.outputs[job_id]
-        run = self._flow_run(job_id)
-        if run is None:
-            return None
-        state = run.state
-        status = RUNPOD_STATUS.get(state.type.value if state else "SCHEDULED", "IN_QUEUE")
-        out: dict[str, Any] = {"id": job_id, "status": status}
-        if run.start_time is not None:
-            out["delayTime"] = int(1000 * max(0.0, (run.start_time - run.created).total_seconds()))
-            if run.end_time is not None:
-                out["executionTime"] = int(1000 * max(0.0, (run.end_time - run.start_time).total_seconds()))
-        if status == "COMPLETED":
-            out.update(self._output(run))
-        elif status == "FAILED":
-            out["error"] = failure_message(state)
-        if out["status"] in FINAL and state.type.value != "CANCELLING":
-            _remember(self, job_id, out)
-        return out
 
     def _output(self, run: Any) -> dict[str, Any]:
         """The flow run's persisted result (the worker's JSON) and its bucket keys."""
@@ -201,21 +227,13 @@ class DeploymentJobs:
         from prefect.client.orchestration import get_client
         from prefect.states import Cancelled, Cancelling
 
-        run = self._flow_run(job_id)
+        run = self._run(job_id)
         if run is not None and run.state is not None and not run.state.is_final():
             queued = run.state.type.value in ("SCHEDULED", "PENDING", "PAUSED")
             with get_client(sync_client=True) as client:
                 client.set_flow_run_state(run.id, Cancelled(message="cancelled through the RunPod API") if queued
                                           else Cancelling(message="cancelled through the RunPod API"), force=True)
         return self.view(job_id)
-
-    def wait(self, job_id: str, seconds: float) -> None:
-        deadline = time.monotonic() + max(0.0, seconds)
-        while True:
-            view = self.view(job_id)
-            if view is None or view["status"] in FINAL or time.monotonic() >= deadline:
-                return
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def counts(self) -> dict[str, int]:
         """Jobs by status: the flow runs this endpoint started (tag ``runpod-api``), counted by the
@@ -282,7 +300,7 @@ def failure_message(state: Any) -> str:
 
 
 
-class TaskJobs:
+class TaskJobs(_RunJobs):
     """Jobs as background task runs of ``transcribe-job`` (:func:`flows.jobs.transcribe_job`) on
     warm task workers: the job id is the task run id, the status its state, ``output`` its
     persisted result (the worker's JSON, plus bucket keys and presigned URLs made when asked),
@@ -298,7 +316,7 @@ class TaskJobs:
         if self.storage is None:
             raise InvalidRequest("--task-workers needs the result storage the task workers use: set RESULTS_STORAGE "
                                  "(s3://bucket/prefix or a shared folder) or RESULTS_STORAGE_BLOCK")
-        self.keep = keep
+        self.keep, self.poll = keep, 0.5
         self.refused: "OrderedDict[str, dict[str, Any]]" = OrderedDict()
         self.outputs: "OrderedDict[str, dict[str, Any]]" = OrderedDict()
         self.watches: dict[str, Any] = {}
@@ -321,7 +339,7 @@ class TaskJobs:
             future = transcribe_job.with_options(result_storage=self.storage).delay(deployment_parameters(req))
         return str(future.task_run_id)
 
-    def _task_run(self, job_id: str) -> Any:
+    def _run(self, job_id: str) -> Any:
         from prefect.client.orchestration import get_client
         from prefect.exceptions import ObjectNotFound
 
@@ -337,30 +355,11 @@ class TaskJobs:
         # only this endpoint's jobs (not their stage runs, which carry the tag too)
         return run if TAG in (run.tags or []) and run.task_key.startswith("transcribe_job") else None
 
-    def view(self, job_id: str) -> Optional[dict[str, Any]]:
-        if job_id in self.refused:
-            return {k: v for k, v in self.refused[job_id].items() if k != "submitted"}
-        if job_id in self.outputs:
-            return self.outputs[job_id]
-        run = self._task_run(job_id)
-        if run is None:
-            return None
-        state = run.state
-        status = RUNPOD_STATUS.get(state.type.value if state else "SCHEDULED", "IN_QUEUE")
+    def _status(self, state: Any) -> str:
+        status = super()._status(state)
         if status == "FAILED" and "its run is Cancel" in (state.message or ""):
             status = "CANCELLED"  # stopped at a checkpoint because it was cancelled
-        out: dict[str, Any] = {"id": job_id, "status": status}
-        if run.start_time is not None:
-            out["delayTime"] = int(1000 * max(0.0, (run.start_time - run.created).total_seconds()))
-            if run.end_time is not None:
-                out["executionTime"] = int(1000 * max(0.0, (run.end_time - run.start_time).total_seconds()))
-        if status == "COMPLETED":
-            out.update(self._output(run))
-        elif status == "FAILED":
-            out["error"] = failure_message(state)
-        if out["status"] in FINAL and state.type.value != "CANCELLING":
-            _remember(self, job_id, out)
-        return out
+        return status
 
     def _output(self, run: Any) -> dict[str, Any]:
         from speech.io.store import OutputTarget
@@ -385,19 +384,11 @@ class TaskJobs:
         from prefect.client.orchestration import get_client
         from prefect.states import Cancelled
 
-        run = self._task_run(job_id)
+        run = self._run(job_id)
         if run is not None and run.state is not None and not run.state.is_final():
             with get_client(sync_client=True) as client:
                 client.set_task_run_state(run.id, Cancelled(message="cancelled through the RunPod API"), force=True)
         return self.view(job_id)
-
-    def wait(self, job_id: str, seconds: float) -> None:
-        deadline = time.monotonic() + max(0.0, seconds)
-        while True:
-            view = self.view(job_id)
-            if view is None or view["status"] in FINAL or time.monotonic() >= deadline:
-                return
-            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
     def counts(self) -> dict[str, int]:
         from prefect.client.orchestration import get_client

@@ -10,6 +10,7 @@ call the same function: inline and task-worker runs give the same result.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Callable, Optional
 
 from prefect import task
@@ -79,7 +80,11 @@ def run_gpu_stages(audio: AudioRef, plan: GpuPlan, clock: StageClock, hf_token: 
     enrolled = plan.enrolled
     if plan.samples and enrolled is None:  # a bad sample fails the unit before any transcription
         enrolled = out.enrolled = clock.run("enroll", enroll_speakers, plan.samples, plan.encoder)
+    waiting = time.perf_counter()
     with GPU_LOCK:  # one file's GPU work at a time per process; others fetch, upload, wait on APIs meanwhile
+        waited = time.perf_counter() - waiting
+        if waited >= 0.01:
+            clock.add("gpu-wait", waited)  # behind another file's GPU unit in this process
         _run_locked(audio, plan, clock, out, enrolled, hf_token, on_transcript)
     out.seconds, out.cached, out.model_loads = dict(clock.seconds), list(clock.cached), CACHE.load_count - loads
     return out
