@@ -54,6 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import DATA, FIXTURES  # noqa: E402
+from flows.local_api import die_with_parent  # noqa: E402
 from deployments.local_server import (  # noqa: E402
     deploy_to_process_pool,
     free_port,
@@ -159,7 +160,7 @@ def start_endpoint(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "deployments.runpod_api", "--task-workers", "--port", str(port)],
                                 cwd=REPO, env={**env, "ENDPOINT_API_KEY": KEY}, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_parent)
     base = f"http://127.0.0.1:{port}/v2/load"
     deadline = time.monotonic() + 120
     while True:
@@ -405,6 +406,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from bench.common import report
 
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: clean up (servers, workers, database)
     res = report(args, run, print_table)
     print(json.dumps(res))  # the last line: one JSON object
     ok = not res["failed"] and not res["lost"] and not res["mismatched"]

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
+from flows.local_api import die_with_parent
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # what a child process must not inherit when it is pointed at this server
@@ -101,7 +103,7 @@ def local_prefect_server(home: Path, *, base_env: Optional[Mapping[str, str]] = 
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
             cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=die_with_parent,
         )
     try:
         deadline = time.monotonic() + timeout
@@ -136,7 +138,7 @@ def start_process_worker(pool: str, env: Mapping[str, str], log_path: Path) -> s
         return subprocess.Popen(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"],
             cwd=ROOT, env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True)
+            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
 
 
 def start_task_worker(env: Mapping[str, str], log_path: Path, limit: int = 1,
@@ -146,7 +148,7 @@ def start_task_worker(env: Mapping[str, str], log_path: Path, limit: int = 1,
         return subprocess.Popen(
             [sys.executable, "-m", "deployments.task_worker", "--limit", str(limit)] + (["--preload"] if preload else []),
             cwd=ROOT, env=dict(env), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=die_with_parent)
 
 
 def wait_for_task_workers(url: str, count: int, timeout: float = 180,
@@ -195,16 +197,21 @@ def ensure_postgres() -> Path:
 @contextmanager
 def local_postgres() -> Iterator[str]:
     """A PostgreSQL server of its own (as ``infra/docker-compose.yml`` runs one for Prefect): a new
-    cluster in a temporary folder, on a free 127.0.0.1 port, trust auth on loopback only, stopped
-    and deleted on exit. Yields the SQLAlchemy URL Prefect takes (asyncpg)."""
+    cluster in a temporary folder, on a free 127.0.0.1 port, trust auth on loopback only, run in
+    the foreground as a child that dies with this process (even if it is killed), stopped and
+    deleted on exit. Yields the SQLAlchemy URL Prefect takes (asyncpg)."""
+    import pwd
     import shutil
     import tempfile
 
     bindir = ensure_postgres()
+    _remove_abandoned_clusters(Path(tempfile.gettempdir()))
     base = Path(tempfile.mkdtemp(prefix="prefect-postgres-"))
     data = base / "data"
     as_db_user: list[str] = []
+    account = None
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root: its own user, as Debian's package makes it
+        account = pwd.getpwnam("postgres")
         shutil.chown(base, "postgres")
         as_db_user = ["runuser", "-u", "postgres", "--"]
     port = free_port()
@@ -214,13 +221,50 @@ def local_postgres() -> Iterator[str]:
         if done.returncode:
             raise RuntimeError(f"{Path(cmd[0]).name} failed ({done.returncode}): {(done.stderr or done.stdout)[-2000:]}")
 
+    def become_db_user() -> None:  # then the parent-death signal, which a change of user would clear
+        if account is not None:
+            os.setgid(account.pw_gid)
+            os.setuid(account.pw_uid)
+        die_with_parent(signal.SIGINT)  # PostgreSQL's fast shutdown
+
+    server = None
     try:
         run(str(bindir / "initdb"), "-D", str(data), "-U", "prefect", "--auth=trust", "-E", "UTF8")
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "server.log"), "-w", "-t", "60", "-o",
-            f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c max_connections=200", "start")
+        with (base / "server.log").open("wb") as log:
+            server = subprocess.Popen(
+                [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(base),
+                 "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"],
+                cwd=base, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=become_db_user)
+        deadline = time.monotonic() + 60
+        while subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                             capture_output=True).returncode != 0:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL did not start: {(base / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.2)
         run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "prefect", "prefect")
         yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect"
     finally:
-        subprocess.run([*as_db_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-                       capture_output=True, cwd=base)
+        if server is not None and server.poll() is None:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _remove_abandoned_clusters(tmp: Path) -> None:
+    """Clusters :func:`local_postgres` left behind when its process was killed (its server died
+    with it, the folder stayed): no server runs on them any more."""
+    import shutil
+
+    for base in tmp.glob("prefect-postgres-*"):
+        pid_file = base / "data" / "postmaster.pid"
+        try:
+            if not pid_file.exists() and time.time() - base.stat().st_mtime < 600:
+                continue  # being set up right now
+            os.kill(int(pid_file.read_text().split()[0]), 0)
+            continue  # still serving someone
+        except (OSError, ValueError, IndexError):
+            shutil.rmtree(base, ignore_errors=True)

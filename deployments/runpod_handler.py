@@ -30,8 +30,12 @@ def handler(job: dict[str, Any], flow_run_name: Optional[str] = None) -> dict[st
     from speech.redact import scrub_configured
     from speech.schema import TranscriptionRequest
 
+    from speech.asr.serving import served_request
+
     try:
-        req = TranscriptionRequest.parse(job)
+        # a long-lived process serving many callers (RunPod's warm worker, the in-process endpoint)
+        # runs the model it is configured with (WORKER_MODELS): a job cannot make it load another
+        req = served_request(TranscriptionRequest.parse(job))
     except SpeechError as exc:
         return {"error": str(exc)}
     from flows.cli import flow_kwargs

@@ -70,13 +70,10 @@ def transcribe_job(request: dict[str, Any]) -> dict[str, Any]:
 
     from flows.dispatch import RunGuard, run_deadline
     from flows.pipeline import run_pipeline
-    from speech.asr.serving import check_served
-    from speech.schema import TranscribeParams
+    from speech.asr.serving import served_request
     from tasks.progress import checkpointing
 
-    req = check_job_request(request)
-    served = check_served(TranscribeParams.from_request(req))
-    req = req.model_copy(update={"model": served.model, "compute_type": served.compute_type, "threads": None})
+    req = served_request(check_job_request(request))
     ctx = TaskRunContext.get()
     guard = RunGuard(ctx.task_run.id if ctx else "local", run_deadline(0.0), f"transcribe-job of {req.audio_file}")
 

@@ -26,10 +26,13 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """In a child between fork and exec (``preexec_fn``): the kernel sends it ``sig`` when the
+    process that started it dies, however it dies (SIGKILL included). Set after any change of
+    user: a credential change clears it. Not Linux: nothing (the child outlives a killed parent)."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:  # not Linux: the server outlives a killed CLI, as Prefect's own does
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+    except OSError:
         pass
 
 
@@ -88,7 +91,7 @@ def start_throwaway_api() -> ThrowawayApi:
             [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
              "--log-level", "error", "--lifespan", "on"],
-            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     return ThrowawayApi(url=f"http://127.0.0.1:{port}/api", process=process)
 
 

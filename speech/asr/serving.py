@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import typing
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from speech.asr.whisper import resolve_model
 from speech.errors import InvalidRequest
@@ -78,3 +78,10 @@ def check_served(params: TranscribeParams, settings: Optional[Settings] = None) 
     raise InvalidRequest(
         f"this worker serves {', '.join(map(str, served))}; the request asks for {asked}: leave model, "
         "compute_type, device and threads unset, or send it to a pool that serves them (WORKER_MODELS)")
+
+
+def served_request(req: Any, settings: Optional[Settings] = None) -> Any:
+    """A :class:`speech.schema.TranscriptionRequest` as a warm process runs it: the served model
+    and compute type filled in (:func:`check_served`), or :class:`InvalidRequest`."""
+    params = check_served(TranscribeParams.from_request(req), settings)
+    return req.model_copy(update={"model": params.model, "compute_type": params.compute_type, "threads": None})
