@@ -56,18 +56,9 @@ bench-load: setup  ## 200 files at once on two warm task workers, PostgreSQL-bac
 bench-gpu: setup  ## on a CUDA machine: the largest model at hand, RTF per stage, GPU memory, the load path
 	$(PY) bench/gpu.py
 
-# every bench on the same path with small inputs, so a change that breaks one fails CI (.ci/run)
-SMOKE_BENCHES := align batch memory overlap speakers transcribe_vs_whisperx warm load
+# every bench on the same path with small inputs, two at a time, so a change that breaks one fails CI (.ci/run)
 bench-smoke: setup
-	@mkdir -p out
-	@set -e; for b in $(SMOKE_BENCHES); do echo "== bench/$$b.py --smoke"; start=$$(date +%s); \
-	  $(PY) bench/$$b.py --smoke > out/bench-smoke-$$b.log 2>&1 || { tail -40 out/bench-smoke-$$b.log; \
-	  echo "bench/$$b.py --smoke failed (log: out/bench-smoke-$$b.log)"; exit 1; }; \
-	  echo "   ok in $$(( $$(date +%s) - start )) s: $$(tail -1 out/bench-smoke-$$b.log | cut -c1-160)"; done
-	@echo "== bench/gpu.py --device cpu --model bundled:base --smoke --no-load"
-	@$(PY) bench/gpu.py --device cpu --model bundled:base --smoke --no-load > out/bench-smoke-gpu.log 2>&1 || \
-	  { tail -40 out/bench-smoke-gpu.log; echo "bench/gpu.py --smoke failed"; exit 1; }
-	@echo "   ok: $$(tail -1 out/bench-smoke-gpu.log | cut -c1-160)"
+	$(PY) bench/smoke.py
 
 fixtures:  ## regenerate tests/data (needs: apt-get install flite espeak-ng sox)
 	$(PY) tests/data/make_fixtures.py

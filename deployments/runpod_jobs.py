@@ -117,6 +117,22 @@ class _RunJobs:
     def _run(self, job_id: str) -> Any:
         raise NotImplementedError
 
+    @staticmethod
+    def _read(job_id: str, read: Callable[[Any, uuid.UUID], Any]) -> Any:
+        """``read(client, id)`` for a job id; None for a malformed id or a run that does not exist."""
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            run_id = uuid.UUID(job_id)
+        except ValueError:
+            return None
+        with get_client(sync_client=True) as client:
+            try:
+                return read(client, run_id)
+            except ObjectNotFound:
+                return None
+
     def _output(self, run: Any) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -186,20 +202,9 @@ class DeploymentJobs(_RunJobs):
         return str(run.id)
 
     def _run(self, job_id: str) -> Any:
-        from prefect.client.orchestration import get_client
-        from prefect.exceptions import ObjectNotFound
-
-        try:
-            run_id = uuid.UUID(job_id)
-        except ValueError:
-            return None
-        with get_client(sync_client=True) as client:
-            try:
-                run = client.read_flow_run(run_id)
-            except ObjectNotFound:
-                return None
+        run = self._read(job_id, lambda client, run_id: client.read_flow_run(run_id))
         # only the runs this endpoint started: a key holder must not read or cancel other flow runs
-        return run if TAG in (run.tags or []) else None
+        return run if run is not None and TAG in (run.tags or []) else None
 
     def _output(self, run: Any) -> dict[str, Any]:
         """The flow run's persisted result (the worker's JSON) and its bucket keys."""
@@ -326,8 +331,7 @@ class TaskJobs(_RunJobs):
         self.watcher.start()
 
     def submit(self, body: dict[str, Any]) -> str:
-        from prefect import tags
-
+        from flows.dispatch import delay
         from flows.jobs import JOB_TAG, check_job_request, transcribe_job
         from speech.errors import SpeechError
 
@@ -335,25 +339,14 @@ class TaskJobs(_RunJobs):
             req = check_job_request(body["input"])
         except SpeechError as exc:
             return _refuse(self, str(exc))
-        with tags(TAG, JOB_TAG):
-            future = transcribe_job.with_options(result_storage=self.storage).delay(deployment_parameters(req))
+        future = delay(transcribe_job.with_options(result_storage=self.storage), deployment_parameters(req),
+                       tags=(TAG, JOB_TAG))
         return str(future.task_run_id)
 
     def _run(self, job_id: str) -> Any:
-        from prefect.client.orchestration import get_client
-        from prefect.exceptions import ObjectNotFound
-
-        try:
-            run_id = uuid.UUID(job_id)
-        except ValueError:
-            return None
-        with get_client(sync_client=True) as client:
-            try:
-                run = client.read_task_run(run_id)
-            except ObjectNotFound:
-                return None
+        run = self._read(job_id, lambda client, run_id: client.read_task_run(run_id))
         # only this endpoint's jobs (not their stage runs, which carry the tag too)
-        return run if TAG in (run.tags or []) and run.task_key.startswith("transcribe_job") else None
+        return run if run is not None and TAG in (run.tags or []) and run.task_key.startswith("transcribe_job") else None
 
     def _status(self, state: Any) -> str:
         status = super()._status(state)
@@ -418,7 +411,7 @@ class TaskJobs(_RunJobs):
         """One look at every unfinished job: :meth:`flows.dispatch.Watch.check` each."""
         from prefect.client.orchestration import get_client
 
-        from flows.dispatch import Watch, run_deadline, serving_workers
+        from flows.dispatch import Watch, pool_busy_once, run_deadline, serving_workers
         from flows.jobs import job_filter, transcribe_job
         from speech.settings import get_settings
 
@@ -431,12 +424,13 @@ class TaskJobs(_RunJobs):
                 if len(page) < 200:
                     break
             workers = serving_workers(client, transcribe_job.task_key) if runs else set()
+            busy = pool_busy_once(client)
             for run in runs:
                 key = str(run.id)
                 if key not in self.watches:  # the worker enforces the deadline scaled to the audio; this is the backstop
                     self.watches[key] = Watch(run.id, transcribe_job.task_key, f"transcribe-job {run.name}",
                                               run_deadline(get_settings().max_audio_seconds), self.storage)
-                self.watches[key].check(client, run, workers)
+                self.watches[key].check(client, run, workers, busy)
             live = {str(r.id) for r in runs}
             for key in [k for k in self.watches if k not in live]:
                 del self.watches[key]

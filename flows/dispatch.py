@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 CLAIMS = "claims"
 UNIT_TAG = "unit:"  # one per delayed run; its nested stage runs carry it too
+WORKER_TAG = "task-worker"  # every delayed run (and its stage runs): a busy pool has some Running
+IDLE_GRACE = 30.0  # seconds an idle pool may leave a run it should take queued, past the pickup timeout
 LOST_AFTER = 4.0  # seconds a claiming worker must be missing from the registry to count as gone
 POLL = 1.0  # seconds between looks at a waited-for run
 GRACE = 60.0  # beyond its deadline, a run the worker has not stopped itself is failed from outside
@@ -96,16 +98,20 @@ class Watch:
     deadline: float  # seconds it may run
     storage: Any  # where claims are
     settings: Settings = field(default_factory=get_settings)
+    created: float = field(default_factory=time.monotonic)
     served_at: float = field(default_factory=time.monotonic)  # last time a worker served the task
+    idle_since: Optional[float] = None  # workers connected, none busy, this run still queued
     missing_since: Optional[float] = None
     claim: Optional[dict[str, Any]] = None
     next_claim_look: float = 0.0
     notes: list[str] = field(default_factory=list)  # what was done, for the caller's log
     ended: Optional[str] = None  # why this watch ended the run, if it did
 
-    def check(self, client: Any, task_run: Any, workers: Optional[set[str]] = None) -> None:
-        """One look at a run that is not final: fail it (no worker, out of time), or schedule it
-        again (its worker is gone). ``workers``: the registry, when the caller read it already."""
+    def check(self, client: Any, task_run: Any, workers: Optional[set[str]] = None,
+              busy: Optional[Callable[[], bool]] = None) -> None:
+        """One look at a run that is not final: fail it (no worker, an idle pool that does not take
+        it, out of time), or schedule it again (its worker is gone). ``workers``: the registry,
+        when the caller read it already; ``busy``: whether any worker is running something."""
         state = task_run.state
         now = time.monotonic()
         if workers is None:
@@ -120,11 +126,8 @@ class Watch:
         elif kind == "SCHEDULED" and _age(state.timestamp) > 20 and now >= self.next_claim_look:
             self.claim, self.next_claim_look = read_claim(self.storage, self.task_run_id), now + 10
         if self.claim is None:  # queued: no worker has taken it
-            if kind == "SCHEDULED" and not workers and now - self.served_at >= self.settings.gpu_task_pickup_timeout:
-                self._end(client, "Failed", f"no task worker serves {self.label}: none took it within "
-                          f"{self.settings.gpu_task_pickup_timeout:.0f} s (GPU_TASK_PICKUP_TIMEOUT). Start "
-                          "`python -m deployments.task_worker` against this Prefect API, with the same code version "
-                          f"and RESULTS_STORAGE (task key {self.task_key})")
+            if kind == "SCHEDULED":
+                self._queued(client, workers, now, busy)
             return
         if self.claim["worker"] not in workers:
             self.missing_since = self.missing_since or now
@@ -135,6 +138,33 @@ class Watch:
         if kind == "RUNNING" and _age(state.timestamp) > self.deadline + GRACE:
             self._end(client, "Failed", f"{self.label} ran past its {self.deadline:.0f} s deadline "
                       "(GPU_TASK_TIMEOUT) and was stopped")
+        elif kind != "RUNNING" and time.time() - float(self.claim.get("at", time.time())) > self.deadline + GRACE:
+            self._end(client, "Failed", f"{self.label} was taken by task worker {self.claim['worker']} but not "
+                      f"run within its {self.deadline:.0f} s deadline (GPU_TASK_TIMEOUT); stopped")
+
+    def _queued(self, client: Any, workers: set[str], now: float, busy: Optional[Callable[[], bool]]) -> None:
+        """A run no worker has taken: fail it when no worker serves the task, or when workers are
+        connected but the pool sits idle without taking it (a stuck or mismatched worker), each for
+        ``GPU_TASK_PICKUP_TIMEOUT``. A queue behind busy workers waits."""
+        timeout = self.settings.gpu_task_pickup_timeout
+        if not workers:
+            self.idle_since = None
+            if now - self.served_at >= timeout:
+                self._end(client, "Failed", f"no task worker serves {self.label}: none took it within "
+                          f"{timeout:.0f} s (GPU_TASK_PICKUP_TIMEOUT). Start `python -m deployments.task_worker` "
+                          "against this Prefect API, with the same code version and RESULTS_STORAGE "
+                          f"(task key {self.task_key})")
+            return
+        if now - self.created < timeout:
+            return
+        if (busy or (lambda: pool_busy(client)))():
+            self.idle_since = None
+            return
+        self.idle_since = self.idle_since or now
+        if now - self.idle_since >= IDLE_GRACE:
+            self._end(client, "Failed", f"{len(workers)} task worker(s) serving {self.label} are connected but "
+                      f"none took it within {timeout:.0f} s while none was busy (GPU_TASK_PICKUP_TIMEOUT): "
+                      f"see the task workers' logs (task key {self.task_key})")
 
     def _lost(self, client: Any, task_run: Any) -> None:
         worker, attempts = self.claim["worker"], max(1, task_run.run_count)
@@ -188,6 +218,27 @@ def reschedule(client: Any, task_run: Any, message: str) -> None:
     client.set_task_run_state(task_run.id, state, force=True)
 
 
+def pool_busy(client: Any) -> bool:
+    """Whether any task worker is running a delayed run now (Prefect's records, one query)."""
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterState, TaskRunFilterStateType, TaskRunFilterTags
+
+    return bool(client.read_task_runs(task_run_filter=TaskRunFilter(
+        tags=TaskRunFilterTags(all_=[WORKER_TAG]),
+        state=TaskRunFilterState(type=TaskRunFilterStateType(any_=["PENDING", "RUNNING"]))), limit=1))
+
+
+def pool_busy_once(client: Any) -> Callable[[], bool]:
+    """:func:`pool_busy`, asked at most once (for one look at many runs), and only if needed."""
+    answer: list[bool] = []
+
+    def busy() -> bool:
+        if not answer:
+            answer.append(pool_busy(client))
+        return answer[0]
+
+    return busy
+
+
 def _age(timestamp: Any) -> float:
     from datetime import datetime, timezone
 
@@ -205,7 +256,7 @@ def delay(task: Any, *args: Any, tags: tuple[str, ...] = ()) -> Any:
     from prefect import tags as prefect_tags
 
     box: dict[str, Any] = {}
-    tags = (*tags, f"{UNIT_TAG}{uuid.uuid4().hex[:16]}")  # inherited by its stage runs: found again on a loss
+    tags = (*tags, WORKER_TAG, f"{UNIT_TAG}{uuid.uuid4().hex[:16]}")  # inherited by its stage runs
 
     def send() -> None:
         try:
@@ -274,6 +325,7 @@ def follow(task_run_ids: list[Any], task_key: str, storage: Any, every: float = 
         while len(done) < len(watches):
             pending = [i for i in watches if i not in done]
             workers = serving_workers(client, task_key)
+            busy = pool_busy_once(client)
             seen = set()
             for start in range(0, len(pending), 200):
                 for run in client.read_task_runs(task_run_filter=TaskRunFilter(
@@ -282,7 +334,7 @@ def follow(task_run_ids: list[Any], task_key: str, storage: Any, every: float = 
                     if run.state is not None and run.state.is_final():
                         done[run.id] = run.state
                     else:
-                        watches[run.id].check(client, run, workers)
+                        watches[run.id].check(client, run, workers, busy)
             for gone in set(pending) - seen:  # deleted (a worker that could not read its parameters)
                 done[gone] = Failed(message="its task run was deleted (a task worker could not read its parameters: "
                                     "the same RESULTS_STORAGE everywhere?)")

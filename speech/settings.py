@@ -215,7 +215,8 @@ class Settings(BaseSettings):
     gpu_task_pickup_timeout: float = Field(
         300.0, gt=0, validation_alias="GPU_TASK_PICKUP_TIMEOUT",
         description="A GPU task waits in the queue while a task worker serves it (busy workers: as long as it "
-        "takes); with no task worker serving it for this many seconds the run fails, saying so.")
+        "takes); with no task worker serving it for this many seconds, or workers connected but idle without "
+        "taking it, the run fails, saying so.")
     gpu_task_timeout: float = Field(
         0.0, ge=0, validation_alias="GPU_TASK_TIMEOUT",
         description="Seconds one file's GPU task may run before it is stopped and fails the run (0: scaled to the "

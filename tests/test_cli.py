@@ -20,6 +20,15 @@ def cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.C
     )
 
 
+@pytest.fixture
+def prefect_api(prefect_harness) -> dict[str, str]:
+    """The session's Prefect API for CLI processes (a CLI with none starts a server of its own:
+    ~20 s here, tested in test_cli_transcribes_and_writes_outputs)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {"PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
 def test_help_lists_the_pipeline_flags():
     proc = cli("--help")
     assert proc.returncode == 0
@@ -91,10 +100,10 @@ def test_cli_transcribes_and_writes_outputs(tmp_path, manifest):
     assert "Progress: transcribe 100%" in proc.stderr  # --print-progress: plain lines for logs and pipes
 
 
-def test_cache_on_s3_is_shared_by_separate_processes(tmp_path, s3):
+def test_cache_on_s3_is_shared_by_separate_processes(tmp_path, s3, prefect_api):
     """RESULTS_STORAGE=s3://...: two CLI processes with their own PREFECT_HOME and SPEECH_CACHE_DIR
-    (two containers, as far as either can tell); the second finds every stage in the first's
-    cache, loads no model and decodes no audio."""
+    (two containers, as far as either can tell; one Prefect API, as in production); the second
+    finds every stage in the first's cache, loads no model and decodes no audio."""
     s3.create_bucket(Bucket="prefect-cache")
     runs = []
     for name in ("first", "second"):
@@ -103,7 +112,7 @@ def test_cache_on_s3_is_shared_by_separate_processes(tmp_path, s3):
         proc = cli(str(DATA / "diar_2spk.wav"), "--language", "en", "--diarization", "--debug", "--json",
                    "--download-dir", str(home / "out"),
                    env={"PREFECT_HOME": str(home / "prefect"), "SPEECH_CACHE_DIR": str(home / "cache"),
-                        "RESULTS_STORAGE": "s3://prefect-cache/results"})
+                        "RESULTS_STORAGE": "s3://prefect-cache/results", **prefect_api})
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs.append(json.loads(proc.stdout))  # --json: stdout holds the JSON alone
     first, second = runs
@@ -120,7 +129,7 @@ def test_cache_on_s3_is_shared_by_separate_processes(tmp_path, s3):
     assert not list((tmp_path / "second" / "cache" / "audio").glob("*.npy"))
 
 
-def test_several_files_run_as_one_batch(tmp_path, manifest):
+def test_several_files_run_as_one_batch(tmp_path, manifest, prefect_api):
     """whisperx's CLI takes several files: here one transcribe-batch flow run (models loaded once),
     each file's outputs named after it; a file that fails makes the exit code 1, the others land."""
     from conftest import wer
@@ -129,7 +138,7 @@ def test_several_files_run_as_one_batch(tmp_path, manifest):
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"RIFF\x24\x00\x00\x00WAVEnot audio at all" * 20)
     proc = cli(str(DATA / "heldout_3spk.wav"), str(DATA / "sample_2spk.wav"), str(bad), "--language", "en",
-               "--download-dir", str(out), "--json", env={"PREFECT_HOME": str(tmp_path / "prefect-home")})
+               "--download-dir", str(out), "--json", env={"PREFECT_HOME": str(tmp_path / "prefect-home"), **prefect_api})
     assert proc.returncode == 1, proc.stderr[-2000:]
     summary = json.loads(proc.stdout)
     assert [f.rsplit("/", 1)[1] for f in summary["succeeded"]] == ["heldout_3spk.wav", "sample_2spk.wav"]
@@ -141,7 +150,7 @@ def test_several_files_run_as_one_batch(tmp_path, manifest):
     assert f"{out}/heldout_3spk.{{json,segments.json,srt,vtt}}" in "".join(proc.stderr.split())  # rich wraps
 
 
-def test_json_pipes_into_json_tool_with_whisperx_options(tmp_path, manifest):
+def test_json_pipes_into_json_tool_with_whisperx_options(tmp_path, manifest, prefect_api):
     """`--json | python -m json.tool` (stdout holds the JSON alone) with whisperx CLI options:
     Silero VAD, chunk segment resolution, one thread, char alignments asked of an aligner that
     has none (said in the result, not a failure)."""
@@ -153,7 +162,7 @@ def test_json_pipes_into_json_tool_with_whisperx_options(tmp_path, manifest):
            f"--return-char-alignments --output-format txt --download-dir {out} --json "
            f"| {sys.executable} -m json.tool")
     proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")})
+                          timeout=300, env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), **prefect_api})
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert len(result["segments"]) == 1 and len(result["segments"][0]["words"]) >= 30  # one chunk, not 4 sentences

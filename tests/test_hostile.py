@@ -200,12 +200,14 @@ def test_a_download_past_its_deadline_is_abandoned(env, hostile):
         load_audio(f"http://127.0.0.1:{hostile}/endless")
 
 
-def test_a_stalled_body_is_one_clear_error_with_exit_code_2(env, hostile, tmp_path):
+def test_a_stalled_body_is_one_clear_error_with_exit_code_2(env, hostile, tmp_path, prefect_harness):
+    from prefect.settings import PREFECT_API_URL
+
     proc = subprocess.run(
         [sys.executable, "-m", "flows.transcribe", f"http://127.0.0.1:{hostile}/stall", "--download-dir",
          str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "FETCH_ALLOW_HOSTS": "127.0.0.1", "HTTP_READ_TIMEOUT": "1", "PREFECT_HOME": str(tmp_path),
-             "SPEECH_CACHE_DIR": str(tmp_path / "cache")})
+             "SPEECH_CACHE_DIR": str(tmp_path / "cache"), "PREFECT_API_URL": PREFECT_API_URL.value()})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "stalled: no data for 1 s (HTTP_READ_TIMEOUT)" in " ".join(proc.stderr.split())
     assert "urllib3" not in proc.stderr and "Traceback" not in proc.stderr

@@ -31,10 +31,17 @@ def _audio(rec) -> np.ndarray:
     return audio.mean(axis=1) if audio.ndim == 2 else audio
 
 
+_SEGMENTED: dict = {}
+
+
 def _segmented(rec):
+    """The segmented diarizer's outcome on a recording, computed once per session (tests that
+    score the same meeting in different ways share it; the diarizer is deterministic)."""
     from speech.speakers.segmented import diarize_segmented
 
-    return diarize_segmented(_audio(rec), DiarizeParams(backend="segmented"))
+    if rec.id not in _SEGMENTED:
+        _SEGMENTED[rec.id] = diarize_segmented(_audio(rec), DiarizeParams(backend="segmented"))
+    return _SEGMENTED[rec.id].model_copy(deep=True)
 
 
 def test_campplus_separates_real_voices_across_recordings(real):
@@ -172,7 +179,7 @@ def test_enrolled_names_on_a_council_meeting_from_other_meetings(real):
     assert share >= 0.90, (mapping, share)
 
 
-def test_the_real_call_through_the_cli(real, tmp_path):
+def test_the_real_call_through_the_cli(real, tmp_path, prefect_harness):
     """As a user runs it: `--diarization` (auto: offline, that is segmented) on the held-out call,
     no count hint. Scored on the words (what the user gets): each word a turn with its speaker; a
     perfect labelling of these words scores 0.094 against the reference turns."""
@@ -182,11 +189,14 @@ def test_the_real_call_through_the_cli(real, tmp_path):
     import sys
     from pathlib import Path
 
+    from prefect.settings import PREFECT_API_URL
+
     rec = real["sample"]
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "flows.transcribe", str(rec.path), "--diarization", "--debug", "--json", "--download-dir", str(tmp_path / "out")],
                           cwd=root, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PREFECT_HOME": str(tmp_path)})
+                          env={**os.environ, "PREFECT_HOME": str(tmp_path),  # the session's API: no server start
+                               "PREFECT_API_URL": PREFECT_API_URL.value()})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)  # --json: stdout holds the JSON alone
     assert len(result["speakers"]) == 2 and result["debug"]["diarization"]["backend"] == "segmented"

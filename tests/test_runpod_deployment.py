@@ -17,6 +17,8 @@ import requests
 
 from conftest import DATA, runpod_sdk, serving_runpod_api, wer, wer_limit
 
+from deployments.local_server import stop
+
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "deployment-endpoint-key"
 DEPLOYMENT = "transcribe-audio/runpod-api-test"
@@ -43,7 +45,8 @@ def runner(prefect_harness, s3_server, tmp_path_factory):
            "SPEECH_CACHE_DIR": str(tmp_path_factory.mktemp("runner-cache")),
            "RESULTS_STORAGE": "s3://runpod-results/prefect"}
     log = (out / "runner.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-c", SERVE], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-c", SERVE], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     deadline = time.monotonic() + 180
     with get_client(sync_client=True) as client:
         while True:
@@ -54,11 +57,7 @@ def runner(prefect_harness, s3_server, tmp_path_factory):
                 assert proc.poll() is None and time.monotonic() < deadline, (out / "runner.log").read_text()[-3000:]
                 time.sleep(1)
     yield out
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop(proc, grace=5)  # the runner and the flow-run processes it started
     log.close()
 
 
@@ -133,8 +132,8 @@ def test_cancelling_a_running_job_stops_its_run(service, runner):
                       "download_dir": str(out)}}
     job_id = requests.post(f"{service}/e/run", json=body, headers=ok, timeout=60).json()["id"]
     deadline = time.monotonic() + 300
-    while _status(service, job_id)["status"] != "IN_PROGRESS":
-        assert time.monotonic() < deadline and _status(service, job_id)["status"] == "IN_QUEUE"
+    while (status := _status(service, job_id)["status"]) != "IN_PROGRESS":  # one look per turn: no race
+        assert time.monotonic() < deadline and status == "IN_QUEUE", status
         time.sleep(0.5)
     answer = requests.post(f"{service}/e/cancel/{job_id}", headers=ok, timeout=60).json()
     assert answer["status"] == "CANCELLED"

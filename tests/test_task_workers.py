@@ -49,18 +49,18 @@ def shared(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def long_audio(tmp_path_factory) -> tuple[Path, str]:
-    """100 s of speech (diar_4spk, repeated): seconds of work on 2 cores, so a worker can be
+    """60 s of speech (diar_4spk, repeated): seconds of work on 2 cores, so a worker can be
     killed in the middle of it; and the text it says."""
     import wave
 
     clip = read_wav("diar_4spk.wav")
-    tiled = np.tile(clip, int(100 * SR // len(clip)) + 1)
+    tiled = np.tile(clip, int(60 * SR // len(clip)) + 1)
     path = tmp_path_factory.mktemp("audio") / "tiled.wav"
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(SR)
         w.writeframes((np.clip(tiled, -1, 1) * 32767).astype(np.int16).tobytes())
     text = json.loads((DATA / "fixtures.json").read_text())["diar_4spk.wav"]["text"]
-    return path, " ".join([text] * (int(100 * SR // len(clip)) + 1))
+    return path, " ".join([text] * (int(60 * SR // len(clip)) + 1))
 
 
 def _env(server, shared, tmp_path, **extra) -> dict[str, str]:
@@ -184,9 +184,13 @@ def test_deadline_and_unserved_model_end_the_run_but_not_the_worker(server, shar
         assert refused.returncode == 2, refused.stderr[-3000:]
         assert "this worker serves bundled:base (int8 on cpu); the request asks for model 'bundled:tiny.en'" \
             in refused.stderr
-        served = _cli(flow_env, str(DATA / "enrol_slt.wav"), "--language", "en", "--json", "--download-dir",
-                      str(tmp_path / "out"))  # the same worker, still serving
-        assert served.returncode == 0, served.stderr[-3000:]
+        try:  # the same worker, still serving
+            served = _cli(flow_env, str(DATA / "enrol_slt.wav"), "--language", "en", "--json", "--download-dir",
+                          str(tmp_path / "out"), timeout=420)
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"no answer in 420 s: {(exc.stderr or b'')[-2000:]!r}\nworker log:\n"
+                        f"{(tmp_path / 'worker.log').read_text()[-4000:]}")
+        assert served.returncode == 0, served.stderr[-3000:] + (tmp_path / "worker.log").read_text()[-3000:]
         assert worker.poll() is None
     finally:
         stop(worker)
@@ -219,9 +223,11 @@ def test_a_killed_cli_leaves_no_server_and_its_run_is_marked_crashed(tmp_path):
     from flows.local_api import start_throwaway_api
 
     from prefect.client.orchestration import SyncPrefectClient
-    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
 
-    with temporary_settings({PREFECT_HOME: str(home)}):
+    # the CLIs' database (this process may hold the session harness's database setting)
+    with temporary_settings({PREFECT_HOME: str(home),
+                             PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{home}/prefect.db"}):
         api = start_throwaway_api()
     try:
         api.wait_ready(120)
@@ -264,3 +270,33 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] not in ("Z", "X")
     except OSError:
         return False
+
+
+def test_an_idle_pool_that_leaves_a_run_queued_fails_it_but_a_busy_one_does_not():
+    """Workers connected but none busy while a run stays queued past the pickup timeout (a stuck
+    or mismatched worker): the run fails with one line after IDLE_GRACE more; behind busy workers
+    it waits."""
+    from flows import dispatch
+    from speech.settings import Settings
+
+    class Client:
+        states: list = []
+
+        def set_task_run_state(self, run_id, state, force=False):
+            self.states.append(state)
+
+    settings = Settings(GPU_TASK_PICKUP_TIMEOUT=5)
+    watch = dispatch.Watch("00000000-0000-0000-0000-000000000001", "gpu_stages-x", "gpu-stages of call", 60.0,
+                           storage=None, settings=settings)
+    client, t0 = Client(), watch.created
+    watch._queued(client, {"w1"}, t0 + 4, busy=lambda: False)  # within the pickup timeout
+    watch._queued(client, {"w1"}, t0 + 6, busy=lambda: True)  # busy pool: a queue
+    watch._queued(client, {"w1"}, t0 + 6 + dispatch.IDLE_GRACE + 1, busy=lambda: True)
+    assert client.states == []
+    watch._queued(client, {"w1"}, t0 + 100, busy=lambda: False)  # idle from here
+    watch._queued(client, {"w1"}, t0 + 100 + dispatch.IDLE_GRACE - 1, busy=lambda: False)
+    assert client.states == []
+    watch._queued(client, {"w1"}, t0 + 100 + dispatch.IDLE_GRACE, busy=lambda: False)
+    (failed,) = client.states
+    assert failed.type.value == "FAILED" and "connected but none took it within 5 s" in failed.message
+    assert watch.ended == failed.message

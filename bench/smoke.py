@@ -1,0 +1,83 @@
+"""Every benchmark with ``--smoke`` (the same path, small inputs), so a change that breaks one fails CI.
+
+    python bench/smoke.py [--lanes 2] [--only load,warm]      # make bench-smoke; .ci/run
+
+The benches run in ``--lanes`` sequences at once (default 2): most of a smoke run is waiting
+(Prefect servers starting, workers polling, processes importing torch), so two lanes use two
+cores better than one and finish in about two thirds of the time. Each bench's output goes to
+``out/bench-smoke-<name>.log``; a failure prints its log's tail, and the exit code is 1 when any
+bench failed. Smoke numbers are not measurements (two benches share the CPU): the full benches are.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "out"
+
+# (name, arguments after bench/<name>.py); the longest first, spread over the lanes in turn
+BENCHES: list[tuple[str, list[str]]] = [
+    ("batch", ["--smoke"]),
+    ("memory", ["--smoke"]),
+    ("load", ["--smoke"]),
+    ("gpu", ["--device", "cpu", "--model", "bundled:base", "--smoke", "--no-load"]),
+    ("warm", ["--smoke"]),
+    ("overlap", ["--smoke"]),
+    ("transcribe_vs_whisperx", ["--smoke"]),
+    ("align", ["--smoke"]),
+    ("speakers", ["--smoke"]),
+]
+
+
+def run_one(name: str, args: list[str], lock: threading.Lock, failed: list[str]) -> None:
+    log = OUT / f"bench-smoke-{name}.log"
+    start = time.monotonic()
+    with log.open("wb") as out:
+        rc = subprocess.call([sys.executable, str(REPO / "bench" / f"{name}.py"), *args], cwd=REPO,
+                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    lines = log.read_text(errors="replace").splitlines()
+    with lock:
+        if rc == 0:
+            print(f"ok   bench/{name}.py in {time.monotonic() - start:.0f} s: {(lines or [''])[-1][:150]}", flush=True)
+        else:
+            failed.append(name)
+            tail = "\n".join(lines[-40:])
+            print(f"FAIL bench/{name}.py (exit {rc}, {time.monotonic() - start:.0f} s; log {log}):\n{tail}", flush=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/smoke.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--lanes", type=int, default=2, help="benches running at once (default 2)")
+    p.add_argument("--only", default="", help="comma-separated bench names (default: all)")
+    args = p.parse_args(argv)
+    wanted = [b for b in BENCHES if not args.only or b[0] in args.only.split(",")]
+    unknown = set(filter(None, args.only.split(","))) - {b[0] for b in BENCHES}
+    if unknown or args.lanes < 1:
+        p.error(f"unknown bench(es): {', '.join(sorted(unknown))}" if unknown else "--lanes must be at least 1")
+    OUT.mkdir(exist_ok=True)
+    lock, failed = threading.Lock(), []
+    lanes = [wanted[i::args.lanes] for i in range(args.lanes)]
+
+    def lane(benches: list[tuple[str, list[str]]]) -> None:
+        for name, bench_args in benches:
+            run_one(name, bench_args, lock, failed)
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=lane, args=(benches,)) for benches in lanes if benches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(f"{len(wanted) - len(failed)} of {len(wanted)} benches ok in {time.monotonic() - start:.0f} s"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
