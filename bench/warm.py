@@ -49,6 +49,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--files", type=int, default=8, help=f"how many fixtures, one flow run each (1..{len(FIXTURES)})")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for one flow run")
     p.add_argument("--json", type=Path, help="also write the measurements to this file")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (server, worker and task-worker logs)")
     smoke_option(p, files=2)
     args = apply_smoke(p.parse_args(argv))
     if not 1 <= args.files <= len(FIXTURES):
@@ -123,7 +124,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 stop(task_worker)
             whisper_loads = task_log.read_text().count("loaded Whisper")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     n = len(rows)
     warm = rows[1:] or rows  # the first run loads the models: overheads are for the warm ones

@@ -115,7 +115,19 @@ def local_prefect_server(home: Path, *, base_env: Optional[Mapping[str, str]] = 
         yield LocalServer(url=url, env={**env, "PREFECT_API_URL": url}, home=home, log_path=log_path,
                           startup_seconds=round(time.perf_counter() - t0, 3), process=proc)
     finally:
+        _flush_logs_to_api()  # this process's queued run logs reach the server before it stops
         stop(proc)
+
+
+def _flush_logs_to_api() -> None:
+    if "prefect.logging.handlers" not in sys.modules:
+        return
+    try:
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler.flush()
+    except Exception:  # noqa: BLE001 - logs only
+        pass
 
 
 def deploy_to_process_pool(server: LocalServer, pool: str, *flows: object, name: str = "bench") -> None:

@@ -152,13 +152,33 @@ def make_worker(tasks: list[Any], limit: int) -> Any:
             import anyio
 
             try:
-                current = (await self._client.read_task_run(task_run.id)).state
+                current = await self._current_state(task_run.id)
                 if current is not None and (current.is_final() or current.type.value == "CANCELLING"):
                     log.info("skipped task run %s: it is %s already", task_run.id, current.name)
                     return
                 await super()._submit_scheduled_task_run(task_run)
             finally:
                 await anyio.to_thread.run_sync(drop_claim, storage, task_run.id)
+
+        async def _current_state(self, task_run_id: Any) -> Any:
+            """The run's state now (None if it cannot be read). The server pushes a new run to
+            workers before the request that created it has committed: a read at once can answer
+            404, so a missing run is read again for a few seconds before it counts as gone."""
+            from prefect.exceptions import ObjectNotFound
+
+            delay = 0.05
+            for _ in range(8):  # ~6 s in all
+                try:
+                    return (await self._client.read_task_run(task_run_id)).state
+                except ObjectNotFound:
+                    await _sleep(delay)
+                    delay *= 2
+                except Exception:  # noqa: BLE001 - an API hiccup: run it (Prefect's engine reads it too)
+                    log.warning("could not read task run %s before running it", task_run_id, exc_info=True)
+                    return None
+            log.warning("task run %s is not in the API %.0f s after it was sent here: running it anyway",
+                        task_run_id, 0.05 * (2 ** 8 - 1))
+            return None
 
     async def _sleep(seconds: float) -> None:
         import asyncio

@@ -40,7 +40,8 @@ UNIT_TAG = "unit:"  # one per delayed run; its nested stage runs carry it too
 WORKER_TAG = "task-worker"  # every delayed run (and its stage runs): a busy pool has some Running
 IDLE_GRACE = 30.0  # seconds an idle pool may leave a run it should take queued, past the pickup timeout
 LOST_AFTER = 4.0  # seconds a claiming worker must be missing from the registry to count as gone
-POLL = 1.0  # seconds between looks at a waited-for run
+POLL, POLL_MAX = 0.25, 2.0  # seconds between reads of a waited-for run's state: 0.25 s, growing 0.05 s per s waited
+CHECK_EVERY = 2.0  # seconds between Watch checks of a waited-for run (the registry, its claim)
 GRACE = 60.0  # beyond its deadline, a run the worker has not stopped itself is failed from outside
 
 
@@ -123,7 +124,7 @@ class Watch:
         # after a claim was its worker's last act (looked for every 10 s: a long queue, few reads)
         if kind != "SCHEDULED" and self.claim is None:
             self.claim = read_claim(self.storage, self.task_run_id)
-        elif kind == "SCHEDULED" and _age(state.timestamp) > 20 and now >= self.next_claim_look:
+        elif kind == "SCHEDULED" and state is not None and _age(state.timestamp) > 20 and now >= self.next_claim_look:
             self.claim, self.next_claim_look = read_claim(self.storage, self.task_run_id), now + 10
         if self.claim is None:  # queued: no worker has taken it
             if kind == "SCHEDULED":
@@ -283,20 +284,24 @@ def run_on_worker(task: Any, *args: Any, label: str, deadline: float, storage: A
 
     future = delay(task.with_options(result_storage=storage), *args, tags=tags)
     watch = Watch(future.task_run_id, task.task_key, label, deadline, storage)
+    started = next_check = time.monotonic()
     with get_client(sync_client=True) as client:
         while True:
-            future.wait(timeout=POLL)
-            try:
+            try:  # the state read directly: Prefect's state events reach a waiter ~1.5 s late
                 task_run = client.read_task_run(future.task_run_id)
             except ObjectNotFound:  # a worker deletes a run whose parameters it cannot read
                 raise WorkerUnavailable(f"{label}: its task run was deleted (a task worker could not read its "
                                         "parameters: do the workers use the same RESULTS_STORAGE?)") from None
             if task_run.state is not None and task_run.state.is_final():
                 break
-            watch.check(client, task_run)
+            now = time.monotonic()
+            if now >= next_check:
+                watch.check(client, task_run)
+                next_check = now + CHECK_EVERY
+            time.sleep(min(POLL_MAX, POLL + 0.05 * (now - started)))  # short files: soon; long ones: rarely
     state = task_run.state
     if state.is_completed():
-        return future.result()
+        return state.result()  # not future.result(): its first call starts an event subscription (~1.5 s)
     if watch.ended:  # the watch failed it: no worker, a worker lost too often, out of time
         raise (Stopped if "deadline" in watch.ended else WorkerUnavailable)(watch.ended)
     try:

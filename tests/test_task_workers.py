@@ -289,6 +289,7 @@ def test_an_idle_pool_that_leaves_a_run_queued_fails_it_but_a_busy_one_does_not(
     watch = dispatch.Watch("00000000-0000-0000-0000-000000000001", "gpu_stages-x", "gpu-stages of call", 60.0,
                            storage=None, settings=settings)
     client, t0 = Client(), watch.created
+    watch.check(client, type("Run", (), {"state": None, "run_count": 0})(), {"w1"})  # a run with no state yet
     watch._queued(client, {"w1"}, t0 + 4, busy=lambda: False)  # within the pickup timeout
     watch._queued(client, {"w1"}, t0 + 6, busy=lambda: True)  # busy pool: a queue
     watch._queued(client, {"w1"}, t0 + 6 + dispatch.IDLE_GRACE + 1, busy=lambda: True)
