@@ -123,9 +123,9 @@ def _flush_logs_to_api() -> None:
     if "prefect.logging.handlers" not in sys.modules:
         return
     try:
-        from prefect.logging.handlers import APILogHandler
+        from prefect.logging.handlers import APILogWorker
 
-        APILogHandler.flush()
+        APILogWorker.drain_all(timeout=5)
     except Exception:  # noqa: BLE001 - logs only
         pass
 
