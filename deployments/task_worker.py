@@ -163,11 +163,11 @@ def make_worker(tasks: list[Any], limit: int) -> Any:
         async def _current_state(self, task_run_id: Any) -> Any:
             """The run's state now (None if it cannot be read). The server pushes a new run to
             workers before the request that created it has committed: a read at once can answer
-            404, so a missing run is read again for a few seconds before it counts as gone."""
+            404, so a missing run is read again for ~13 s before it is run anyway (Prefect's engine decides)."""
             from prefect.exceptions import ObjectNotFound
 
             delay = 0.05
-            for _ in range(8):  # ~6 s in all
+            for _ in range(8):  # 0.05 s doubling: ~13 s in all
                 try:
                     return (await self._client.read_task_run(task_run_id)).state
                 except ObjectNotFound:

@@ -158,7 +158,7 @@ class Watch:
             return
         if now - self.created < timeout:
             return
-        if (busy or (lambda: pool_busy(client)))():
+        if busy() if busy is not None else pool_busy(client):
             self.idle_since = None
             return
         self.idle_since = self.idle_since or now
