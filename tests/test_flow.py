@@ -42,18 +42,20 @@ def _artifacts(flow_run_id) -> list:
         return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
 
 
-def _completed_event(sha256: str):
-    """The whisperx.transcript.completed event of an audio, read back from the API."""
+def _completed_event(sha256: str, flow_run_id):
+    """The whisperx.transcript.completed event of an audio in one flow run, read back from the API
+    (other tests transcribe the same audio: the event names its flow run as a related resource)."""
     import time
 
     from prefect.client.orchestration import get_client
     from prefect.events.clients import get_events_client  # noqa: F401 - registers the worker's client
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter, EventResourceFilter
     from prefect.events.worker import EventsWorker
 
     EventsWorker.drain_all(timeout=10)
     flt = EventFilter(event=EventNameFilter(name=["whisperx.transcript.completed"]),
-                      resource=EventResourceFilter(id=[f"whisperx.audio.{sha256}"]))
+                      resource=EventResourceFilter(id=[f"whisperx.audio.{sha256}"]),
+                      related=EventRelatedFilter(id=[f"prefect.flow-run.{flow_run_id}"]))
     deadline = time.monotonic() + 20
     while True:
         with get_client(sync_client=True) as client:
@@ -108,7 +110,7 @@ def test_flow_writes_worker_outputs_and_artifacts(prefect_harness, tmp_path, man
     assert float(progress.data) == 100.0
 
     # an event for automations: resource = the audio's sha256, payload = where the outputs went
-    event = _completed_event(stored["debug"]["audio_sha256"])
+    event = _completed_event(stored["debug"]["audio_sha256"], flow_run.id)
     assert event.resource.name == "sample_2spk" and event.payload["language"] == "en"
     assert sorted(event.payload["outputs"]) == sorted(str(p.resolve()) for p in out.iterdir())
 
