@@ -43,19 +43,73 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from deployments.runpod_jobs import DeploymentJobs, Jobs, TaskJobs  # noqa: E402,F401 - the job tables
+from deployments.runpod_jobs import FINAL, DeploymentJobs, Jobs, TaskJobs  # noqa: E402,F401 - the job tables
 
 DEFAULT_WAIT_MS = 90_000
 
 
-def create_app(api_key: Optional[str], jobs: Any) -> Any:
-    """The FastAPI application (RunPod's routes over ``jobs``)."""
+MAX_DEPTH = 32  # JSON nesting a request may have (a job's input is 3 levels deep)
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply ``raw`` JSON nests arrays and objects (strings skipped), without parsing it:
+    a deep body is refused before a recursive parser sees it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _loopback_name(host: str) -> bool:
+    """A Host header value (``name[:port]``) that names this machine's loopback."""
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]").lower()
+    return name == "localhost" or _loopback(name)
+
+
+def create_app(api_key: Optional[str], jobs: Any, loopback: bool = True, max_bytes: Optional[int] = None) -> Any:
+    """The FastAPI application (RunPod's routes over ``jobs``). Every request meets the edge
+    rules: ``Authorization`` (with a key), a JSON body (``Content-Type: application/json``, at most
+    ``MAX_REQUEST_BYTES``, nested at most :data:`MAX_DEPTH` deep), and on a ``loopback`` bind a
+    loopback ``Host`` and no foreign ``Origin`` (so no web page the operator opens can drive it:
+    CSRF, DNS rebinding). Bad input is a 4xx with one line, never a 500."""
+    import asyncio
+
+    import anyio
     from fastapi import Depends, FastAPI, HTTPException, Request
     from fastapi.responses import JSONResponse
 
+    from speech.settings import get_settings
+
+    limit = max_bytes or get_settings().max_request_bytes
     app = FastAPI(title="whisperx-prefect (RunPod-compatible)", docs_url=None, redoc_url=None)
 
+    def same_machine(request: Request) -> None:
+        if not loopback:
+            return
+        if not _loopback_name(request.headers.get("host", "")):
+            raise HTTPException(status_code=403, detail="this endpoint serves loopback only: the Host header must "
+                                "name 127.0.0.1, [::1] or localhost")
+        origin = request.headers.get("origin")
+        if origin is not None and not _loopback_name(origin.split("://", 1)[-1]):
+            raise HTTPException(status_code=403, detail=f"requests from web pages ({origin}) are not served")
+
     def authorized(request: Request) -> None:
+        same_machine(request)
         if not api_key:
             return
         given = request.headers.get("authorization", "")
@@ -64,13 +118,47 @@ def create_app(api_key: Optional[str], jobs: Any) -> Any:
             raise HTTPException(status_code=401, detail="Unauthorized")
 
     async def body_of(request: Request) -> dict[str, Any]:
+        import json
+
+        kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if kind != "application/json":
+            raise HTTPException(status_code=415, detail="the body must be JSON (Content-Type: application/json)")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise HTTPException(status_code=413, detail=f"the body is larger than {limit} bytes (MAX_REQUEST_BYTES)")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise HTTPException(status_code=413, detail=f"the body is larger than {limit} bytes (MAX_REQUEST_BYTES)")
+        if json_depth(bytes(raw)) > MAX_DEPTH:
+            raise HTTPException(status_code=400, detail=f"the body nests deeper than {MAX_DEPTH} levels")
         try:
-            body = await request.json()
-        except ValueError:
+            body = json.loads(bytes(raw))
+        except ValueError:  # not JSON, not UTF-8
             raise HTTPException(status_code=400, detail="the body must be JSON: {\"input\": {...}}") from None
         if not isinstance(body, dict) or not isinstance(body.get("input"), dict):
             raise HTTPException(status_code=400, detail="the body must be {\"input\": {...}}")
         return {k: body[k] for k in ("input", "webhook", "policy") if k in body}
+
+    async def view_of(job_id: str) -> dict[str, Any]:
+        if getattr(jobs, "reads_api", True):  # a look at the Prefect API: briefly on a thread
+            return await anyio.to_thread.run_sync(found, job_id)
+        return found(job_id)
+
+    async def parked(job_id: str, seconds: float) -> dict[str, Any]:
+        """The job's view once it is final or ``seconds`` have passed, looking every 0.05 s growing
+        to the table's poll interval: a parked wait holds no thread, so /health and other calls
+        answer whatever the number of waiting callers."""
+        loop = asyncio.get_running_loop()
+        deadline, pause = loop.time() + seconds, 0.05
+        while True:
+            view = await view_of(job_id)
+            left = deadline - loop.time()
+            if view["status"] in FINAL or left <= 0:
+                return view
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, getattr(jobs, "poll", 0.5))
 
     def found(job_id: str) -> dict[str, Any]:
         view = jobs.view(job_id)
@@ -80,18 +168,13 @@ def create_app(api_key: Optional[str], jobs: Any) -> Any:
 
     @app.post("/v2/{endpoint_id}/run", dependencies=[Depends(authorized)])
     async def run(endpoint_id: str, request: Request) -> dict[str, Any]:
-        import anyio
-
         job_id = await anyio.to_thread.run_sync(jobs.submit, await body_of(request))
         return {"id": job_id, "status": "IN_QUEUE"}
 
     @app.post("/v2/{endpoint_id}/runsync", dependencies=[Depends(authorized)])
     async def runsync(endpoint_id: str, request: Request, wait: int = DEFAULT_WAIT_MS) -> dict[str, Any]:
-        import anyio
-
         job_id = await anyio.to_thread.run_sync(jobs.submit, await body_of(request))
-        await anyio.to_thread.run_sync(jobs.wait, job_id, min(max(wait, 0), 300_000) / 1000)
-        return await anyio.to_thread.run_sync(found, job_id)
+        return await parked(job_id, min(max(wait, 0), 300_000) / 1000)
 
     @app.get("/v2/{endpoint_id}/status/{job_id}", dependencies=[Depends(authorized)])
     def status(endpoint_id: str, job_id: str) -> dict[str, Any]:
@@ -102,13 +185,20 @@ def create_app(api_key: Optional[str], jobs: Any) -> Any:
         found(job_id)
         return jobs.cancel(job_id) or {}
 
-    @app.get("/v2/{endpoint_id}/health")
+    @app.get("/v2/{endpoint_id}/health", dependencies=[Depends(same_machine)])
     def health(endpoint_id: str) -> dict[str, Any]:
         return {"jobs": jobs.counts(), "workers": {"idle": 0, "running": 1}}
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
+        where = ", ".join(".".join(str(p) for p in e.get("loc", ())) for e in exc.errors()) or "request"
+        return JSONResponse({"error": f"invalid {where}"}, status_code=400)
 
     return app
 
@@ -126,6 +216,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="jobs run at once in this process (default 1)")
     p.add_argument("--keep", type=int, default=1000, help="finished jobs kept for /status (default 1000)")
+    p.add_argument("--max-connections", type=int, default=1000,
+                   help="open connections served at once; more get 503 (default 1000)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--deployment", default=os.environ.get("RUNPOD_API_DEPLOYMENT") or None,
                        help="run jobs as runs of this deployment ('transcribe-audio/transcribe-gpu'; env "
@@ -147,7 +239,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         jobs = DeploymentJobs(args.deployment, keep=args.keep)
     else:
         jobs = Jobs(lambda job, job_id: handler(job, flow_run_name=job_id), workers=args.workers, keep=args.keep)
-    uvicorn.run(create_app(key, jobs), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(key, jobs, loopback=_loopback(args.host)), host=args.host, port=args.port,
+                log_level="info", limit_concurrency=args.max_connections)
     return 0
 
 

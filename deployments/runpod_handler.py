@@ -27,17 +27,16 @@ def handler(job: dict[str, Any], flow_run_name: Optional[str] = None) -> dict[st
     """One RunPod job through the transcribe flow; the worker's output or ``{"error": ...}``.
     ``flow_run_name`` names the flow run (the HTTP endpoint passes the job id)."""
     from speech.errors import SpeechError
+    from speech.policy import admit
     from speech.redact import scrub_configured
-    from speech.schema import TranscriptionRequest
-
-    from speech.asr.serving import served_request
 
     try:
-        # a long-lived process serving many callers (RunPod's warm worker, the in-process endpoint)
-        # runs the model it is configured with (WORKER_MODELS): a job cannot make it load another
-        req = served_request(TranscriptionRequest.parse(job))
+        # a job comes from someone else: the request policy (local paths only under ALLOW_LOCAL_PATHS,
+        # no caller-chosen endpoints or code); a long-lived process serving many callers (RunPod's
+        # warm worker, the in-process endpoint) runs the model it serves (WORKER_MODELS)
+        req = admit(job)
     except SpeechError as exc:
-        return {"error": str(exc)}
+        return {"error": scrub_configured(str(exc))}
     from flows.cli import flow_kwargs
     from flows.transcribe import transcribe_audio
     from tasks.progress import RunListener, listening

@@ -28,6 +28,9 @@ HEALTH_KEYS = {"COMPLETED": "completed", "FAILED": "failed", "IN_PROGRESS": "inP
 class Jobs:
     """The job table: id -> state, with a thread pool running ``run(job, id)``."""
 
+    reads_api = False  # a view is a dict lookup: no thread needed to read it
+    poll = 0.25  # seconds between looks while a caller waits
+
     def __init__(self, run: Callable[[dict, str], dict], workers: int = 1, keep: int = 1000):
         self.run, self.keep = run, keep
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="job")
@@ -62,14 +65,6 @@ class Jobs:
             if state is not None and state["status"] == "IN_QUEUE" and self.futures[job_id].cancel():
                 state.update(status="CANCELLED", finished=time.time())
         return self.view(job_id)
-
-    def wait(self, job_id: str, seconds: float) -> None:
-        future = self.futures.get(job_id)
-        if future is not None:
-            try:
-                future.result(timeout=max(0.0, seconds))
-            except Exception:  # noqa: BLE001 - timeouts and cancellations: the status says it
-                pass
 
     def view(self, job_id: str) -> Optional[dict[str, Any]]:
         """RunPod's status body for a job (None: unknown id)."""
@@ -112,6 +107,7 @@ class _RunJobs:
 
     refused: "OrderedDict[str, dict[str, Any]]"
     outputs: "OrderedDict[str, dict[str, Any]]"
+    reads_api = True  # a view reads the Prefect API
     poll = 1.0  # seconds between looks while a caller waits
 
     def _run(self, job_id: str) -> Any:
@@ -161,14 +157,6 @@ class _RunJobs:
             _remember(self, job_id, out)
         return out
 
-    def wait(self, job_id: str, seconds: float) -> None:
-        deadline = time.monotonic() + max(0.0, seconds)
-        while True:
-            view = self.view(job_id)
-            if view is None or view["status"] in FINAL or time.monotonic() >= deadline:
-                return
-            time.sleep(min(self.poll, max(0.0, deadline - time.monotonic())))
-
 
 class DeploymentJobs(_RunJobs):
     """Jobs as runs of a Prefect deployment (``run_deployment``), executed by its work pool's
@@ -187,15 +175,10 @@ class DeploymentJobs(_RunJobs):
         from prefect.deployments import run_deployment
 
         from speech.errors import SpeechError
-        from speech.schema import TranscriptionRequest, plain_secrets
+        from speech.policy import admit
 
-        try:
-            req = TranscriptionRequest.parse({"input": body["input"]})
-            given = plain_secrets(body["input"])
-            if given:
-                raise SpeechError(
-                    f"{', '.join(given)}: a token would be stored in the queued run's parameters; the workers read "
-                    "tokens from their env vars or Secret blocks, or pass 'prefect-secret:<block name>'")
+        try:  # the run checks it again on its worker (its own ALLOW_LOCAL_PATHS and models)
+            req = admit({"input": body["input"]}, stored=True, serving=False)
         except SpeechError as exc:
             return _refuse(self, str(exc))
         run = run_deployment(self.deployment, parameters=deployment_parameters(req), timeout=0, tags=[TAG])

@@ -8,10 +8,10 @@ stages (its own models, no second hop), hosted APIs, outputs. Its task run is th
 is the job's status, its persisted result the output, and it shows in the Prefect UI. Waiting on
 it, and noticing a dead worker, is :mod:`flows.dispatch`'s.
 
-The request comes from someone else, so it meets the deployment runs' policy here
-(:func:`speech.io.netguard.check_untrusted_request`), tokens are refused (they would be stored
-with the task's parameters; workers use their env vars and Secret blocks) and the model must be
-one this worker serves.
+The request comes from someone else, so it meets the request policy here
+(:func:`speech.policy.admit`): tokens are refused (they would be stored with the task's
+parameters; workers use their env vars and Secret blocks) and the model must be one this worker
+serves.
 """
 from __future__ import annotations
 
@@ -42,23 +42,14 @@ def job_filter(*tags: str, states: tuple[str, ...] = ()) -> Any:
                          state=TaskRunFilterState(type=TaskRunFilterStateType(any_=list(states))) if states else None)
 
 
-def check_job_request(request: dict[str, Any]) -> Any:
+def check_job_request(request: dict[str, Any], serving: bool = False) -> Any:
     """The request as the worker will run it, or a :class:`speech.errors.SpeechError` saying why
-    not: invalid, a plain token, outside the trust policy. (Checked by the submitter too, so a bad
-    job fails before it queues.)"""
-    from speech.errors import InvalidRequest
-    from speech.io.netguard import check_untrusted_request
-    from speech.schema import TranscriptionRequest, plain_secrets
-    from speech.settings import get_settings
+    not: invalid, a plain token, outside the trust policy (:func:`speech.policy.admit`). Checked
+    by the submitter too (``serving=False``: the models are the worker's business), so a bad job
+    fails before it queues."""
+    from speech.policy import admit
 
-    req = TranscriptionRequest.parse(request)
-    given = plain_secrets(request)
-    if given:
-        raise InvalidRequest(f"{', '.join(given)}: a token would be stored with the queued job's parameters; the "
-                             "workers read tokens from their env vars or Secret blocks, or pass "
-                             "'prefect-secret:<block name>'")
-    check_untrusted_request(req, get_settings())
-    return req
+    return admit(request, stored=True, serving=serving)
 
 
 @task(name="transcribe-job", cache_policy=NO_CACHE, persist_result=True, task_run_name=_job_name)
@@ -70,10 +61,9 @@ def transcribe_job(request: dict[str, Any]) -> dict[str, Any]:
 
     from flows.dispatch import RunGuard, run_deadline
     from flows.pipeline import run_pipeline
-    from speech.asr.serving import served_request
     from tasks.progress import checkpointing
 
-    req = served_request(check_job_request(request))
+    req = check_job_request(request, serving=True)
     ctx = TaskRunContext.get()
     guard = RunGuard(ctx.task_run.id if ctx else "local", run_deadline(0.0), f"transcribe-job of {req.audio_file}")
 

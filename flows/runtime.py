@@ -82,23 +82,18 @@ def redact_stored_secrets(nested: Optional[str] = None) -> None:
 
 def refuse_untrusted_parameters(req: Any) -> None:
     """In a deployment run (started from the UI, the API, a sweep or a schedule: anyone who can
-    start one chooses its parameters), refuse what the worker does not allow
-    (:func:`speech.io.netguard.check_untrusted_request`: local paths outside ``ALLOW_LOCAL_PATHS``,
-    a caller-chosen S3 endpoint or pyannote config without ``ALLOW_REQUEST_ENDPOINTS``; with
-    ``WORKER_MODELS`` set, a model the pool does not serve). Runs from the CLI or Python are the
-    caller's own machine and are not restricted."""
+    start one chooses its parameters), refuse what the request policy does not allow
+    (:func:`speech.policy.admit`; the model only with ``WORKER_MODELS`` set: a deployment run is
+    its own process). Runs from the CLI or Python are the caller's own machine and are not
+    restricted."""
     from prefect.runtime import deployment
 
     if not deployment.id:
         return
-    from speech.io.netguard import check_untrusted_request
+    from speech.policy import admit
 
     settings = get_settings()
-    check_untrusted_request(req, settings)
-    if settings.worker_models:  # the operator said what this pool serves: nothing else is loaded
-        from speech.asr.serving import served_request
-
-        served_request(req, settings)
+    admit(req, settings=settings, serving=bool(settings.worker_models))
 
 
 def keep_result_with_task_results() -> None:

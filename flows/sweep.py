@@ -123,6 +123,20 @@ def _no_secrets(request: dict[str, Any]) -> None:
             "Secret/AwsCredentials blocks on the worker instead, or pass 'prefect-secret:<block name>'")
 
 
+def _refuse_untrusted_source(source: str, request: dict[str, Any]) -> None:
+    """A sweep started as a deployment run (UI, API, schedule) lists only folders under the
+    ``ALLOW_LOCAL_PATHS`` roots, and its request meets the request policy
+    (:func:`speech.policy.admit`); one run from Python by the machine's own user is not limited."""
+    from prefect.runtime import deployment
+
+    if not deployment.id:
+        return
+    from speech.policy import admit, check_source
+
+    check_source(source)
+    admit({**request, "audio_file": "https://example.com/placeholder.wav"}, stored=True, serving=False)
+
+
 @flow(name="sweep-inbox", validate_parameters=True, log_prints=False)
 def sweep_inbox(
     source: str,
@@ -154,6 +168,7 @@ def sweep_inbox(
     request = {k: v for k, v in (request or {}).items() if k != "audio_file"}
     _no_secrets(request)
     TranscriptionRequest.parse({**request, "audio_file": "placeholder.wav"})  # a bad request fails the sweep, not N runs
+    _refuse_untrusted_source(source, request)
     if limit < 0 or concurrency < 1 or batch_size < 0 or max_attempts < 1:
         raise InvalidRequest("limit and batch_size must be >= 0, concurrency and max_attempts >= 1")
     if via == "task-workers":

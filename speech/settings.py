@@ -93,6 +93,18 @@ class Settings(BaseSettings):
     # --- inputs -----------------------------------------------------------------------
     max_audio_bytes: int = Field(2 * 1024**3, validation_alias="MAX_AUDIO_BYTES")
     max_audio_seconds: float = Field(6 * 3600.0, validation_alias="MAX_AUDIO_SECONDS")
+    max_sample_seconds: float = Field(
+        120.0, gt=0, validation_alias="MAX_SAMPLE_SECONDS",
+        description="Longest speaker-enrolment clip read (seconds); a longer one is refused.",
+    )
+    max_speaker_samples: int = Field(
+        20, ge=0, validation_alias="MAX_SPEAKER_SAMPLES",
+        description="Most speaker-enrolment clips one request may give.",
+    )
+    max_request_bytes: int = Field(
+        1_000_000, gt=0, validation_alias="MAX_REQUEST_BYTES",
+        description="Largest request body the RunPod-compatible endpoint reads (bytes); larger: 413.",
+    )
     http_connect_timeout: float = Field(10.0, validation_alias="HTTP_CONNECT_TIMEOUT")
     http_read_timeout: float = Field(60.0, validation_alias="HTTP_READ_TIMEOUT")
     http_max_seconds: float = Field(
@@ -116,16 +128,17 @@ class Settings(BaseSettings):
     )
     allow_request_endpoints: bool = Field(
         False, validation_alias="ALLOW_REQUEST_ENDPOINTS",
-        description="Deployment runs may name their own s3_endpoint without their own keys (it would be sent "
-        "the worker's S3 credentials) and any diarization_model (a pyannote config can build arbitrary classes). "
-        "Off: s3_endpoint needs access_key + secret_key and a public address; diarization_model must be a "
-        "known pyannote pipeline. Values from the environment are always trusted.",
+        description="Requests from others may name their own s3_endpoint without their own keys (it would be sent "
+        "the worker's S3 credentials), any diarization_model (a pyannote config can build arbitrary classes) and "
+        "any align_model. Off: s3_endpoint needs access_key + secret_key and a public address; diarization_model "
+        "must be a published pyannote pipeline, align_model one of whisperx's per-language models. Values from the environment are always trusted.",
     )
     allow_local_paths: str = Field(
         "", validation_alias="ALLOW_LOCAL_PATHS",
-        description="For deployment runs: '1' allows any local path or file:// URL as audio or speaker sample, "
-        "or a list of root folders (separated by ':' or ',') it must resolve inside; empty refuses them. Local "
-        "runs (CLI, Python) are not restricted.",
+        description="For requests from others (deployment runs, the RunPod-compatible endpoint and handler, "
+        "task jobs, sweeps): '1' allows any local path or file:// URL (audio, speaker samples, *_json_in, "
+        "download_dir, model folders, sweep sources), or a list of root folders (separated by ':' or ',') it must "
+        "resolve inside; empty refuses them. Local runs (CLI, Python) are not restricted.",
     )
 
     # --- results store ----------------------------------------------------------------

@@ -58,6 +58,17 @@ os.environ["LOCAL_PREFECT_SERVER"] = "off"
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_settings():
+    """Settings are read once per process (get_settings is cached); a test's monkeypatched
+    environment must be what the code under test reads, and must not leak into the next test."""
+    from speech.settings import get_settings
+
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_caches(tmp_path_factory):
     from speech.settings import get_settings

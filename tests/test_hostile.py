@@ -219,7 +219,7 @@ def test_a_stalled_body_is_one_clear_error_with_exit_code_2(env, hostile, tmp_pa
 
 
 def test_local_paths_in_deployment_runs(env, tmp_path):
-    from speech.io.netguard import check_local_path
+    from speech.policy import check_local_path
 
     inbox, other = tmp_path / "inbox", tmp_path / "other"
     inbox.mkdir(), other.mkdir()
@@ -227,7 +227,7 @@ def test_local_paths_in_deployment_runs(env, tmp_path):
     (other / "secret.wav").write_bytes(b"x")
     (inbox / "link.wav").symlink_to(other / "secret.wav")
     settings = _settings(env)
-    with pytest.raises(FetchError, match="local paths are not allowed in deployment runs at all"):
+    with pytest.raises(FetchError, match="local paths are not allowed in requests from others at all"):
         check_local_path(str(inbox / "a.wav"), settings)
     settings = _settings(env, ALLOW_LOCAL_PATHS=str(inbox))
     check_local_path(str(inbox / "a.wav"), settings)
@@ -355,7 +355,7 @@ def test_a_deployment_run_refuses_local_paths_unless_allowed(prefect_harness, mo
     out = tmp_path / "out"
     state, exc = _run_flow(audio_file=str(DATA / "sample_2spk.wav"), language="en", download_dir=str(out))
     assert state.is_failed() and isinstance(exc, FetchError)
-    assert "local paths are not allowed in deployment runs" in str(exc) and not out.exists()
+    assert "local paths are not allowed in requests from others" in str(exc) and not out.exists()
     monkeypatch.setenv("ALLOW_LOCAL_PATHS", str(DATA))
     get_settings.cache_clear()
     try:
@@ -366,7 +366,7 @@ def test_a_deployment_run_refuses_local_paths_unless_allowed(prefect_harness, mo
         for folder in (victim.parent, get_settings().results_dir / ".." / "elsewhere"):  # `..` is resolved
             state, exc = _run_flow(audio_file=str(DATA / "sample_2spk.wav"), language="en", download_dir=str(folder),
                                    output_name="bashrc")
-            assert state.is_failed() and "download_dir: deployment runs write outputs only inside" in str(exc)
+            assert state.is_failed() and "download_dir: requests from others write outputs only inside" in str(exc)
         assert victim.read_text() == "# the worker's own file\n" and len(list(victim.parent.iterdir())) == 1
         state, result = _run_flow(audio_file=str(DATA / "sample_2spk.wav"), language="en",
                                   download_dir=str(get_settings().results_dir / "mine"))
@@ -426,7 +426,8 @@ def test_the_decode_cache_evicts_the_least_recently_used(tmp_path):
 
 def test_request_endpoints_and_models_in_deployment_runs(env):
     from speech.errors import InvalidRequest
-    from speech.io.netguard import BlockedURL, check_untrusted_request
+    from speech.io.netguard import BlockedURL
+    from speech.policy import check_untrusted_request
     from speech.schema import TranscriptionRequest
 
     settings = _settings(env, ALLOW_LOCAL_PATHS="1")

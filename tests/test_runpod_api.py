@@ -21,6 +21,12 @@ def endpoint(prefect_harness):
         yield base
 
 
+@pytest.fixture(autouse=True)
+def local_roots(monkeypatch, tmp_path):
+    """Jobs are requests from others: local paths only under ALLOW_LOCAL_PATHS."""
+    monkeypatch.setenv("ALLOW_LOCAL_PATHS", f"{DATA}:{tmp_path}")
+
+
 @pytest.fixture
 def sdk(endpoint, monkeypatch):
     return runpod_sdk(monkeypatch, KEY, endpoint)
@@ -96,7 +102,7 @@ def test_s3_mode_returns_keys_and_presigned_urls(sdk, s3):
 
 
 def test_a_bad_job_fails_with_the_handlers_error(sdk, endpoint):
-    job = sdk.Endpoint("whisperx").run({"audio_file": "/nonexistent/a.wav"})
+    job = sdk.Endpoint("whisperx").run({"audio_file": str(DATA / "nonexistent.wav")})
     job.output(timeout=120)
     body = requests.get(f"{endpoint}/whisperx/status/{job.job_id}", headers={"Authorization": f"Bearer {KEY}"},
                         timeout=30).json()

@@ -62,8 +62,10 @@ def runner(prefect_harness, s3_server, tmp_path_factory):
 
 
 @pytest.fixture
-def service(runner):
+def service(runner, monkeypatch):
     from deployments.runpod_api import DeploymentJobs
+
+    monkeypatch.setenv("ALLOW_LOCAL_PATHS", f"{DATA}:{runner}")  # the endpoint checks jobs at its edge too
 
     with serving_runpod_api(KEY, DeploymentJobs(DEPLOYMENT)) as base:
         yield base

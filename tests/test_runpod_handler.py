@@ -9,6 +9,12 @@ from conftest import DATA, wer, wer_limit
 from deployments.runpod_handler import handler
 
 
+@pytest.fixture(autouse=True)
+def local_roots(monkeypatch, tmp_path):
+    """A job is a request from someone else: local paths only under ALLOW_LOCAL_PATHS."""
+    monkeypatch.setenv("ALLOW_LOCAL_PATHS", f"{DATA}:{tmp_path}")
+
+
 @pytest.fixture
 def manifest_text():
     import json
@@ -28,7 +34,7 @@ def test_a_job_returns_the_workers_output(prefect_harness, tmp_path, manifest_te
 
 def test_bad_jobs_answer_with_one_error_line(prefect_harness):
     assert handler({"id": "x", "input": {}})["error"].startswith("invalid request: audio_file")
-    missing = handler({"id": "x", "input": {"audio_file": "/nonexistent/a.wav"}})
+    missing = handler({"id": "x", "input": {"audio_file": str(DATA / "nonexistent.wav")}})
     assert set(missing) == {"error"} and "not found" in missing["error"] and "Traceback" not in missing["error"]
 
 

@@ -12,6 +12,20 @@ import numpy as np
 from speech.errors import AudioError
 from speech.schema import SAMPLE_RATE
 
+# Sample rates decoded (telephone 8 kHz .. 384 kHz studio): resampling one frame of a 1 Hz stream
+# to 16 kHz multiplies it 16,000 times, so a tiny file could ask for GBs. With these bounds and
+# MAX_FRAME_SECONDS of audio per frame, one resampled frame is at most a few MB.
+MIN_RATE, MAX_RATE = 4_000, 384_000
+MAX_FRAME_SECONDS = 30.0
+
+
+def _check_rate(rate: Optional[int], samples: int, label: str) -> None:
+    if not rate or not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError(f"{label}: sample rate {rate or 0} Hz is outside {MIN_RATE}..{MAX_RATE} Hz")
+    if samples > MAX_FRAME_SECONDS * rate:
+        raise AudioError(f"{label}: one audio frame holds {samples / rate:.0f} s; at most {MAX_FRAME_SECONDS:.0f} s "
+                         "per frame is decoded")
+
 
 @contextlib.contextmanager
 def _opened(path: Path, label: str, max_seconds: float) -> Iterator[tuple[Any, Any, Optional[float], str]]:
@@ -31,6 +45,7 @@ def _opened(path: Path, label: str, max_seconds: float) -> Iterator[tuple[Any, A
         if not streams:
             raise AudioError(f"{label}: no audio stream in the file")
         stream = streams[0]
+        _check_rate(stream.codec_context.sample_rate or stream.rate, 0, label)
         declared = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
         if declared is None and container.duration:
             declared = container.duration / 1_000_000
@@ -77,6 +92,7 @@ def _stream(path: Path, label: str, max_seconds: float, sink: Callable[[np.ndarr
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         try:
             for frame in container.decode(stream):
+                _check_rate(frame.sample_rate, frame.samples, label)  # a stream may change rate mid-way
                 frame.pts = None
                 for out in resampler.resample(frame):
                     take(out)

@@ -12,19 +12,17 @@ rebinding). TLS still verifies the certificate against the host name.
 ``host:port``) allowed whatever they resolve to. A refusal reads the same whether or not
 something listens there, so it cannot be used to scan ports.
 
-:func:`check_local_path` is the matching rule for local paths in deployment runs
-(``ALLOW_LOCAL_PATHS``), and :class:`Deadline` bounds a download's total time and minimum rate
+:mod:`speech.policy` holds the matching rules for local paths and the rest of a request from
+someone else; :class:`Deadline` bounds a download's total time and minimum rate
 (curl's ``--max-time`` and ``--speed-limit``/``--speed-time``).
 """
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import time
-from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from speech.errors import FetchError, TransientFetchError
 from speech.settings import Settings
@@ -112,92 +110,6 @@ def session(settings: Settings) -> Any:
     s.mount("http://", adapter)
     s.mount("https://", adapter)
     return s
-
-
-def local_roots(settings: Settings) -> Optional[list[Path]]:
-    """None when any local path is allowed (``ALLOW_LOCAL_PATHS=1``), else the allowed roots
-    (empty: none)."""
-    value = settings.allow_local_paths.strip()
-    if value.lower() in ("1", "true", "yes", "*"):
-        return None
-    parts = [p for chunk in value.split(",") for p in chunk.split(os.pathsep)]
-    return [Path(p).expanduser().resolve() for p in parts if p.strip()]
-
-
-def check_local_path(source: str, settings: Settings, what: str = "audio_file") -> None:
-    """For deployment runs: refuse a local path or file:// URL unless ``ALLOW_LOCAL_PATHS``
-    allows it; with roots, the path must resolve (``..`` and symlinks followed) inside one."""
-    scheme = urlsplit(source).scheme.lower()
-    if scheme in ("http", "https", "s3"):
-        return
-    roots = local_roots(settings)
-    if roots is None:
-        return
-    raw = unquote(urlsplit(source).path) if scheme == "file" else source
-    path = Path(raw).expanduser().resolve()
-    if not any(path == r or r in path.parents for r in roots):
-        where = "inside " + ", ".join(str(r) for r in roots) if roots else "at all"
-        raise FetchError(f"{what}: local paths are not allowed in deployment runs {where} (ALLOW_LOCAL_PATHS); "
-                         "give an http(s) or s3:// URL")
-
-
-def check_output_dir(folder: str, settings: Settings) -> None:
-    """For deployment runs: a ``download_dir`` the run chose must resolve inside ``RESULTS_DIR``
-    or an ``ALLOW_LOCAL_PATHS`` root (``1``: anywhere), so a caller cannot have the worker write
-    outputs over its own files."""
-    from speech.errors import InvalidRequest
-
-    roots = local_roots(settings)
-    if roots is None:
-        return
-    roots = [*roots, Path(settings.results_dir).expanduser().resolve()]
-    path = Path(folder).expanduser().resolve()
-    if not any(path == r or r in path.parents for r in roots):
-        raise InvalidRequest(f"download_dir: deployment runs write outputs only inside "
-                             f"{', '.join(str(r) for r in roots)} (RESULTS_DIR, ALLOW_LOCAL_PATHS)")
-
-
-# pyannote pipelines a run parameter may name without ALLOW_REQUEST_ENDPOINTS (published by pyannote)
-KNOWN_DIARIZATION_MODELS = frozenset({
-    "pyannote/speaker-diarization-community-1", "pyannote/speaker-diarization-3.1",
-    "pyannote/speaker-diarization-3.0", "pyannote/speaker-diarization",
-})
-
-
-def check_untrusted_request(req: Any, settings: Settings) -> None:
-    """What a deployment run's parameters may not do on this worker's behalf (see
-    ``ALLOW_LOCAL_PATHS`` and ``ALLOW_REQUEST_ENDPOINTS``): read local files outside the allowed
-    roots, write outputs outside them and ``RESULTS_DIR``, send the worker's S3 credentials to an endpoint the caller chose, or load a diarization
-    pipeline config the caller wrote. Raises :class:`FetchError` / :class:`InvalidRequest`."""
-    from speech.errors import InvalidRequest
-    from speech.redact import redact_url, secret_value
-
-    check_local_path(req.audio_file, settings, "audio_file")
-    for sample in req.speaker_samples:
-        check_local_path(sample.url, settings, "speaker_samples")
-    for field in ("pyannote_json_in", "deepgram_json_in"):
-        if getattr(req, field):
-            check_local_path(getattr(req, field), settings, field)
-    if req.download_dir:
-        check_output_dir(req.download_dir, settings)
-    if settings.allow_request_endpoints:
-        return
-    if req.s3_endpoint:
-        if not (secret_value(req.access_key) and secret_value(req.secret_key)):
-            raise InvalidRequest(
-                f"s3_endpoint {redact_url(req.s3_endpoint)!r} from a run parameter needs its own access_key and "
-                "secret_key: the worker's S3 credentials are not sent to an endpoint the caller chose "
-                "(ALLOW_REQUEST_ENDPOINTS=1 on the worker allows it)")
-        parts = urlsplit(req.s3_endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidRequest(f"s3_endpoint must be an http(s) URL, got {redact_url(req.s3_endpoint)!r}")
-        resolve_checked(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), settings)
-    if req.diarization_model and req.diarization_model not in KNOWN_DIARIZATION_MODELS:
-        raise InvalidRequest(
-            f"diarization_model {req.diarization_model!r} from a run parameter is not one of pyannote's published "
-            f"pipelines ({', '.join(sorted(KNOWN_DIARIZATION_MODELS))}); a pipeline config can build arbitrary "
-            "classes, so other models are set on the worker (PYANNOTE_DIARIZATION_MODEL or "
-            "ALLOW_REQUEST_ENDPOINTS=1)")
 
 
 class Deadline:

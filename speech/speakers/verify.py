@@ -32,13 +32,13 @@ import logging
 import math
 import re
 import unicodedata
-from pathlib import Path
 from typing import Optional, Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 
 from speech.errors import AudioError, FetchError, InvalidRequest, SpeechError, TransientFetchError
+from speech.policy import sample_target
 from speech.redact import redact_url
 from speech.schema import SAMPLE_RATE, Segment, SpeakerInfo, SpeakerSample
 from speech.speakers.encoders import BUILTIN_MARGIN, BUILTIN_THRESHOLD, Encoder, get_encoder, unit
@@ -111,28 +111,24 @@ def derive_name(sample: SpeakerSample) -> str:
 # enrolment
 
 
-def _fetch_target(url: str) -> str:
-    """What to fetch: a local path loses a ``?name=``/``#name`` suffix unless the file really has it."""
-    if _SCHEME.match(url):
-        return url.split("#", 1)[0]
-    if Path(url).expanduser().exists():
-        return url
-    return url.split("#", 1)[0].split("?", 1)[0]
-
-
 def _load_sample(sample: SpeakerSample, name: str) -> np.ndarray:
     from speech.io.audio import load_audio, read_samples
+    from speech.settings import get_settings
 
     url = sample.url.strip()
     shown = f"speaker sample {name!r} ({redact_url(url)})"
-    try:
-        ref = load_audio(_fetch_target(url))
-        audio = np.asarray(read_samples(ref), dtype=np.float32)
+    settings = get_settings()
+    longest = min(settings.max_sample_seconds, settings.max_audio_seconds)
+    try:  # a clip is decoded only up to MAX_SAMPLE_SECONDS: a longer one is refused, not read whole
+        ref = load_audio(sample_target(url), settings=settings.model_copy(update={"max_audio_seconds": longest}))
+        audio = np.asarray(read_samples(ref, settings), dtype=np.float32)
     except TransientFetchError as exc:
         raise TransientFetchError(f"{shown}: {exc}") from None  # network trouble: may retry
     except FetchError as exc:
         raise InvalidRequest(f"{shown}: {exc}") from None  # 404, no such file: fix the request
     except AudioError as exc:
+        if "limit" in str(exc):
+            raise AudioError(f"{shown}: longer than the {longest:.0f} s an enrolment clip may be (MAX_SAMPLE_SECONDS)") from None
         raise AudioError(f"{shown}: {exc}") from None
     seconds = audio.shape[0] / SAMPLE_RATE
     if seconds < MIN_SAMPLE_SECONDS:
@@ -151,6 +147,11 @@ def enroll(samples: Sequence[SpeakerSample], encoder: Optional[Encoder] = None) 
     missing file/URL (404) or a name that cannot be derived, :class:`AudioError` for a file that
     is not audio or holds less than 1 s, :class:`TransientFetchError` for network trouble.
     """
+    from speech.settings import get_settings
+
+    most = get_settings().max_speaker_samples
+    if len(samples) > most:
+        raise InvalidRequest(f"speaker_samples: {len(samples)} clips, at most {most} (MAX_SPEAKER_SAMPLES)")
     encoder = encoder or get_encoder()
     pooled: dict[str, list[np.ndarray]] = {}
     for sample in samples:

@@ -1,0 +1,189 @@
+"""The one request policy for everything that takes a request from someone else.
+
+Whoever can start a deployment run (UI, API, schedule), call the RunPod-compatible endpoint (any
+mode) or its handler, or drop a file in a swept inbox chooses the request. :func:`admit` is what
+each of those entry points calls at its edge, before anything is fetched, loaded, written or
+stored; the CLI and the Python API run by the machine's own user are not limited.
+
+* **Local paths** (audio, speaker samples, ``*_json_in``, ``download_dir``, model directories,
+  sweep sources) only under the ``ALLOW_LOCAL_PATHS`` roots (``1``: anywhere), checked on the
+  exact path that will be opened (a sample's ``?name=``/``#name`` suffix is dropped first, as the
+  fetch drops it); outputs also under ``RESULTS_DIR``. A refused path reads the same whether or not
+  it exists.
+* **Endpoints and code** named by a request (``s3_endpoint`` without its own keys, a pyannote
+  pipeline or wav2vec2 model that is not a published one) only with ``ALLOW_REQUEST_ENDPOINTS``.
+* **Models**: a long-lived process runs what it serves (:func:`speech.asr.serving.served_request`).
+* **Tokens**: refused where the request would be stored (queued runs, sweeps, task jobs).
+* **Cost**: at most ``MAX_SPEAKER_SAMPLES`` enrolment clips (each clip is capped at
+  ``MAX_SAMPLE_SECONDS`` when it is read).
+
+URLs are checked when they are fetched (:mod:`speech.io.netguard`), on every connection.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import unquote, urlsplit
+
+from speech.errors import FetchError, InvalidRequest
+from speech.settings import Settings, get_settings
+
+_SCHEMES = ("http", "https", "s3")
+
+
+def local_roots(settings: Settings) -> Optional[list[Path]]:
+    """None when any local path is allowed (``ALLOW_LOCAL_PATHS=1``), else the allowed roots
+    (empty: none)."""
+    value = settings.allow_local_paths.strip()
+    if value.lower() in ("1", "true", "yes", "*"):
+        return None
+    parts = [p for chunk in value.split(",") for p in chunk.split(os.pathsep)]
+    return [Path(p).expanduser().resolve() for p in parts if p.strip()]
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
+def local_path_of(source: str) -> Optional[Path]:
+    """The file a source names on this machine (a path or a file:// URL), as the fetch opens it;
+    None for a URL fetched over the network."""
+    scheme = urlsplit(source).scheme.lower()
+    if scheme in _SCHEMES:
+        return None
+    return Path(unquote(urlsplit(source).path) if scheme == "file" else source).expanduser()
+
+
+def sample_target(url: str) -> str:
+    """What a speaker sample's fetch opens: a local path loses a ``?name=``/``#name`` suffix
+    unless the file really has it; a URL loses its ``#fragment``."""
+    if "://" in url.split("?", 1)[0].split("#", 1)[0]:
+        return url.split("#", 1)[0]
+    if Path(url).expanduser().exists():
+        return url
+    return url.split("#", 1)[0].split("?", 1)[0]
+
+
+def check_local_path(source: str, settings: Settings, what: str = "audio_file") -> None:
+    """Refuse a local path or file:// URL unless ``ALLOW_LOCAL_PATHS`` allows it; with roots,
+    the path must resolve (``..`` and symlinks followed) inside one."""
+    path = local_path_of(source)
+    roots = local_roots(settings)
+    if path is None or roots is None:
+        return
+    if not _inside(path.resolve(), roots):
+        where = "inside " + ", ".join(str(r) for r in roots) if roots else "at all"
+        raise FetchError(f"{what}: local paths are not allowed in requests from others {where} (ALLOW_LOCAL_PATHS); "
+                         "give an http(s) or s3:// URL")
+
+
+def check_output_dir(folder: str, settings: Settings) -> None:
+    """A ``download_dir`` the request chose must resolve inside ``RESULTS_DIR`` or an
+    ``ALLOW_LOCAL_PATHS`` root (``1``: anywhere), so a caller cannot have the worker write
+    outputs over its own files."""
+    roots = local_roots(settings)
+    if roots is None:
+        return
+    roots = [*roots, Path(settings.results_dir).expanduser().resolve()]
+    if not _inside(Path(folder).expanduser().resolve(), roots):
+        raise InvalidRequest(f"download_dir: requests from others write outputs only inside "
+                             f"{', '.join(str(r) for r in roots)} (RESULTS_DIR, ALLOW_LOCAL_PATHS)")
+
+
+# pyannote pipelines a request may name without ALLOW_REQUEST_ENDPOINTS (published by pyannote)
+KNOWN_DIARIZATION_MODELS = frozenset({
+    "pyannote/speaker-diarization-community-1", "pyannote/speaker-diarization-3.1",
+    "pyannote/speaker-diarization-3.0", "pyannote/speaker-diarization",
+})
+
+
+def known_align_models() -> frozenset[str]:
+    """The wav2vec2 models whisperx picks per language (torchaudio bundles and hub names)."""
+    from whisperx.alignment import DEFAULT_ALIGN_MODELS_HF, DEFAULT_ALIGN_MODELS_TORCH
+
+    return frozenset({*DEFAULT_ALIGN_MODELS_HF.values(), *DEFAULT_ALIGN_MODELS_TORCH.values()})
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", ".", "~", "file:")) or Path(name).expanduser().exists()
+
+
+def check_untrusted_request(req: Any, settings: Settings) -> None:
+    """What a request from someone else may not do on this worker's behalf (see
+    ``ALLOW_LOCAL_PATHS`` and ``ALLOW_REQUEST_ENDPOINTS``): read local files outside the allowed
+    roots, write outputs outside them and ``RESULTS_DIR``, load models from local folders outside
+    them, send the worker's S3 credentials to an endpoint the caller chose, or load a model or
+    pipeline config the caller wrote. Raises :class:`FetchError` / :class:`InvalidRequest`."""
+    from speech.io.netguard import resolve_checked
+    from speech.redact import redact_url, secret_value
+
+    check_local_path(req.audio_file, settings, "audio_file")
+    if len(req.speaker_samples) > settings.max_speaker_samples:
+        raise InvalidRequest(f"speaker_samples: {len(req.speaker_samples)} clips, at most {settings.max_speaker_samples} "
+                             "(MAX_SPEAKER_SAMPLES)")
+    for sample in req.speaker_samples:
+        check_local_path(sample_target(sample.url), settings, "speaker_samples")
+    for field in ("pyannote_json_in", "deepgram_json_in"):
+        if getattr(req, field):
+            check_local_path(getattr(req, field), settings, field)
+    if req.download_dir:
+        check_output_dir(req.download_dir, settings)
+    for field in ("model", "align_model", "diarization_model"):
+        value = getattr(req, field, None)
+        if value and _looks_local(value):
+            check_local_path(value, settings, field)
+    if settings.allow_request_endpoints:
+        return
+    if req.s3_endpoint:
+        if not (secret_value(req.access_key) and secret_value(req.secret_key)):
+            raise InvalidRequest(
+                f"s3_endpoint {redact_url(req.s3_endpoint)!r} from a request needs its own access_key and "
+                "secret_key: the worker's S3 credentials are not sent to an endpoint the caller chose "
+                "(ALLOW_REQUEST_ENDPOINTS=1 on the worker allows it)")
+        parts = urlsplit(req.s3_endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidRequest(f"s3_endpoint must be an http(s) URL, got {redact_url(req.s3_endpoint)!r}")
+        resolve_checked(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), settings)
+    if req.diarization_model and req.diarization_model not in KNOWN_DIARIZATION_MODELS:
+        raise InvalidRequest(
+            f"diarization_model {req.diarization_model!r} from a request is not one of pyannote's published "
+            f"pipelines ({', '.join(sorted(KNOWN_DIARIZATION_MODELS))}); a pipeline config can build arbitrary "
+            "classes, so other models are set on the worker (PYANNOTE_DIARIZATION_MODEL or "
+            "ALLOW_REQUEST_ENDPOINTS=1)")
+    if req.align_model and req.align_model not in known_align_models():
+        raise InvalidRequest(
+            f"align_model {req.align_model!r} from a request is not one of the wav2vec2 models whisperx uses; other "
+            "models are set on the worker (ALIGN_MODEL or ALLOW_REQUEST_ENDPOINTS=1)")
+
+
+def check_source(source: str, settings: Optional[Settings] = None) -> None:
+    """A sweep's ``source`` folder from someone else: under the ``ALLOW_LOCAL_PATHS`` roots."""
+    check_local_path(source, settings or get_settings(), "source")
+
+
+def admit(request: Any, *, stored: bool = False, serving: bool = True, settings: Optional[Settings] = None) -> Any:
+    """A request from someone else as this process will run it (a
+    :class:`speech.schema.TranscriptionRequest`), or a :class:`speech.errors.SpeechError` that
+    says why not. ``request``: the worker's input (``{"input": {...}}`` or its fields) or a parsed
+    request. ``stored``: it will be kept in a run's parameters, so a token in it is refused.
+    ``serving``: a long-lived process, which runs only the models it serves (``WORKER_MODELS``)."""
+    from speech.schema import TranscriptionRequest, plain_secrets
+
+    settings = settings or get_settings()
+    if isinstance(request, TranscriptionRequest):
+        req, raw = request, {name: getattr(request, name) for name in request.model_fields_set}
+    else:
+        req = TranscriptionRequest.parse(request)
+        raw = request.get("input", request) if isinstance(request, dict) else {}
+    given = plain_secrets(raw if isinstance(raw, dict) else {})
+    if stored and given:
+        raise InvalidRequest(f"{', '.join(given)}: a token would be stored with the queued job's parameters; the "
+                             "workers read tokens from their env vars or Secret blocks, or pass "
+                             "'prefect-secret:<block name>'")
+    check_untrusted_request(req, settings)
+    if serving:
+        from speech.asr.serving import served_request
+
+        req = served_request(req, settings)
+    return req

@@ -1,0 +1,236 @@
+"""Issue 20: one trust boundary at every entry point that takes a request from someone else.
+
+The same hostile requests go to each entry point (the handler, the endpoint in its in-process
+mode over real HTTP, the submitters of deployment runs and task jobs, a deployment run's own
+check, a sweep) and each refuses them the same way, before anything is opened, fetched, loaded
+or written; the endpoint's edge rules (JSON only, loopback Host/Origin, body size and depth, no
+500) and its waits (no thread per parked caller) are driven over real sockets; decoding and
+enrolment stay bounded whatever the file claims.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+import wave
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import DATA, serving_runpod_api
+from speech.errors import SpeechError
+
+KEY = "hostile-service-key"
+ROOT = DATA.parents[1]
+
+
+def hostile_requests(tmp_path, s3_port: int) -> dict[str, dict]:
+    """What the audit sent (issue 20), each with what the refusal names."""
+    return {
+        "a file outside the roots": {"audio_file": "/etc/passwd"},
+        "a file that does not exist outside the roots": {"audio_file": "/etc/nonexistent-file"},
+        "a file:// URL outside the roots": {"audio_file": "file:///etc/hostname"},
+        "outputs over someone's folder": {"audio_file": "https://example.com/a.wav", "download_dir": str(tmp_path / "x"),
+                                          "output_name": "config"},
+        "the worker's keys to a chosen endpoint": {"audio_file": "https://example.com/a.wav", "bucket": "b",
+                                                   "s3_endpoint": f"http://127.0.0.1:{s3_port}"},
+        "a deepgram json from the worker's disk": {"audio_file": "https://example.com/a.wav",
+                                                   "deepgram_json_in": "/etc/passwd"},
+        "a pipeline config of the caller's": {"audio_file": "https://example.com/a.wav", "diarization": True,
+                                              "diarization_model": str(tmp_path / "pipeline.yaml")},
+        "a sample whose suffix hides the real path": {
+            "audio_file": "https://example.com/a.wav", "speaker_verification": True,
+            "speaker_samples": [{"name": "x", "url": f"/etc/passwd?/../../{DATA}/enrol_slt.wav"}]},
+        "a model folder outside the roots": {"audio_file": "https://example.com/a.wav", "model": "/etc"},
+        "an align model of the caller's": {"audio_file": "https://example.com/a.wav", "align_output": True,
+                                           "align_model": "attacker/wav2vec2-with-a-pickle"},
+        "too many enrolment clips": {"audio_file": "https://example.com/a.wav", "speaker_verification": True,
+                                     "speaker_samples": [f"https://example.com/s{i}.wav" for i in range(21)]},
+    }
+
+
+@pytest.fixture
+def roots(monkeypatch, tmp_path):
+    """A worker that allows local files only under tests/data (outputs: RESULTS_DIR)."""
+    monkeypatch.setenv("ALLOW_LOCAL_PATHS", str(DATA))
+    monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.delenv("ALLOW_REQUEST_ENDPOINTS", raising=False)
+    monkeypatch.delenv("WORKER_MODELS", raising=False)
+
+
+def _refusal(error: str, case: str) -> None:
+    assert error and "\n" not in error and "Traceback" not in error, (case, error)
+    assert any(word in error for word in ("ALLOW_LOCAL_PATHS", "ALLOW_REQUEST_ENDPOINTS", "MAX_SPEAKER_SAMPLES",
+                                          "access_key")), (case, error)
+
+
+def test_every_entry_point_refuses_the_same_hostile_requests(roots, tmp_path, monkeypatch):
+    """handler(job), DeploymentJobs/TaskJobs submitters, a deployment run's own check and the
+    in-process endpoint: the same refusal for each case, nothing written, no flow run made."""
+    from deployments.runpod_handler import handler
+    from deployments.runpod_jobs import DeploymentJobs
+    from flows.jobs import check_job_request
+    from flows.runtime import refuse_untrusted_parameters
+    from speech.schema import TranscriptionRequest
+
+    cases = hostile_requests(tmp_path, 9)
+    deployment_jobs = DeploymentJobs("no/such-deployment")  # refused before any run would be made
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "00000000-0000-0000-0000-000000000001")
+    for case, request in cases.items():
+        _refusal(handler({"id": "h", "input": request}).get("error", ""), case)
+        job = deployment_jobs.view(deployment_jobs.submit({"input": request}))
+        assert job["status"] == "FAILED", (case, job)
+        _refusal(job["error"], case)
+        with pytest.raises(SpeechError) as task_job:
+            check_job_request(request)
+        _refusal(str(task_job.value), case)
+        with pytest.raises(SpeechError) as run:
+            refuse_untrusted_parameters(TranscriptionRequest.parse(request))
+        _refusal(str(run.value), case)
+    assert not (tmp_path / "x").exists()
+    # no existence oracle: a present and an absent file outside the roots read the same
+    a = handler({"input": cases["a file outside the roots"]})["error"].replace("/etc/passwd", "P")
+    b = handler({"input": cases["a file that does not exist outside the roots"]})["error"].replace(
+        "/etc/nonexistent-file", "P")
+    assert a == b
+
+
+def test_the_in_process_endpoint_applies_the_policy(roots, tmp_path):
+    from deployments.runpod_api import Jobs
+    from deployments.runpod_handler import handler
+
+    made = []
+
+    def run(job, job_id):
+        made.append(job_id)
+        return handler(job, flow_run_name=job_id)
+
+    with serving_runpod_api(KEY, Jobs(run, workers=2)) as base:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        for case, request in hostile_requests(tmp_path, 9).items():
+            reply = requests.post(f"{base}/e/runsync?wait=30000", json={"input": request}, headers=auth, timeout=60)
+            assert reply.status_code == 200, (case, reply.text)
+            body = reply.json()
+            assert body["status"] == "FAILED", (case, body)
+            _refusal(body["error"], case)
+    assert not (tmp_path / "x").exists() and len(made) == len(hostile_requests(tmp_path, 9))
+
+
+def test_a_swept_source_outside_the_roots_is_refused_in_a_deployment_run(roots, monkeypatch, tmp_path):
+    from flows.sweep import _refuse_untrusted_source
+
+    _refuse_untrusted_source("/etc", {})  # a sweep run from Python by the machine's user: its own folders
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "00000000-0000-0000-0000-000000000001")
+    with pytest.raises(SpeechError, match="ALLOW_LOCAL_PATHS"):
+        _refuse_untrusted_source("/etc", {})
+    with pytest.raises(SpeechError, match="ALLOW_LOCAL_PATHS"):
+        _refuse_untrusted_source(str(DATA / ".." / ".."), {})
+    with pytest.raises(SpeechError, match="download_dir"):
+        _refuse_untrusted_source(str(DATA), {"download_dir": "/etc"})
+    _refuse_untrusted_source(str(DATA), {})
+    _refuse_untrusted_source("s3://bucket/inbox/", {})
+
+
+def test_the_endpoint_edge_refuses_cross_site_oversized_and_deep_bodies(roots):
+    """No 500 for any of it; a web page (foreign Origin/Host, text/plain) cannot drive it."""
+    from deployments.runpod_api import Jobs
+
+    ran = []
+    with serving_runpod_api(None, Jobs(lambda job, job_id: ran.append(job) or {"ok": 1}, workers=1)) as base:
+        good = {"input": {"audio_file": "https://example.com/a.wav"}}
+        import json
+
+        cases = {
+            "text/plain (a form post from a web page)": (
+                dict(data=json.dumps(good), headers={"Content-Type": "text/plain"}), 415),
+            "a foreign Origin": (dict(json=good, headers={"Origin": "https://evil.example"}), 403),
+            "a rebinding Host": (dict(json=good, headers={"Host": "evil.example:8000"}), 403),
+            "2 MB": (dict(json={"input": {"audio_file": "x" * 2_000_000}}), 413),
+            "2 MB chunked, no length": (dict(data=iter([b'{"input": {"a": "', b"x" * 2_000_000, b'"}}']),
+                                             headers={"Content-Type": "application/json"}), 413),
+            "nested 10,000 deep": (dict(data="[" * 10_000 + "]" * 10_000, headers={"Content-Type": "application/json"}),
+                                   400),
+            "not UTF-8": (dict(data=b"\xff\xfe{", headers={"Content-Type": "application/json"}), 400),
+            "not an object": (dict(json=[1, 2]), 400),
+        }
+        for case, (kwargs, status) in cases.items():
+            reply = requests.post(f"{base}/e/run", timeout=30, **kwargs)
+            assert reply.status_code == status, (case, reply.status_code, reply.text)
+            assert set(reply.json()) == {"error"}, (case, reply.text)
+        bad_wait = requests.post(f"{base}/e/runsync?wait=soon", json=good, timeout=30)
+        assert bad_wait.status_code == 400 and "wait" in bad_wait.json()["error"]
+        assert requests.get(f"{base}/e/health", headers={"Origin": "https://evil.example"}, timeout=30).status_code == 403
+        assert not ran
+        assert requests.post(f"{base}/e/run", json=good, headers={"Origin": "http://127.0.0.1:3000"},
+                             timeout=30).status_code == 200
+
+
+def test_parked_runsync_waits_hold_no_thread(roots):
+    """100 callers parked in runsync while the only job slot is busy: /health still answers at once."""
+    from deployments.runpod_api import Jobs
+
+    release = threading.Event()
+    with serving_runpod_api(KEY, Jobs(lambda job, job_id: release.wait(120) and {"done": True}, workers=1)) as base:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        body = {"input": {"audio_file": "https://example.com/a.wav"}}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=100) as pool:
+            parked = [pool.submit(requests.post, f"{base}/e/runsync?wait=60000", json=body, headers=auth, timeout=120)
+                      for _ in range(100)]
+            deadline = time.monotonic() + 60
+            while requests.get(f"{base}/e/health", timeout=30).json()["jobs"]["inQueue"] < 99:
+                assert time.monotonic() < deadline, "the 100 calls did not arrive"
+                time.sleep(0.2)
+            times = []
+            for _ in range(5):
+                start = time.monotonic()
+                assert requests.get(f"{base}/e/health", timeout=30).status_code == 200
+                times.append(time.monotonic() - start)
+            release.set()
+            replies = [f.result() for f in parked]
+        assert max(times) < 1.0, times
+        assert all(r.status_code == 200 for r in replies)
+        assert sum(r.json()["status"] == "COMPLETED" for r in replies) >= 1
+
+
+def _wav(path, rate: int, seconds: float) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.sin(np.arange(int(rate * seconds)) * 0.3) * 8000).astype("<i2").tobytes())
+
+
+def test_sample_rates_that_would_explode_on_resampling_are_refused(tmp_path):
+    """A 1 Hz WAV of a few hundred samples (GBs once resampled to 16 kHz in one frame) and a 1 MHz
+    one are refused with one line; 8 kHz telephone audio decodes."""
+    import resource
+
+    from speech.errors import AudioError
+    from speech.io.decode import decode
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for rate in (1, 1_000, 1_000_000):
+        path = tmp_path / f"r{rate}.wav"
+        _wav(path, rate, 400 if rate == 1 else 1)
+        with pytest.raises(AudioError, match="sample rate"):
+            decode(path, path.name, 3600)
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) < 200_000  # KB: no GB-sized buffer
+    _wav(tmp_path / "tel.wav", 8000, 2)
+    samples, _ = decode(tmp_path / "tel.wav", "tel", 3600)
+    assert abs(samples.shape[0] - 32000) < 100
+
+
+def test_enrolment_clips_are_capped_in_length_and_count(tmp_path, monkeypatch):
+    from speech.errors import AudioError, InvalidRequest
+    from speech.schema import SpeakerSample
+    from speech.speakers.verify import enroll
+
+    monkeypatch.setenv("MAX_SAMPLE_SECONDS", "5")
+    monkeypatch.setenv("MAX_SPEAKER_SAMPLES", "3")
+    long_clip = tmp_path / "long.wav"
+    _wav(long_clip, 16000, 8)
+    with pytest.raises(AudioError, match="MAX_SAMPLE_SECONDS"):
+        enroll([SpeakerSample(name="a", url=str(long_clip))])
+    with pytest.raises(InvalidRequest, match="MAX_SPEAKER_SAMPLES"):
+        enroll([SpeakerSample(name=f"s{i}", url=str(DATA / "enrol_slt.wav")) for i in range(4)])
