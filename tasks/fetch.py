@@ -23,7 +23,12 @@ from tasks.common import NETWORK_BACKOFF, NETWORK_RETRIES, retry_transient
 def fetch_audio(audio_file: str, output_name: Optional[str] = None, keep_bytes: bool = False) -> AudioRef:
     """Fetch (path/http/s3), hash and probe the audio; returns a small reference. The samples
     are decoded by the first stage that needs them (none, when every stage is a cache hit)."""
-    ref = load_audio(audio_file, output_name, decode_now=False, keep_bytes=keep_bytes)
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()  # retries share one download deadline, counted from the first attempt
+    first = ctx.task_run.start_time if ctx is not None and ctx.task_run.start_time is not None else None
+    ref = load_audio(audio_file, output_name, decode_now=False, keep_bytes=keep_bytes,
+                     since=first.timestamp() if first is not None else None)
     get_run_logger().info(
         "fetched %s: %.1f s, %s, %d bytes, sha256 %s", ref.source, ref.duration, ref.format, ref.size_bytes, ref.sha256[:12]
     )

@@ -234,3 +234,57 @@ def test_enrolment_clips_are_capped_in_length_and_count(tmp_path, monkeypatch):
         enroll([SpeakerSample(name="a", url=str(long_clip))])
     with pytest.raises(InvalidRequest, match="MAX_SPEAKER_SAMPLES"):
         enroll([SpeakerSample(name=f"s{i}", url=str(DATA / "enrol_slt.wav")) for i in range(4)])
+
+
+@pytest.fixture
+def slow_server():
+    """/headers: a status line, then one header byte a second for ever; /busy: 503 after 2 s."""
+    import socketserver
+
+    class Slow(socketserver.BaseRequestHandler):
+        def handle(self):
+            request = self.request.recv(4096).decode("latin-1")
+            try:
+                if " /headers" in request:
+                    self.request.sendall(b"HTTP/1.1 200 OK\r\n")
+                    for _ in range(120):
+                        self.request.sendall(b"X")
+                        time.sleep(1)
+                else:
+                    time.sleep(2)
+                    self.request.sendall(b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            except OSError:
+                pass
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Slow)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_the_download_deadline_covers_headers(slow_server, monkeypatch):
+    from speech.io.audio import load_audio
+    from speech.io.netguard import DeadlineExceeded
+
+    monkeypatch.setenv("FETCH_ALLOW_HOSTS", "127.0.0.1")
+    monkeypatch.setenv("HTTP_MAX_SECONDS", "3")
+    start = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="longer than 3 s"):
+        load_audio(f"{slow_server}/headers")
+    assert time.monotonic() - start < 6
+
+
+def test_the_download_deadline_covers_every_attempt(slow_server, monkeypatch, prefect_harness):
+    """A server that answers 503 after 2 s: the fetch task retries (3 retries, backoff 2-8 s),
+    but all attempts together stop at HTTP_MAX_SECONDS=5 (was: 5 s per attempt, 58 s in all)."""
+    from tasks.fetch import fetch_audio
+
+    monkeypatch.setenv("FETCH_ALLOW_HOSTS", "127.0.0.1")
+    monkeypatch.setenv("HTTP_MAX_SECONDS", "5")
+    start = time.monotonic()
+    state = fetch_audio(f"{slow_server}/busy", return_state=True)
+    took = time.monotonic() - start
+    assert state.is_failed()
+    assert "HTTP_MAX_SECONDS" in (state.message or "") + str(state.result(raise_on_failure=False)), state
+    assert took < 12, took

@@ -35,7 +35,7 @@ def stem_of(source: str) -> str:
 
 
 def load_audio(source: str, output_name: Optional[str] = None, settings: Optional[Settings] = None,
-               decode_now: bool = True, keep_bytes: bool = False) -> AudioRef:
+               decode_now: bool = True, keep_bytes: bool = False, since: Optional[float] = None) -> AudioRef:
     """Fetch + hash (+ decode). Raises AudioError/FetchError with a one-line reason.
 
     ``decode_now=False`` (the pipeline's fetch stage) only probes the file (format, declared
@@ -45,7 +45,7 @@ def load_audio(source: str, output_name: Optional[str] = None, settings: Optiona
     machine to decode). Decoded samples are cached per sha256 either way."""
     settings = settings or get_settings()
     shown = redact_url(source)
-    fetched = fetch(source, settings)
+    fetched = fetch(source, settings, since)  # since: the first attempt's start (the download deadline)
     cache = settings.cache_dir / "audio"
     cache.mkdir(parents=True, exist_ok=True)
     npy, meta = cache / f"{fetched.sha256}.npy", cache / f"{fetched.sha256}.fmt"

@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlsplit
 
 from speech.errors import AudioError, FetchError, TransientFetchError
 from speech.io import netguard
-from speech.io.netguard import Deadline
+from speech.io.netguard import Deadline, DeadlineExceeded
 from speech.io.s3 import s3_client
 from speech.redact import redact_url
 from speech.settings import Settings, get_settings
@@ -78,16 +78,28 @@ def _fetch_local(source: str, settings: Settings) -> FetchedFile:
     return FetchedFile(path, digest, size, temporary=False)
 
 
-def _fetch_http(source: str, settings: Settings, dir_: Path) -> FetchedFile:
+def _fetch_http(source: str, settings: Settings, dir_: Path, since: Optional[float] = None) -> FetchedFile:
     """GET through :func:`speech.io.netguard.session` (public addresses only, every redirect
-    checked), within HTTP_MAX_SECONDS and above HTTP_MIN_BYTES_PER_SECOND."""
+    checked), within HTTP_MAX_SECONDS from ``since`` (connect, headers and body; every attempt
+    together) and above HTTP_MIN_BYTES_PER_SECOND."""
+    shown = redact_url(source)
+    with Deadline(shown, settings, since) as deadline:
+        try:
+            return _get(source, shown, settings, dir_, deadline)
+        except DeadlineExceeded:
+            raise
+        except TransientFetchError:
+            if deadline.expired:  # the timer shut the socket: say why
+                raise deadline.exceeded() from None
+            raise
+
+
+def _get(source: str, shown: str, settings: Settings, dir_: Path, deadline: Deadline) -> FetchedFile:
     import requests
     import urllib3
 
-    shown = redact_url(source)
-    deadline = Deadline(shown, settings)
     try:
-        with netguard.session(settings) as http:
+        with netguard.session(settings, on_socket=deadline.watch) as http:
             resp = http.get(source, stream=True, timeout=(settings.http_connect_timeout, settings.http_read_timeout))
     except requests.exceptions.TooManyRedirects:
         raise FetchError(f"{shown}: too many redirects") from None
@@ -97,6 +109,8 @@ def _fetch_http(source: str, settings: Settings, dir_: Path) -> FetchedFile:
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
         raise TransientFetchError(f"cannot reach {shown}: {type(exc).__name__}") from None
     except requests.exceptions.RequestException as exc:
+        if deadline.expired:
+            raise deadline.exceeded() from None
         raise FetchError(f"cannot fetch {shown}: {type(exc).__name__}") from None
     with resp:
         if resp.status_code >= 500 or resp.status_code == 429:
@@ -112,7 +126,9 @@ def _fetch_http(source: str, settings: Settings, dir_: Path) -> FetchedFile:
         except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
             raise TransientFetchError(f"download of {shown} stalled: no data for {settings.http_read_timeout:.0f} s "
                                       "(HTTP_READ_TIMEOUT)") from None
-        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, ConnectionError) as exc:
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, ConnectionError, OSError) as exc:
+            if deadline.expired:
+                raise deadline.exceeded() from None
             raise TransientFetchError(f"download of {shown} broke off: {type(exc).__name__}") from None
 
 
@@ -146,13 +162,14 @@ def _fetch_s3(source: str, settings: Settings, dir_: Path) -> FetchedFile:
         raise FetchError(f"{source}: {type(exc).__name__}: {exc}") from None
 
 
-def fetch(source: str, settings: Optional[Settings] = None) -> FetchedFile:
-    """Bring the source bytes to a local file and hash them in the same pass."""
+def fetch(source: str, settings: Optional[Settings] = None, since: Optional[float] = None) -> FetchedFile:
+    """Bring the source bytes to a local file and hash them in the same pass; an http(s) download
+    ends ``HTTP_MAX_SECONDS`` after ``since`` (the first attempt's start, epoch seconds; default now)."""
     settings = settings or get_settings()
     scheme = urlsplit(source).scheme.lower()
     dl_dir = settings.jobs_dir or settings.cache_dir / "downloads"
     if scheme in ("http", "https"):
-        fetched = _fetch_http(source, settings, dl_dir)
+        fetched = _fetch_http(source, settings, dl_dir, since)
     elif scheme == "s3":
         fetched = _fetch_s3(source, settings, dl_dir)
     else:

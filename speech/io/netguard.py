@@ -62,9 +62,10 @@ def resolve_checked(host: str, port: int, settings: Settings) -> list[tuple[Any,
     return infos
 
 
-def session(settings: Settings) -> Any:
+def session(settings: Settings, on_socket: Optional[Any] = None) -> Any:
     """A ``requests.Session`` whose connections go only to addresses :func:`resolve_checked`
-    allows, pinned to the address checked; at most 5 redirects."""
+    allows, pinned to the address checked; at most 5 redirects. ``on_socket(sock)`` sees every
+    socket it opens (:meth:`Deadline.watch`)."""
     import requests
     from requests.adapters import HTTPAdapter
     from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -76,8 +77,11 @@ def session(settings: Settings) -> Any:
         last: Optional[OSError] = None
         for *_, address in resolve_checked(conn._dns_host, conn.port, settings):
             try:  # the checked address itself: no second lookup
-                return create_connection(address[:2], conn.timeout, source_address=conn.source_address,
+                sock = create_connection(address[:2], conn.timeout, source_address=conn.source_address,
                                          socket_options=conn.socket_options)
+                if on_socket is not None:
+                    on_socket(sock)
+                return sock
             except socket.timeout as exc:
                 raise ConnectTimeoutError(conn, f"connection to {conn.host} timed out") from exc
             except OSError as exc:
@@ -112,22 +116,80 @@ def session(settings: Settings) -> Any:
     return s
 
 
-class Deadline:
-    """A download's budget: ``max_seconds`` in all, and no stretch of ``rate_seconds`` averaging
-    under ``min_rate`` bytes/s. :meth:`tick` after every read."""
+class DeadlineExceeded(TransientFetchError):
+    """The download's whole budget (``HTTP_MAX_SECONDS``, every attempt together) is spent: not
+    retried."""
 
-    def __init__(self, label: str, settings: Settings):
+    retryable = False
+
+
+class Deadline:
+    """A download's budget: ``max_seconds`` in all, counted from ``since`` (the first attempt's
+    wall-clock start, so retries share it), connect and headers included; and no stretch of
+    ``rate_seconds`` averaging under ``min_rate`` bytes/s. Used as a context manager it arms a
+    timer that shuts the watched sockets (:meth:`watch`) when the budget runs out, so a server
+    that trickles its headers or stops sending cannot hold the download; :meth:`tick` after every
+    read checks the budget and the rate."""
+
+    def __init__(self, label: str, settings: Settings, since: Optional[float] = None):
+        import threading
+
         self.label = label
         self.max_seconds = settings.http_max_seconds
         self.min_rate, self.rate_seconds = settings.http_min_rate, settings.http_min_rate_seconds
         self.start = self.window_start = time.monotonic()
+        spent = max(0.0, time.time() - since) if since is not None else 0.0
+        self.end = self.start + self.max_seconds - spent
         self.window_bytes = 0
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer: Optional[threading.Timer] = None
+
+    def exceeded(self) -> DeadlineExceeded:
+        return DeadlineExceeded(f"download of {self.label} took longer than {self.max_seconds:.0f} s "
+                                "(HTTP_MAX_SECONDS, all attempts together)")
+
+    def check(self) -> None:
+        if self.expired or time.monotonic() >= self.end:
+            raise self.exceeded()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                self._shut(sock)
+
+    def __enter__(self) -> "Deadline":
+        import threading
+
+        self.check()
+        self._timer = threading.Timer(max(0.0, self.end - time.monotonic()), self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
     def tick(self, nbytes: int) -> None:
         now = time.monotonic()
-        if now - self.start > self.max_seconds:
-            raise TransientFetchError(f"download of {self.label} took longer than {self.max_seconds:.0f} s "
-                                      "(HTTP_MAX_SECONDS)")
+        if now >= self.end or self.expired:
+            raise self.exceeded()
         self.window_bytes += nbytes
         elapsed = now - self.window_start
         if elapsed >= self.rate_seconds:
