@@ -27,14 +27,18 @@ def handler(job: dict[str, Any], flow_run_name: Optional[str] = None) -> dict[st
     """One RunPod job through the transcribe flow; the worker's output or ``{"error": ...}``.
     ``flow_run_name`` names the flow run (the HTTP endpoint passes the job id)."""
     from speech.errors import SpeechError
+    import uuid
+
     from speech.policy import admit
     from speech.redact import scrub_configured
+    from tasks.storage import job_outputs
 
     try:
         # a job comes from someone else: the request policy (local paths only under ALLOW_LOCAL_PATHS,
         # no caller-chosen endpoints or code); a long-lived process serving many callers (RunPod's
-        # warm worker, the in-process endpoint) runs the model it serves (WORKER_MODELS)
-        req = admit(job)
+        # warm worker, the in-process endpoint) runs the model it serves (WORKER_MODELS); its
+        # outputs go under <prefix><stem>/<job id>/ unless it names an output_name
+        req = job_outputs(admit(job), str(job.get("id") or flow_run_name or uuid.uuid4()))
     except SpeechError as exc:
         return {"error": scrub_configured(str(exc))}
     from flows.cli import flow_kwargs
@@ -60,13 +64,16 @@ def _bucket_keys(req: Any, refs: list[Any]) -> dict[str, str]:
     return bucket_keys(refs, _results_store(req))
 
 
-def stored_bucket_keys(req: Any) -> dict[str, str]:
-    """The same keys for a run that wrote elsewhere (a deployment's worker): ``<stem>.json`` and
-    ``<stem>.segments.json`` where the request's results store puts them, those that exist."""
+def stored_bucket_keys(req: Any, run_id: str) -> dict[str, str]:
+    """The same keys for a deployment run ``run_id`` that wrote elsewhere (its worker):
+    ``<stem>.json`` and ``<stem>.segments.json`` where that run put them
+    (:func:`speech.policy.job_scoped`), those that exist."""
     from speech.io.audio import stem_of
     from speech.io.store import S3Store
     from tasks.outputs import keys_and_urls
+    from tasks.storage import job_outputs
 
+    req = job_outputs(req, run_id)
     store = _results_store(req)
     if not isinstance(store, S3Store):
         return {}

@@ -204,7 +204,7 @@ class DeploymentJobs(_RunJobs):
         if not isinstance(result, dict):
             return {"status": "FAILED", "error": f"the run completed without the worker's result ({type(result).__name__})"}
         try:
-            keys = stored_bucket_keys(TranscriptionRequest.parse(run.parameters))
+            keys = stored_bucket_keys(TranscriptionRequest.parse(run.parameters), str(run.id))
         except Exception:  # noqa: BLE001 - the transcript is there; keys are an extra
             keys = {}
         return {"output": {**result, **keys}}

@@ -178,8 +178,10 @@ def _run(args: argparse.Namespace, req: Any, files: list[str]) -> Any:
                 if len(files) > 1:  # one batch flow run: models load once
                     from flows.batch import transcribe_batch
 
+                    from flows.runtime import hand_over
+
                     shared = {k: v for k, v in flow_kwargs(req).items() if k != "audio_file" and v is not None}
-                    result = transcribe_batch(files, request=shared)
+                    result = transcribe_batch([hand_over(f) for f in files], request=shared)
                 else:
                     result = transcribe_audio(**flow_kwargs(req))
         except SpeechError as exc:
@@ -381,14 +383,17 @@ def _quiet_prefect_console() -> None:
 
 
 def flow_kwargs(req: Any) -> dict[str, Any]:
-    """Request -> flow kwargs; the token stays a SecretStr so Prefect stores it masked."""
+    """Request -> flow kwargs for a run in this process, stored with no secret from the start:
+    tokens stay SecretStr (Prefect stores them masked) and URL credentials are handed over in
+    memory (:func:`flows.runtime.hand_over`)."""
+    from flows.runtime import handed_over_kwargs
     from speech.schema import SECRET_FIELDS
 
     kwargs = req.model_dump(exclude=set(SECRET_FIELDS))
     for name in SECRET_FIELDS:
         if getattr(req, name) is not None:
             kwargs[name] = getattr(req, name)
-    return kwargs
+    return handed_over_kwargs(kwargs)
 
 
 def _print_transcript(result: dict[str, Any]) -> None:

@@ -63,8 +63,10 @@ def transcribe_job(request: dict[str, Any]) -> dict[str, Any]:
     from flows.pipeline import run_pipeline
     from tasks.progress import checkpointing
 
-    req = check_job_request(request, serving=True)
+    from tasks.storage import job_outputs
+
     ctx = TaskRunContext.get()
+    req = job_outputs(check_job_request(request, serving=True), str(ctx.task_run.id) if ctx else "local")
     guard = RunGuard(ctx.task_run.id if ctx else "local", run_deadline(0.0), f"transcribe-job of {req.audio_file}")
 
     def on_audio(audio: Any) -> None:  # the deadline, now that the audio's length is known

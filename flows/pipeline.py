@@ -41,7 +41,7 @@ from speech.redact import secret_value
 from speech.settings import SECRETS, get_settings
 from flows.dispatch import run_deadline, run_on_worker
 from flows.gpu import GpuOutcome, GpuPlan, gpu_stages, run_gpu_stages
-from flows.runtime import refuse_untrusted_parameters
+from flows.runtime import admit_deployment_run, taken_back
 from flows.stages import Running, StageClock
 from tasks.audio import share_audio
 from tasks.common import secret_block
@@ -95,8 +95,8 @@ def run_pipeline(req: TranscriptionRequest, runner: Any = None, on_audio: Any = 
     background stages; ``on_audio`` is told the fetched audio): the worker's JSON result and where
     the outputs went."""
     log = get_run_logger()
-    req = with_block_secrets(req)
-    refuse_untrusted_parameters(req)
+    req = with_block_secrets(taken_back(req))
+    req = admit_deployment_run(req)
     settings = get_settings()
     log.info("request: %s", {k: v for k, v in req.public_dict().items() if v not in (None, [], False)})
     clock = StageClock(storage=task_result_storage(), runner=runner)

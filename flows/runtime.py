@@ -3,6 +3,8 @@ and erasing tokens passed as plain parameters from the stored flow run."""
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from typing import Any, Optional
 
 from prefect.logging import get_run_logger
@@ -11,6 +13,67 @@ from speech.schema import SECRET_FIELDS
 from speech.settings import get_settings
 
 MASK = "**********"  # what Prefect stores for a SecretStr parameter
+
+# URL credentials (user-info, a presigned URL's signature) never go into a flow run's stored
+# parameters: a run started in this process (CLI, handler, in-process endpoint) gets the masked
+# URL plus a handover mark, and takes the real URL back from this process's memory.
+HANDOVER = "#whisperx-handover="
+_HANDED_LOCK = threading.Lock()
+_HANDED: "OrderedDict[str, str]" = OrderedDict()
+_HANDED_MAX = 10_000
+
+
+def hand_over(url: str) -> str:
+    """``url`` as a run parameter: masked with a handover mark when it carries credentials."""
+    import secrets
+
+    from speech.redact import mask_url_credentials
+
+    masked = mask_url_credentials(url)
+    if masked == url:
+        return url
+    key = secrets.token_hex(12)
+    with _HANDED_LOCK:
+        _HANDED[key] = url
+        while len(_HANDED) > _HANDED_MAX:
+            _HANDED.popitem(last=False)
+    return f"{masked}{HANDOVER}{key}"
+
+
+def take_back(value: str) -> str:
+    """The real URL behind a handed-over parameter (unchanged when it has no mark)."""
+    from speech.errors import InvalidRequest
+
+    shown, mark, key = value.rpartition(HANDOVER)
+    if not mark:
+        return value
+    with _HANDED_LOCK:
+        url = _HANDED.get(key)
+    if url is None:
+        raise InvalidRequest(f"{shown}: this URL's credentials were never stored, and this process does not hold "
+                             "them (a run resumed or retried elsewhere); start a new run with the URL")
+    return url
+
+
+def taken_back(req: Any) -> Any:
+    """``req`` with every handed-over URL (audio, speaker samples) restored."""
+    update: dict[str, Any] = {}
+    if HANDOVER in req.audio_file:
+        update["audio_file"] = take_back(req.audio_file)
+    if any(HANDOVER in s.url for s in req.speaker_samples):
+        update["speaker_samples"] = [s.model_copy(update={"url": take_back(s.url)}) for s in req.speaker_samples]
+    return req.model_copy(update=update) if update else req
+
+
+def handed_over_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Flow kwargs with the credentials of their URLs handed over (:func:`hand_over`)."""
+    out = dict(kwargs)
+    if isinstance(out.get("audio_file"), str):
+        out["audio_file"] = hand_over(out["audio_file"])
+    if isinstance(out.get("speaker_samples"), list):
+        out["speaker_samples"] = [{**s, "url": hand_over(s["url"])} if isinstance(s, dict) else s
+                                  for s in out["speaker_samples"]]
+    return out
 
 
 def set_console_level(level: str | int) -> None:
@@ -80,20 +143,23 @@ def redact_stored_secrets(nested: Optional[str] = None) -> None:
         client.update_flow_run(ctx.flow_run.id, parameters=masked)
 
 
-def refuse_untrusted_parameters(req: Any) -> None:
+def admit_deployment_run(req: Any) -> Any:
     """In a deployment run (started from the UI, the API, a sweep or a schedule: anyone who can
     start one chooses its parameters), refuse what the request policy does not allow
     (:func:`speech.policy.admit`; the model only with ``WORKER_MODELS`` set: a deployment run is
-    its own process). Runs from the CLI or Python are the caller's own machine and are not
-    restricted."""
-    from prefect.runtime import deployment
+    its own process), and put the outputs under the run's own key (``<prefix><stem>/<flow run
+    id>/``: :func:`speech.policy.job_scoped`). Runs from the CLI or Python are the caller's own
+    machine and are neither restricted nor moved."""
+    from prefect.runtime import deployment, flow_run
 
     if not deployment.id:
-        return
+        return req
     from speech.policy import admit
+    from tasks.storage import job_outputs
 
     settings = get_settings()
     admit(req, settings=settings, serving=bool(settings.worker_models))
+    return job_outputs(req, str(flow_run.id))
 
 
 def keep_result_with_task_results() -> None:

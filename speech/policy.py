@@ -181,9 +181,49 @@ def admit(request: Any, *, stored: bool = False, serving: bool = True, settings:
         raise InvalidRequest(f"{', '.join(given)}: a token would be stored with the queued job's parameters; the "
                              "workers read tokens from their env vars or Secret blocks, or pass "
                              "'prefect-secret:<block name>'")
+    if stored:
+        from speech.redact import mask_url_credentials, redact_url
+
+        for what, url in [("audio_file", req.audio_file), *(("speaker_samples", s.url) for s in req.speaker_samples)]:
+            if mask_url_credentials(url) != url:
+                raise InvalidRequest(
+                    f"{what}: {redact_url(url)} carries credentials (user-info or a signature) that would be stored "
+                    "with the queued job; give s3://bucket/key (the workers read it with their own credentials) or a "
+                    "URL without them, or send it to an endpoint that runs jobs in its own process")
     check_untrusted_request(req, settings)
     if serving:
         from speech.asr.serving import served_request
 
         req = served_request(req, settings)
     return req
+
+
+def job_scoped(req: Any, job_id: str, settings: Optional[Settings] = None, block_folder: Optional[str] = None) -> Any:
+    """Outputs that belong to their job: a request from a service entry point writes under
+    ``<prefix><stem>/<job id>/`` in a bucket (``<download_dir>/<stem>/<job id>/`` in a folder,
+    ``RESULTS_DIR`` by default), so a returned key or URL names objects no other job writes.
+    A request that names ``output_name`` asks for the shared ``<prefix><output_name>.*`` keys
+    (the original worker's layout) and is left as it is. ``block_folder``: the folder of the
+    ``RESULTS_S3_BLOCK`` bucket when that block is where this request's outputs go
+    (:func:`tasks.storage.job_outputs` reads it)."""
+    import re
+
+    from speech.io.audio import stem_of
+
+    if req.output_name:
+        return req
+    settings = settings or get_settings()
+    job = re.sub(r"[^A-Za-z0-9_.-]", "_", str(job_id)).strip(".") or "job"
+    stem = stem_of(req.audio_file)
+    update: dict[str, Any] = {}
+    bucket = req.bucket or (None if req.download_dir else settings.s3_bucket)
+    if bucket or block_folder is not None:
+        default = settings.s3_prefix if bucket else block_folder
+        base = default if req.prefix_transcripts is None else req.prefix_transcripts
+        base = base if not base or base.endswith("/") else base + "/"
+        update["prefix_transcripts"] = f"{base}{stem}/{job}/"
+        if req.download_dir and req.download_transcript:
+            update["download_dir"] = str(Path(req.download_dir) / stem / job)
+    else:
+        update["download_dir"] = str(Path(req.download_dir or settings.results_dir) / stem / job)
+    return req.model_copy(update=update)

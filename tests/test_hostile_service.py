@@ -20,6 +20,7 @@ import requests
 
 from conftest import DATA, serving_runpod_api
 from speech.errors import SpeechError
+from speech.settings import get_settings
 
 KEY = "hostile-service-key"
 ROOT = DATA.parents[1]
@@ -71,7 +72,7 @@ def test_every_entry_point_refuses_the_same_hostile_requests(roots, tmp_path, mo
     from deployments.runpod_handler import handler
     from deployments.runpod_jobs import DeploymentJobs
     from flows.jobs import check_job_request
-    from flows.runtime import refuse_untrusted_parameters
+    from flows.runtime import admit_deployment_run
     from speech.schema import TranscriptionRequest
 
     cases = hostile_requests(tmp_path, 9)
@@ -86,7 +87,7 @@ def test_every_entry_point_refuses_the_same_hostile_requests(roots, tmp_path, mo
             check_job_request(request)
         _refusal(str(task_job.value), case)
         with pytest.raises(SpeechError) as run:
-            refuse_untrusted_parameters(TranscriptionRequest.parse(request))
+            admit_deployment_run(TranscriptionRequest.parse(request))
         _refusal(str(run.value), case)
     assert not (tmp_path / "x").exists()
     # no existence oracle: a present and an absent file outside the roots read the same
@@ -288,3 +289,124 @@ def test_the_download_deadline_covers_every_attempt(slow_server, monkeypatch, pr
     assert state.is_failed()
     assert "HTTP_MAX_SECONDS" in (state.message or "") + str(state.result(raise_on_failure=False)), state
     assert took < 12, took
+
+
+def test_ten_concurrent_jobs_sharing_two_file_names_each_get_their_own_outputs(prefect_harness, s3, tmp_path,
+                                                                             monkeypatch):
+    """5 recordings under 2 file names (a/call.wav, b/call.wav, c/call.wav, a/memo.wav,
+    b/memo.wav), each sent twice at once through the endpoint with a bucket: every job's keys are
+    its own (``<prefix><stem>/<job id>/``) and its URL serves its own transcript."""
+    import shutil
+
+    from deployments.runpod_api import Jobs
+    from deployments.runpod_handler import handler
+
+    files = {"a/call.wav": "enrol_slt.wav", "b/call.wav": "enrol_rms.wav", "c/call.wav": "enrol_awb.wav",
+             "a/memo.wav": "enrol_kal16.wav", "b/memo.wav": "heldout_3spk.wav"}
+    for name, source in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(DATA / source, tmp_path / name)
+    monkeypatch.setenv("ALLOW_LOCAL_PATHS", str(tmp_path))
+    get_settings.cache_clear()
+    s3.create_bucket(Bucket="jobs-out")
+    with serving_runpod_api(KEY, Jobs(lambda job, job_id: handler(job, flow_run_name=job_id), workers=2)) as base:
+        auth = {"Authorization": f"Bearer {KEY}"}
+
+        def send(name):
+            body = {"input": {"audio_file": str(tmp_path / name), "language": "en", "bucket": "jobs-out",
+                              "prefix_transcripts": "tx/"}}
+            return name, requests.post(f"{base}/e/runsync?wait=290000", json=body, headers=auth, timeout=600).json()
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=10) as pool:
+            replies = list(pool.map(send, [*files, *files]))
+    keys = set()
+    texts: dict[str, set[str]] = {}
+    for name, reply in replies:
+        assert reply["status"] == "COMPLETED", reply.get("error")
+        out = reply["output"]
+        stem = name.split("/")[1].removesuffix(".wav")
+        assert out["transcript_key"] == f"tx/{stem}/{reply['id']}/{stem}.json", out["transcript_key"]
+        keys.add(out["transcript_key"])
+        served = requests.get(out["transcript_url"], timeout=30).json()
+        assert served["segments"] == out["segments"]
+        texts.setdefault(name, set()).add(" ".join(s["text"] for s in out["segments"]).strip())
+    assert len(keys) == 10
+    assert all(len(t) == 1 for t in texts.values())  # a recording's two jobs agree
+    assert len({next(iter(t)) for t in texts.values()}) == 5  # and no job got another recording's transcript
+
+
+def _harness_files() -> list:
+    """Everything the session's Prefect API keeps on disk: its SQLite database (-wal, -shm
+    included) and the local result storage."""
+    from pathlib import Path
+
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    db = Path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split("///", 1)[1])
+    files = [p for p in db.parent.glob(db.name + "*") if p.is_file()]
+    storage = Path(PREFECT_LOCAL_STORAGE_PATH.value())
+    return files + ([p for p in storage.rglob("*") if p.is_file()] if storage.exists() else [])
+
+
+def test_no_secret_reaches_the_database_from_any_in_process_entry_point(prefect_harness, http_server, tmp_path,
+                                                                       monkeypatch):
+    """Canaries in URL user-info, a signature, a sample's token and a token field, through the
+    CLI (one file and a batch), the handler and the in-process endpoint: after the runs, no canary
+    in the Prefect database files (-wal, -shm too), result storage, the decode cache or outputs.
+    The queued modes (deployment runs, task jobs) refuse such URLs before anything is stored."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    from deployments.runpod_api import Jobs
+    from deployments.runpod_handler import handler
+    from flows.jobs import check_job_request
+
+    monkeypatch.setenv("ALLOW_LOCAL_PATHS", str(tmp_path))
+    get_settings.cache_clear()
+    canaries = {}
+
+    def request(via: str) -> dict:
+        names = {k: f"{k}-{via}-canary-{os.getpid()}" for k in ("pw", "sig", "sample", "token")}
+        canaries.update({v: via for v in names.values()})
+        base = http_server.replace("http://", f"http://alice:{names['pw']}@")
+        return {"audio_file": f"{base}/enrol_rms.wav?X-Amz-Signature={names['sig']}&v=1", "language": "en",
+                "download_dir": str(tmp_path / via), "huggingface_access_token": names["token"],
+                "speaker_verification": True,
+                "speaker_samples": [{"name": "slt", "url": f"{http_server}/enrol_slt.wav?token={names['sample']}"}]}
+
+    out = handler({"id": "canary-job", "input": request("handler")})
+    assert "error" not in out, out
+    with serving_runpod_api(KEY, Jobs(lambda job, job_id: handler(job, flow_run_name=job_id))) as base:
+        reply = requests.post(f"{base}/e/runsync?wait=290000", json={"input": request("endpoint")},
+                              headers={"Authorization": f"Bearer {KEY}"}, timeout=600).json()
+    assert reply["status"] == "COMPLETED", reply
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    one = request("cli")
+    cli = subprocess.run([sys.executable, "-m", "flows.transcribe", one["audio_file"], "--language", "en",
+                          "--download-dir", one["download_dir"]], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    two = request("batch")
+    batch = subprocess.run([sys.executable, "-m", "flows.transcribe", two["audio_file"],
+                            two["audio_file"].replace("enrol_rms", "enrol_awb"), "--language", "en",
+                            "--download-dir", two["download_dir"]], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert batch.returncode == 0, batch.stderr[-3000:]
+    for refused in (request("queued"),):
+        with pytest.raises(SpeechError, match="carries credentials"):
+            check_job_request({k: v for k, v in refused.items() if k != "huggingface_access_token"})
+
+    printed = cli.stdout + cli.stderr + batch.stdout + batch.stderr
+    files = _harness_files() + [p for p in tmp_path.rglob("*") if p.is_file()] + \
+        [p for p in get_settings().cache_dir.rglob("*") if p.is_file() and p.suffix != ".npy"]
+    assert sum(".db" in p.name for p in files) >= 1 and len(files) > 10  # the database itself is read
+    blobs = [(p, p.read_bytes()) for p in files]
+    for canary, via in canaries.items():
+        if via == "queued":
+            continue
+        assert canary not in printed, (canary, "printed")
+        leaked = [str(p) for p, blob in blobs if canary.encode() in blob]
+        assert not leaked, (canary, leaked)

@@ -70,20 +70,22 @@ def test_a_run_killed_half_way_is_rolled_back_by_the_next_writer(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, timeout=120)
     assert proc.returncode == 9, proc.stderr
-    assert _contents(tmp_path) != OLD and list(tmp_path.glob(".staging-talk-*"))  # a mix was left
+    assert _contents(tmp_path) != OLD and list(tmp_path.glob(f"{store_mod._staging_prefix('talk')}*"))  # a mix
     store = LocalStore(tmp_path)
     with store._locked("talk"):
         store.recover("talk")
     assert _contents(tmp_path) == OLD and not list(tmp_path.glob(".staging-*"))
 
 
-def test_two_writers_of_one_name_take_turns(tmp_path, monkeypatch):
-    """While another process holds the name, a writer waits; past LOCK_WAIT_S it fails clearly."""
+def test_two_writers_of_one_folder_take_turns(tmp_path, monkeypatch):
+    """While another process holds the folder, a writer waits; past LOCK_WAIT_S it fails clearly."""
+    import os
+
     LocalStore(tmp_path).write(OLD)
-    lock = open(LocalStore(tmp_path)._lock_path("talk"), "a+")  # another process's hold
+    lock = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)  # another process's hold: the folder itself
     fcntl.flock(lock, fcntl.LOCK_EX)
     monkeypatch.setattr(store_mod, "LOCK_WAIT_S", 0.5)
-    with pytest.raises(StorageError, match="another run is still writing the outputs named 'talk'"):
+    with pytest.raises(StorageError, match="another run is still writing outputs in"):
         LocalStore(tmp_path).write(NEW)
     assert _contents(tmp_path) == OLD
     monkeypatch.setattr(store_mod, "LOCK_WAIT_S", 30)
@@ -91,7 +93,37 @@ def test_two_writers_of_one_name_take_turns(tmp_path, monkeypatch):
     t = time.monotonic()
     LocalStore(tmp_path).write(NEW)
     assert time.monotonic() - t >= 0.4 and _contents(tmp_path) == NEW
-    lock.close()
+    os.close(lock)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(NEW)  # no lock file, no staging left
+
+
+WRITER = """
+import os, sys
+os.environ["SPEECH_CACHE_DIR"] = sys.argv[3]  # each writer its own cache: the lock must not live there
+from speech.io.store import LocalStore
+root, stem, n = sys.argv[1], sys.argv[2], int(sys.argv[4])
+for i in range(n):
+    tag = f"{stem}:{os.getpid()}:{i}".encode()
+    LocalStore(root).write({f"{stem}.json": tag, f"{stem}.segments.json": tag, f"{stem}.srt": tag, f"{stem}.vtt": tag})
+"""
+
+
+def test_writers_of_call_and_call_2_with_their_own_caches_never_fail_or_mix(tmp_path):
+    """Four processes (two per stem, each with its own SPEECH_CACHE_DIR) write ``call`` and
+    ``call-2`` 100 times each into one folder: no write fails, every set is whole and one writer's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(out), stem, str(tmp_path / f"cache{i}"), "100"],
+                              cwd=ROOT, stderr=subprocess.PIPE)
+             for i, stem in enumerate(["call", "call-2", "call", "call-2"])]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    for stem in ("call", "call-2"):
+        files = {p.read_bytes() for p in out.glob(f"{stem}.*")}
+        assert len(list(out.glob(f"{stem}.*"))) == 4 and len(files) == 1, (stem, files)
+        assert next(iter(files)).startswith(f"{stem}:".encode())
+    assert not list(out.glob(".staging-*"))
 
 
 def _objects(s3, bucket: str) -> dict[str, bytes]:

@@ -95,8 +95,9 @@ def test_s3_mode_returns_keys_and_presigned_urls(sdk, s3):
     out = sdk.Endpoint("whisperx").run_sync({"input": {
         "audio_file": str(DATA / "sample_2spk.wav"), "language": "en", "bucket": "runpod-api-out",
         "prefix_transcripts": "transcripts/"}}, timeout=600)
-    assert out["transcript_key"] == "transcripts/sample_2spk.json"
-    assert out["segments_key"] == "transcripts/sample_2spk.segments.json"
+    job = out["transcript_key"].split("/")[2]  # the job's own key: <prefix><stem>/<job id>/
+    assert out["transcript_key"] == f"transcripts/sample_2spk/{job}/sample_2spk.json" and job.endswith("-u1")
+    assert out["segments_key"] == f"transcripts/sample_2spk/{job}/sample_2spk.segments.json"
     served = requests.get(out["transcript_url"], timeout=30).json()
     assert served["segments"] == out["segments"] and requests.get(out["segments_url"], timeout=30).json() == out["segments"]
 

@@ -90,7 +90,9 @@ def test_a_job_is_a_deployment_run_and_outlives_a_restart(sdk, runner, manifest)
     out = job.output(timeout=600)
     assert job.status() == "COMPLETED", _status(sdk.endpoint_url_base, job.job_id)
     # the result came through the bucket (the runner has its own home); the outputs' keys are presigned
-    assert out["transcript_key"] == "jobs/sample_2spk.json" and out["segments_key"] == "jobs/sample_2spk.segments.json"
+    # under the job's own key: <prefix><stem>/<flow run id>/
+    assert out["transcript_key"] == f"jobs/sample_2spk/{job.job_id}/sample_2spk.json"
+    assert out["segments_key"] == f"jobs/sample_2spk/{job.job_id}/sample_2spk.segments.json"
     assert requests.get(out["transcript_url"], timeout=30).json()["segments"] == out["segments"]
     assert wer(manifest["sample_2spk.wav"]["text"], " ".join(s["text"] for s in out["segments"])) <= wer_limit("sample_2spk.wav")
     assert out["detected_language"] == "en" and all("words" in s for s in out["segments"])

@@ -42,7 +42,9 @@ def test_outputs_in_a_bucket_come_back_as_keys_and_urls(prefect_harness, s3, tmp
     s3.create_bucket(Bucket="handler-out")
     out = handler({"id": "j", "input": {"audio_file": str(DATA / "sample_2spk.wav"), "language": "en",
                                        "bucket": "handler-out", "prefix_transcripts": "tx/"}})
-    assert out["transcript_key"] == "tx/sample_2spk.json" and out["segments_key"] == "tx/sample_2spk.segments.json"
+    # the job's own key (<prefix><stem>/<job id>/), so no other job's outputs can replace them
+    assert out["transcript_key"] == "tx/sample_2spk/j/sample_2spk.json"
+    assert out["segments_key"] == "tx/sample_2spk/j/sample_2spk.segments.json"
     body = requests.get(out["transcript_url"], timeout=30)
     assert body.status_code == 200 and body.json()["segments"] == out["segments"]
     assert requests.get(out["segments_url"], timeout=30).json() == out["segments"]

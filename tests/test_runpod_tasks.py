@@ -73,7 +73,7 @@ def test_a_job_is_a_task_run_on_a_warm_worker(jobs, worker, monkeypatch, manifes
         out = job.output(timeout=300)
         assert job.status() == "COMPLETED", _status(base, job.job_id)
     assert wer(manifest["sample_2spk.wav"]["text"], " ".join(s["text"] for s in out["segments"])) <= wer_limit("sample_2spk.wav")
-    assert out["transcript_key"] == "jobs/sample_2spk.json"
+    assert out["transcript_key"] == f"jobs/sample_2spk/{job.job_id}/sample_2spk.json"  # the job's own key
     assert requests.get(out["transcript_url"], timeout=30).json()["segments"] == out["segments"]
     with get_client(sync_client=True) as client:
         run = client.read_task_run(uuid.UUID(job.job_id))  # the job is the task run
@@ -165,6 +165,7 @@ def test_a_sweep_sends_each_new_file_to_task_workers(jobs, worker):
     request = {"language": "en", "download_dir": str(out)}
     first = sweep_inbox(str(inbox), glob="*.wav", request=request, via="task-workers", max_attempts=1)
     assert first == {"triggered": 3, "done": 2, "skipped": 0, "failed": 1, "deferred": 0}, first
-    assert sorted(p.name for p in out.glob("*.json") if p.name.count(".") == 1) == ["a.json", "b.json"]
+    # each job under its own key: <download_dir>/<stem>/<task run id>/<stem>.json
+    assert sorted(p.name for p in out.glob("*/*/*.json") if p.name.count(".") == 1) == ["a.json", "b.json"]
     again = sweep_inbox(str(inbox), glob="*.wav", request=request, via="task-workers", max_attempts=1)
     assert again == {"triggered": 0, "done": 0, "skipped": 2, "failed": 1, "deferred": 0}, again

@@ -183,8 +183,9 @@ def test_process_worker_runs_transcribe_cpu_from_run_deployment(server, deployed
     # whisperx-task-results block's folder (RESULTS_STORAGE_BLOCK from prefect.yaml)
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"])
     stem = Path(AUDIO).stem
+    scope = f"transcripts/{stem}/{flow_run.id}/"  # the run's own key: <block folder><stem>/<flow run id>/
     assert [k for k in keys if k.startswith("transcripts/")] == [
-        f"transcripts/{stem}{ext}" for ext in (".deepgram.json", ".json", ".segments.json", ".srt", ".vtt")]
+        f"{scope}{stem}{ext}" for ext in (".deepgram.json", ".json", ".segments.json", ".srt", ".vtt")]
     cached = [k for k in keys if k.startswith("prefect-results/")]
     stages = [k for k in cached if "-" in k.split("/")[1]]
     assert {k.split("/")[1].split("-")[0] for k in stages} == {"transcribe", "align", "deepgram"}, keys
@@ -194,7 +195,7 @@ def test_process_worker_runs_transcribe_cpu_from_run_deployment(server, deployed
     assert len(cached) + 5 == len(keys)
     for key in cached:  # what the cache holds carries no secret either
         assert KEY.encode() not in s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-    result = json.loads(s3.get_object(Bucket=BUCKET, Key=f"transcripts/{stem}.json")["Body"].read())
+    result = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{scope}{stem}.json")["Body"].read())
     manifest = json.loads((DATA / "fixtures.json").read_text())
     text = " ".join(s["text"] for s in result["segments"])
     assert wer(manifest[AUDIO]["text"], text) <= wer_limit(AUDIO)
@@ -283,11 +284,14 @@ def test_scheduled_sweep_deployment_feeds_the_worker(server, deployed, tmp_path)
     by_file = {Path(r.parameters["audio_file"]).name: r for r in runs}
     assert {n: r.state.type.value for n, r in by_file.items()} == {
         "a.wav": "COMPLETED", "b.wav": "COMPLETED", "c.wav": "COMPLETED", "corrupt.wav": "FAILED"}
-    assert {p.name for p in out.glob("*.json")} >= {"a.json", "b.json", "c.json"}
-    assert not list(out.glob("corrupt*"))  # the failed run wrote nothing
+    # each run's outputs under its own key: <download_dir>/<stem>/<flow run id>/<stem>.json
+    assert {p.relative_to(out).as_posix() for p in out.glob("*/*/*.json") if not p.name.endswith(".segments.json")} \
+        == {f"{stem}/{by_file[stem + '.wav'].id}/{stem}.json" for stem in ("a", "b", "c")}
+    assert not list(out.glob("corrupt*/*/*"))  # the failed run wrote nothing
     manifest = json.loads((DATA / "fixtures.json").read_text())
     for name, src in SWEPT:
-        result = json.loads((out / name.replace(".wav", ".json")).read_text())
+        stem = name.removesuffix(".wav")
+        result = json.loads((out / stem / str(by_file[name].id) / f"{stem}.json").read_text())
         assert wer(manifest[src]["text"], " ".join(s["text"] for s in result["segments"])) <= wer_limit(src), name
 
 
@@ -329,12 +333,12 @@ def test_serve_py_runs_every_deployment_from_one_process(server, tmp_path):
                 swept = run_deployment("sweep-inbox/sweep-inbox-local", timeout=300, poll_interval=1)
                 assert swept.state.is_completed(), log_path.read_text()[-3000:]
                 assert sweep_table(client, swept) == {"served.wav": "triggered"}
-                while not (out / "served.json").exists():  # the triggered run, executed by serve.py
+                while not list(out.glob("served/*/served.json")):  # the triggered run, executed by serve.py
                     assert serve.poll() is None and time.monotonic() < deadline + 300, log_path.read_text()[-3000:]
                     time.sleep(1)
         finally:
             stop(serve)
-    result = json.loads((out / "served.json").read_text())
+    result = json.loads(next(out.glob("served/*/served.json")).read_text())  # under the run's own key
     manifest = json.loads((DATA / "fixtures.json").read_text())
     assert wer(manifest[AUDIO]["text"], " ".join(s["text"] for s in result["segments"])) <= wer_limit(AUDIO)
 

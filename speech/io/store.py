@@ -56,11 +56,12 @@ class LocalStore:
     """A folder. A run's files are replaced as a set: each is written into a staging folder, the
     old files are kept as hard links beside them, the new ones are renamed into place with
     ``<stem>.json`` (what consumers poll for) last, and any failure puts the old set back. A run
-    killed half-way is rolled back by the next write of that stem (its staging folder holds the
-    plan). Writers of the same stem take turns (an ``flock`` on a lock file, released when
-    a process dies): the second waits up to :data:`LOCK_WAIT_S`, then replaces the set whole, so
-    sets never interleave; the last writer wins. (``flock`` is per machine: writers on different
-    machines sharing a network folder are not ordered.)"""
+    killed half-way is rolled back by the next write of that stem (its staging folder, named by a
+    hash of the exact stem, holds the plan: a writer of ``call`` never touches ``call-2``'s).
+    Writers of one folder take turns (an ``flock`` on the folder itself, released when a process
+    dies, whatever cache each writer has): the second waits up to :data:`LOCK_WAIT_S`, then
+    replaces its set whole, so sets never interleave; the last writer wins. (``flock`` is per
+    machine: writers on different machines sharing a network folder are not ordered.)"""
 
     def __init__(self, root: Path):
         self.root = Path(root).expanduser()
@@ -76,7 +77,7 @@ class LocalStore:
             raise StorageError(f"cannot write to {self.root}: {exc.strerror or exc}") from None
         with self._locked(stem):
             self.recover(stem)
-            staging = Path(tempfile.mkdtemp(prefix=f".staging-{stem}-", dir=self.root))
+            staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(stem), dir=self.root))
             replaced: list[str] = []
             plan: dict[str, bool] = {}
             try:
@@ -101,38 +102,42 @@ class LocalStore:
 
     def recover(self, stem: str) -> None:
         """Roll back what a killed writer of ``stem`` left (call holding the stem's lock)."""
-        for staging in self.root.glob(f".staging-{stem}-*"):
+        for staging in self.root.glob(f"{_staging_prefix(stem)}*"):
             plan_file = staging / PLAN
             plan = json.loads(plan_file.read_text()) if plan_file.exists() else {}
             _roll_back(self.root, staging, plan)
 
-    def _lock_path(self, stem: str) -> Path:
-        """The stem's lock file, kept out of the output folder: ``<SPEECH_CACHE_DIR>/output-locks/``."""
-        import hashlib
-
-        folder = get_settings().cache_dir / "output-locks"
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / (hashlib.sha256(f"{self.root.resolve()}\0{stem}".encode()).hexdigest()[:32] + ".lock")
-
     @contextlib.contextmanager
     def _locked(self, stem: str) -> Iterator[None]:
+        """The folder's write lock: an ``flock`` on the folder itself (no lock file to leave
+        behind; every writer of the folder meets it, whatever its cache)."""
         import fcntl
 
-        with open(self._lock_path(stem), "a+") as lock:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
             deadline = time.monotonic() + LOCK_WAIT_S
             while True:
                 try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise StorageError(f"another run is still writing the outputs named {stem!r} in {self.root} "
-                                           f"after {LOCK_WAIT_S:.0f} s; retry later or choose another output_name")
-                    time.sleep(0.2)
+                        raise StorageError(f"another run is still writing outputs in {self.root} after "
+                                           f"{LOCK_WAIT_S:.0f} s (writing {stem!r}); retry later") from None
+                    time.sleep(0.05)
             try:
                 yield
             finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+
+def _staging_prefix(stem: str) -> str:
+    """A staging folder's name prefix for exactly ``stem`` (a hash: no stem is a prefix of another's)."""
+    import hashlib
+
+    return f".staging-{hashlib.sha256(stem.encode()).hexdigest()[:16]}-"
 
 
 def _stem(files: dict[str, bytes]) -> str:
