@@ -25,7 +25,7 @@
 # Environment: PREFECT (CLI to use; default: `prefect` on PATH, else .venv/bin/prefect),
 # PYTHON (default python3), BLOCKS_PYTHON (a Python with this project's requirements; default:
 # the python next to PREFECT), COMPOSE_NETWORK, RESULTS_BUCKET, MINIO_ROOT_USER,
-# MINIO_ROOT_PASSWORD (same defaults as infra/docker-compose.yml).
+# MINIO_ROOT_PASSWORD (required with --compose, as in infra/.env).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -80,8 +80,8 @@ docker_template() {
   local out="$tmpdir/docker-gpu-job-template.compose.json"
   COMPOSE_NETWORK="${COMPOSE_NETWORK:-whisperx-prefect}" \
   RESULTS_BUCKET="${RESULTS_BUCKET:-transcripts}" \
-  MINIO_ROOT_USER="${MINIO_ROOT_USER:-minioadmin}" \
-  MINIO_ROOT_PASSWORD="${MINIO_ROOT_PASSWORD:-minioadmin}" \
+  MINIO_ROOT_USER="${MINIO_ROOT_USER:?set MINIO_ROOT_USER (infra/.env)}" \
+  MINIO_ROOT_PASSWORD="${MINIO_ROOT_PASSWORD:?set MINIO_ROOT_PASSWORD (infra/.env)}" \
   "$PYTHON" - "$HERE/docker-gpu-job-template.json" "$out" <<'PY'
 import json, os, sys
 
@@ -132,8 +132,8 @@ echo "==> credential blocks (from the environment)"
 BLOCKS_PYTHON="${BLOCKS_PYTHON:-$(dirname "$(command -v "$PREFECT")")/python}"
 if [[ $compose -eq 1 ]]; then  # blocks are read by flow runs inside the compose network
   export S3_ENDPOINT_URL=http://minio:9000 AWS_DEFAULT_REGION=us-east-1 \
-    AWS_ACCESS_KEY_ID="${MINIO_ROOT_USER:-minioadmin}" \
-    AWS_SECRET_ACCESS_KEY="${MINIO_ROOT_PASSWORD:-minioadmin}" \
+    AWS_ACCESS_KEY_ID="${MINIO_ROOT_USER:?set MINIO_ROOT_USER (infra/.env)}" \
+    AWS_SECRET_ACCESS_KEY="${MINIO_ROOT_PASSWORD:?set MINIO_ROOT_PASSWORD (infra/.env)}" \
     RESULTS_BUCKET="${RESULTS_BUCKET:-transcripts}"
 fi
 (cd "$ROOT" && "$BLOCKS_PYTHON" -m deployments.blocks)

@@ -101,7 +101,8 @@ def _settings(monkeypatch, **env):
 
 
 @pytest.mark.parametrize("ip", ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
-                                "0.0.0.0", "224.0.0.1", "::1", "fd00::1", "fe80::1", "::ffff:127.0.0.1", "::"])
+                                "0.0.0.0", "224.0.0.1", "::1", "fd00::1", "fe80::1", "::ffff:127.0.0.1", "::",
+                                "168.63.129.16", "100.100.100.200", "fd00:ec2::254", "::ffff:168.63.129.16"])
 def test_non_public_addresses_are_blocked(ip):
     from speech.io.netguard import address_blocked
 

@@ -410,3 +410,30 @@ def test_no_secret_reaches_the_database_from_any_in_process_entry_point(prefect_
         assert canary not in printed, (canary, "printed")
         leaked = [str(p) for p, blob in blobs if canary.encode() in blob]
         assert not leaked, (canary, leaked)
+
+
+def test_the_compose_stack_is_closed_by_default():
+    """infra/docker-compose.yml read as compose reads it: every published port binds to
+    ${BIND_ADDRESS:-127.0.0.1}; the Prefect server wants basic auth and every Prefect client
+    sends it; MinIO has no default credentials; the Docker socket only in an opt-in profile."""
+    import yaml
+
+    text = (ROOT / "infra" / "docker-compose.yml").read_text()
+    compose = yaml.safe_load(text)
+    assert "minioadmin" not in text
+    services = compose["services"]
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("${BIND_ADDRESS:-127.0.0.1}:"), (name, port)
+        env = svc.get("environment", {})
+        if "PREFECT_API_URL" in env:
+            assert str(env.get("PREFECT_API_AUTH_STRING", "")).startswith("${PREFECT_AUTH:?"), name
+        for key in ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            if key in env:
+                assert ":?" in str(env[key]), (name, key, env[key])
+        if any("docker.sock" in str(v) for v in svc.get("volumes", [])):
+            assert svc.get("profiles"), f"{name} mounts the Docker socket without being opt-in"
+    server = services["prefect-server"]["environment"]
+    assert str(server["PREFECT_SERVER_API_AUTH_STRING"]).startswith("${PREFECT_AUTH:?")
+    example = (ROOT / "infra" / ".env.example").read_text()
+    assert all(f"{k}=" in example for k in ("PREFECT_AUTH", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "BIND_ADDRESS"))

@@ -32,13 +32,20 @@ class BlockedURL(FetchError):
     """The URL (or a redirect) points at an address this worker must not fetch from."""
 
 
+# cloud metadata and host-agent services on public-looking addresses (169.254.169.254, AWS's
+# fd00:ec2::254 and Alibaba's 100.100.100.200 are already link-local, ULA or CGNAT)
+METADATA_ADDRESSES = frozenset({
+    ipaddress.ip_address("168.63.129.16"),  # Azure WireServer (VM agent, extensions, health probes)
+})
+
+
 def address_blocked(ip: str) -> bool:
     """True for loopback, link-local, private, shared (CGNAT), multicast, reserved and
-    unspecified addresses, IPv4-mapped IPv6 included."""
+    unspecified addresses, IPv4-mapped IPv6 included, and cloud metadata services."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
-    return (addr.is_loopback or addr.is_link_local or addr.is_private or addr.is_multicast
+    return (addr in METADATA_ADDRESSES or addr.is_loopback or addr.is_link_local or addr.is_private or addr.is_multicast
             or addr.is_reserved or addr.is_unspecified or not addr.is_global)
 
 
