@@ -378,7 +378,8 @@ def test_a_deployment_run_refuses_local_paths_unless_allowed(prefect_harness, mo
     finally:
         get_settings.cache_clear()
     assert state.is_completed(), state
-    assert result["segments"] and (out / "sample_2spk.json").is_file()
+    # a deployment run's outputs go under its own key: <download_dir>/<stem>/<flow run id>/
+    assert result["segments"] and (out / "sample_2spk" / str(state.state_details.flow_run_id) / "sample_2spk.json").is_file()
 
 
 def test_credentials_in_urls_are_not_stored_or_logged(prefect_harness, http_server, tmp_path):

@@ -223,7 +223,10 @@ def test_sample_rates_that_would_explode_on_resampling_are_refused(tmp_path):
 
 
 def test_enrolment_clips_are_capped_in_length_and_count(tmp_path, monkeypatch):
+    """Every clip stops at MAX_SAMPLE_SECONDS (whoever asks); a request from others gives at most
+    MAX_SPEAKER_SAMPLES clips (the machine's own user may enrol from as many as they like)."""
     from speech.errors import AudioError, InvalidRequest
+    from speech.policy import admit
     from speech.schema import SpeakerSample
     from speech.speakers.verify import enroll
 
@@ -233,8 +236,12 @@ def test_enrolment_clips_are_capped_in_length_and_count(tmp_path, monkeypatch):
     _wav(long_clip, 16000, 8)
     with pytest.raises(AudioError, match="MAX_SAMPLE_SECONDS"):
         enroll([SpeakerSample(name="a", url=str(long_clip))])
+    four = [{"name": f"s{i}", "url": "https://example.com/a.wav"} for i in range(4)]
     with pytest.raises(InvalidRequest, match="MAX_SPEAKER_SAMPLES"):
-        enroll([SpeakerSample(name=f"s{i}", url=str(DATA / "enrol_slt.wav")) for i in range(4)])
+        admit({"audio_file": "https://example.com/b.wav", "speaker_verification": True, "speaker_samples": four},
+              serving=False)
+    admit({"audio_file": "https://example.com/b.wav", "speaker_verification": True, "speaker_samples": four[:3]},
+          serving=False)
 
 
 @pytest.fixture

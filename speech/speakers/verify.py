@@ -147,11 +147,6 @@ def enroll(samples: Sequence[SpeakerSample], encoder: Optional[Encoder] = None) 
     missing file/URL (404) or a name that cannot be derived, :class:`AudioError` for a file that
     is not audio or holds less than 1 s, :class:`TransientFetchError` for network trouble.
     """
-    from speech.settings import get_settings
-
-    most = get_settings().max_speaker_samples
-    if len(samples) > most:
-        raise InvalidRequest(f"speaker_samples: {len(samples)} clips, at most {most} (MAX_SPEAKER_SAMPLES)")
     encoder = encoder or get_encoder()
     pooled: dict[str, list[np.ndarray]] = {}
     for sample in samples:
