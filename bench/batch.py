@@ -31,7 +31,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import DATA, FIXTURES, apply_smoke, smoke_option  # noqa: E402
+from bench.common import DATA, FIXTURES, apply_smoke, job_output, smoke_option  # noqa: E402
 from deployments.local_server import (  # noqa: E402
     deploy_to_process_pool,
     local_prefect_server,
@@ -118,8 +118,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 stop(worker)
 
         stems = [Path(f).stem for f in files]
-        proc_a = sum(processing_seconds(out_a / f"{s}.json") for s in stems)
-        proc_b = sum(processing_seconds(out_b / f"{s}.json") for s in stems)
+        proc_a = sum(processing_seconds(job_output(out_a, s)) for s in stems)  # each run's own key
+        proc_b = sum(processing_seconds(job_output(out_b, s)) for s in stems)
         n = len(files)
         import soundfile
 

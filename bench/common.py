@@ -54,3 +54,11 @@ def apply_smoke(args: Any) -> Any:
         for key, value in args._smoke.items():
             setattr(args, key, value)
     return args
+
+
+def job_output(folder: Path, stem: str) -> Path:
+    """``<stem>.json`` of a run from a service entry point (a deployment run, a task job): under
+    the job's own key, ``<folder>/<stem>/<job id>/<stem>.json`` (the newest, if there are several);
+    a path that does not exist when there is none."""
+    found = sorted(Path(folder).glob(f"{stem}/*/{stem}.json"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else Path(folder) / stem / "none" / f"{stem}.json"

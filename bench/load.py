@@ -53,7 +53,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import DATA, FIXTURES  # noqa: E402
+from bench.common import DATA, FIXTURES, job_output  # noqa: E402
 from flows.local_api import die_with_parent  # noqa: E402
 from deployments.local_server import (  # noqa: E402
     deploy_to_process_pool,
@@ -329,7 +329,7 @@ def measure(args: argparse.Namespace, tmp: Path, base: str, refs: dict, origin: 
         results[f"job-{i:03d}"] = view.get("output")
     for i in range(args.files):
         name = f"file-{i:03d}"
-        path = tmp / "swept" / f"{name}.json"
+        path = job_output(tmp / "swept", name)  # under the job's own key
         results[name] = json.loads(path.read_text()) if path.exists() else None
         states[name] = "COMPLETED" if results[name] else "FAILED"
     completed = [n for n, s in states.items() if s == "COMPLETED" and results[n]]

@@ -106,7 +106,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         if not flow_run.state.is_completed():
                             raise RuntimeError(f"run {i} ended {flow_run.state.name}:\n"
                                                f"{worker_log.read_text()[-2000:]}\n{task_log.read_text()[-2000:]}")
-                        result = json.loads((tmp / "out" / f"{audio.stem}.json").read_text())
+                        result = json.loads((tmp / "out" / audio.stem / str(flow_run.id) / f"{audio.stem}.json").read_text())
                         timings = result["debug"]["transcribe_timings"]
                         compute = sum(v for k, v in timings.items() if k not in ("import", "model_load"))
                         # the flow's wait for the GPU unit: dispatch, the worker's engine, the stage runs
