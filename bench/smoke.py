@@ -32,7 +32,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("transcribe_vs_whisperx", ["--smoke"]),
     ("align", ["--smoke"]),
     ("speakers", ["--smoke"]),
-    ("secrets", ["--smoke"]),
+    ("canaries", ["--smoke"]),
 ]
 
 

@@ -35,15 +35,9 @@ import argparse
 import hmac
 import ipaddress
 import os
-import sys
-from pathlib import Path
 from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from deployments.runpod_jobs import FINAL, DeploymentJobs, Jobs, TaskJobs  # noqa: E402,F401 - the job tables
+from deployments.runpod_jobs import FINAL, DeploymentJobs, Jobs, TaskJobs  # noqa: F401 - the job tables
 
 DEFAULT_WAIT_MS = 90_000
 

@@ -14,13 +14,8 @@ The ``runpod`` package is only needed to serve (``pip install runpod==1.10.*``).
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def handler(job: dict[str, Any], flow_run_name: Optional[str] = None) -> dict[str, Any]:
@@ -95,7 +90,14 @@ def _results_store(req: Any) -> Any:
     return results_store(OutputTarget.from_request(req))
 
 
-if __name__ == "__main__":
-    import runpod  # pip install runpod==1.10.* (1.11+ needs a newer fastapi than Prefect 3.8.8's)
-
+def serve() -> None:
+    """``whisperx-prefect-handler``: RunPod's serverless loop around :func:`handler`."""
+    try:
+        import runpod  # runpod==1.10.* (1.11+ needs a newer fastapi than Prefect 3.8.8's)
+    except ImportError:
+        raise SystemExit("error: the runpod package is not installed: pip install 'runpod==1.10.*'") from None
     runpod.serverless.start({"handler": handler})
+
+
+if __name__ == "__main__":
+    serve()

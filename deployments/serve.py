@@ -80,11 +80,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.limit < 1:
         build_parser().error("--limit must be at least 1")
 
-    # Flow runs are subprocesses: give them the repository root as cwd and on sys.path.
+    # Flow runs are subprocesses loading their entrypoints (flows/*.py) by path: the repository
+    # root as their cwd; the packages themselves come from the install (pip install -e .)
     os.chdir(ROOT)
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
     from prefect import serve
 

@@ -1,7 +1,7 @@
 """No secret reaches the database, on a production-like server: an audit with canaries.
 
-    python bench/secrets.py                # PostgreSQL (Debian's postgresql, a cluster of its own)
-    python bench/secrets.py --smoke        # the same runs on a SQLite server (CI: make bench-smoke)
+    python bench/canaries.py                # PostgreSQL (Debian's postgresql, a cluster of its own)
+    python bench/canaries.py --smoke        # the same runs on a SQLite server (CI: make bench-smoke)
 
 In one invocation: a Prefect server on PostgreSQL (or SQLite with ``--smoke``), a local HTTP
 server with the test audio, and every entry point that runs a request in its own process, each
@@ -160,7 +160,7 @@ def database_bytes(database: Optional[Any], home: Path, tmp: Path) -> list[Path]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python bench/secrets.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python bench/canaries.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="SQLite server, fewer entry points (CI)")
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="secrets-audit-"))

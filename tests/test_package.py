@@ -1,0 +1,79 @@
+"""The project installs as a package (issue 21): a wheel built from pyproject.toml, installed into
+a fresh venv in another folder, gives the console scripts on PATH and imports from anywhere, and
+its CLI transcribes a file there: no repository checkout on sys.path, no PYTHONPATH."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["whisperx-prefect", "whisperx-prefect-endpoint", "whisperx-prefect-worker", "whisperx-prefect-serve",
+           "whisperx-prefect-handler"]
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    """A venv in a temporary folder with only the built wheel installed (--no-deps, --no-index);
+    the pinned dependencies come from this test's venv through a .pth line, as if installed."""
+    tmp = tmp_path_factory.mktemp("package")
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "requirements.txt"):
+        shutil.copy(ROOT / name, src / name)
+    for package in ("speech", "tasks", "flows", "deployments"):
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                            str(tmp / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp / "dist").glob("whisperx_prefect_pipeline-*.whl")
+    venv = tmp / "fresh"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    installed = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
+                               capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / "pinned-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    elsewhere = tmp / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    return venv, elsewhere, env
+
+
+def test_every_console_script_is_on_path_and_imports_come_from_the_install(fresh):
+    venv, elsewhere, env = fresh
+    for script in SCRIPTS:
+        assert (venv / "bin" / script).is_file(), script
+    for script in SCRIPTS[:4]:
+        shown = subprocess.run([script, "--help"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+        assert shown.returncode == 0 and "usage:" in shown.stdout, (script, shown.stderr[-2000:])
+    where = subprocess.run(["python", "-c", "import flows.transcribe, speech, deployments.runpod_handler as h; "
+                            "print(flows.transcribe.__file__); print(speech.__file__); print(callable(h.serve))"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert where.returncode == 0, where.stderr[-2000:]
+    paths = where.stdout.split()
+    assert all(p.startswith(str(venv)) for p in paths[:2]), paths  # the installed copy, not the checkout
+    assert paths[2] == "True"
+
+
+def test_the_installed_cli_transcribes_from_another_folder(fresh, prefect_harness):
+    from prefect.settings import PREFECT_API_URL
+
+    venv, elsewhere, env = fresh
+    shutil.copy(DATA / "enrol_slt.wav", elsewhere / "talk.wav")
+    done = subprocess.run(["whisperx-prefect", "talk.wav", "--language", "en", "--download-dir", "out"], cwd=elsewhere,
+                          env={**env, "PREFECT_API_URL": PREFECT_API_URL.value()}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (elsewhere / "out").iterdir()) == [
+        "talk.json", "talk.segments.json", "talk.srt", "talk.vtt"]
