@@ -14,7 +14,14 @@ Routes (RunPod's serverless API; ``{endpoint_id}`` is accepted as given):
   "executionTime"}`` (IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELLED);
 * ``POST /v2/{endpoint_id}/cancel/{id}`` -> cancels a queued job, and with ``--deployment`` or
   ``--task-workers`` a running one too;
+* ``GET /v2/{endpoint_id}/stream/{id}`` -> ``{"id", "status", "stream": [...]}``: the handler is
+  not a generator, so no chunk until the job ends, then its output as one chunk, once;
+* ``POST /v2/{endpoint_id}/purge-queue`` -> cancels every queued job: ``{"removed", "status"}``;
 * ``GET /v2/{endpoint_id}/health`` -> job counts (no key needed).
+
+A request's ``webhook`` (an http(s) URL) receives a POST of the job's final status body when it
+completes, fails or is cancelled, through the SSRF guard, retried with backoff
+(:mod:`deployments.webhooks`).
 
 Every route but ``/health`` wants ``Authorization: Bearer <ENDPOINT_API_KEY>`` (401 otherwise);
 without a key the service only starts on a loopback host. ``output`` is exactly what the
@@ -89,8 +96,13 @@ def create_app(api_key: Optional[str], jobs: Any, loopback: bool = True, max_byt
 
     from speech.settings import get_settings
 
+    from deployments.webhooks import Webhooks, check_webhook
+    from speech.errors import SpeechError
+
     limit = max_bytes or get_settings().max_request_bytes
     app = FastAPI(title="whisperx-prefect (RunPod-compatible)", docs_url=None, redoc_url=None)
+    webhooks = Webhooks(jobs.view)
+    streamed: set[str] = set()  # jobs whose one stream chunk (the output) was handed out
 
     def same_machine(request: Request) -> None:
         if not loopback:
@@ -133,7 +145,18 @@ def create_app(api_key: Optional[str], jobs: Any, loopback: bool = True, max_byt
             raise HTTPException(status_code=400, detail="the body must be JSON: {\"input\": {...}}") from None
         if not isinstance(body, dict) or not isinstance(body.get("input"), dict):
             raise HTTPException(status_code=400, detail="the body must be {\"input\": {...}}")
+        if body.get("webhook") is not None:
+            try:
+                check_webhook(body["webhook"])
+            except SpeechError as exc:
+                raise HTTPException(status_code=400, detail=str(exc)) from None
         return {k: body[k] for k in ("input", "webhook", "policy") if k in body}
+
+    async def submit(body: dict[str, Any]) -> str:
+        job_id = await anyio.to_thread.run_sync(jobs.submit, body)
+        if body.get("webhook"):
+            webhooks.add(job_id, body["webhook"])
+        return job_id
 
     async def view_of(job_id: str) -> dict[str, Any]:
         if getattr(jobs, "reads_api", True):  # a look at the Prefect API: briefly on a thread
@@ -162,12 +185,12 @@ def create_app(api_key: Optional[str], jobs: Any, loopback: bool = True, max_byt
 
     @app.post("/v2/{endpoint_id}/run", dependencies=[Depends(authorized)])
     async def run(endpoint_id: str, request: Request) -> dict[str, Any]:
-        job_id = await anyio.to_thread.run_sync(jobs.submit, await body_of(request))
+        job_id = await submit(await body_of(request))
         return {"id": job_id, "status": "IN_QUEUE"}
 
     @app.post("/v2/{endpoint_id}/runsync", dependencies=[Depends(authorized)])
     async def runsync(endpoint_id: str, request: Request, wait: int = DEFAULT_WAIT_MS) -> dict[str, Any]:
-        job_id = await anyio.to_thread.run_sync(jobs.submit, await body_of(request))
+        job_id = await submit(await body_of(request))
         return await parked(job_id, min(max(wait, 0), 300_000) / 1000)
 
     @app.get("/v2/{endpoint_id}/status/{job_id}", dependencies=[Depends(authorized)])
@@ -178,6 +201,23 @@ def create_app(api_key: Optional[str], jobs: Any, loopback: bool = True, max_byt
     def cancel(endpoint_id: str, job_id: str) -> dict[str, Any]:
         found(job_id)
         return jobs.cancel(job_id) or {}
+
+    @app.get("/v2/{endpoint_id}/stream/{job_id}", dependencies=[Depends(authorized)])
+    def stream(endpoint_id: str, job_id: str) -> dict[str, Any]:
+        """RunPod's /stream for a handler that is not a generator: no chunk until the job ends,
+        then its output as the one chunk, once."""
+        view = found(job_id)
+        out = {"id": job_id, "status": view["status"], "stream": []}
+        if view["status"] == "COMPLETED" and job_id not in streamed:
+            streamed.add(job_id)
+            out["stream"] = [{"output": view.get("output")}]
+        if "error" in view:
+            out["error"] = view["error"]
+        return out
+
+    @app.post("/v2/{endpoint_id}/purge-queue", dependencies=[Depends(authorized)])
+    def purge_queue(endpoint_id: str) -> dict[str, Any]:
+        return {"removed": jobs.purge(), "status": "completed"}
 
     @app.get("/v2/{endpoint_id}/health", dependencies=[Depends(same_machine)])
     def health(endpoint_id: str) -> dict[str, Any]:

@@ -66,6 +66,12 @@ class Jobs:
                 state.update(status="CANCELLED", finished=time.time())
         return self.view(job_id)
 
+    def purge(self) -> int:
+        """Cancel every queued job (RunPod's /purge-queue); running ones go on. How many."""
+        with self.lock:
+            queued = [k for k, s in self.jobs.items() if s["status"] == "IN_QUEUE"]
+        return sum(self.cancel(k)["status"] == "CANCELLED" for k in queued)
+
     def view(self, job_id: str) -> Optional[dict[str, Any]]:
         """RunPod's status body for a job (None: unknown id)."""
         state = self.jobs.get(job_id)
@@ -223,6 +229,21 @@ class DeploymentJobs(_RunJobs):
                                           else Cancelling(message="cancelled through the RunPod API"), force=True)
         return self.view(job_id)
 
+    def purge(self) -> int:
+        """Cancel every queued flow run this endpoint started (RunPod's /purge-queue)."""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+                                                    FlowRunFilterTags)
+        from prefect.states import Cancelled
+
+        with get_client(sync_client=True) as client:
+            queued = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=[TAG]),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED", "PENDING"]))), limit=10_000)
+            for run in queued:
+                client.set_flow_run_state(run.id, Cancelled(message="purged through the RunPod API"), force=True)
+        return len(queued)
+
     def counts(self) -> dict[str, int]:
         """Jobs by status: the flow runs this endpoint started (tag ``runpod-api``), counted by the
         Prefect API, and the jobs refused before a run was made."""
@@ -365,6 +386,19 @@ class TaskJobs(_RunJobs):
             with get_client(sync_client=True) as client:
                 client.set_task_run_state(run.id, Cancelled(message="cancelled through the RunPod API"), force=True)
         return self.view(job_id)
+
+    def purge(self) -> int:
+        """Cancel every queued job of this endpoint (RunPod's /purge-queue): the workers skip them."""
+        from prefect.client.orchestration import get_client
+        from prefect.states import Cancelled
+
+        from flows.jobs import job_filter
+
+        with get_client(sync_client=True) as client:
+            queued = client.read_task_runs(task_run_filter=job_filter(TAG, states=("SCHEDULED", "PENDING")), limit=200)
+            for run in queued:
+                client.set_task_run_state(run.id, Cancelled(message="purged through the RunPod API"), force=True)
+        return len(queued)
 
     def counts(self) -> dict[str, int]:
         from prefect.client.orchestration import get_client

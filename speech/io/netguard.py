@@ -69,10 +69,11 @@ def resolve_checked(host: str, port: int, settings: Settings) -> list[tuple[Any,
     return infos
 
 
-def session(settings: Settings, on_socket: Optional[Any] = None) -> Any:
+def session(settings: Settings, on_socket: Optional[Any] = None, retries: Any = 0) -> Any:
     """A ``requests.Session`` whose connections go only to addresses :func:`resolve_checked`
     allows, pinned to the address checked; at most 5 redirects. ``on_socket(sock)`` sees every
-    socket it opens (:meth:`Deadline.watch`)."""
+    socket it opens (:meth:`Deadline.watch`); ``retries``: urllib3's ``Retry`` for the adapter
+    (default none: a download's retries are the task's)."""
     import requests
     from requests.adapters import HTTPAdapter
     from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -117,7 +118,7 @@ def session(settings: Settings, on_socket: Optional[Any] = None) -> Any:
     s = requests.Session()
     s.max_redirects = 5
     s.trust_env = False  # a proxy from the environment would connect on the URL's behalf, unchecked
-    adapter = GuardedAdapter(max_retries=0)
+    adapter = GuardedAdapter(max_retries=retries)
     s.mount("http://", adapter)
     s.mount("https://", adapter)
     return s
