@@ -57,8 +57,8 @@ RUN apt-get update \
 ARG APP_UID=10001
 RUN groupadd --gid ${APP_UID} app \
  && useradd --uid ${APP_UID} --gid app --create-home --shell /bin/bash app \
- && mkdir -p /models/hf /tmp/jobs /app/out \
- && chown -R app:app /models /tmp/jobs /app
+ && mkdir -p /models/hf /opt/models /tmp/jobs /app/out \
+ && chown -R app:app /models /opt/models /tmp/jobs /app
 
 COPY --from=builder /opt/venv /opt/venv
 
@@ -73,7 +73,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     WHISPERX_MODEL=large-v3 \
-    WHISPERX_MODEL_DIR=/models/faster-whisper-large-v3 \
+    WHISPERX_MODEL_DIR=/opt/models/faster-whisper-large-v3 \
     HF_HOME=/models/hf \
     JOBS_DIR=/tmp/jobs \
     TMPDIR=/tmp \
@@ -94,7 +94,7 @@ RUN --mount=type=secret,id=hf_token,required=false \
       1) if [ -s /run/secrets/hf_token ]; then export HF_TOKEN="$(cat /run/secrets/hf_token)"; fi \
          && HF_HOME=/tmp/hf-preload python -c 'import os, faster_whisper; print(faster_whisper.download_model("large-v3", output_dir=os.environ["WHISPERX_MODEL_DIR"]))' \
          && rm -rf /tmp/hf-preload "$WHISPERX_MODEL_DIR/.cache" \
-         && chown -R app:app /models ;; \
+         && chown -R app:app /opt/models ;; \
       *) echo "PRELOAD_MODELS must be 0 or 1, got '$PRELOAD_MODELS'" >&2; exit 1 ;; \
     esac
 
@@ -118,6 +118,12 @@ RUN cd / && whisperx-prefect --help >/dev/null \
  && whisperx-prefect-worker --help >/dev/null \
  && python -c 'import flows.transcribe, deployments.runpod_handler'
 WORKDIR /app
+
+# Docker's health: the Prefect API this container works for answers (workers and flow runs are
+# useless without it); a task worker also says it is serving (WORKER_READY_FILE, written once its
+# models are loaded). Kubernetes: the probes in infra/k8s-task-worker.yaml.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=5 \
+  CMD python -m deployments.health || exit 1
 
 # tini is PID 1: it forwards the worker's stop signal (flow-run cancellation) and reaps children.
 ENTRYPOINT ["/usr/bin/tini", "--"]

@@ -38,6 +38,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 log = logging.getLogger("deployments.task_worker")
@@ -233,6 +234,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         worker = make_worker(tasks, args.limit)
         print(f"serving {', '.join(t.name for t in tasks)} (limit {args.limit}) as {worker.client_id}; "
               f"models: {', '.join(models)}{' (loaded)' if args.preload else ''}", flush=True)
+        ready = os.environ.get("WORKER_READY_FILE", "").strip()
+        if ready:  # the readiness probe's answer (deployments/health.py): models loaded, serving
+            Path(ready).write_text(worker.client_id)
         await worker.astart()
 
     start_watchdog()

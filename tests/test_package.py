@@ -77,3 +77,46 @@ def test_the_installed_cli_transcribes_from_another_folder(fresh, prefect_harnes
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (elsewhere / "out").iterdir()) == [
         "talk.json", "talk.segments.json", "talk.srt", "talk.vtt"]
+
+
+def test_the_image_serves_every_entry_point_and_keeps_its_models_outside_mounts(prefect_harness, tmp_path):
+    """Read as Docker and Kubernetes read them: runpod is a runtime requirement (the handler's
+    loop), the project is pip-installed (console scripts), a HEALTHCHECK and the task worker's
+    probes run deployments.health, and the preloaded model folder lies outside every mounted
+    path (compose volumes, the docker pool's binds, the k8s mounts). The health check itself:
+    healthy against a live API, unhealthy against a dead one or before the worker is ready."""
+    import json
+    import re
+
+    import yaml
+    from prefect.settings import PREFECT_API_URL
+
+    assert re.search(r"^runpod==1\.10\.\d+$", (ROOT / "requirements.txt").read_text(), re.M)
+    docker = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    assert re.search(r"RUN pip install --no-cache-dir --no-deps --no-build-isolation \.", docker)
+    assert re.search(r"HEALTHCHECK .*CMD python -m deployments\.health", docker)
+    model_dir = re.search(r"WHISPERX_MODEL_DIR=(\S+)", docker).group(1)
+    compose = yaml.safe_load((ROOT / "infra" / "docker-compose.yml").read_text())
+    mounts = [v.split(":")[1] for s in compose["services"].values() for v in s.get("volumes", []) if ":" in v]
+    template = json.loads((ROOT / "infra" / "docker-gpu-job-template.json").read_text())
+    mounts += [b.split(":")[1] for b in template["variables"]["properties"]["volumes"]["default"]]
+    worker = yaml.safe_load((ROOT / "infra" / "k8s-task-worker.yaml").read_text())
+    (container,) = worker["spec"]["template"]["spec"]["containers"]
+    mounts += [m["mountPath"] for m in container["volumeMounts"]]
+    assert mounts and not any(model_dir == m or model_dir.startswith(m.rstrip("/") + "/") for m in mounts), (model_dir, mounts)
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["exec"]["command"] == ["python", "-m", "deployments.health"], probe
+    assert {"name": "WORKER_READY_FILE", "value": "/tmp/worker-ready"} in container["env"]
+
+    def health(**env):
+        clean = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "WORKER_READY_FILE")}
+        return subprocess.run([sys.executable, "-m", "deployments.health"], cwd=ROOT, env={**clean, **env},
+                              capture_output=True, text=True, timeout=60)
+
+    assert health(PREFECT_API_URL=PREFECT_API_URL.value()).returncode == 0
+    dead = health(PREFECT_API_URL="http://127.0.0.1:9/api")
+    assert dead.returncode == 1 and "does not answer" in dead.stderr
+    ready = tmp_path / "ready"
+    assert health(WORKER_READY_FILE=str(ready)).returncode == 1
+    ready.write_text("worker")
+    assert health(WORKER_READY_FILE=str(ready)).returncode == 0
