@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-# the CLI's own spellings kept beside the generated ones (field -> extra option strings)
-ALIASES = {"align_output": ["--no-align"], "diarization": ["--no-diarization"]}
+# the CLI's own spellings kept beside the generated ones (field -> extra option strings; the
+# "--no-" ones turn the field off); whisperx's spellings come from flows/whisperx_cli.py
+ALIASES = {"align_output": ["--no-align", "--no_align"], "diarization": ["--no-diarization"]}
 NOT_FLAGS = {"audio_file", "speaker_samples"}  # the positional AUDIO and --speaker-sample
 
 
@@ -33,13 +34,16 @@ def _request_flags(p: argparse.ArgumentParser) -> None:
 
     from pydantic import SecretStr
 
+    from flows.whisperx_cli import WHISPERX_NAMES
     from speech.schema import TranscriptionRequest
 
-    g = p.add_argument_group("request fields (defaults from the schema)")
+    g = p.add_argument_group("request fields (defaults from the schema; whisperx's underscore spellings work too)")
     for name, field in TranscriptionRequest.model_fields.items():
         if name in NOT_FLAGS:
             continue
         flag = "--" + name.replace("_", "-")
+        others = [f"--{name}"] * ("_" in name) + [a for a in ALIASES.get(name, []) if not a.startswith("--no")]
+        others += WHISPERX_NAMES.get(name, [])
         kind = field.annotation
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         if typing.get_origin(kind) is typing.Union and len(args) == 1:
@@ -48,15 +52,15 @@ def _request_flags(p: argparse.ArgumentParser) -> None:
         shown = "" if default in (None, False, "") or isinstance(default, SecretStr) else f" (default: {default})"
         text = (field.description or name).replace("%", "%%") + shown
         if kind is bool:
-            g.add_argument(flag, dest=name, action="store_true", default=None, help=text)
-            negative = ["--no-" + name.replace("_", "-")] + [a for a in ALIASES.get(name, []) if a.startswith("--no-")]
+            g.add_argument(flag, *others, dest=name, action="store_true", default=None, help=text)
+            negative = ["--no-" + name.replace("_", "-")] + [a for a in ALIASES.get(name, []) if a.startswith("--no")]
             g.add_argument(*negative, dest=name, action="store_false", default=None, help=argparse.SUPPRESS)
         elif typing.get_origin(kind) is typing.Literal:
-            g.add_argument(flag, dest=name, choices=list(typing.get_args(kind)), help=text)
+            g.add_argument(flag, *others, dest=name, choices=list(typing.get_args(kind)), help=text)
         elif kind in (int, float):
-            g.add_argument(flag, dest=name, type=kind, metavar="N" if kind is int else "X", help=text)
+            g.add_argument(flag, *others, dest=name, type=kind, metavar="N" if kind is int else "X", help=text)
         else:  # str, SecretStr (prefer the env var; see the description)
-            g.add_argument(flag, dest=name, metavar="TEXT", help=text)
+            g.add_argument(flag, *others, dest=name, metavar="TEXT", help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,10 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="enrolment clip (repeatable); a bare URL/path derives the name")
     p.add_argument("--json", dest="print_json", action="store_true", help="print the result JSON to stdout")
     p.add_argument("-v", "--verbose", action="store_true", help="show Prefect and library logs")
-    p.add_argument("--print-progress", action="store_true",
+    p.add_argument("--print-progress", "--print_progress", action="store_true",
                    help="print each stage's progress as plain lines on stderr (for logs and pipes; whisperx's flag)")
+    p.add_argument("-V", "--version", action="version", version=f"%(prog)s {_version()} (whisperx {_version('whisperx')})")
     _request_flags(p)
+    from flows.whisperx_cli import add_refusals
+
+    add_refusals(p)
     return p
+
+
+def _version(package: str = "whisperx-prefect-pipeline") -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 def _load_params_json(value: str) -> dict[str, Any]:
@@ -220,7 +237,10 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    from flows.whisperx_cli import normalize_argv
+
+    parser = build_parser()
+    args = parser.parse_args(normalize_argv(list(sys.argv[1:] if argv is None else argv), parser))
     data = request_from_args(args) if args.audio_file or args.params_json else None
     if not data or not data.get("audio_file"):
         build_parser().print_usage(sys.stderr)
