@@ -195,7 +195,7 @@ def test_k8s_task_worker_manifest_is_a_valid_gpu_deployment():
     assert container.resources.limits["nvidia.com/gpu"] == "1"
     env = {e.name: e.value for e in container.env}
     assert env == {"WHISPERX_DEVICE": "cuda", "RESULTS_STORAGE_BLOCK": "whisperx-task-results",
-                   "WORKER_MODELS": "large-v3:float16"}
+                   "WORKER_MODELS": "large-v3:float16", "WORKER_READY_FILE": "/tmp/worker-ready"}
     assert any(t.key == "nvidia.com/gpu" and t.effect == "NoSchedule" for t in pod.tolerations)
     (shm,) = [v for v in pod.volumes if v.name == "dshm"]
     assert shm.empty_dir.medium == "Memory"
