@@ -40,8 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import DATA  # noqa: E402
-from deployments.local_server import free_port, local_postgres, local_prefect_server, stop  # noqa: E402
-from flows.local_api import die_with_parent  # noqa: E402
+from deployments.local_server import local_postgres, local_prefect_server, start_endpoint, stop  # noqa: E402
 
 KEY = "audit-endpoint-key"
 
@@ -80,23 +79,6 @@ def _post(url: str, body: dict[str, Any], timeout: float = 600) -> dict[str, Any
         return json.loads(reply.read())
 
 
-def _endpoint(env: dict[str, str], log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "deployments.runpod_api", "--port", str(port), *extra], cwd=REPO,
-                            env={**env, "ENDPOINT_API_KEY": KEY}, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True, preexec_fn=die_with_parent)
-    base = f"http://127.0.0.1:{port}/v2/audit"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/health", timeout=5)
-            return proc, base
-        except Exception:  # noqa: BLE001 - not up yet
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the endpoint did not start: {log.read_text(errors='replace')[-2000:]}") from None
-            time.sleep(0.5)
-
-
 def run_entry_points(env: dict[str, str], canaries: Canaries, tmp: Path, smoke: bool) -> tuple[list, list, str]:
     runs, refused, printed = [], [], ""
 
@@ -124,7 +106,7 @@ def run_entry_points(env: dict[str, str], canaries: Canaries, tmp: Path, smoke: 
         raise RuntimeError(f"handler failed: {(done.stdout + done.stderr)[-2000:]}")
     runs.append("handler")
     with ExitStack() as stack:
-        proc, base = _endpoint(env, tmp / "endpoint.log")
+        proc, base = start_endpoint(env, tmp / "endpoint.log", KEY, endpoint_id="audit")
         stack.callback(stop, proc)
         reply = _post(f"{base}/runsync?wait=290000", {"input": canaries.request("endpoint")})
         if reply.get("status") != "COMPLETED":
@@ -134,7 +116,7 @@ def run_entry_points(env: dict[str, str], canaries: Canaries, tmp: Path, smoke: 
         if not smoke:
             queued["--task-workers"] = ["--task-workers"]
         for mode, args in queued.items():
-            proc, base = _endpoint(env, tmp / f"endpoint{mode}.log", *args)
+            proc, base = start_endpoint(env, tmp / f"endpoint{mode}.log", KEY, *args, endpoint_id="audit")
             stack.callback(stop, proc)
             request = {k: v for k, v in canaries.request(f"queued{mode}").items() if k != "huggingface_access_token"}
             reply = _post(f"{base}/runsync?wait=30000", {"input": request})

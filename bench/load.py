@@ -54,12 +54,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import DATA, FIXTURES, job_output  # noqa: E402
-from flows.local_api import die_with_parent  # noqa: E402
 from deployments.local_server import (  # noqa: E402
     deploy_to_process_pool,
-    free_port,
     local_postgres,
     local_prefect_server,
+    start_endpoint,
     start_process_worker,
     start_task_worker,
     stop,
@@ -155,24 +154,6 @@ def _post(url: str, body: Optional[dict] = None, method: str = "POST") -> dict:
         return json.loads(reply.read())
 
 
-def start_endpoint(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "deployments.runpod_api", "--task-workers", "--port", str(port)],
-                                cwd=REPO, env={**env, "ENDPOINT_API_KEY": KEY}, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=die_with_parent)
-    base = f"http://127.0.0.1:{port}/v2/load"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/health", timeout=5)
-            return proc, base
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the endpoint did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-
-
 def worker_log_runs(log: Path) -> list[str]:
     """Task run ids a worker took, in order (its log)."""
     return re.findall(r"took task run ([0-9a-f-]{36})", log.read_text(errors="replace"))
@@ -230,7 +211,7 @@ def _with_server(args: argparse.Namespace, tmp: Path, pool: list[Path], server: 
         procs["process-worker"] = start_process_worker(POOL, {**common, "SPEECH_CACHE_DIR": str(tmp / "cache-sweep")},
                                                        tmp / "process-worker.log")
         procs["endpoint"], base = start_endpoint({**common, "SPEECH_CACHE_DIR": str(tmp / "cache-endpoint")},
-                                                 tmp / "endpoint.log")
+                                                 tmp / "endpoint.log", KEY, "--task-workers", endpoint_id="load")
         refs = references(pool, tmp)
         workers = wait_for_task_workers(server.url, 2, procs=(procs["A"], procs["B"]), timeout=300)
         ready = time.time()

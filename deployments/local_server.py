@@ -184,6 +184,28 @@ def wait_for_task_workers(url: str, count: int, timeout: float = 180,
         time.sleep(0.5)
 
 
+def start_endpoint(env: Mapping[str, str], log: Path, key: str, *args: str,
+                   endpoint_id: str = "bench") -> tuple[subprocess.Popen, str]:
+    """``python -m deployments.runpod_api [args]`` with ``ENDPOINT_API_KEY=key`` on a free
+    loopback port, dying with this process; returns it and its base URL
+    (``http://127.0.0.1:PORT/v2/<endpoint_id>``) once ``/health`` answers."""
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "deployments.runpod_api", "--port", str(port), *args],
+                                env={**env, "ENDPOINT_API_KEY": key}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=die_with_parent)
+    base = f"http://127.0.0.1:{port}/v2/{endpoint_id}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=5)
+            return proc, base
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the endpoint did not start:\n{log.read_text(errors='replace')[-3000:]}") from None
+            time.sleep(0.5)
+
+
 def _postgres_bin() -> Optional[Path]:
     """The newest installed PostgreSQL's bin folder (Debian: /usr/lib/postgresql/<major>/bin)."""
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))

@@ -63,7 +63,6 @@ class Webhooks:
     def __init__(self, view: Callable[[str], Optional[dict[str, Any]]], every: float = 1.0):
         self.view, self.every = view, every
         self.pending: dict[str, str] = {}
-        self.delivered: dict[str, bool] = {}
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook")
         self.stopping = threading.Event()
@@ -90,11 +89,4 @@ class Webhooks:
                 with self.lock:
                     self.pending.pop(job_id, None)
                 if view is not None:
-                    self.pool.submit(self._send, job_id, url, view)
-
-    def _send(self, job_id: str, url: str, view: dict[str, Any]) -> None:
-        ok = deliver(url, view)
-        with self.lock:
-            self.delivered[job_id] = ok
-            while len(self.delivered) > 10_000:
-                self.delivered.pop(next(iter(self.delivered)))
+                    self.pool.submit(deliver, url, view)
