@@ -158,6 +158,8 @@ class _RunJobs:
         if out["status"] == "COMPLETED":
             out.update(self._output(run))
         elif out["status"] == "FAILED":
+            from flows.runtime import failure_message
+
             out["error"] = failure_message(state)
         if out["status"] in FINAL and state.type.value != "CANCELLING":
             _remember(self, job_id, out)
@@ -291,22 +293,6 @@ def deployment_parameters(req: Any) -> dict[str, Any]:
         if value is not None:
             params[name] = value.get_secret_value()
     return params
-
-
-def failure_message(state: Any) -> str:
-    """A failed or crashed flow run's state message as the handler's one-line error."""
-    from speech import errors
-    from speech.redact import one_line, scrub_configured
-
-    message = (state.message or state.name or "failed").strip()
-    for prefix in ("Flow run encountered an exception: ", "Task run encountered an exception "):
-        message = message.removeprefix(prefix)
-    name, sep, rest = message.partition(": ")
-    if sep and isinstance(getattr(errors, name, None), type) and issubclass(getattr(errors, name), errors.SpeechError):
-        message = rest  # the handler answers a pipeline error with its message alone
-    return one_line(scrub_configured(message))
-
-
 
 
 class TaskJobs(_RunJobs):

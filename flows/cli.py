@@ -24,6 +24,7 @@ from typing import Any, Optional
 # "--no-" ones turn the field off); whisperx's spellings come from flows/whisperx_cli.py
 ALIASES = {"align_output": ["--no-align", "--no_align"], "diarization": ["--no-diarization"]}
 NOT_FLAGS = {"audio_file", "speaker_samples"}  # the positional AUDIO and --speaker-sample
+REMOTE_FLAGS = ("endpoint", "api_key", "sync", "deployment", "remote_timeout")
 
 
 def _request_flags(p: argparse.ArgumentParser) -> None:
@@ -78,8 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="print_json", action="store_true", help="print the result JSON to stdout")
     p.add_argument("-v", "--verbose", action="store_true", help="show Prefect and library logs")
     p.add_argument("--print-progress", "--print_progress", action="store_true",
-                   help="print each stage's progress as plain lines on stderr (for logs and pipes; whisperx's flag)")
+                   help="print whisperx's 'Progress: NN.NN%%...' lines while transcribing and aligning, on stdout as "
+                   "whisperx does (on stderr with --json)")
     p.add_argument("-V", "--version", action="version", version=f"%(prog)s {_version()} (whisperx {_version('whisperx')})")
+    remote = p.add_argument_group("remote mode (the pipeline script's): run elsewhere, write the outputs here")
+    remote.add_argument("--endpoint", metavar="URL_OR_ID",
+                        help="a RunPod-compatible endpoint: a RunPod endpoint id, or its URL (e.g. "
+                        "http://127.0.0.1:8000/v2/whisperx for whisperx-endpoint); local files go up to --bucket")
+    remote.add_argument("--api-key", metavar="KEY", help="the endpoint's key (default RUNPOD_API_KEY / SWAMI_RUNPOD_API_KEY)")
+    remote.add_argument("--sync", action="store_true", help="use the endpoint's /runsync (default: /run, then /status)")
+    remote.add_argument("--deployment", metavar="FLOW/DEPLOYMENT",
+                        help="run a Prefect deployment (e.g. transcribe-audio/transcribe-local) on PREFECT_API_URL "
+                        "and wait for its result")
+    remote.add_argument("--remote-timeout", type=float, default=3600.0, metavar="SECONDS",
+                        help="give up (and cancel the remote job) after this long (default: 3600)")
     _request_flags(p)
     from flows.whisperx_cli import add_refusals
 
@@ -119,7 +132,7 @@ def _speaker_sample(value: str) -> dict[str, str]:
 
 def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     data: dict[str, Any] = _load_params_json(args.params_json) if args.params_json else {}
-    skip = {"params_json", "print_json", "verbose", "speaker_sample", "print_progress", "audio_file"}
+    skip = {"params_json", "print_json", "verbose", "speaker_sample", "print_progress", "audio_file", *REMOTE_FLAGS}
     for key, value in vars(args).items():
         if key not in skip and value is not None:
             data[key] = value
@@ -171,15 +184,14 @@ def _run(args: argparse.Namespace, req: Any, files: list[str]) -> Any:
     ) as bar:
         task_id = bar.add_task("starting Prefect", total=1.0)
 
-        printed: dict[str, int] = {}
+        printed: dict[str, str] = {}
 
         def on_progress(stage: str, fraction: float, message: str) -> None:
             bar.update(task_id, description=f"{stage}: {message}" if message else stage, completed=fraction)
-            pct = int(round(100 * fraction))
-            if args.print_progress and (pct >= printed.get(stage, -5) + 5 or (pct == 100 and printed.get(stage) != 100)):
-                printed[stage] = pct
-                print(f"Progress: {stage} {pct}%" + (f" ({message})" if message else ""), file=sys.__stderr__,
-                      flush=True)
+            line = f"Progress: {100 * fraction:.2f}%..."  # whisperx's own line, where whisperx prints it
+            if args.print_progress and stage in ("transcribe", "align") and fraction > 0 and printed.get(stage) != line:
+                printed[stage] = line
+                print(line, file=sys.__stderr__ if args.print_json else sys.__stdout__, flush=True)
 
         listener = RunListener(on_progress=on_progress, on_outputs=lambda refs, _where: outputs.extend(refs))
         try:
@@ -262,6 +274,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    if args.endpoint or args.deployment:
+        return _run_remote(args, data, req, files)
     # stdout carries only the result: whatever libraries print or log to "stdout" while the run
     # goes (whisperx binds its console log handler to sys.stdout when imported) lands on stderr
     with contextlib.redirect_stdout(sys.stderr):
@@ -271,6 +285,49 @@ def main(argv: Optional[list[str]] = None) -> int:
     result, outputs, started, console = outcome
     if len(files) > 1:
         return _report_batch(args, result, outputs, started, console)
+    return _report(args, result, outputs, started, console)
+
+
+def _run_remote(args: argparse.Namespace, data: dict[str, Any], req: Any, files: list[str]) -> int:
+    """``--endpoint`` / ``--deployment``: each file runs remotely, its outputs are written here."""
+    from rich.console import Console
+
+    from flows.remote import RemoteFailed, run_remote
+    from speech.errors import SpeechError
+    from speech.redact import scrub_configured
+
+    console = Console(stderr=True, soft_wrap=True)
+    if args.endpoint and args.deployment:
+        console.print("[red]error:[/red] --endpoint and --deployment: choose one")
+        return 2
+    server = None
+    if args.deployment:
+        server = _prefect_api()
+        if server is None:
+            console.print("[red]error:[/red] --deployment needs the Prefect server that holds it: set PREFECT_API_URL "
+                          "(or start `prefect server start` here)")
+            return 2
+    status = 0
+    for audio_file in files:
+        started = time.perf_counter()
+        one = {**data, "audio_file": audio_file}
+        try:
+            with _api_settings(server) if server else contextlib.nullcontext():
+                result, outputs = run_remote(args, one, req.model_copy(update={"audio_file": audio_file}), console)
+        except SpeechError as exc:
+            console.print(f"[red]error:[/red] {audio_file}: {scrub_configured(str(exc))}")
+            status = status or (1 if isinstance(exc, RemoteFailed) else 2)
+            continue
+        except KeyboardInterrupt:
+            console.print("[red]interrupted[/red] (the remote job was cancelled)")
+            return 130
+        _report(args, result, outputs, started, console)
+    return status
+
+
+def _report(args: argparse.Namespace, result: dict[str, Any], outputs: list[Any], started: float,
+            console: Any) -> int:
+    """One file's outcome: the transcript (or JSON) on stdout, the timing and outputs on stderr."""
     if args.print_json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:

@@ -175,3 +175,17 @@ def keep_result_with_task_results() -> None:
     storage = task_result_storage()
     if ctx is not None and ctx.result_store is not None and storage is not None:
         ctx.result_store = ctx.result_store.model_copy(update={"result_storage": storage})
+
+
+def failure_message(state: Any) -> str:
+    """A failed or crashed flow run's state message as the handler's one-line error."""
+    from speech import errors
+    from speech.redact import one_line, scrub_configured
+
+    message = (state.message or state.name or "failed").strip()
+    for prefix in ("Flow run encountered an exception: ", "Task run encountered an exception "):
+        message = message.removeprefix(prefix)
+    name, sep, rest = message.partition(": ")
+    if sep and isinstance(getattr(errors, name, None), type) and issubclass(getattr(errors, name), errors.SpeechError):
+        message = rest  # the handler answers a pipeline error with its message alone
+    return one_line(scrub_configured(message))

@@ -162,13 +162,33 @@ def check_source(source: str, settings: Optional[Settings] = None) -> None:
     check_local_path(source, settings or get_settings(), "source")
 
 
+def check_storable(req: Any, raw: dict[str, Any]) -> None:
+    """A request that will be kept in a run's parameters (queued jobs, deployment runs): no token
+    (``raw``: the fields as given; ``prefect-secret:<block>`` references pass) and no URL that
+    carries credentials (user-info or a presigned signature)."""
+    from speech.redact import mask_url_credentials, redact_url
+    from speech.schema import plain_secrets
+
+    given = plain_secrets(raw)
+    if given:
+        raise InvalidRequest(f"{', '.join(given)}: a token would be stored with the queued job's parameters; the "
+                             "workers read tokens from their env vars or Secret blocks, or pass "
+                             "'prefect-secret:<block name>'")
+    for what, url in [("audio_file", req.audio_file), *(("speaker_samples", s.url) for s in req.speaker_samples)]:
+        if mask_url_credentials(url) != url:
+            raise InvalidRequest(
+                f"{what}: {redact_url(url)} carries credentials (user-info or a signature) that would be stored "
+                "with the queued job; give s3://bucket/key (the workers read it with their own credentials) or a "
+                "URL without them, or send it to an endpoint that runs jobs in its own process")
+
+
 def admit(request: Any, *, stored: bool = False, serving: bool = True, settings: Optional[Settings] = None) -> Any:
     """A request from someone else as this process will run it (a
     :class:`speech.schema.TranscriptionRequest`), or a :class:`speech.errors.SpeechError` that
     says why not. ``request``: the worker's input (``{"input": {...}}`` or its fields) or a parsed
     request. ``stored``: it will be kept in a run's parameters, so a token in it is refused.
     ``serving``: a long-lived process, which runs only the models it serves (``WORKER_MODELS``)."""
-    from speech.schema import TranscriptionRequest, plain_secrets
+    from speech.schema import TranscriptionRequest
 
     settings = settings or get_settings()
     if isinstance(request, TranscriptionRequest):
@@ -176,20 +196,8 @@ def admit(request: Any, *, stored: bool = False, serving: bool = True, settings:
     else:
         req = TranscriptionRequest.parse(request)
         raw = request.get("input", request) if isinstance(request, dict) else {}
-    given = plain_secrets(raw if isinstance(raw, dict) else {})
-    if stored and given:
-        raise InvalidRequest(f"{', '.join(given)}: a token would be stored with the queued job's parameters; the "
-                             "workers read tokens from their env vars or Secret blocks, or pass "
-                             "'prefect-secret:<block name>'")
     if stored:
-        from speech.redact import mask_url_credentials, redact_url
-
-        for what, url in [("audio_file", req.audio_file), *(("speaker_samples", s.url) for s in req.speaker_samples)]:
-            if mask_url_credentials(url) != url:
-                raise InvalidRequest(
-                    f"{what}: {redact_url(url)} carries credentials (user-info or a signature) that would be stored "
-                    "with the queued job; give s3://bucket/key (the workers read it with their own credentials) or a "
-                    "URL without them, or send it to an endpoint that runs jobs in its own process")
+        check_storable(req, raw if isinstance(raw, dict) else {})
     check_untrusted_request(req, settings)
     if serving:
         from speech.asr.serving import served_request

@@ -207,6 +207,9 @@ class Settings(BaseSettings):
     )
     deepgram_api_key: Optional[SecretStr] = Field(None, validation_alias="DEEPGRAM_API_KEY")
     pyannote_api_key: Optional[SecretStr] = Field(None, validation_alias="PYANNOTE_API_KEY")
+    runpod_api_key: Optional[SecretStr] = Field(
+        None, validation_alias=AliasChoices("RUNPOD_API_KEY", "SWAMI_RUNPOD_API_KEY"),
+        description="The CLI's remote mode (--endpoint): the key sent to a RunPod-compatible endpoint.")
 
     debug: bool = Field(False, validation_alias="DEBUG")
 
@@ -264,7 +267,7 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Every configured secret, for scrubbing text before it is logged or stored."""
-        values = (getattr(self, spec.setting) for spec in SECRETS)
+        values = [getattr(self, spec.setting) for spec in SECRETS] + [self.runpod_api_key]
         return [v.get_secret_value() for v in values if isinstance(v, SecretStr) and v.get_secret_value()]
 
 

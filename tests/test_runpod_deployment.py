@@ -5,6 +5,7 @@ id, the status outlives a restart of the service, a running job can be cancelled
 stops its process), and tokens never become stored parameters."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -169,3 +170,46 @@ def test_failures_and_tokens(service, runner):
     assert "batch_size" in _status(service, invalid["id"])["error"]
     health = requests.get(f"{service}/e/health", timeout=30).json()
     assert health["jobs"]["failed"] >= 3 and health["jobs"]["completed"] >= 1
+
+
+def test_the_cli_remote_mode_runs_a_file_through_the_deployment(runner, s3, tmp_path, capsys, manifest):
+    """``--deployment``: a local file goes up to the bucket and the run gets its s3:// URI (no
+    signed URL among stored parameters); the result comes back through RESULTS_STORAGE and the
+    outputs are written here. Without a bucket the absolute path is sent (the runner allows it).
+    A token would be stored with the run: refused before a run is made."""
+    from prefect.client.orchestration import get_client
+
+    from flows.cli import main
+
+    s3.create_bucket(Bucket="runpod-audio")
+    out = tmp_path / "out"
+    code = main(["--deployment", DEPLOYMENT, str(DATA / "sample_2spk.wav"), "--bucket", "runpod-audio",
+                 "--language", "en", "--download-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "sample_2spk.json", "sample_2spk.segments.json", "sample_2spk.srt", "sample_2spk.vtt"]
+    result = json.loads((out / "sample_2spk.json").read_text())
+    assert wer(manifest["sample_2spk.wav"]["text"], " ".join(s["text"] for s in result["segments"])) \
+        <= wer_limit("sample_2spk.wav")
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(limit=200)
+    sent = [r for r in runs if r.parameters.get("audio_file") == "s3://runpod-audio/audio/sample_2spk.wav"]
+    assert len(sent) == 1 and sent[0].state.is_completed()
+    assert "X-Amz" not in json.dumps(sent[0].parameters)
+
+    local = tmp_path / "local"
+    assert main(["--deployment", DEPLOYMENT, str(DATA / "sample_2spk.wav"), "--language", "en", "--json",
+                 "--download-dir", str(local)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["segments"] == result["segments"]
+    assert (local / "sample_2spk.srt").read_text() == (out / "sample_2spk.srt").read_text()
+
+    assert main(["--deployment", DEPLOYMENT, str(DATA / "sample_2spk.wav"), "--deepgram-api-key", "dg-secret-9",
+                 "--download-dir", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert "prefect-secret:" in err and "dg-secret-9" not in err and not (tmp_path / "never").exists()
+    with get_client(sync_client=True) as client:
+        assert len(client.read_flow_runs(limit=200)) == len(runs) + 1  # the local-path run only
+    assert main(["--deployment", "transcribe-audio/no-such-deployment", "s3://runpod-audio/audio/sample_2spk.wav"]) == 2
+    assert "no such deployment" in capsys.readouterr().err
