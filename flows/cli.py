@@ -1,4 +1,4 @@
-"""``python -m flows.transcribe AUDIO [flags]``: the pipeline script's command line.
+"""``whisperx-prefect AUDIO [flags]`` (``python -m flows``): the pipeline script's command line.
 
 Validates everything before Prefect starts (a bad flag fails in well under a second),
 shows a progress bar, prints the transcript and where the outputs went. Exit status:
@@ -66,7 +66,7 @@ def _request_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m flows.transcribe",
+        prog="whisperx-prefect",
         description="Transcribe audio with WhisperX as a Prefect flow; writes <stem>.json/.segments.json/.srt/.vtt.",
     )
     p.add_argument("audio_file", nargs="*", metavar="AUDIO",
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     remote = p.add_argument_group("remote mode (the pipeline script's): run elsewhere, write the outputs here")
     remote.add_argument("--endpoint", metavar="URL_OR_ID",
                         help="a RunPod-compatible endpoint: a RunPod endpoint id, or its URL (e.g. "
-                        "http://127.0.0.1:8000/v2/whisperx for whisperx-endpoint); local files go up to --bucket")
+                        "http://127.0.0.1:8000/v2/whisperx for whisperx-prefect-endpoint); local files go up to --bucket")
     remote.add_argument("--api-key", metavar="KEY", help="the endpoint's key (default RUNPOD_API_KEY / SWAMI_RUNPOD_API_KEY)")
     remote.add_argument("--sync", action="store_true", help="use the endpoint's /runsync (default: /run, then /status)")
     remote.add_argument("--deployment", metavar="FLOW/DEPLOYMENT",

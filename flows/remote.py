@@ -2,7 +2,7 @@
 the request runs elsewhere and the same output files are written here.
 
 ``--endpoint URL_OR_ID`` sends it to a RunPod-compatible endpoint (RunPod's, or this project's
-``whisperx-endpoint``) with the ``runpod`` SDK's client: ``/runsync`` with ``--sync``, else ``/run``
+``whisperx-prefect-endpoint``) with the ``runpod`` SDK's client: ``/runsync`` with ``--sync``, else ``/run``
 and then ``/status`` until the job ends. ``--deployment NAME`` runs a Prefect deployment
 (``run_deployment``) and reads the run's result. Either way the result is rendered by
 :func:`speech.output.formats.render` into ``--download-dir`` (all files or none), as a local run.

@@ -1,7 +1,7 @@
 """The ``transcribe-audio`` flow: one audio file through the DAG of :mod:`flows.pipeline`.
 
 Python:  ``from flows.transcribe import transcribe_audio; transcribe_audio(audio_file="x.wav")``
-CLI:     ``python -m flows.transcribe AUDIO [flags]``  (see ``--help``)
+CLI:     ``whisperx-prefect AUDIO [flags]`` (or ``python -m flows``, ``python -m flows.transcribe``; see ``--help``)
 
 The flow's keyword arguments are exactly the fields of
 :class:`speech.schema.TranscriptionRequest`, with its defaults (a test keeps the two in step),
@@ -9,10 +9,10 @@ so the Prefect UI shows a typed form and Python callers pass the worker's inputs
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # CLI first, before the heavy imports: keeps --help instant
-    from flows.cli import main
+if __name__ == "__main__":  # `python -m flows.transcribe` is `python -m flows` (the command), run before the
+    import runpy            # heavy imports below so --help stays instant; this module never imports the CLI
 
-    raise SystemExit(main())
+    runpy.run_module("flows", run_name="__main__", alter_sys=True)
 
 from typing import Any, Optional
 

