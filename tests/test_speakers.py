@@ -241,8 +241,12 @@ def unit(*xs):
 
 def test_match_names_threshold_margin_and_one_to_one():
     enrolled = {"Alice": unit(1, 0, 0), "Bob": unit(0, 1, 0)}
-    # both labels are closest to Alice: only one may have her; the other is not Bob either
+    # both labels are closest to Alice: the closer gets her, the other is never Bob; it shares
+    # Alice (one voice split in two) only at threshold + margin (0.962 >= 0.9; 0.845 < 0.9)
     centroids = {"SPEAKER_00": unit(1, 0.05, 0.1), "SPEAKER_01": unit(1, 0.2, 0.2)}
+    assert verify.match_names(centroids, enrolled, threshold=0.8, margin=0.1) == {"SPEAKER_00": "Alice",
+                                                                                "SPEAKER_01": "Alice"}
+    centroids = {"SPEAKER_00": unit(1, 0.05, 0.1), "SPEAKER_01": unit(1, 0.2, 0.6)}
     assert verify.match_names(centroids, enrolled, threshold=0.8, margin=0.1) == {"SPEAKER_00": "Alice"}
     # below the threshold
     assert verify.match_names({"SPEAKER_00": unit(1, 0, 1.2)}, enrolled, threshold=0.8, margin=0.0) == {}

@@ -242,7 +242,8 @@ def match_names(
 
     One-to-one Hungarian assignment maximising total cosine similarity; an assigned pair is
     kept only when its similarity is ``>= threshold`` and exceeds the label's best similarity to
-    any *other* enrolled name by ``>= margin``. Defaults suit the builtin encoder; use
+    any *other* enrolled name by ``>= margin``. A label left over whose closest name went to
+    another label (one voice split in two) shares that name at ``>= threshold + margin``. Defaults suit the builtin encoder; use
     :func:`encoder_defaults` (or ``encoder.threshold``/``.margin``) for another.
     """
     labels, names, sim = similarity_matrix(centroids, enrolled)
@@ -261,6 +262,19 @@ def match_names(
         else:
             log.info("speaker %s left unnamed: best %s %.3f (threshold %.2f), next %.3f (margin %.2f)",
                      labels[i], names[j], score, threshold, second, margin)
+    # one person split in two by the diarization (an under-merge: the segmented diarizer prefers it
+    # to fusing two people on telephone audio): a label left over whose closest name went to another
+    # label takes that name too, when it clears a stricter bar (threshold + margin) and leads every
+    # other name by the margin; two people still never share a name below that bar
+    for i, label in enumerate(labels):
+        j = int(np.argmax(sim[i]))
+        if label in mapping or names[j] not in mapping.values():
+            continue
+        others = np.delete(sim[i], j)
+        second = float(others.max()) if others.size else -1.0
+        if float(sim[i, j]) >= threshold + margin and float(sim[i, j]) - second >= margin:
+            mapping[label] = names[j]
+            log.info("speaker %s also named %s (%.3f): the same voice as another speaker", label, names[j], sim[i, j])
     return mapping
 
 
