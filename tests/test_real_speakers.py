@@ -113,15 +113,14 @@ def test_telephone_band_is_detected_from_the_signal(real):
 
 def test_segmented_on_the_telephone_copy_of_a_council_meeting(real):
     """Training material: the 8 kHz mu-law copy of a six-person meeting. Telephone band is
-    detected and the turn refinement's merge is off there (CAM++ scores different people alike
-    on narrowband speech: with the merge this meeting's copy fused its speakers, the same as a
-    7-person meeting's went from 5 speakers found to 2, DER 0.12 -> 0.61)."""
+    detected and the turn refinement's merge is off there: CAM++ scores different people alike on
+    narrowband speech, and with the merge this copy came out as 3 speakers, DER 0.394."""
     from speech.speakers.segmented import diarize_segmented
 
-    rec = real["council-9f55f22d8e61"]
+    rec = real["council-2cdf68ae3c2c"]
     out = diarize_segmented(_telephone(rec), DiarizeParams(backend="segmented"))
-    assert len({t.speaker for t in out.turns}) >= rec.n_speakers - 2  # measured 4 of 6 (16 kHz: 4 of 6)
-    assert der(rec.turns, out.turns, rec.duration, collar=0.0) <= 0.15  # measured 0.110 (16 kHz: 0.061)
+    assert len({t.speaker for t in out.turns}) >= rec.n_speakers - 1  # measured 5 of 6 (16 kHz: 5 of 6)
+    assert der(rec.turns, out.turns, rec.duration, collar=0.0) <= 0.15  # measured 0.105 (16 kHz: 0.040)
 
 
 def test_enrolled_names_on_a_held_out_meeting_excerpt(real, tmp_path):
