@@ -94,7 +94,7 @@ def test_the_image_serves_every_entry_point_and_keeps_its_models_outside_mounts(
     assert re.search(r"^runpod==1\.10\.\d+$", (ROOT / "requirements.txt").read_text(), re.M)
     docker = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     assert re.search(r"RUN pip install --no-cache-dir --no-deps --no-build-isolation \.", docker)
-    assert re.search(r"HEALTHCHECK .*CMD python -m deployments\.health", docker)
+    assert re.search(r'HEALTHCHECK .*CMD \["python", "-m", "deployments\.health"\]', docker)  # exec form (hadolint)
     model_dir = re.search(r"WHISPERX_MODEL_DIR=(\S+)", docker).group(1)
     compose = yaml.safe_load((ROOT / "infra" / "docker-compose.yml").read_text())
     mounts = [v.split(":")[1] for s in compose["services"].values() for v in s.get("volumes", []) if ":" in v]
