@@ -19,7 +19,6 @@ cancelled. The key never reaches a log or an error message (it is one of the scr
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from pathlib import Path
@@ -102,15 +101,12 @@ def remote_payload(data: dict[str, Any], req: Any, to_deployment: bool, note: Ca
 
 
 def _upload(path: Path, bucket: str, req: Any, settings: Any, as_uri: bool, note: Callable[[str], None]) -> str:
+    from speech.io.fetch import fetch
     from speech.io.s3 import s3_client_for
     from speech.io.upload import upload_audio
     from speech.schema import S3Options
 
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    done = upload_audio(str(path), digest.hexdigest(), bucket=bucket, prefix_audio=req.prefix_audio or settings.prefix_audio,
+    done = upload_audio(str(path), fetch(str(path)).sha256, bucket=bucket, prefix_audio=req.prefix_audio or settings.prefix_audio,
                         force=req.force, url_expiry=req.url_expiry, client=s3_client_for(S3Options.from_request(req)))
     note(f"{'uploaded' if done.uploaded else 'already in the bucket'}: {path.name} -> {done.uri}")
     return done.uri if as_uri else done.presigned_url
