@@ -21,11 +21,9 @@ Each recording runs as it is (``16k``) and as an 8 kHz mu-law telephone copy (``
 :func:`bench.realdata.telephone_copy`: 300-3400 Hz, G.711), decoded by the pipeline's own path;
 ``--bands 8k-lp`` adds the same copy without the 300 Hz high-pass (which band edge costs what).
 ``--names``: every speaker of a recording is enrolled from clean single-speaker stretches of the
-*other* recordings of its set that hold the same person (same band; ``--enrol-from 16k``: from
-the recordings as they are, matched to the target's channel as the pipeline does, see
-speech.speakers.verify.voices_for), and the share of the single-speaker speech time whose diarized
-turn carries the right name is reported (recordings whose people appear nowhere else get none).
-``--before PATH``: a previous ``--json`` file; its
+*other* recordings of its set that hold the same person (same band), and the share of the
+single-speaker speech time whose diarized turn carries the right name is reported (recordings
+whose people appear nowhere else get none). ``--before PATH``: a previous ``--json`` file; its
 counts and DERs are printed beside this run's.
 
 Reported per recording: true and found speaker counts, DER with no collar and with a 0.25 s
@@ -39,7 +37,6 @@ Everything heavy is imported lazily, so ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -79,9 +76,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    "8k-lp (the same without the 300 Hz high-pass); default 16k,8k")
     p.add_argument("--names", action="store_true",
                    help="also enrol each speaker from the set's other recordings and report the named share")
-    p.add_argument("--enrol-from", choices=("same", "16k"), default="same",
-                   help="--names: enrolment clips from the same band as the target (default) or from the 16 kHz "
-                   "recordings, matched to the target's channel as the pipeline does")
     p.add_argument("--before", metavar="PATH", help="a previous --json output to compare with")
     p.add_argument("--telephone-parameters", choices=("on", "off"), default="on",
                    help="off: the segmented diarizer treats every input as wideband (its behaviour before "
@@ -189,11 +183,9 @@ def named_share(reference: list[dict], turns: list[Any], names: dict[str, str], 
     return hits / total if total else 0.0
 
 
-def names_for(rec: Any, hyp: list[dict], audio: Any, others: list[Any], audio_of: Any,
-              matched: bool = False) -> Optional[float]:
+def names_for(rec: Any, hyp: list[dict], audio: Any, others: list[Any], audio_of: Any) -> Optional[float]:
     """The named share of ``hyp`` on ``rec`` with its people enrolled from ``others`` (None when
-    someone of it appears in no other recording); ``matched``: voices per channel, chosen for
-    ``audio``'s channel (the pipeline's way)."""
+    someone of it appears in no other recording)."""
     import tempfile
 
     from speech.speakers import verify
@@ -204,9 +196,7 @@ def names_for(rec: Any, hyp: list[dict], audio: Any, others: list[Any], audio_of
         if set(clips) != {t["speaker"] for t in rec.turns} or not hyp:
             return None
         encoder = get_encoder("campplus")
-        samples = [c for cs in clips.values() for c in cs]
-        enrolled = verify.voices_for(audio, verify.enroll_channels(samples, encoder))[1] if matched else \
-            verify.enroll(samples, encoder)
+        enrolled = verify.enroll([c for cs in clips.values() for c in cs], encoder)
     centroids = verify.speaker_embeddings(audio, [(h["start"], h["end"], h["speaker"]) for h in hyp], encoder)
     mapping = verify.match_names(centroids, enrolled, threshold=encoder.threshold, margin=encoder.margin)
     return round(named_share(rec.turns, hyp, mapping), 4)
@@ -221,9 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     segmented.SEGMENTATION_MODEL = args.segmentation
     if args.telephone_parameters == "off":
-        from speech.speakers import band
-
-        band.NARROWBAND_RATIO = 0.0  # nothing counts as telephone band: the wideband parameters throughout
+        segmented.NARROWBAND_RATIO = 0.0  # nothing counts as telephone band: the wideband parameters throughout
 
     from bench import realdata
     from bench.metrics import der
@@ -236,7 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         recs = recs[: args.limit]
     res: dict[str, Any] = {
         "config": {"backends": args.backends, "sets": args.sets, "split": args.split, "regions": args.regions,
-                   "bands": args.bands, "names": args.names, "enrol_from": args.enrol_from, "telephone_parameters": args.telephone_parameters,
+                   "bands": args.bands, "names": args.names, "telephone_parameters": args.telephone_parameters,
                    "segmentation": args.segmentation,
                    "collar_s": COLLAR_S, "hints": None,
                    "cpu_count": os.cpu_count()},
@@ -254,7 +242,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 return cache[(r.id, band)]
 
             audio = audio_of(rec)
-            enrol_audio = audio_of if args.enrol_from == "same" else functools.partial(audio_of, band="16k")
             t = time.perf_counter()
             regions = vad_regions(audio) if args.regions == "vad" else [(t_["start"], t_["end"]) for t_ in rec.turns]
             res["recordings"][rec.id].setdefault("bands", {})[band] = {
@@ -274,7 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "der_collar": round(der(rec.turns, hyp, span, collar=COLLAR_S), 4) if hyp else None,
                     "seconds": round(dt, 3), "backend_used": out.backend, "error": out.error, "turns": hyp,
                     "named_share": names_for(rec, hyp, audio, [r for r in every if r.dataset == rec.dataset],
-                                             enrol_audio, args.enrol_from == "16k") if args.names else None,
+                                             audio_of) if args.names else None,
                 }
                 res["results"][backend].append(row)
                 shown = "-" if row["der"] is None else f"{row['der']:.1%}"

@@ -24,7 +24,6 @@ from speech.schema import (
     AudioRef,
     DiarizationOutcome,
     DiarizeParams,
-    EnrolledVoices,
     Segment,
     SpeakerLabels,
     SpeakerSample,
@@ -54,7 +53,7 @@ class GpuPlan(BaseModel):
     turns: Optional[DiarizationOutcome] = Field(None, description="turns found elsewhere (pyannoteAI)")
     hosted_error: Optional[str] = Field(None, description="why the hosted diarization failed, kept in the summary")
     samples: list[SpeakerSample] = Field(default_factory=list, description="enrolment clips, embedded here")
-    enrolled: Optional[EnrolledVoices] = Field(None, description="enrolled voices, embedded already")
+    enrolled: Optional[dict[str, list[float]]] = Field(None, description="enrolled voices, embedded already")
     encoder: str = "auto"
     segments: Optional[list[Segment]] = Field(None, description="speakers only: the (aligned) segments to label")
     force: bool = False
@@ -66,7 +65,7 @@ class GpuOutcome(BaseModel):
     alignment: Optional[AlignOutcome] = None
     speakers: Optional[SpeakerLabels] = None
     diarization_job: Optional[dict[str, Any]] = None
-    enrolled: Optional[EnrolledVoices] = None  # voices enrolled here (for a later speakers-only unit)
+    enrolled: Optional[dict[str, list[float]]] = None  # voices enrolled here (for a later speakers-only unit)
     seconds: dict[str, float] = Field(default_factory=dict)
     cached: list[str] = Field(default_factory=list)
     model_loads: int = 0

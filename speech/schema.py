@@ -641,11 +641,6 @@ class DiarizationOutcome(BaseModel):
     job: Optional[dict[str, Any]] = Field(None, description="pyannoteAI job JSON (saved as <stem>.pyannote.job.json)")
 
 
-# Enrolled voices, per channel they were embedded for ("wideband": the clips as recorded;
-# "telephone": through a 300-3400 Hz channel): {channel: {name: unit vector}} (speech.speakers.verify).
-EnrolledVoices = dict[str, dict[str, list[float]]]
-
-
 class DeepgramOptions(BaseModel):
     """Deepgram model options, sent as query parameters (and part of the stage's cache key)."""
 

@@ -13,8 +13,7 @@ import speech.backends
 import speech.speakers
 from tasks.audio import audio_samples
 from speech.redact import secret_value
-from speech.schema import (AudioRef, DiarizationOutcome, DiarizeParams, EnrolledVoices, Segment, SpeakerLabels,
-                           SpeakerSample)
+from speech.schema import AudioRef, DiarizationOutcome, DiarizeParams, Segment, SpeakerLabels, SpeakerSample
 from speech.speakers import encoders, verify
 from speech.speakers.assign import assign_speakers, speech_regions
 from speech.errors import DiarizationError
@@ -90,19 +89,18 @@ def diarize_hosted(audio: AudioRef, params: DiarizeParams, api_key: Optional[Sec
 
 
 @task(name="enroll-speakers", retries=3, retry_delay_seconds=NETWORK_BACKOFF, retry_condition_fn=retry_transient)
-def enroll_speakers(samples: list[SpeakerSample], encoder_kind: str) -> EnrolledVoices:
-    """Fetch and embed the enrolment clips, as recorded and through a telephone channel (the
-    recording's channel is known later: verify.voices_for); a bad sample fails the run before any work."""
+def enroll_speakers(samples: list[SpeakerSample], encoder_kind: str) -> dict[str, list[float]]:
+    """Fetch and embed the enrolment clips; a bad sample fails the run before any work."""
     encoder = encoders.get_encoder(encoder_kind)
-    enrolled = verify.enroll_channels(samples, encoder)
-    get_run_logger().info("enrolled %d speaker(s) with the %s encoder: %s", len(enrolled["wideband"]), encoder.name,
-                          ", ".join(sorted(enrolled["wideband"])))
-    return {chan: {name: vec.tolist() for name, vec in voices.items()} for chan, voices in enrolled.items()}
+    enrolled = verify.enroll(samples, encoder)
+    get_run_logger().info("enrolled %d speaker(s) with the %s encoder: %s", len(enrolled), encoder.name,
+                          ", ".join(sorted(enrolled)))
+    return {name: vec.tolist() for name, vec in enrolled.items()}
 
 
 @task(name="label-speakers")
 def label_speakers(audio: AudioRef, segments: list[Segment], outcome: DiarizationOutcome,
-                   enrolled: Optional[EnrolledVoices], encoder_kind: str) -> SpeakerLabels:
+                   enrolled: Optional[dict[str, list[float]]], encoder_kind: str) -> SpeakerLabels:
     """Speakers on words and segments (split at word boundaries), then enrolled names."""
     summary: dict[str, Any] = {"backend": outcome.backend}
     if outcome.error:
@@ -113,14 +111,14 @@ def label_speakers(audio: AudioRef, segments: list[Segment], outcome: Diarizatio
     if enrolled:
         encoder = encoders.get_encoder(encoder_kind)
         turns = [(t.start, t.end, t.speaker) for t in outcome.turns]
-        samples = np.asarray(audio_samples(audio))
-        centroids = verify.speaker_embeddings(samples, turns, encoder)
-        channel, named = verify.voices_for(samples, enrolled)
+        centroids = verify.speaker_embeddings(np.asarray(audio_samples(audio)), turns, encoder)
         threshold, margin = encoders.encoder_defaults(encoder)
-        mapping = verify.match_names(centroids, named, threshold=threshold, margin=margin)
+        mapping = verify.match_names(centroids, {k: np.asarray(v) for k, v in enrolled.items()},
+                                     threshold=threshold, margin=margin)
+        named = {k: np.asarray(v) for k, v in enrolled.items()}
         labelled, speakers = verify.relabel(labelled, speakers, mapping, verify.match_scores(centroids, named, mapping))
         summary["names"] = mapping
-        summary["verification"] = {"encoder": encoder.name, "channel": channel,
-                                   **verify.explain(centroids, named, mapping, threshold, margin)}
+        summary["verification"] = {"encoder": encoder.name, **verify.explain(
+            centroids, {k: np.asarray(v) for k, v in enrolled.items()}, mapping, threshold, margin)}
         get_run_logger().info("matched enrolled names: %s", json.dumps(mapping))
     return SpeakerLabels(segments=labelled, speakers=speakers, summary=summary)

@@ -34,7 +34,6 @@ import numpy as np
 
 from speech.models import CACHE, ModelCache
 from speech.schema import SAMPLE_RATE, DiarizationOutcome, DiarizeParams, Turn
-from speech.speakers.band import is_narrowband
 from speech.speakers.segmentation import load_segmentation
 
 log = logging.getLogger(__name__)
@@ -103,14 +102,31 @@ MIN_TRACK_S = 0.5
 MAX_PIECES = 4
 MERGE_SIMILARITY = 0.6
 
-# Telephone-band input (an 8 kHz source, decoded to 16 kHz: nothing above 4 kHz; detected from the
-# signal by speech.speakers.band.is_narrowband) moves CAM++'s similarities up: different people's
-# centroids score over MERGE_SIMILARITY, so the refinement's merge step fuses them (a rebuilt
-# council meeting's 8 kHz copy: 5 speakers found by the clustering, 2 left after merging, DER 0.61;
-# without the merge 5 of 7 and DER 0.12). Calibrated on 8 kHz mu-law copies of the training
-# recordings (bench/speakers.py --bands 8k): no merge there; on the AMI training excerpts the merge
-# changes nothing at 8 kHz.
+# Telephone-band input (an 8 kHz source, decoded to 16 kHz: nothing above 4 kHz) moves CAM++'s
+# similarities up: different people's centroids score over MERGE_SIMILARITY, so the refinement's
+# merge step fuses them (a rebuilt council meeting's 8 kHz copy: 5 speakers found by the
+# clustering, 2 left after merging, DER 0.61; without the merge 5 of 7 and DER 0.12). Calibrated on
+# 8 kHz mu-law copies of the training recordings (bench/speakers.py --bands 8k): no merge there; on
+# the AMI training excerpts the merge changes nothing at 8 kHz. Detected from the signal, whatever
+# the file said: the share of power at or above NARROWBAND_HZ is under 2e-4 on every telephone-band
+# copy and over 1.1e-3 on every wideband recording of the project's set (bench/realdata.py).
+NARROWBAND_HZ = 4000.0
+NARROWBAND_RATIO = 5e-4
 NARROWBAND_MERGE_SIMILARITY: Optional[float] = None
+
+
+def is_narrowband(audio: np.ndarray, seconds: float = 60.0) -> bool:
+    """Whether ``audio`` (16 kHz mono) is telephone band: almost no power at or above 4 kHz in its
+    first minute (Hann-windowed 32 ms frames)."""
+    size = 512
+    head = np.asarray(audio[: int(seconds * SAMPLE_RATE)], dtype=np.float64)
+    if len(head) < size:
+        return False
+    frames = head[: len(head) // size * size].reshape(-1, size) * np.hanning(size)
+    power = (np.abs(np.fft.rfft(frames, axis=1)) ** 2).sum(axis=0)
+    freqs = np.fft.rfftfreq(size, 1 / SAMPLE_RATE)
+    total = power[freqs >= 100].sum()
+    return bool(total > 0 and power[freqs >= NARROWBAND_HZ].sum() / total < NARROWBAND_RATIO)
 
 
 class WindowEmbeddings:

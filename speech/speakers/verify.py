@@ -32,7 +32,7 @@ import logging
 import math
 import re
 import unicodedata
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
@@ -147,47 +147,19 @@ def enroll(samples: Sequence[SpeakerSample], encoder: Optional[Encoder] = None) 
     missing file/URL (404) or a name that cannot be derived, :class:`AudioError` for a file that
     is not audio or holds less than 1 s, :class:`TransientFetchError` for network trouble.
     """
-    return enroll_channels(samples, encoder, ("wideband",))["wideband"]
-
-
-CHANNELS = ("wideband", "telephone")
-
-
-def enroll_channels(samples: Sequence[SpeakerSample], encoder: Optional[Encoder] = None,
-                    channels: Sequence[str] = CHANNELS) -> dict[str, dict[str, np.ndarray]]:
-    """:func:`enroll` once per channel (:mod:`speech.speakers.band`), each sample fetched once:
-    ``{channel: {name: unit vector}}``. ``telephone`` embeds each clip as a 300-3400 Hz telephone
-    channel passes it, for recordings that came through one (:func:`voices_for`)."""
-    from speech.speakers.band import telephone_channel
-
     encoder = encoder or get_encoder()
-    pooled: dict[str, dict[str, list[np.ndarray]]] = {c: {} for c in channels}
+    pooled: dict[str, list[np.ndarray]] = {}
     for sample in samples:
         name = derive_name(sample)
         audio = _load_sample(sample, name)
-        for chan in channels:
-            try:
-                vec = encoder.embed(audio if chan == "wideband" else telephone_channel(audio))
-            except SpeechError as exc:
-                raise AudioError(f"speaker sample {name!r}: {exc}") from None
-            pooled[chan].setdefault(name, []).append(unit(vec))
-    out = {c: {name: unit(np.mean(vecs, axis=0)) for name, vecs in voices.items()} for c, voices in pooled.items()}
-    log.info("enrolled %d speaker(s) from %d sample(s) with %s", len(out[channels[0]]), len(samples),
-             getattr(encoder, "name", "encoder"))
+        try:
+            vec = encoder.embed(audio)
+        except SpeechError as exc:
+            raise AudioError(f"speaker sample {name!r}: {exc}") from None
+        pooled.setdefault(name, []).append(unit(vec))
+    out = {name: unit(np.mean(vecs, axis=0)) for name, vecs in pooled.items()}
+    log.info("enrolled %d speaker(s) from %d sample(s) with %s", len(out), len(samples), getattr(encoder, "name", "encoder"))
     return out
-
-
-def voices_for(audio: np.ndarray, enrolled: dict[str, dict[str, Any]]) -> tuple[str, dict[str, np.ndarray]]:
-    """The enrolled voices to match ``audio``'s speakers against, and their channel: the telephone
-    embeddings when ``audio`` came through a 300-3400 Hz channel and they were made, else wideband.
-    Measured on the council meetings' 8 kHz copies, names enrolled from 16 kHz clips of other
-    meetings: 80.8 % of speech time named with wideband voices, 86.4 % with voices through the same
-    channel (the same as enrolling from 8 kHz copies); on copies that keep the low band (VoIP-like)
-    wideband voices do best (87.8 % vs 87.3 %), so those are matched as wideband."""
-    from speech.speakers.band import channel
-
-    chan = channel(audio) if "telephone" in enrolled else "wideband"
-    return chan, {name: np.asarray(v, dtype=np.float32) for name, v in enrolled[chan].items()}
 
 
 # ----------------------------------------------------------------------------------
