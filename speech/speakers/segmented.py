@@ -42,15 +42,10 @@ log = logging.getLogger(__name__)
 # The segmentation model (speech.speakers.segmentation.MODELS): whisperx's, which scores better on the
 # training recordings than segmentation-3.0 ("powerset": docs/benchmarks.md, issue 22) and runs 4-6x faster.
 SEGMENTATION_MODEL = "whisperx"
-PARAMETERS = {
-    "powerset": {
-        "segmentation": {"min_duration_off": 0.0},
-        "clustering": {"method": "centroid", "min_cluster_size": 2, "threshold": 0.75},
-    },
-    "whisperx": {
-        "segmentation": {"threshold": 0.35, "min_duration_off": 0.0},
-        "clustering": {"method": "centroid", "min_cluster_size": 2, "threshold": 0.75},
-    },
+CLUSTERING = {"method": "centroid", "min_cluster_size": 2, "threshold": 0.75}
+PARAMETERS = {  # per segmentation model; a powerset model decides its classes itself (no threshold)
+    "whisperx": {"segmentation": {"threshold": 0.35, "min_duration_off": 0.0}, "clustering": CLUSTERING},
+    "powerset": {"segmentation": {"min_duration_off": 0.0}, "clustering": CLUSTERING},
 }
 PRUNE = 0.1  # spectral clustering keeps each embedding's top 10 % affinities (at least MIN_KEPT)
 MIN_KEPT = 10
@@ -88,9 +83,6 @@ def spectral_labels(embeddings: np.ndarray, min_k: int = 1, max_k: int = MAX_AUT
     return KMeans(n_clusters=num_k, n_init=10, random_state=0).fit_predict(vectors[:, :num_k])
 
 
-# pyannote's constrained (Hungarian) assignment keeps two local speakers of one window apart; it
-# changed nothing on the sample call's 8 kHz copy, so pyannote's default (off) stays.
-CONSTRAINED_ASSIGNMENT = False
 SEGMENTATION_STEP_S = 1.0  # seconds between consecutive segmentation windows
 MIN_EMBED_SECONDS = 0.25  # a window's local speaker with less active speech gets no embedding
 # Refinement: a turn with at least MIN_TRACK_S of its own speech is embedded from at most
@@ -163,9 +155,10 @@ class WindowEmbeddings:
         return out
 
 
-def _pipeline(encoder: Any, dimension: int, cache: ModelCache, kind: str = "") -> Any:
-    """pyannote.audio's SpeakerDiarization with our segmentation, embeddings and clustering."""
-    kind = kind or SEGMENTATION_MODEL
+def _pipeline(encoder: Any, dimension: int, cache: ModelCache) -> Any:
+    """pyannote.audio's SpeakerDiarization with our segmentation (SEGMENTATION_MODEL), embeddings
+    and clustering; one per encoder and segmentation model in the cache."""
+    kind = SEGMENTATION_MODEL
 
     def load() -> Any:
         from pyannote.audio import Audio, Inference, Pipeline
@@ -205,7 +198,7 @@ def _pipeline(encoder: Any, dimension: int, cache: ModelCache, kind: str = "") -
                 self._embedding = embedding
                 self._audio = Audio(sample_rate=SAMPLE_RATE, mono="downmix")
                 self.klustering = "AgglomerativeClustering"
-                self.clustering = SpectralClustering(metric="cosine", constrained_assignment=CONSTRAINED_ASSIGNMENT)
+                self.clustering = SpectralClustering(metric="cosine")
                 self._expects_num_speakers = self.clustering.expects_num_clusters
 
         segmentation = load_segmentation(kind)
