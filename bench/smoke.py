@@ -33,6 +33,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("align", ["--smoke"]),
     ("speakers", ["--smoke"]),
     ("canaries", ["--smoke"]),
+    ("distill_telephone", ["--smoke"]),
 ]
 
 

@@ -58,12 +58,15 @@ def test_every_console_script_is_on_path_and_imports_come_from_the_install(fresh
         shown = subprocess.run([script, "--help"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
         assert shown.returncode == 0 and "usage:" in shown.stdout, (script, shown.stderr[-2000:])
     where = subprocess.run(["python", "-c", "import flows.transcribe, speech, deployments.runpod_handler as h; "
-                            "print(flows.transcribe.__file__); print(speech.__file__); print(callable(h.serve))"],
+                            "from speech.speakers import campplus, segmentation; import os; "
+                            "print(flows.transcribe.__file__); print(speech.__file__); print(callable(h.serve)); "
+                            "print(campplus.TELEPHONE_FRONT_END.is_file(), "
+                            "os.path.isfile(segmentation.TELEPHONE_WEIGHTS))"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert where.returncode == 0, where.stderr[-2000:]
     paths = where.stdout.split()
     assert all(p.startswith(str(venv)) for p in paths[:2]), paths  # the installed copy, not the checkout
-    assert paths[2] == "True"
+    assert paths[2:] == ["True", "True", "True"]  # the telephone-band students ship in the wheel
 
 
 def test_the_installed_cli_transcribes_from_another_folder(fresh, prefect_harness):

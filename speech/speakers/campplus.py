@@ -48,6 +48,11 @@ FRAME_LEN = 400  # 25 ms fbank frame, in samples
 FRAME_SHIFT = 160  # 10 ms hop
 MIN_SAMPLES = int(0.1 * SAMPLE_RATE)  # shortest clip or window embedded
 BATCH = 64  # windows per forward pass
+# CAM++'s front end taught telephone speech (bench/distill_telephone.py --model campplus): the
+# teacher's embeddings of wideband audio were the targets for narrowband copies of the same audio,
+# so telephone speech embeds where the same speech recorded wideband does. float16, laid over the
+# checkpoint's own layers (head, xvector.tdnn, xvector.block1).
+TELEPHONE_FRONT_END = Path(__file__).resolve().parent / "assets" / "campplus-telephone.pt"
 
 
 def find_weights() -> Path:
@@ -258,17 +263,26 @@ class CamPlusEncoder:
     threshold: float = 0.45
     margin: float = 0.10
 
-    def __init__(self, weights: Path, device: str = "cpu") -> None:
+    def __init__(self, weights: Path, device: str = "cpu", front_end: Any = None) -> None:
+        """``front_end``: a file of layers laid over the checkpoint's (:data:`TELEPHONE_FRONT_END`)."""
         import torch
 
         t0 = time.perf_counter()
         try:
             state = torch.load(str(weights), map_location="cpu", weights_only=True)
+            if front_end is not None:
+                layers = torch.load(str(front_end), map_location="cpu", weights_only=True)
+                unknown = set(layers) - set(state)
+                if unknown:
+                    raise ValueError(f"{len(unknown)} layers the checkpoint does not have, e.g. {sorted(unknown)[0]}")
+                state = {**state, **{k: v.to(state[k].dtype) for k, v in layers.items()}}
+                self.name = "campplus-telephone"
             model = _campplus()
             model.load_state_dict(state, strict=True)
         except Exception as exc:  # missing/corrupt file, wrong checkpoint
             reason = f"{type(exc).__name__}: {str(exc)[:200]}"
-            raise ModelError(f"cannot load CAM++ weights from {weights}: {reason}") from None
+            raise ModelError(f"cannot load CAM++ weights from {weights}"
+                             f"{f' with {front_end}' if front_end else ''}: {reason}") from None
         self.device = device
         self._model = model.eval().to(device)
         self._lock = threading.Lock()

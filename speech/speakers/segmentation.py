@@ -3,6 +3,10 @@ from PyPI (no hub access).
 
 * ``whisperx`` (the segmented diarizer's default): the older multi-label segmentation model whisperx
   ships for its VAD (``whisperx/assets/pytorch_model.bin``: 5 s windows, 3 speakers, thresholded).
+* ``whisperx-telephone``: the same network taught 300-3400 Hz telephone speech by distillation
+  (``bench/distill_telephone.py``: its own answers on wideband audio were its targets on telephone
+  copies of the same audio; training recordings only); the segmented diarizer uses it for
+  band-passed telephone input. Its weights ship in ``speech/speakers/assets``.
 * ``powerset``: pyannote's **segmentation-3.0** (PyanNet, 10 s windows, up to 3 speakers
   per window, 7 powerset classes: silence, each speaker, each pair), the segmentation model of
   pyannote's own speaker-diarization-3.1 / community-1 pipelines, trained for diarization on
@@ -25,8 +29,11 @@ from typing import Any
 
 import numpy as np
 
-MODELS = ("whisperx", "powerset")
+MODELS = ("whisperx", "whisperx-telephone", "powerset")
 ONNX_FILE = "segmentation-3.0.onnx"
+# whisperx's model taught telephone speech (bench/distill_telephone.py): its own answers on
+# wideband audio were the targets on narrowband copies of the same audio; float16 state dict.
+TELEPHONE_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "segmentation-telephone.pt")
 
 
 def onnx_path() -> str:
@@ -53,6 +60,13 @@ def load_segmentation(kind: str = "whisperx", threads: int = 0) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return Model.from_pretrained(checkpoint)
+    if kind == "whisperx-telephone":
+        import torch
+
+        model = load_segmentation("whisperx")
+        state = torch.load(TELEPHONE_WEIGHTS, map_location="cpu", weights_only=True)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        return model.eval()
     if kind != "powerset":
         raise ValueError(f"unknown segmentation model {kind!r}: one of {', '.join(MODELS)}")
     return _powerset_model(onnx_path(), threads)

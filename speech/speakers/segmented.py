@@ -45,6 +45,7 @@ SEGMENTATION_MODEL = "whisperx"
 CLUSTERING = {"method": "centroid", "min_cluster_size": 2, "threshold": 0.75}
 PARAMETERS = {  # per segmentation model; a powerset model decides its classes itself (no threshold)
     "whisperx": {"segmentation": {"threshold": 0.35, "min_duration_off": 0.0}, "clustering": CLUSTERING},
+    "whisperx-telephone": {"segmentation": {"threshold": 0.35, "min_duration_off": 0.0}, "clustering": CLUSTERING},
     "powerset": {"segmentation": {"min_duration_off": 0.0}, "clustering": CLUSTERING},
 }
 PRUNE = 0.1  # spectral clustering keeps each embedding's top 10 % affinities (at least MIN_KEPT)
@@ -105,20 +106,45 @@ MERGE_SIMILARITY = 0.6
 NARROWBAND_HZ = 4000.0
 NARROWBAND_RATIO = 5e-4
 NARROWBAND_MERGE_SIMILARITY: Optional[float] = None
+# Band-passed telephone input (300-3400 Hz) is where both models fail (docs/benchmarks.md: the 300 Hz
+# high-pass, not the 8 kHz rate, breaks them): there the students of bench/distill_telephone.py
+# segment (NARROWBAND_SEGMENTATION, when SEGMENTATION_MODEL is "whisperx") and embed
+# (NARROWBAND_ENCODER). Detected from the share of 60-250 Hz in the voice band: under 3.3e-3 on
+# every high-passed copy of the project's recordings, over 6e-2 on every recording and low-passed
+# copy (the real call, a telephone recording stored at 16 kHz, keeps its low band: 7.9e-2).
+LOWBAND_RATIO = 0.015
+NARROWBAND_SEGMENTATION: Optional[str] = "whisperx-telephone"
+NARROWBAND_ENCODER = True
 
 
-def is_narrowband(audio: np.ndarray, seconds: float = 60.0) -> bool:
-    """Whether ``audio`` (16 kHz mono) is telephone band: almost no power at or above 4 kHz in its
-    first minute (Hann-windowed 32 ms frames)."""
+def spectrum_shares(audio: np.ndarray, seconds: float = 60.0) -> Optional[tuple[float, float]]:
+    """(share of power at or above NARROWBAND_HZ among 100 Hz and up, share of 60-250 Hz among
+    60 Hz-4 kHz) of ``audio`` (16 kHz mono) in its first minute (Hann-windowed 32 ms frames);
+    None for silence or under 32 ms."""
     size = 512
     head = np.asarray(audio[: int(seconds * SAMPLE_RATE)], dtype=np.float64)
     if len(head) < size:
-        return False
+        return None
     frames = head[: len(head) // size * size].reshape(-1, size) * np.hanning(size)
     power = (np.abs(np.fft.rfft(frames, axis=1)) ** 2).sum(axis=0)
     freqs = np.fft.rfftfreq(size, 1 / SAMPLE_RATE)
-    total = power[freqs >= 100].sum()
-    return bool(total > 0 and power[freqs >= NARROWBAND_HZ].sum() / total < NARROWBAND_RATIO)
+    total, voice = power[freqs >= 100].sum(), power[(freqs >= 60) & (freqs < NARROWBAND_HZ)].sum()
+    if total <= 0 or voice <= 0:
+        return None
+    return float(power[freqs >= NARROWBAND_HZ].sum() / total), float(power[(freqs >= 60) & (freqs < 250)].sum() / voice)
+
+
+def is_narrowband(audio: np.ndarray, seconds: float = 60.0) -> bool:
+    """Whether ``audio`` (16 kHz mono) is telephone band: almost no power at or above 4 kHz."""
+    shares = spectrum_shares(audio, seconds)
+    return bool(shares and shares[0] < NARROWBAND_RATIO)
+
+
+def is_band_passed(audio: np.ndarray, seconds: float = 60.0) -> bool:
+    """Whether ``audio`` is narrowband *and* high-passed like a G.712 telephone channel (300-3400 Hz:
+    almost nothing below 250 Hz), the input the telephone-band students are for."""
+    shares = spectrum_shares(audio, seconds)
+    return bool(shares and shares[0] < NARROWBAND_RATIO and shares[1] < LOWBAND_RATIO)
 
 
 class WindowEmbeddings:
@@ -155,10 +181,13 @@ class WindowEmbeddings:
         return out
 
 
-def _pipeline(encoder: Any, dimension: int, cache: ModelCache) -> Any:
-    """pyannote.audio's SpeakerDiarization with our segmentation (SEGMENTATION_MODEL), embeddings
-    and clustering; one per encoder and segmentation model in the cache."""
+def _pipeline(encoder: Any, dimension: int, cache: ModelCache, band_passed: bool = False) -> Any:
+    """pyannote.audio's SpeakerDiarization with our segmentation (SEGMENTATION_MODEL, or its
+    telephone-band student for ``band_passed`` input), embeddings and clustering; one per encoder
+    and segmentation model in the cache."""
     kind = SEGMENTATION_MODEL
+    if band_passed and kind == "whisperx" and NARROWBAND_SEGMENTATION:
+        kind = NARROWBAND_SEGMENTATION
 
     def load() -> Any:
         from pyannote.audio import Audio, Inference, Pipeline
@@ -217,11 +246,11 @@ def diarize_segmented(audio: np.ndarray, params: Optional[DiarizeParams] = None,
     import torch
 
     params = params or DiarizeParams()
-    encoder = encoder or campplus_encoder(cache)
     t0 = time.perf_counter()
-    pipeline = _pipeline(encoder, encoder.dimension, cache)
+    narrowband, band_passed = is_narrowband(audio), is_band_passed(audio)
+    encoder = encoder or campplus_encoder(cache, band_passed)
+    pipeline = _pipeline(encoder, encoder.dimension, cache, band_passed)
     waveform = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None]
-    narrowband = is_narrowband(audio)
     merge = NARROWBAND_MERGE_SIMILARITY if narrowband else MERGE_SIMILARITY
     with _LOCK, warnings.catch_warnings():  # one diarization at a time per process: the pipeline is shared
         warnings.simplefilter("ignore")
@@ -327,13 +356,16 @@ def refine_labels(vectors: dict[int, np.ndarray], seconds: dict[int, float], lab
     return labels
 
 
-def campplus_encoder(cache: ModelCache = CACHE) -> Any:
-    """The CAM++ encoder (:mod:`speech.speakers.campplus`), loaded once per process."""
+def campplus_encoder(cache: ModelCache = CACHE, band_passed: bool = False) -> Any:
+    """The CAM++ encoder (:mod:`speech.speakers.campplus`), loaded once per process; for
+    ``band_passed`` input with its telephone-band front end (when NARROWBAND_ENCODER is on)."""
+    telephone = band_passed and NARROWBAND_ENCODER
 
     def load() -> Any:
-        from speech.speakers.campplus import CamPlusEncoder, find_weights
+        from speech.speakers import campplus
 
-        return CamPlusEncoder(find_weights())
+        return campplus.CamPlusEncoder(campplus.find_weights(),
+                                       front_end=campplus.TELEPHONE_FRONT_END if telephone else None)
 
-    return cache.get("speaker-encoder", "campplus", load,
+    return cache.get("speaker-encoder", "campplus-telephone" if telephone else "campplus", load,
                      failure=lambda exc: f"cannot load the CAM++ speaker encoder: {type(exc).__name__}: {exc}")
