@@ -247,7 +247,9 @@ def diarize_segmented(audio: np.ndarray, params: Optional[DiarizeParams] = None,
 
     params = params or DiarizeParams()
     t0 = time.perf_counter()
-    narrowband, band_passed = is_narrowband(audio), is_band_passed(audio)
+    shares = spectrum_shares(audio)
+    narrowband = bool(shares and shares[0] < NARROWBAND_RATIO)
+    band_passed = bool(narrowband and shares and shares[1] < LOWBAND_RATIO)
     encoder = encoder or campplus_encoder(cache, band_passed)
     pipeline = _pipeline(encoder, encoder.dimension, cache, band_passed)
     waveform = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None]
@@ -270,7 +272,8 @@ def diarize_segmented(audio: np.ndarray, params: Optional[DiarizeParams] = None,
         name = labels.setdefault(label, f"SPEAKER_{len(labels):02d}")
         turns.append(Turn(start=round(segment.start, 3), end=round(segment.end, 3), speaker=name))
     log.info("segmented diarization: %d speakers, %d turns%s", len(labels), len(turns),
-             " (telephone band)" if narrowband else "")
+             " (telephone band, 300-3400 Hz: telephone-band models)" if band_passed
+             else " (telephone band)" if narrowband else "")
     return DiarizationOutcome(turns=turns, backend="segmented", seconds=round(time.perf_counter() - t0, 3))
 
 
