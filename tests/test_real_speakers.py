@@ -142,7 +142,7 @@ def test_segmented_on_the_telephone_copy_of_a_council_meeting(real):
 def test_the_real_call_through_a_telephone_channel(real):
     """Held out. The call as a phone system stores it (300-3400 Hz, 8 kHz, mu-law): both people.
     The telephone-band students (bench/distill_telephone.py) take its DER from 0.487 to 0.188 (16 kHz:
-    0.102); segmentation alone gives 0.504, the wideband segmentation with the student encoder 0.449."""
+    0.102); the segmentation student with the wideband CAM++ alone gives 0.504."""
     from speech.speakers.segmented import diarize_segmented
 
     rec = real["sample"]

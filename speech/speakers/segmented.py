@@ -43,9 +43,10 @@ log = logging.getLogger(__name__)
 # training recordings than segmentation-3.0 ("powerset": docs/benchmarks.md, issue 22) and runs 4-6x faster.
 SEGMENTATION_MODEL = "whisperx"
 CLUSTERING = {"method": "centroid", "min_cluster_size": 2, "threshold": 0.75}
+WHISPERX = {"segmentation": {"threshold": 0.35, "min_duration_off": 0.0}, "clustering": CLUSTERING}
 PARAMETERS = {  # per segmentation model; a powerset model decides its classes itself (no threshold)
-    "whisperx": {"segmentation": {"threshold": 0.35, "min_duration_off": 0.0}, "clustering": CLUSTERING},
-    "whisperx-telephone": {"segmentation": {"threshold": 0.35, "min_duration_off": 0.0}, "clustering": CLUSTERING},
+    "whisperx": WHISPERX,
+    "whisperx-telephone": WHISPERX,  # its telephone-band student: the same parameters
     "powerset": {"segmentation": {"min_duration_off": 0.0}, "clustering": CLUSTERING},
 }
 PRUNE = 0.1  # spectral clustering keeps each embedding's top 10 % affinities (at least MIN_KEPT)
@@ -117,34 +118,33 @@ NARROWBAND_SEGMENTATION: Optional[str] = "whisperx-telephone"
 NARROWBAND_ENCODER = True
 
 
-def spectrum_shares(audio: np.ndarray, seconds: float = 60.0) -> Optional[tuple[float, float]]:
-    """(share of power at or above NARROWBAND_HZ among 100 Hz and up, share of 60-250 Hz among
-    60 Hz-4 kHz) of ``audio`` (16 kHz mono) in its first minute (Hann-windowed 32 ms frames);
-    None for silence or under 32 ms."""
+def telephone_band(audio: np.ndarray, seconds: float = 60.0) -> tuple[bool, bool]:
+    """(narrowband, band-passed) for ``audio`` (16 kHz mono), from its first minute (Hann-windowed
+    32 ms frames): narrowband when almost no power lies at or above NARROWBAND_HZ; band-passed when
+    also almost none of its 60 Hz-4 kHz power lies below 250 Hz (a G.712 300-3400 Hz channel), the
+    input the telephone-band students are for. Silence and clips under 32 ms are neither."""
     size = 512
     head = np.asarray(audio[: int(seconds * SAMPLE_RATE)], dtype=np.float64)
     if len(head) < size:
-        return None
+        return False, False
     frames = head[: len(head) // size * size].reshape(-1, size) * np.hanning(size)
     power = (np.abs(np.fft.rfft(frames, axis=1)) ** 2).sum(axis=0)
     freqs = np.fft.rfftfreq(size, 1 / SAMPLE_RATE)
     total, voice = power[freqs >= 100].sum(), power[(freqs >= 60) & (freqs < NARROWBAND_HZ)].sum()
     if total <= 0 or voice <= 0:
-        return None
-    return float(power[freqs >= NARROWBAND_HZ].sum() / total), float(power[(freqs >= 60) & (freqs < 250)].sum() / voice)
+        return False, False
+    narrowband = power[freqs >= NARROWBAND_HZ].sum() / total < NARROWBAND_RATIO
+    return bool(narrowband), bool(narrowband and power[(freqs >= 60) & (freqs < 250)].sum() / voice < LOWBAND_RATIO)
 
 
 def is_narrowband(audio: np.ndarray, seconds: float = 60.0) -> bool:
     """Whether ``audio`` (16 kHz mono) is telephone band: almost no power at or above 4 kHz."""
-    shares = spectrum_shares(audio, seconds)
-    return bool(shares and shares[0] < NARROWBAND_RATIO)
+    return telephone_band(audio, seconds)[0]
 
 
 def is_band_passed(audio: np.ndarray, seconds: float = 60.0) -> bool:
-    """Whether ``audio`` is narrowband *and* high-passed like a G.712 telephone channel (300-3400 Hz:
-    almost nothing below 250 Hz), the input the telephone-band students are for."""
-    shares = spectrum_shares(audio, seconds)
-    return bool(shares and shares[0] < NARROWBAND_RATIO and shares[1] < LOWBAND_RATIO)
+    """Whether ``audio`` is telephone band with its low band cut too (300-3400 Hz)."""
+    return telephone_band(audio, seconds)[1]
 
 
 class WindowEmbeddings:
@@ -247,9 +247,7 @@ def diarize_segmented(audio: np.ndarray, params: Optional[DiarizeParams] = None,
 
     params = params or DiarizeParams()
     t0 = time.perf_counter()
-    shares = spectrum_shares(audio)
-    narrowband = bool(shares and shares[0] < NARROWBAND_RATIO)
-    band_passed = bool(narrowband and shares and shares[1] < LOWBAND_RATIO)
+    narrowband, band_passed = telephone_band(audio)
     encoder = encoder or campplus_encoder(cache, band_passed)
     pipeline = _pipeline(encoder, encoder.dimension, cache, band_passed)
     waveform = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None]
