@@ -357,3 +357,19 @@ def test_refinement_moves_absorbed_turns_and_merges_a_split_voice():
     assert refine_labels(vectors, {i: 2.0 for i in vectors}, labels, merge=None) == labels
     assert refine_labels(vectors, {i: 2.0 for i in vectors}, labels, min_speakers=4) == labels
     assert refine_labels({}, {}, ["A", "B"]) == ["A", "B"]
+
+
+def test_a_speaker_with_too_little_speech_joins_the_closest():
+    from speech.speakers.segmented import absorb_brief
+
+    a, b = _unit(1, 0, 0), _unit(0, 1, 0)
+    vectors = {0: a, 1: b, 2: _unit(0.2, 1, 0.1), 3: _unit(1, 0, 1)}
+    seconds = {0: 5.0, 1: 4.0, 2: 1.0, 3: 0.6}
+    labels = ["A", "B", "C", "D", "E"]  # E: one turn of 0.3 s without an embedding
+    durations = [10.0, 8.0, 1.2, 0.6, 0.3]
+    # E (0.3 s, nothing to compare) joins A, the speaker with the most speech; D (0.6 s, half like
+    # voice a) joins the closest centroid, A; C (1.2 s, voice b) joins B
+    assert absorb_brief(vectors, seconds, labels, durations, least=1.5) == ["A", "B", "B", "A", "A"]
+    assert absorb_brief(vectors, seconds, labels, durations, least=0.5) == ["A", "B", "C", "D", "A"]
+    assert absorb_brief(vectors, seconds, labels, durations, least=1.5, min_speakers=4) == ["A", "B", "C", "D", "A"]
+    assert absorb_brief(vectors, seconds, ["A", "A"], [0.2, 0.3], least=1.5) == ["A", "A"]  # one speaker stays
