@@ -270,17 +270,20 @@ def diarize_segmented(audio: np.ndarray, params: Optional[DiarizeParams] = None,
     floor = params.num_speakers or params.min_speakers or 1
     refined = refine_labels(vectors, seconds, [label for _, _, label in tracks],
                             merge=None if params.num_speakers else merge, min_speakers=floor)
+    before = len(set(refined))
     if not params.num_speakers and MIN_SPEAKER_S:
         refined = absorb_brief(vectors, seconds, refined, [segment.duration for segment, _, _ in tracks],
                                MIN_SPEAKER_S, min_speakers=floor)
     if len(set(refined)) < min(floor, len({label for _, _, label in tracks})):
         refined = [label for _, _, label in tracks]  # a speaker the count asks for was absorbed: keep the pipeline's
+    brief = before - len(set(refined))
     labels: dict[str, str] = {}
     turns = []
     for (segment, _, _), label in zip(tracks, refined):
         name = labels.setdefault(label, f"SPEAKER_{len(labels):02d}")
         turns.append(Turn(start=round(segment.start, 3), end=round(segment.end, 3), speaker=name))
-    log.info("segmented diarization: %d speakers, %d turns%s", len(labels), len(turns),
+    log.info("segmented diarization: %d speakers, %d turns%s%s", len(labels), len(turns),
+             f" ({brief} with under {MIN_SPEAKER_S:g} s of speech joined the closest)" if brief > 0 else "",
              " (telephone band, 300-3400 Hz: telephone-band models)" if band_passed
              else " (telephone band)" if narrowband else "")
     return DiarizationOutcome(turns=turns, backend="segmented", seconds=round(time.perf_counter() - t0, 3))
