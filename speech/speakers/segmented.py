@@ -338,12 +338,7 @@ def refine_labels(vectors: dict[int, np.ndarray], seconds: dict[int, float], lab
         return labels
 
     def centroids() -> tuple[list[str], np.ndarray]:
-        sums: dict[str, np.ndarray] = {}
-        for i, v in vectors.items():
-            sums[labels[i]] = sums.get(labels[i], 0.0) + seconds[i] * v
-        keys = list(sums)
-        m = np.stack([sums[k] for k in keys])
-        return keys, m / np.linalg.norm(m, axis=1, keepdims=True)
+        return label_centroids(vectors, seconds, labels)
 
     def reassign() -> None:
         for _ in range(rounds):
@@ -371,6 +366,20 @@ def refine_labels(vectors: dict[int, np.ndarray], seconds: dict[int, float], lab
     return labels
 
 
+def label_centroids(vectors: dict[int, np.ndarray], seconds: dict[int, float],
+                    labels: list[str]) -> tuple[list[str], np.ndarray]:
+    """(labels that have embedded turns, their unit centroids: the seconds-weighted mean of those
+    turns' embeddings, one row each)."""
+    sums: dict[str, np.ndarray] = {}
+    for i, v in vectors.items():
+        sums[labels[i]] = sums.get(labels[i], 0.0) + seconds[i] * v
+    keys = list(sums)
+    if not keys:
+        return keys, np.zeros((0, 0))
+    m = np.stack([sums[k] for k in keys])
+    return keys, m / np.linalg.norm(m, axis=1, keepdims=True)
+
+
 def absorb_brief(vectors: dict[int, np.ndarray], seconds: dict[int, float], labels: list[str],
                  durations: list[float], least: float, min_speakers: int = 1) -> list[str]:
     """Labels after each speaker with under ``least`` seconds of turns (the briefest first) joins
@@ -384,13 +393,11 @@ def absorb_brief(vectors: dict[int, np.ndarray], seconds: dict[int, float], labe
         brief = min(talk, key=talk.__getitem__)
         if len(talk) <= max(min_speakers, 1) or talk[brief] >= least:
             return labels
-        sums: dict[str, np.ndarray] = {}
-        for i, v in vectors.items():
-            sums[labels[i]] = sums.get(labels[i], 0.0) + seconds[i] * v
+        keys, m = label_centroids(vectors, seconds, labels)
         others = [k for k in talk if k != brief]
-        if brief in sums and any(k in sums for k in others):
-            mine = sums[brief] / np.linalg.norm(sums[brief])
-            into = max((k for k in others if k in sums), key=lambda k: float(mine @ sums[k]) / np.linalg.norm(sums[k]))
+        if brief in keys and len(keys) > 1:  # the closest other speaker with embedded turns
+            scores = m @ m[keys.index(brief)]
+            into = max((k for k in keys if k != brief), key=lambda k: float(scores[keys.index(k)]))
         else:
             into = max(others, key=talk.__getitem__)
         labels = [into if x == brief else x for x in labels]
