@@ -122,9 +122,12 @@ def label_speakers(audio: AudioRef, segments: list[Segment], outcome: Diarizatio
         labelled, speakers = verify.relabel(labelled, speakers, mapping,
                                             {**verify.match_scores(centroids, named, clustered), **by_turn})
         summary["names"] = mapping
-        summary["verification"] = {"encoder": encoder.name, **verify.explain(centroids, named, clustered, threshold, margin)}
+        present = {label for _, _, label in spans}  # a speaker whose every turn was named on its own is gone
+        kept = {label: vec for label, vec in centroids.items() if label in present}
+        summary["verification"] = {"encoder": encoder.name, **verify.explain(kept, named, mapping, threshold, margin)}
         if by_turn:
-            summary["verification"]["named_by_turn"] = {label: {"name": mapping[label], "similarity": score} for label, score in by_turn.items()}
+            summary["verification"]["named_by_turn"] = {label: {"name": mapping[label], "similarity": score}
+                                                        for label, score in by_turn.items()}
         get_run_logger().info("matched enrolled names: %s", json.dumps(mapping))
     else:
         labelled, speakers = assign_speakers(segments, turns)

@@ -333,6 +333,7 @@ def test_saved_pyannote_job_is_reused_without_a_request(prefect_harness, tmp_pat
     by_turn = result["debug"]["diarization"]["verification"]["named_by_turn"]
     assert by_turn and {v["name"] for v in by_turn.values()} <= {"Sally", "Rob"}
     assert min(v["similarity"] for v in by_turn.values()) >= 0.55  # CAM++'s threshold + margin
+    assert "note" not in result["debug"]["diarization"]["verification"]  # nobody enrolled is left unheard
     said = {"slt": "Sally", "rms": "Rob"}
     for seg in result["segments"]:  # each word carries the name of the voice that said it
         for w in seg["words"]:

@@ -369,9 +369,10 @@ def explain(centroids: dict[str, np.ndarray], enrolled: dict[str, np.ndarray], m
     out: dict = {"names": dict(mapping), "threshold": threshold, "margin": margin}
     if unnamed:
         out["unnamed"] = unnamed
-    if len(centroids) < len(enrolled):
+    unheard = sorted(set(enrolled) - set(mapping.values()))
+    if len(centroids) < len(enrolled) and unheard:
         out["note"] = (f"diarization found {len(centroids)} speaker(s) for {len(enrolled)} enrolled names: "
-                       f"{', '.join(sorted(set(enrolled) - set(mapping.values())))} not heard as a separate speaker")
+                       f"{', '.join(unheard)} not heard as a separate speaker")
     return out
 
 
