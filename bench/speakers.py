@@ -25,7 +25,11 @@ Each recording runs as it is (``16k``) and as an 8 kHz mu-law telephone copy (``
 single-speaker speech time whose diarized turn carries the right name is reported (recordings
 whose people appear nowhere else get none), naming as the pipeline does: speakers, then turns
 of a person no speaker was named for (``speech.speakers.verify.name_turns``; ``--name-turns off``:
-speakers only). ``--before PATH``: a previous ``--json`` file; its
+speakers only). ``--words``: each recording is also transcribed and aligned (the pipeline's
+own stages, bundled base, English), each word given its diarized speaker as the pipeline does
+(``assign_speakers``), and the DER of those words (each word a turn) reported beside the DER of a
+perfect labelling of the same words (each the reference speaker it overlaps most): what a user
+gets, and what the word times alone cost. ``--before PATH``: a previous ``--json`` file; its
 counts and DERs are printed beside this run's.
 
 Reported per recording: true and found speaker counts (and the true count of speakers with at
@@ -84,6 +88,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    "8k-lp (the same without the 300 Hz high-pass); default 16k,8k")
     p.add_argument("--names", action="store_true",
                    help="also enrol each speaker from the set's other recordings and report the named share")
+    p.add_argument("--words", action="store_true",
+                   help="also score the words a user gets: transcribe + align each recording (bundled base, English), "
+                   "give each word its diarized speaker and report the words' DER and that of a perfect labelling of them")
     p.add_argument("--before", metavar="PATH", help="a previous --json output to compare with")
     p.add_argument("--telephone-parameters", choices=("on", "off"), default="on",
                    help="off: the segmented diarizer treats every input as wideband (its behaviour before "
@@ -100,7 +107,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=0, help="at most this many recordings (0 = all)")
     p.add_argument("--verbose", action="store_true", help="keep library warnings and log output")
     p.add_argument("--json", dest="json_path", metavar="PATH", help="also write every number to this JSON file")
-    smoke_option(p, sets="sample", backends="segmented", limit=1, names=False)
+    smoke_option(p, sets="sample", backends="segmented", limit=1, names=False, words=True)
     args = apply_smoke(p.parse_args(argv))
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.sets = [s.strip() for s in args.sets.split(",") if s.strip()]
@@ -126,6 +133,40 @@ def vad_regions(audio: Any) -> list[tuple[float, float]]:
     return [(float(s), float(e)) for c in chunks for s, e in c["segments"]]
 
 
+def aligned_words(audio: Any) -> list[Any]:
+    """The pipeline's transcript of ``audio`` with word times (bundled base, English)."""
+    from speech.align.stage import align
+    from speech.asr.transcribe import transcribe
+    from speech.schema import TranscribeParams
+
+    return align(audio, transcribe(audio, TranscribeParams(language="en"))).segments
+
+
+def words_der(rec: Any, segments: list[Any], hyp: list[dict]) -> tuple[Optional[float], Optional[float]]:
+    """DER of the words as the pipeline labels them (each word a turn with the speaker
+    ``assign_speakers`` gives it) and of a perfect labelling of the same words."""
+    from bench.metrics import der
+    from speech.schema import Turn
+    from speech.speakers.assign import assign_speakers
+
+    labelled, _ = assign_speakers(segments, [Turn(**h) for h in hyp])
+    words = [{"start": w.start, "end": w.end, "speaker": w.speaker} for seg in labelled for w in seg.words or []
+             if w.start is not None and w.end is not None and w.speaker]
+    if not words:
+        return None, None
+
+    def truth(w: dict) -> str:
+        overlap = {t["speaker"]: 0.0 for t in rec.turns}
+        for t in rec.turns:
+            overlap[t["speaker"]] += max(0.0, min(w["end"], t["end"]) - max(w["start"], t["start"]))
+        best = max(overlap, key=overlap.get)
+        return best if overlap[best] > 0 else "(none)"
+
+    span = rec.scored_duration()
+    return (round(der(rec.turns, words, span), 4),
+            round(der(rec.turns, [{**w, "speaker": truth(w)} for w in words], span), 4))
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean DERs, count accuracy and mean |count error| over rows (None where a run gave no turns)."""
     n = len(rows)
@@ -148,6 +189,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "failed": n - len(scored),
         "mean_named_share": (round(sum(r["named_share"] for r in named) / len(named), 4)
                              if (named := [r for r in rows if r.get("named_share") is not None]) else None),
+        "mean_words_der": (round(sum(r["words_der"] for r in worded) / len(worded), 4)
+                           if (worded := [r for r in rows if r.get("words_der") is not None]) else None),
+        "mean_words_der_floor": (round(sum(r["words_der_floor"] for r in worded) / len(worded), 4)
+                                 if worded else None),
         "seconds": round(sum(r["seconds"] for r in rows), 2),
     }
 
@@ -257,7 +302,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         recs = recs[: args.limit]
     res: dict[str, Any] = {
         "config": {"backends": args.backends, "sets": args.sets, "split": args.split, "regions": args.regions,
-                   "bands": args.bands, "names": args.names, "name_turns": args.name_turns, "telephone_parameters": args.telephone_parameters,
+                   "bands": args.bands, "names": args.names, "words": args.words, "name_turns": args.name_turns, "telephone_parameters": args.telephone_parameters,
                    "telephone_students": args.telephone_students,
                    "segmentation": args.segmentation,
                    "collar_s": COLLAR_S, "hints": None,
@@ -283,6 +328,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "regions_time_s": round(time.perf_counter() - t, 3), "samples_s": round(len(audio) / SAMPLE_RATE, 3)}
             segments = [Segment(start=round(s, 3), end=round(e, 3), text="") for s, e in regions]
             span = rec.scored_duration()
+            words = aligned_words(audio) if args.words else None
             for backend in args.backends:
                 t = time.perf_counter()
                 out = diarize(audio, segments, DiarizeParams(backend=backend), stem=rec.id)
@@ -298,9 +344,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "named_share": names_for(rec, hyp, audio, [r for r in every if r.dataset == rec.dataset],
                                              audio_of) if args.names else None,
                 }
+                row["words_der"], row["words_der_floor"] = words_der(rec, words, hyp) if words and hyp else (None, None)
                 res["results"][backend].append(row)
                 shown = "-" if row["der"] is None else f"{row['der']:.1%}"
                 named = "" if row["named_share"] is None else f", names {row['named_share']:.1%}"
+                if row["words_der"] is not None:
+                    named += f", words DER {row['words_der']:.1%} (perfect labels {row['words_der_floor']:.1%})"
                 print(f"{rec.id} {band} [{backend}->{out.backend}]: {row['found_speakers']}/{rec.n_speakers} speakers, "
                       f"DER {shown}{named} in {dt:.1f} s", flush=True)
     groups = [(band, split) for band in args.bands for split in sorted({r.split for r in recs}) + ["all"]]
@@ -358,6 +407,8 @@ def print_table(res: dict[str, Any]) -> None:
                   f"count accuracy {_pct(s['count_accuracy'])} (within 1: {_pct(s.get('count_within_one'))}; "
                   f"of speakers with >= {AUDIBLE_S:.0f} s: {_pct(s.get('audible_count_accuracy'))}), "
                   f"mean |count error| {s['mean_abs_count_error']}"
+                  + (f", words DER {_pct(s['mean_words_der'])} (perfect labels {_pct(s['mean_words_der_floor'])})"
+                     if s.get("mean_words_der") is not None else "")
                   + (f"  (before: {_pct(was['count_accuracy'])}, DER {_pct(was['mean_der'])})" if was else ""))
     print()
     print(f"total {res['total_s']:.0f} s")
