@@ -64,9 +64,6 @@ COLLAR_S = 0.25
 AUDIBLE_S = 2.0  # a reference speaker with less speech than this (a "yeah" in a 30 s excerpt) is not "audible"
 
 
-NAME_TURNS = True  # names_for names turns as the pipeline does (--name-turns off: speakers only)
-
-
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python bench/speakers.py",
@@ -254,9 +251,10 @@ def named_share(reference: list[dict], turns: list[Any], names: dict[str, str], 
     return hits / total if total else 0.0
 
 
-def names_for(rec: Any, hyp: list[dict], audio: Any, others: list[Any], audio_of: Any) -> Optional[float]:
+def names_for(rec: Any, hyp: list[dict], audio: Any, others: list[Any], audio_of: Any,
+              by_turn: bool = True) -> Optional[float]:
     """The named share of ``hyp`` on ``rec`` with its people enrolled from ``others`` (None when
-    someone of it appears in no other recording)."""
+    someone of it appears in no other recording); ``by_turn=False``: speakers only."""
     import tempfile
 
     from speech.speakers import verify
@@ -268,12 +266,10 @@ def names_for(rec: Any, hyp: list[dict], audio: Any, others: list[Any], audio_of
             return None
         encoder = get_encoder("campplus")
         enrolled = verify.enroll([c for cs in clips.values() for c in cs], encoder)
-    spans = [(h["start"], h["end"], h["speaker"]) for h in hyp]
-    centroids = verify.speaker_embeddings(audio, spans, encoder)
-    mapping = verify.match_names(centroids, enrolled, threshold=encoder.threshold, margin=encoder.margin)
-    if NAME_TURNS:  # as the pipeline does (tasks/speakers.py): names no speaker got, turn by turn
-        spans, mapping, _ = verify.name_turns(audio, spans, mapping, enrolled, encoder, encoder.threshold, encoder.margin)
-    return round(named_share(rec.turns, [{"start": s, "end": e, "speaker": label} for s, e, label in spans], mapping), 4)
+    naming = verify.name_speakers(audio, [(h["start"], h["end"], h["speaker"]) for h in hyp], enrolled, encoder,
+                                  encoder.threshold, encoder.margin, by_turn=by_turn)  # as the pipeline names them
+    turns = [{"start": s, "end": e, "speaker": label} for s, e, label in naming.turns]
+    return round(named_share(rec.turns, turns, naming.mapping), 4)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -284,8 +280,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from speech.speakers import segmented
 
     segmented.SEGMENTATION_MODEL = args.segmentation
-    global NAME_TURNS
-    NAME_TURNS = args.name_turns == "on"
     if args.telephone_parameters == "off":
         segmented.NARROWBAND_RATIO = 0.0  # nothing counts as telephone band: the wideband parameters throughout
     if args.telephone_students == "off":
@@ -302,7 +296,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         recs = recs[: args.limit]
     res: dict[str, Any] = {
         "config": {"backends": args.backends, "sets": args.sets, "split": args.split, "regions": args.regions,
-                   "bands": args.bands, "names": args.names, "words": args.words, "name_turns": args.name_turns, "telephone_parameters": args.telephone_parameters,
+                   "bands": args.bands, "names": args.names, "words": args.words, "name_turns": args.name_turns,
+                   "telephone_parameters": args.telephone_parameters,
                    "telephone_students": args.telephone_students,
                    "segmentation": args.segmentation,
                    "collar_s": COLLAR_S, "hints": None,
@@ -342,7 +337,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "der_collar": round(der(rec.turns, hyp, span, collar=COLLAR_S), 4) if hyp else None,
                     "seconds": round(dt, 3), "backend_used": out.backend, "error": out.error, "turns": hyp,
                     "named_share": names_for(rec, hyp, audio, [r for r in every if r.dataset == rec.dataset],
-                                             audio_of) if args.names else None,
+                                             audio_of, by_turn=args.name_turns == "on") if args.names else None,
                 }
                 row["words_der"], row["words_der_floor"] = words_der(rec, words, hyp) if words and hyp else (None, None)
                 res["results"][backend].append(row)

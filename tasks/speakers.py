@@ -108,27 +108,17 @@ def label_speakers(audio: AudioRef, segments: list[Segment], outcome: Diarizatio
     if not outcome.turns:
         return SpeakerLabels(segments=segments, speakers={}, summary=summary)
     turns = list(outcome.turns)
+    naming = None
     if enrolled:
         encoder = encoders.get_encoder(encoder_kind)
-        samples = np.asarray(audio_samples(audio))
-        spans = [(t.start, t.end, t.speaker) for t in turns]
-        named = {k: np.asarray(v) for k, v in enrolled.items()}
-        centroids = verify.speaker_embeddings(samples, spans, encoder)
         threshold, margin = encoders.encoder_defaults(encoder)
-        clustered = verify.match_names(centroids, named, threshold=threshold, margin=margin)
-        spans, mapping, by_turn = verify.name_turns(samples, spans, clustered, named, encoder, threshold, margin)
-        turns = [Turn(start=s, end=e, speaker=label) for s, e, label in spans]
-        labelled, speakers = assign_speakers(segments, turns)
-        labelled, speakers = verify.relabel(labelled, speakers, mapping,
-                                            {**verify.match_scores(centroids, named, clustered), **by_turn})
-        summary["names"] = mapping
-        present = {label for _, _, label in spans}  # a speaker whose every turn was named on its own is gone
-        kept = {label: vec for label, vec in centroids.items() if label in present}
-        summary["verification"] = {"encoder": encoder.name, **verify.explain(kept, named, mapping, threshold, margin)}
-        if by_turn:
-            summary["verification"]["named_by_turn"] = {label: {"name": mapping[label], "similarity": score}
-                                                        for label, score in by_turn.items()}
-        get_run_logger().info("matched enrolled names: %s", json.dumps(mapping))
-    else:
-        labelled, speakers = assign_speakers(segments, turns)
+        naming = verify.name_speakers(np.asarray(audio_samples(audio)), [(t.start, t.end, t.speaker) for t in turns],
+                                      {k: np.asarray(v) for k, v in enrolled.items()}, encoder, threshold, margin)
+        turns = [Turn(start=s, end=e, speaker=label) for s, e, label in naming.turns]
+    labelled, speakers = assign_speakers(segments, turns)
+    if naming is not None:
+        labelled, speakers = verify.relabel(labelled, speakers, naming.mapping, naming.scores)
+        summary["names"] = naming.mapping
+        summary["verification"] = {"encoder": encoder.name, **naming.explanation}
+        get_run_logger().info("matched enrolled names: %s", json.dumps(naming.mapping))
     return SpeakerLabels(segments=labelled, speakers=speakers, summary=summary)

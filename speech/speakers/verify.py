@@ -4,10 +4,9 @@ The flow of a verification run::
 
     encoder  = get_encoder("auto")                      # ECAPA when it loads, else the shipped GE2E
     enrolled = enroll(request.speaker_samples, encoder) # {name: unit vector}, samples pooled per name
-    centroids = speaker_embeddings(audio, turns, encoder)   # {SPEAKER_XX: unit vector}
-    mapping  = match_names(centroids, enrolled, encoder.threshold, encoder.margin)
-    turns, mapping, scores = name_turns(audio, turns, mapping, enrolled, encoder, encoder.threshold, encoder.margin)
-    segments, speakers = relabel(segments, speakers, mapping)   # after assigning words to ``turns``
+    naming   = name_speakers(audio, turns, enrolled, encoder, encoder.threshold, encoder.margin)
+    # = speaker_embeddings (a centroid per SPEAKER_XX) + match_names (one-to-one) + name_turns
+    segments, speakers = relabel(segments, speakers, naming.mapping, naming.scores)  # words assigned to naming.turns
 
 Encoders (:mod:`speech.speakers.encoders`): ``builtin`` (resemblyzer GE2E, shipped), ``ecapa``
 (SpeechBrain), ``auto`` (ECAPA if it loads, else CAM++, else builtin).
@@ -33,7 +32,7 @@ import logging
 import math
 import re
 import unicodedata
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
@@ -338,6 +337,39 @@ def name_turns(
                  "separate", name, len(sims[label]), float(np.mean(sims[label])))
     return out, {**mapping, **{label: name for name, label in new_label.items()}}, \
         {label: round(float(np.mean(v)), 4) for label, v in sims.items()}
+
+
+class Naming(NamedTuple):
+    """What :func:`name_speakers` decided: the turns (some relabelled by :func:`name_turns`),
+    ``{label: name}``, each named label's similarity to its name, and the explanation
+    (:func:`explain`, plus ``named_by_turn`` when turns were named on their own)."""
+
+    turns: list[tuple[float, float, str]]
+    mapping: dict[str, str]
+    scores: dict[str, float]
+    explanation: dict
+
+
+def name_speakers(audio: np.ndarray, turns: Sequence[tuple[float, float, str]], enrolled: dict[str, np.ndarray],
+                  encoder: Optional[Encoder] = None, threshold: float = BUILTIN_THRESHOLD,
+                  margin: float = BUILTIN_MARGIN, by_turn: bool = True) -> Naming:
+    """Names for diarized speakers: their centroids matched one-to-one (:func:`match_names`),
+    then turns of a person no speaker was named for (:func:`name_turns`; ``by_turn=False``
+    skips that step)."""
+    encoder = encoder or get_encoder()
+    centroids = speaker_embeddings(audio, turns, encoder)
+    clustered = match_names(centroids, enrolled, threshold=threshold, margin=margin)
+    if by_turn:
+        spans, mapping, found = name_turns(audio, turns, clustered, enrolled, encoder, threshold, margin)
+    else:
+        spans, mapping, found = [(float(s), float(e), str(label)) for s, e, label in turns], clustered, {}
+    present = {label for _, _, label in spans}  # a speaker whose every turn was named on its own is gone
+    explanation = explain({label: vec for label, vec in centroids.items() if label in present}, enrolled, mapping,
+                          threshold, margin)
+    if found:
+        explanation["named_by_turn"] = {label: {"name": mapping[label], "similarity": score}
+                                        for label, score in found.items()}
+    return Naming(spans, mapping, {**match_scores(centroids, enrolled, clustered), **found}, explanation)
 
 
 def match_scores(centroids: dict[str, np.ndarray], enrolled: dict[str, np.ndarray],
