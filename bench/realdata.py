@@ -251,25 +251,15 @@ def _install(name: str, version: str, extract: Any, sdist: bool, provenance: Any
     return dest
 
 
-def _extract_pyannote(archive: Path, part: Path) -> list[str]:
-    """tests/data (AMI debug set) + the sample + LICENSE/PKG-INFO, names made ASCII."""
-    prefix = f"pyannote_audio-{PYANNOTE[1]}/"
-    wanted = {
-        "tests/data/": "ami/",
-        "src/pyannote/audio/sample/": "sample/",
-    }
+def extract_tar(archive: Path, part: Path, prefix: str, target_of: Any) -> list[str]:
+    """Copy the files of a ``.tar.gz`` under ``prefix`` into ``part``: ``target_of(path after
+    prefix)`` names each one's place there, or ``None`` to skip it. The places written, sorted."""
     out = []
     with tarfile.open(archive, "r:gz") as tar:
         for m in tar.getmembers():
             if not m.isfile() or not m.name.startswith(prefix):
                 continue
-            rel = m.name[len(prefix):]
-            target = None
-            if rel in ("LICENSE", "PKG-INFO"):
-                target = rel
-            for src, dst in wanted.items():
-                if rel.startswith(src) and "/" not in rel[len(src):] and not rel.endswith(".py"):
-                    target = dst + _ascii_name(rel[len(src):])
+            target = target_of(m.name[len(prefix):])
             if target is None:
                 continue
             path = part / target
@@ -277,10 +267,29 @@ def _extract_pyannote(archive: Path, part: Path) -> list[str]:
             with tar.extractfile(m) as f, open(path, "wb") as g:
                 shutil.copyfileobj(f, g)
             out.append(target)
+    return sorted(out)
+
+
+def _extract_pyannote(archive: Path, part: Path) -> list[str]:
+    """tests/data (AMI debug set) + the sample + LICENSE/PKG-INFO, names made ASCII."""
+    wanted = {
+        "tests/data/": "ami/",
+        "src/pyannote/audio/sample/": "sample/",
+    }
+
+    def target_of(rel: str) -> Optional[str]:
+        if rel in ("LICENSE", "PKG-INFO"):
+            return rel
+        for src, dst in wanted.items():
+            if rel.startswith(src) and "/" not in rel[len(src):] and not rel.endswith(".py"):
+                return dst + _ascii_name(rel[len(src):])
+        return None
+
+    out = extract_tar(archive, part, f"pyannote_audio-{PYANNOTE[1]}/", target_of)
     # the .lst names the first file trñ00 while its RTTM and UEM say trn00: one spelling, trn00
     for lst in (part / "ami").glob("*.lst"):
         lst.write_text(_ascii_name(lst.read_text(encoding="utf-8")))
-    return sorted(out)
+    return out
 
 
 def _extract_speakerbox(archive: Path, part: Path) -> list[str]:
