@@ -215,7 +215,8 @@ class TranscriptionRequest(BaseModel):
     return_char_alignments: bool = Field(
         False, description="With word alignment by wav2vec2: also return per-character times (segments[].chars), "
         "as whisperx's --return_char_alignments.")
-    num_speakers: Optional[int] = Field(None, ge=1, description="Exact number of speakers, when known.")
+    num_speakers: Optional[int] = Field(None, ge=1, description="Exact number of speakers, when known: worth giving "
+                                        "for telephone audio, where an estimated count is less reliable.")
     download_dir: Optional[str] = Field(
         None, description="Local folder for the outputs (default RESULTS_DIR or ./out); ignored when bucket is set."
     )
@@ -635,6 +636,8 @@ class DiarizationOutcome(BaseModel):
     backend: Optional[str] = None
     error: Optional[str] = None
     seconds: float = 0.0
+    band: Optional[str] = Field(None, description="the input's band as the segmented diarizer measured it: wideband, "
+                                "narrowband (nothing above 4 kHz) or telephone (300-3400 Hz, telephone-band models)")
     settled: bool = Field(True, description="False when no backend succeeded or one failed transiently: "
                           "a later run should try again, so the outcome is not cached")
     chars_error: Optional[str] = Field(None, description="why character times were asked for but not given")

@@ -103,6 +103,8 @@ def label_speakers(audio: AudioRef, segments: list[Segment], outcome: Diarizatio
                    enrolled: Optional[dict[str, list[float]]], encoder_kind: str) -> SpeakerLabels:
     """Speakers on words and segments (split at word boundaries), then enrolled names."""
     summary: dict[str, Any] = {"backend": outcome.backend}
+    if outcome.band:
+        summary["band"] = outcome.band
     if outcome.error:
         summary["error"] = outcome.error
     if not outcome.turns:

@@ -260,6 +260,7 @@ def test_diarization_and_enrolled_names_in_the_flow(prefect_harness, tmp_path, m
     assert set(result["speakers"]) == {"SPEAKER_00", "SPEAKER_01", "SPEAKER_02"}
     assert {s["name"] for s in result["speakers"].values()} == {"slt", "rms", "awb"}
     assert result["debug"]["diarization"]["backend"] == "segmented"
+    assert result["debug"]["diarization"]["band"] == "wideband"  # the band the diarizer measured
     for seg in result["segments"]:  # the worker's keys beside each name
         assert seg["speaker_id"].startswith("SPEAKER_") and seg["similarity"] >= 0.45, seg
     verification = result["verification"]  # which speaker got which name, by which encoder

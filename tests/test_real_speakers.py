@@ -154,16 +154,28 @@ def test_segmented_on_the_telephone_copy_of_a_council_meeting(real):
     assert der(rec.turns, out.turns, rec.duration, collar=0.0) <= 0.08  # measured 0.029 (16 kHz: 0.040)
 
 
-def test_the_real_call_through_a_telephone_channel(real):
+def test_the_real_call_through_a_telephone_channel(real, caplog):
     """Held out. The call as a phone system stores it (300-3400 Hz, 8 kHz, mu-law): both people.
     The telephone-band students (bench/distill_telephone.py) take its DER from 0.487 to 0.188 (16 kHz:
-    0.102); the segmentation student with the wideband CAM++ alone gives 0.504."""
+    0.102); the segmentation student with the wideband CAM++ alone gives 0.504. The outcome says
+    the band, and a count estimated there is a warning that says to give it (given: no warning)."""
+    import logging
+
     from speech.speakers.segmented import diarize_segmented
 
     rec = real["sample"]
-    out = diarize_segmented(_telephone(rec), DiarizeParams(backend="segmented"))
+    audio = _telephone(rec)
+    with caplog.at_level(logging.WARNING, logger="speech.speakers.segmented"):
+        out = diarize_segmented(audio, DiarizeParams(backend="segmented"))
     assert len({t.speaker for t in out.turns}) == 2
     assert der(rec.turns, out.turns, rec.duration, collar=0.0) <= 0.26
+    assert out.band == "telephone"
+    assert any("telephone audio" in r.getMessage() and "num_speakers" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="speech.speakers.segmented"):
+        given = diarize_segmented(audio, DiarizeParams(backend="segmented", num_speakers=2))
+    assert len({t.speaker for t in given.turns}) == 2 and given.band == "telephone"
+    assert not [r for r in caplog.records if "telephone audio" in r.getMessage()]
 
 
 def test_the_real_call_at_8_khz_without_the_telephone_high_pass(real):
@@ -180,6 +192,7 @@ def test_the_real_call_at_8_khz_without_the_telephone_high_pass(real):
     out = diarize_segmented(audio, DiarizeParams(backend="segmented"))
     assert len({t.speaker for t in out.turns}) == 2
     assert der(rec.turns, out.turns, rec.duration, collar=0.0) <= 0.14
+    assert out.band == "narrowband"  # low-passed only: the wideband models
 
 
 def test_segmentation_3_0_from_its_pypi_onnx_export(real, monkeypatch):

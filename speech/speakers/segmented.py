@@ -282,11 +282,16 @@ def diarize_segmented(audio: np.ndarray, params: Optional[DiarizeParams] = None,
     for (segment, _, _), label in zip(tracks, refined):
         name = labels.setdefault(label, f"SPEAKER_{len(labels):02d}")
         turns.append(Turn(start=round(segment.start, 3), end=round(segment.end, 3), speaker=name))
+    band = "telephone" if band_passed else "narrowband" if narrowband else "wideband"
     log.info("segmented diarization: %d speakers, %d turns%s%s", len(labels), len(turns),
              f" ({brief} with under {MIN_SPEAKER_S:g} s of speech joined the closest)" if brief > 0 else "",
              " (telephone band, 300-3400 Hz: telephone-band models)" if band_passed
              else " (telephone band)" if narrowband else "")
-    return DiarizationOutcome(turns=turns, backend="segmented", seconds=round(time.perf_counter() - t0, 3))
+    if band_passed and not params.num_speakers and len(labels) > 1:
+        log.warning("%d speakers estimated on 300-3400 Hz telephone audio, where the count is less reliable than "
+                    "on wideband audio (docs/benchmarks.md); "
+                    "pass num_speakers when the count is known", len(labels))
+    return DiarizationOutcome(turns=turns, backend="segmented", seconds=round(time.perf_counter() - t0, 3), band=band)
 
 
 def turn_embeddings(annotation: Any, audio: np.ndarray, encoder: Any) -> tuple[dict[int, np.ndarray], dict[int, float]]:
