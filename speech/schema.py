@@ -44,6 +44,7 @@ AlignBackend = Literal["auto", "wav2vec2", "pocketsphinx", "whisper"]
 DiarizationBackend = Literal["auto", "pyannote", "pyannote-api", "segmented", "builtin"]
 PyannoteModel = Literal["precision-2", "community-1"]
 SpeakerEncoder = Literal["auto", "builtin", "ecapa", "campplus"]
+AudioBand = Literal["wideband", "narrowband", "telephone"]  # as the segmented diarizer measures it
 OutputFormat = Literal["all", "json", "srt", "vtt", "txt", "tsv", "aud"]
 TaskName = Literal["transcribe", "translate"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -636,8 +637,8 @@ class DiarizationOutcome(BaseModel):
     backend: Optional[str] = None
     error: Optional[str] = None
     seconds: float = 0.0
-    band: Optional[str] = Field(None, description="the input's band as the segmented diarizer measured it: wideband, "
-                                "narrowband (nothing above 4 kHz) or telephone (300-3400 Hz, telephone-band models)")
+    band: Optional[AudioBand] = Field(None, description="the input's band as the segmented diarizer measured it: "
+                                      "narrowband = nothing above 4 kHz, telephone = 300-3400 Hz")
     settled: bool = Field(True, description="False when no backend succeeded or one failed transiently: "
                           "a later run should try again, so the outcome is not cached")
     chars_error: Optional[str] = Field(None, description="why character times were asked for but not given")

@@ -34,7 +34,7 @@ from typing import Any, Optional
 import numpy as np
 
 from speech.models import CACHE, ModelCache
-from speech.schema import SAMPLE_RATE, DiarizationOutcome, DiarizeParams, Turn
+from speech.schema import SAMPLE_RATE, AudioBand, DiarizationOutcome, DiarizeParams, Turn
 from speech.speakers.segmentation import load_segmentation
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,8 @@ NARROWBAND_MERGE_SIMILARITY: Optional[float] = None
 LOWBAND_RATIO = 0.015
 NARROWBAND_SEGMENTATION: Optional[str] = "whisperx-telephone"
 NARROWBAND_ENCODER = True
+BAND_NOTES = {"wideband": "", "narrowband": " (telephone band)",
+              "telephone": " (telephone band, 300-3400 Hz: telephone-band models)"}  # for the log line
 
 
 def telephone_band(audio: np.ndarray, seconds: float = 60.0) -> tuple[bool, bool]:
@@ -282,15 +284,13 @@ def diarize_segmented(audio: np.ndarray, params: Optional[DiarizeParams] = None,
     for (segment, _, _), label in zip(tracks, refined):
         name = labels.setdefault(label, f"SPEAKER_{len(labels):02d}")
         turns.append(Turn(start=round(segment.start, 3), end=round(segment.end, 3), speaker=name))
-    band = "telephone" if band_passed else "narrowband" if narrowband else "wideband"
+    band: AudioBand = "telephone" if band_passed else "narrowband" if narrowband else "wideband"
     log.info("segmented diarization: %d speakers, %d turns%s%s", len(labels), len(turns),
              f" ({brief} with under {MIN_SPEAKER_S:g} s of speech joined the closest)" if brief > 0 else "",
-             " (telephone band, 300-3400 Hz: telephone-band models)" if band_passed
-             else " (telephone band)" if narrowband else "")
-    if band_passed and not params.num_speakers and len(labels) > 1:
-        log.warning("%d speakers estimated on 300-3400 Hz telephone audio, where the count is less reliable than "
-                    "on wideband audio (docs/benchmarks.md); "
-                    "pass num_speakers when the count is known", len(labels))
+             BAND_NOTES[band])
+    if band == "telephone" and not params.num_speakers and len(labels) > 1:
+        log.warning("%d speakers estimated on 300-3400 Hz telephone audio, where the count is less reliable than on "
+                    "wideband audio (docs/benchmarks.md): pass num_speakers when the count is known", len(labels))
     return DiarizationOutcome(turns=turns, backend="segmented", seconds=round(time.perf_counter() - t0, 3), band=band)
 
 
