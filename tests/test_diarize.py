@@ -373,3 +373,24 @@ def test_a_speaker_with_too_little_speech_joins_the_closest():
     assert absorb_brief(vectors, seconds, labels, durations, least=0.5) == ["A", "B", "C", "D", "A"]
     assert absorb_brief(vectors, seconds, labels, durations, least=1.5, min_speakers=4) == ["A", "B", "C", "D", "A"]
     assert absorb_brief(vectors, seconds, ["A", "A"], [0.2, 0.3], least=1.5) == ["A", "A"]  # one speaker stays
+
+
+def test_a_brief_speaker_whose_voice_matches_another_joins_it():
+    """Under ``similar_below`` seconds a speaker joins its closest only when their centroids score
+    at least ``similarity``: a voice split off for a turn or two goes back, a brief other voice stays."""
+    from speech.speakers.segmented import absorb_brief
+
+    a, b = _unit(1, 0, 0), _unit(0, 1, 0)
+    vectors = {0: a, 1: b, 2: _unit(1, 0.5, 0), 3: _unit(0, 0.3, 1)}
+    seconds = {0: 8.0, 1: 6.0, 2: 2.0, 3: 2.0}
+    labels = ["A", "B", "C", "D"]
+    durations = [9.0, 7.0, 2.5, 2.6]  # C: like A (0.89); D: a voice of its own (0.29 with B)
+    assert absorb_brief(vectors, seconds, labels, durations, least=1.5) == labels  # both over 1.5 s
+    assert absorb_brief(vectors, seconds, labels, durations, least=1.5, similar_below=3.0,
+                        similarity=0.5) == ["A", "B", "A", "D"]
+    assert absorb_brief(vectors, seconds, labels, durations, least=1.5, similar_below=2.55,
+                        similarity=0.5) == ["A", "B", "A", "D"]  # D (2.6 s) is not brief there either
+    assert absorb_brief(vectors, seconds, labels, durations, least=1.5, similar_below=3.0,
+                        similarity=0.95) == labels  # C not alike enough
+    assert absorb_brief(vectors, seconds, labels, durations, least=1.5, similar_below=3.0, similarity=0.2,
+                        min_speakers=3) == ["A", "B", "A", "D"]  # D would join too, but three must stay

@@ -85,7 +85,10 @@ def test_segmented_counts_two_person_meeting_excerpts(real, rid):
 
 def test_no_speaker_with_too_little_speech_on_a_far_field_excerpt(real):
     """Training material: AMI trn07 (4 people, 9.0 / 3.3 / 1.8 / 1.4 s of speech) gave 6 speakers,
-    two of them with under 1.5 s of turns; such a speaker now joins its closest."""
+    two of them with under 1.5 s of turns; such a speaker now joins its closest, and so does a
+    speaker with under 3 s whose voice scores >= 0.5 with another's (6 -> 3 -> 2 speakers: the two
+    people with 2 s or more)."""
+    from bench.speakers import audible_speakers
     from speech.speakers.segmented import MIN_SPEAKER_S
 
     rec = real["trn07"]
@@ -94,8 +97,8 @@ def test_no_speaker_with_too_little_speech_on_a_far_field_excerpt(real):
     for t in out.turns:
         talk[t.speaker] = talk.get(t.speaker, 0.0) + t.end - t.start
     assert min(talk.values()) >= MIN_SPEAKER_S, talk
-    assert abs(len(talk) - rec.n_speakers) <= 1
-    assert der(rec.turns, out.turns, rec.duration, collar=0.0) <= 0.62  # measured 0.569 (0.656 with 6 speakers)
+    assert abs(len(talk) - audible_speakers(rec.turns)) <= 1
+    assert der(rec.turns, out.turns, rec.duration, collar=0.0) <= 0.52  # measured 0.426 (0.569 with 3, 0.656 with 6)
 
 
 def test_segmented_on_a_rebuilt_council_meeting(real):
@@ -176,6 +179,19 @@ def test_the_real_call_through_a_telephone_channel(real, caplog):
         given = diarize_segmented(audio, DiarizeParams(backend="segmented", num_speakers=2))
     assert len({t.speaker for t in given.turns}) == 2 and given.band == "telephone"
     assert not [r for r in caplog.records if "telephone audio" in r.getMessage()]
+
+
+def test_two_person_meeting_excerpt_through_a_telephone_channel(real):
+    """Held out: AMI dev01's 300-3400 Hz 8 kHz copy. The telephone-band models split one person's
+    voice into a speaker of 1.7 s that scores 0.62 with her own: it joins her (3 -> 2 speakers,
+    DER 0.382 -> 0.295; the 16 kHz recording: 2 speakers, 0.252)."""
+    from speech.speakers.segmented import diarize_segmented
+
+    rec = real["dev01"]
+    out = diarize_segmented(_telephone(rec), DiarizeParams(backend="segmented"))
+    assert out.band == "telephone"
+    assert len({t.speaker for t in out.turns}) == rec.n_speakers == 2
+    assert der(rec.turns, out.turns, rec.duration, collar=0.0) <= 0.36
 
 
 def test_the_real_call_at_8_khz_without_the_telephone_high_pass(real):
