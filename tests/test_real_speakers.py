@@ -183,7 +183,7 @@ def test_the_real_call_through_a_telephone_channel(real, caplog):
 
 def test_two_person_meeting_excerpt_through_a_telephone_channel(real):
     """Held out: AMI dev01's 300-3400 Hz 8 kHz copy. The telephone-band models split one person's
-    voice into a speaker of 1.7 s that scores 0.62 with her own: it joins her (3 -> 2 speakers,
+    voice into a speaker of 1.7 s that scores 0.62 with that person's own: it joins it (3 -> 2 speakers,
     DER 0.382 -> 0.295; the 16 kHz recording: 2 speakers, 0.252)."""
     from speech.speakers.segmented import diarize_segmented
 

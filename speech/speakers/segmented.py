@@ -110,7 +110,7 @@ MIN_SPEAKER_S = 1.5
 # recordings (bench/speakers.py, docs/benchmarks.md): 16 kHz mean DER 0.277 -> 0.267 (AMI trn07 3 -> 2
 # of 4, two of whom say under 2 s; 0.569 -> 0.426), 8 kHz unchanged (0.322, every count the same; a
 # bar of 0.45 absorbs trn08's real fourth voice); inert on meetings (every council speaker found
-# holds >= 14 s); longer bars (4-6 s) lose an exact count at 16 kHz.
+# holds >= 14 s); longer spans (4-6 s) lose an exact count at 16 kHz.
 BRIEF_SIMILAR_S = 3.0
 BRIEF_SIMILARITY = 0.5
 
