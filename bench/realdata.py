@@ -173,12 +173,19 @@ def _sha256(path: Path) -> str:
 
 
 def _pip_download(name: str, version: str, into: Path, sdist: bool) -> Path:
-    """``python -m pip download --no-deps`` one archive into ``into``; its path."""
+    """One archive into ``into``; its path. An sdist comes straight from the index's simple API:
+    ``pip download --no-binary :all:`` would build its metadata first, running the package's build
+    backend and building that backend's own dependencies from source too (minutes on a fresh
+    machine, and a failure for coqui-tts). A wheel, or an index that cannot be read: ``python -m
+    pip download --no-deps``."""
+    if sdist:
+        try:
+            return _index_download(name, version, into)
+        except (OSError, RuntimeError, ValueError, KeyError):  # e.g. a mirror without the JSON API
+            shutil.rmtree(into, ignore_errors=True)  # no half-written archive: let pip find it
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
            "--no-binary" if sdist else "--only-binary", ":all:", f"{name}=={version}", "-d", str(into)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 and sdist:  # pip builds an sdist's metadata first, which can fail
-        return _index_download(name, version, into)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"pip download {name}=={version} failed: {' | '.join(tail)}")
@@ -189,11 +196,11 @@ def _pip_download(name: str, version: str, into: Path, sdist: bool) -> Path:
 
 
 def _index_download(name: str, version: str, into: Path) -> Path:
-    """The sdist ``<name>-<version>.tar.gz`` straight from the package index's simple API
-    (``PIP_INDEX_URL`` or PyPI), for packages whose metadata pip cannot build here."""
+    """The sdist ``<name>-<version>.tar.gz`` straight from the package index's simple API:
+    ``PIP_INDEX_URL``, else pip's configured ``index-url``, else PyPI."""
     import urllib.request
 
-    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    index = (os.environ.get("PIP_INDEX_URL") or _pip_config("global.index-url") or "https://pypi.org/simple").rstrip("/")
     project = re.sub(r"[-_.]+", "-", name).lower()
     request = urllib.request.Request(f"{index}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
     with urllib.request.urlopen(request, timeout=60) as r:
@@ -207,6 +214,12 @@ def _index_download(name: str, version: str, into: Path) -> Path:
     with urllib.request.urlopen(url, timeout=300) as r, open(target, "wb") as f:
         shutil.copyfileobj(r, f)
     return target
+
+
+def _pip_config(key: str) -> str:
+    """A value of pip's configuration (``pip config get``), or ``""`` where it is not set."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "config", "get", key], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
 def _ascii_name(name: str) -> str:
