@@ -271,6 +271,7 @@ def test_the_images_python_environment_is_the_tested_one():
     import importlib.metadata
     import json
     import re
+    import sysconfig
     import tempfile
 
     docker = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
@@ -285,7 +286,10 @@ def test_the_images_python_environment_is_the_tested_one():
         assert resolved.returncode == 0, resolved.stderr[-3000:]
         image = {p["metadata"]["name"].lower().replace("_", "-"): p["metadata"]["version"]
                  for p in json.loads(report.read_text())["install"]}
-    here = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in importlib.metadata.distributions()}
+    # the venv's own installs: not the copies setuptools vendors (packaging, tomli ...), whose
+    # dist-info becomes visible once anything in this process has imported setuptools
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    here = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in importlib.metadata.distributions(path=site)}
     differ = {name: (version, here.get(name)) for name, version in image.items() if here.get(name) != version}
     assert not differ, differ
     assert {"runpod", "prefect", "whisperx", "torch", "nvidia-cublas-cu12", "nvidia-cudnn-cu12"} <= set(image)
