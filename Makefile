@@ -11,6 +11,9 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 # a throw-away Prefect API on a busy 2-core machine can take longer than Prefect's 20 s to answer
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+# test processes (pytest-xdist), each running whole test files: most of a test waits on Prefect
+# servers, workers and subprocesses, so two share two cores well (3107 s -> 1905 s); 0 = one process
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test bench bench-batch bench-overlap bench-warm bench-speakers bench-memory bench-load bench-canaries bench-gpu bench-smoke clean fixtures
 
@@ -30,7 +33,7 @@ demo: setup
 	$(PY) -m flows.transcribe tests/data/sample_2spk.wav --download-dir out/demo --debug
 
 test: setup
-	@set +e; $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@set +e; $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 
 bench: setup
