@@ -10,9 +10,7 @@ parameters) fails the whole run up front, since every file would fail the same w
 """
 from __future__ import annotations
 
-import hashlib
 import time
-from collections import Counter
 from typing import Any, Optional
 
 from prefect import flow
@@ -23,19 +21,9 @@ from flows.pipeline import run_pipeline
 from flows.local_api import record_run_process
 from flows.runtime import apply_runtime_switches, redact_stored_secrets
 from speech.errors import InvalidRequest
-from speech.io.audio import stem_of
+from speech.io.audio import distinct_output_names, stem_of
 from speech.schema import TranscriptionRequest
 from tasks.common import artifact_key
-
-
-def _distinct_output_names(audio_files: list[str]) -> list[Optional[str]]:
-    """None (= named after the file) unless two files share a stem (a/talk.wav, b/talk.mp3):
-    those get ``<stem>-<8 hex of their source>``, stable across runs, so no file's outputs
-    overwrite another's."""
-    stems = [stem_of(f) for f in audio_files]
-    counts = Counter(stems)
-    return [f"{stem}-{hashlib.sha256(f.encode()).hexdigest()[:8]}" if counts[stem] > 1 else None
-            for f, stem in zip(audio_files, stems)]
 
 
 @flow(name="transcribe-batch", validate_parameters=False, log_prints=False)
@@ -59,7 +47,7 @@ def transcribe_batch(audio_files: list[str], request: Optional[dict[str, Any]] =
     if request.get("output_name") and len(audio_files) > 1:
         raise InvalidRequest("output_name names one file's outputs: in a batch every file would overwrite them; "
                              "leave it empty (each file's outputs are named after it)")
-    output_names = _distinct_output_names(audio_files)
+    output_names = distinct_output_names(audio_files)
 
     succeeded: list[str] = []
     failed: list[dict[str, str]] = []

@@ -24,7 +24,7 @@ from typing import Any, Optional
 # "--no-" ones turn the field off); whisperx's spellings come from flows/whisperx_cli.py
 ALIASES = {"align_output": ["--no-align", "--no_align"], "diarization": ["--no-diarization"]}
 NOT_FLAGS = {"audio_file", "speaker_samples"}  # the positional AUDIO and --speaker-sample
-REMOTE_FLAGS = ("endpoint", "api_key", "sync", "deployment", "remote_timeout")
+REMOTE_FLAGS = ("endpoint", "api_key", "sync", "deployment", "remote_timeout", "remote_jobs")
 
 
 def _request_flags(p: argparse.ArgumentParser) -> None:
@@ -92,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run a Prefect deployment (e.g. transcribe-audio/transcribe-local) on PREFECT_API_URL "
                         "and wait for its result")
     remote.add_argument("--remote-timeout", type=float, default=3600.0, metavar="SECONDS",
-                        help="give up (and cancel the remote job) after this long (default: 3600)")
+                        help="give up on a remote job (and cancel it) this long after sending it, its time in the "
+                        "remote queue included (default: 3600)")
+    remote.add_argument("--remote-jobs", type=int, default=4, metavar="N",
+                        help="with several files, how many remote jobs run at once (default: 4; 1 = one after another)")
     _request_flags(p)
     from flows.whisperx_cli import add_refusals
 
@@ -244,7 +247,8 @@ def _quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     warnings.filterwarnings("ignore")
     for name in ("whisperx", "lightning", "lightning.pytorch", "lightning.pytorch.utilities.migration.utils",
-                 "pytorch_lightning", "speechbrain", "pyannote"):
+                 "pytorch_lightning", "speechbrain", "pyannote",
+                 "urllib3.connectionpool"):  # the runpod SDK's retry lines (runpod sets "urllib3" itself)
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -289,16 +293,18 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _run_remote(args: argparse.Namespace, data: dict[str, Any], req: Any, files: list[str]) -> int:
-    """``--endpoint`` / ``--deployment``: each file runs remotely, its outputs are written here."""
+    """``--endpoint`` / ``--deployment``: each file runs remotely (up to --remote-jobs at once), its
+    outputs are written here (:func:`flows.remote.run_files`)."""
     from rich.console import Console
 
-    from flows.remote import RemoteFailed, run_remote
-    from speech.errors import SpeechError
-    from speech.redact import scrub_configured
+    from flows.remote import run_files
 
     console = Console(stderr=True, soft_wrap=True)
     if args.endpoint and args.deployment:
         console.print("[red]error:[/red] --endpoint and --deployment: choose one")
+        return 2
+    if not 1 <= args.remote_jobs <= 64:
+        console.print(f"[red]error:[/red] --remote-jobs must be from 1 to 64, got {args.remote_jobs}")
         return 2
     server = None
     if args.deployment:
@@ -307,22 +313,9 @@ def _run_remote(args: argparse.Namespace, data: dict[str, Any], req: Any, files:
             console.print("[red]error:[/red] --deployment needs the Prefect server that holds it: set PREFECT_API_URL "
                           "(or start `prefect server start` here)")
             return 2
-    status = 0
-    for audio_file in files:
-        started = time.perf_counter()
-        one = {**data, "audio_file": audio_file}
-        try:
-            with _api_settings(server) if server else contextlib.nullcontext():
-                result, outputs = run_remote(args, one, req.model_copy(update={"audio_file": audio_file}), console)
-        except SpeechError as exc:
-            console.print(f"[red]error:[/red] {audio_file}: {scrub_configured(str(exc))}")
-            status = status or (1 if isinstance(exc, RemoteFailed) else 2)
-            continue
-        except KeyboardInterrupt:
-            console.print("[red]interrupted[/red] (the remote job was cancelled)")
-            return 130
-        _report(args, result, outputs, started, console)
-    return status
+    with _api_settings(server) if server else contextlib.nullcontext():
+        return run_files(args, data, req, files, console,
+                         lambda result, outputs, started: _report(args, result, outputs, started, console))
 
 
 def _report(args: argparse.Namespace, result: dict[str, Any], outputs: list[Any], started: float,

@@ -6,7 +6,13 @@ the deployment runner in tests/test_runpod_deployment.py."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -17,12 +23,16 @@ from conftest import DATA, serving_runpod_api, wer, wer_limit
 KEY = "remote-mode-key"
 
 
+SERVED: dict = {}  # the module endpoint's job table (deployments.runpod_jobs.Jobs)
+
+
 @pytest.fixture(scope="module")
 def endpoint(prefect_harness, s3_server):
     from deployments.runpod_api import Jobs
     from deployments.runpod_handler import handler
 
-    with serving_runpod_api(KEY, Jobs(lambda job, job_id: handler(job, flow_run_name=job_id), workers=1)) as base:
+    SERVED["jobs"] = Jobs(lambda job, job_id: handler(job, flow_run_name=job_id), workers=1)
+    with serving_runpod_api(KEY, SERVED["jobs"]) as base:
         yield f"{base}/whisperx"
 
 
@@ -128,6 +138,83 @@ def test_the_deadline_cancels_the_remote_job(endpoint, s3, tmp_path, capsys):
 
     assert final(job) == "CANCELLED" and not (tmp_path / "out").exists()
     assert final(busy) == "COMPLETED"
+
+
+def test_several_files_are_remote_jobs_at_once_and_same_names_stay_apart(endpoint, s3, tmp_path, capsys):
+    """Three files, two of them named talk.wav (different voices and words): all three jobs are
+    in the endpoint's queue before the first ends; each talk.wav goes up under its own key and comes
+    back as its own talk-<8 hex> outputs (with one shared key, a job could read the other's audio);
+    the results are printed in the order given."""
+    from flows.cli import main
+    from speech.io.audio import distinct_output_names
+
+    s3.create_bucket(Bucket="remote-many")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(DATA / "enrol_slt.wav", tmp_path / "a" / "talk.wav")
+    shutil.copy(DATA / "enrol_awb.wav", tmp_path / "b" / "talk.wav")
+    files = [str(tmp_path / "a" / "talk.wav"), str(tmp_path / "b" / "talk.wav"), str(DATA / "enrol_rms.wav")]
+    texts = [_text("enrol_slt.wav"), _text("enrol_awb.wav"), _text("enrol_rms.wav")]
+    out = tmp_path / "out"
+    since = time.time()
+    code = main(["--endpoint", endpoint, *files, "--language", "en", "--bucket", "remote-many", "--remote-jobs", "3",
+                 "--download-dir", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+
+    ours = [j for j in SERVED["jobs"].jobs.values() if j["submitted"] >= since]
+    assert len(ours) == 3 and all(j["status"] == "COMPLETED" for j in ours)
+    assert max(j["submitted"] for j in ours) < min(j["finished"] for j in ours)  # all sent before any ended
+    assert captured.err.count(": remote job ") == 3
+
+    decoder, printed, at = json.JSONDecoder(), [], 0
+    while at < len(captured.out.rstrip()):
+        doc, at = decoder.raw_decode(captured.out, at)
+        printed.append(" ".join(s["text"] for s in doc["segments"]))
+        at += len(captured.out[at:]) - len(captured.out[at:].lstrip())
+    assert len(printed) == 3 and all(wer(t, p) <= 0.25 for t, p in zip(texts, printed)), printed  # in order
+    stems = sorted({p.name.split(".")[0] for p in out.iterdir()})
+    assert len(stems) == 3 and "enrol_rms" in stems and all(re.fullmatch(r"talk-[0-9a-f]{8}", s) for s in stems[1:]), stems
+    for path, text, name in zip(files[:2], texts[:2], distinct_output_names(files)):
+        written = " ".join(s["text"] for s in json.loads((out / f"{name}.json").read_text())["segments"])
+        assert wer(text, written) <= 0.25, (path, written)
+        stored = s3.get_object(Bucket="remote-many", Key=f"audio/{name}.wav")["Body"].read()
+        assert stored == open(path, "rb").read()
+    assert "audio/talk.wav" not in captured.err
+
+
+def test_ctrl_c_cancels_every_job_in_flight_and_sends_no_more(tmp_path):
+    """The command (its own process) holds two of three files as jobs in a busy endpoint's queue;
+    SIGINT ends it with exit 130, both jobs are cancelled there, the third file is never sent."""
+    from deployments.runpod_api import Jobs
+
+    gate = threading.Event()
+    jobs = Jobs(lambda job, job_id: (gate.wait(120), {"segments": []})[1], workers=1)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with serving_runpod_api(KEY, jobs) as base:
+        url = f"{base}/whisperx"
+        busy = requests.post(f"{url}/run", headers=auth, timeout=30, json={"input": {"audio_file": "s3://b/busy.wav"}})
+        env = {**os.environ, "RUNPOD_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
+        cli = subprocess.Popen([sys.executable, "-m", "flows.transcribe", "--endpoint", url, "s3://b/one.wav",
+                                "s3://b/two.wav", "s3://b/three.wav", "--remote-jobs", "2", "--download-dir",
+                                str(tmp_path / "out")], cwd=DATA.parents[1], env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            lines, deadline = [], time.monotonic() + 120
+            while sum(": remote job " in line for line in lines) < 2:
+                assert time.monotonic() < deadline and cli.poll() is None, lines
+                lines.append(cli.stderr.readline())
+            cli.send_signal(signal.SIGINT)
+            rest = cli.communicate(timeout=60)[1]
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+            gate.set()
+        assert cli.returncode == 130, "".join(lines) + rest
+        assert "2 remote jobs cancelled" in rest, rest
+        sent = [j for j in jobs.jobs.values() if j["id"] != busy.json()["id"]]
+        assert len(sent) == 2 and all(j["status"] == "CANCELLED" for j in sent), sent
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("value, expected", [

@@ -198,18 +198,22 @@ def test_the_cli_remote_mode_runs_a_file_through_the_deployment(runner, s3, tmp_
     assert len(sent) == 1 and sent[0].state.is_completed()
     assert "X-Amz" not in json.dumps(sent[0].parameters)
 
-    local = tmp_path / "local"
-    assert main(["--deployment", DEPLOYMENT, str(DATA / "sample_2spk.wav"), "--language", "en", "--json",
-                 "--download-dir", str(local)]) == 0
+    local = tmp_path / "local"  # two files, two runs at once (the command's threads each reach the API)
+    assert main(["--deployment", DEPLOYMENT, str(DATA / "sample_2spk.wav"), str(DATA / "enrol_rms.wav"), "--language",
+                 "en", "--json", "--remote-jobs", "2", "--download-dir", str(local)]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["segments"] == result["segments"]
+    first, at = json.JSONDecoder().raw_decode(captured.out)
+    second = json.loads(captured.out[at:])
+    assert first["segments"] == result["segments"]
+    assert wer(manifest["enrol_rms.wav"]["text"], " ".join(s["text"] for s in second["segments"])) <= 0.25
     assert (local / "sample_2spk.srt").read_text() == (out / "sample_2spk.srt").read_text()
+    assert (local / "enrol_rms.json").is_file() and captured.err.count(": remote job ") == 2
 
     assert main(["--deployment", DEPLOYMENT, str(DATA / "sample_2spk.wav"), "--deepgram-api-key", "dg-secret-9",
                  "--download-dir", str(tmp_path / "never")]) == 2
     err = capsys.readouterr().err
     assert "prefect-secret:" in err and "dg-secret-9" not in err and not (tmp_path / "never").exists()
     with get_client(sync_client=True) as client:
-        assert len(client.read_flow_runs(limit=200)) == len(runs) + 1  # the local-path run only
+        assert len(client.read_flow_runs(limit=200)) == len(runs) + 2  # the local-path runs only
     assert main(["--deployment", "transcribe-audio/no-such-deployment", "s3://runpod-audio/audio/sample_2spk.wav"]) == 2
     assert "no such deployment" in capsys.readouterr().err

@@ -34,6 +34,19 @@ def stem_of(source: str) -> str:
     return stem or "audio"
 
 
+def distinct_output_names(sources: list[str]) -> list[Optional[str]]:
+    """None (= named after the file) unless two sources share a stem (a/talk.wav, b/talk.mp3):
+    those get ``<stem>-<8 hex of their source>``, stable across runs, so no file's outputs (or
+    uploaded audio) take another's place."""
+    import hashlib
+    from collections import Counter
+
+    stems = [stem_of(f) for f in sources]
+    counts = Counter(stems)
+    return [f"{stem}-{hashlib.sha256(f.encode()).hexdigest()[:8]}" if counts[stem] > 1 else None
+            for f, stem in zip(sources, stems)]
+
+
 def load_audio(source: str, output_name: Optional[str] = None, settings: Optional[Settings] = None,
                decode_now: bool = True, keep_bytes: bool = False, since: Optional[float] = None) -> AudioRef:
     """Fetch + hash (+ decode). Raises AudioError/FetchError with a one-line reason.
