@@ -22,14 +22,11 @@ modes that refused), ``canaries``, ``found`` (where any canary was found: goal e
 from __future__ import annotations
 
 import argparse
-import functools
-import http.server
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from contextlib import ExitStack
@@ -39,22 +36,10 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import DATA  # noqa: E402
+from bench.common import DATA, serve_folder  # noqa: E402
 from deployments.local_server import local_postgres, local_prefect_server, start_endpoint, stop  # noqa: E402
 
 KEY = "audit-endpoint-key"
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: Any) -> None:  # the request lines carry the canaries
-        pass
-
-
-def _serve_data() -> tuple[str, Any]:
-    handler = functools.partial(_Quiet, directory=str(DATA))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}", server
 
 
 class Canaries:
@@ -146,7 +131,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--smoke", action="store_true", help="SQLite server, fewer entry points (CI)")
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="secrets-audit-"))
-    base, http_server = _serve_data()
+    base, http_server = serve_folder(DATA)
     canaries = Canaries(base, tmp / "out")
     with ExitStack() as stack:
         database = None if args.smoke else stack.enter_context(local_postgres(log_statements=True))

@@ -62,3 +62,19 @@ def job_output(folder: Path, stem: str) -> Path:
     a path that does not exist when there is none."""
     found = sorted(Path(folder).glob(f"{stem}/*/{stem}.json"), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else Path(folder) / stem / "none" / f"{stem}.json"
+
+
+def serve_folder(folder: Path = DATA) -> tuple[str, Any]:
+    """``folder`` over HTTP on a free 127.0.0.1 port, in a thread, no request log (a URL may carry
+    a canary): (its base URL, the server, for ``.shutdown()``)."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server

@@ -33,6 +33,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("align", ["--smoke"]),
     ("speakers", ["--smoke"]),
     ("canaries", ["--smoke"]),
+    ("remote", ["--smoke"]),
     ("distill_telephone", ["--smoke"]),
 ]
 
