@@ -47,6 +47,8 @@ def transcribe_batch(audio_files: list[str], request: Optional[dict[str, Any]] =
     if request.get("output_name") and len(audio_files) > 1:
         raise InvalidRequest("output_name names one file's outputs: in a batch every file would overwrite them; "
                              "leave it empty (each file's outputs are named after it)")
+    if request.get("audio_sha256") and len(audio_files) > 1:
+        raise InvalidRequest("audio_sha256 is one file's content: a batch of several files cannot give it")
     output_names = distinct_output_names(audio_files)
 
     succeeded: list[str] = []

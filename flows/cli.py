@@ -274,6 +274,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             _precheck_local(audio_file)
         if len(files) > 1 and req.output_name:
             raise InvalidRequest("--output-name names one file's outputs; with several files each is named after it")
+        if len(files) > 1 and req.audio_sha256:
+            raise InvalidRequest("--audio-sha256 is one file's content; with several files give one file per command")
     except SpeechError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

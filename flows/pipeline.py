@@ -19,7 +19,7 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
 from speech.errors import InvalidRequest
-from speech.io.audio import release
+from speech.io.audio import check_content, release
 from speech.io.store import OutputTarget
 from speech.models import CACHE
 from speech.output.result import PipelineResults
@@ -107,6 +107,11 @@ def run_pipeline(req: TranscriptionRequest, runner: Any = None, on_audio: Any = 
 
     with clock.time("fetch"):
         audio = fetch_audio(req.audio_file, req.output_name, keep_bytes=workers)
+        try:
+            check_content(audio, req.audio_sha256)  # before anything (a hosted API included) sees the audio
+        except Exception:
+            release(audio)
+            raise
         if workers:
             audio = share_audio(audio, clock.storage)  # task workers elsewhere decode their own copy
     if on_audio is not None:

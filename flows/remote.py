@@ -117,7 +117,14 @@ def remote_payload(data: dict[str, Any], req: Any, to_deployment: bool, note: Ca
     every local file uploaded (a bucket; the audio as ``audio_name`` when given) or, for a deployment,
     made absolute. ``samples``: the speaker samples as :func:`sample_payload` sent them already."""
     payload = {k: v for k, v in data.items() if k not in LOCAL_ONLY}
-    payload["audio_file"] = _send(req.audio_file, "audio_file", req, to_deployment, note, audio_name)
+    sha256 = None
+    if _is_local(req.audio_file) and _local_path(req.audio_file).is_file():
+        from speech.io.fetch import fetch
+
+        sha256 = fetch(str(_local_path(req.audio_file))).sha256
+        # the job fails, rather than transcribing someone else's file, if the object is replaced before it is read
+        payload["audio_sha256"] = payload.get("audio_sha256") or sha256
+    payload["audio_file"] = _send(req.audio_file, "audio_file", req, to_deployment, note, audio_name, sha256)
     if req.speaker_samples:
         payload["speaker_samples"] = samples if samples is not None else sample_payload(req, to_deployment, note)
     return payload
@@ -133,7 +140,7 @@ def sample_payload(req: Any, to_deployment: bool, note: Callable[[str], None]) -
 
 
 def _send(source: str, what: str, req: Any, to_deployment: bool, note: Callable[[str], None],
-          name: Optional[str] = None) -> str:
+          name: Optional[str] = None, sha256: Optional[str] = None) -> str:
     """A source as the remote side can read it: a URL or S3 URI as given; a local file uploaded to the
     bucket (a presigned URL for an endpoint, the ``s3://`` URI for a deployment), or without a bucket
     its absolute path (deployments only)."""
@@ -151,17 +158,17 @@ def _send(source: str, what: str, req: Any, to_deployment: bool, note: Callable[
             raise InvalidRequest(f"{what}: {path} is on this machine and the endpoint cannot read it; give --bucket "
                                  "(it is uploaded and sent as a presigned URL, as the pipeline script did) or a URL")
         return str(path)  # the deployment's workers read it under their ALLOW_LOCAL_PATHS roots
-    return _upload(path, bucket, req, settings, to_deployment, note, name)
+    return _upload(path, bucket, req, settings, to_deployment, note, name, sha256)
 
 
 def _upload(path: Path, bucket: str, req: Any, settings: Any, as_uri: bool, note: Callable[[str], None],
-            name: Optional[str] = None) -> str:
+            name: Optional[str] = None, sha256: Optional[str] = None) -> str:
     from speech.io.fetch import fetch
     from speech.io.s3 import s3_client_for
     from speech.io.upload import upload_audio
     from speech.schema import S3Options
 
-    done = upload_audio(str(path), fetch(str(path)).sha256, bucket=bucket, prefix_audio=req.prefix_audio or settings.prefix_audio,
+    done = upload_audio(str(path), sha256 or fetch(str(path)).sha256, bucket=bucket, prefix_audio=req.prefix_audio or settings.prefix_audio,
                         name=name, force=req.force, url_expiry=req.url_expiry,
                         client=s3_client_for(S3Options.from_request(req)))
     note(f"{'uploaded' if done.uploaded else 'already in the bucket'}: {path.name} -> {done.uri}")

@@ -110,6 +110,7 @@ def transcribe_audio(
     bucket: Optional[str] = None,
     prefix_transcripts: Optional[str] = None,
     output_name: Optional[str] = None,
+    audio_sha256: Optional[str] = None,
     force: bool = _d("force"),
     output_format: Optional[OutputFormat] = None,
     highlight_words: bool = _d("highlight_words"),
@@ -186,6 +187,7 @@ def transcribe_audio(
         bucket: S3 bucket for the outputs (default RESULTS_BUCKET).
         prefix_transcripts: Key prefix for outputs in the bucket.
         output_name: Stem of the output files (default: the audio file's stem).
+        audio_sha256: SHA-256 (hex) the audio's bytes must have; the run fails, writing nothing, if they differ.
         force: Recompute every stage even when a cached result exists.
         output_format: Files besides <stem>.json: json (.segments.json), srt, vtt, txt, tsv, aud or all (default: the worker's .segments.json, .srt, .vtt).
         highlight_words: Underline each word in .srt/.vtt as it is spoken (needs word times).

@@ -224,6 +224,10 @@ class TranscriptionRequest(BaseModel):
     bucket: Optional[str] = Field(None, description="S3 bucket for the outputs (default RESULTS_BUCKET).")
     prefix_transcripts: Optional[str] = Field(None, description="Key prefix for outputs in the bucket.")
     output_name: Optional[str] = Field(None, description="Stem of the output files (default: the audio's stem).")
+    audio_sha256: Optional[str] = Field(
+        None, description="The SHA-256 (hex) the audio's bytes must have: a run whose fetched audio differs fails and "
+        "writes nothing (the object was replaced after the request was sent). The command line's remote mode sends "
+        "it for every local file it uploads.")
     force: bool = Field(False, description="Recompute every stage even when a cached result exists.")
     output_format: Optional[OutputFormat] = Field(
         None, description="Files besides <stem>.json (always written): json (.segments.json), srt, vtt, txt, tsv or "
@@ -293,6 +297,15 @@ class TranscriptionRequest(BaseModel):
         if scheme and len(scheme) > 1 and scheme not in ("http", "https", "s3", "file"):
             raise ValueError(f"unsupported URL scheme {scheme!r}; use a local path, http(s):// or s3://")
         return v
+
+    @field_validator("audio_sha256")
+    @classmethod
+    def _audio_sha256(cls, v: Optional[str]) -> Optional[str]:
+        if v in (None, ""):
+            return None
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", v.strip()):
+            raise ValueError("audio_sha256 must be 64 hexadecimal digits (a SHA-256 digest)")
+        return v.strip().lower()
 
     @field_validator("output_name")
     @classmethod

@@ -217,6 +217,58 @@ def test_ctrl_c_cancels_every_job_in_flight_and_sends_no_more(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+def test_audio_replaced_after_upload_fails_the_job_instead_of_transcribing_it(s3, tmp_path, capsys, prefect_harness):
+    """The race two senders of one file name can run into: this command uploads talk.wav and sends
+    its presigned URL; before the endpoint's worker reads it, someone else's talk.wav replaces the
+    object. The job carries the file's sha256 (audio_sha256), so it fails with that reason
+    (exit 1, nothing written here) instead of returning a transcript of the other person's audio."""
+    from deployments.runpod_api import Jobs
+    from deployments.runpod_handler import handler
+    from flows.cli import main
+
+    s3.create_bucket(Bucket="remote-race")
+    shutil.copy(DATA / "enrol_slt.wav", tmp_path / "talk.wav")
+    gate = threading.Event()
+    jobs = Jobs(lambda job, job_id: (gate.wait(120), handler(job, flow_run_name=job_id))[1], workers=1)
+    out, outcome = tmp_path / "out", {}
+    with serving_runpod_api(KEY, jobs) as base:
+        command = threading.Thread(target=lambda: outcome.update(code=main([
+            "--endpoint", f"{base}/whisperx", str(tmp_path / "talk.wav"), "--language", "en", "--bucket",
+            "remote-race", "--download-dir", str(out)])))
+        command.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not jobs.jobs:  # the job is queued: the upload is done and the URL sent
+                assert time.monotonic() < deadline and command.is_alive()
+                time.sleep(0.1)
+            s3.upload_file(str(DATA / "enrol_awb.wav"), "remote-race", "audio/talk.wav")  # the other sender
+        finally:
+            gate.set()
+            command.join(timeout=300)
+    err = capsys.readouterr().err
+    assert outcome.get("code") == 1, err
+    assert "are not the audio_sha256 the request gave" in err and "nothing was transcribed" in err, err
+    assert not out.exists()
+    (job,) = jobs.jobs.values()
+    assert job["status"] == "FAILED"
+
+
+def test_audio_sha256_is_checked_by_every_run(tmp_path):
+    """The field itself: validated as a SHA-256 digest; the fetched audio must have it."""
+    from speech.errors import AudioError
+    from speech.io.audio import check_content, load_audio
+    from speech.schema import TranscriptionRequest
+
+    ref = load_audio(str(DATA / "enrol_rms.wav"), decode_now=False)
+    check_content(ref, ref.sha256.upper())  # the right digest, any case: no error
+    check_content(ref, None)
+    with pytest.raises(AudioError, match="not the audio_sha256"):
+        check_content(ref, "0" * 64)
+    assert TranscriptionRequest.parse({"audio_file": "a.wav", "audio_sha256": "AB" * 32}).audio_sha256 == "ab" * 32
+    with pytest.raises(Exception, match="64 hexadecimal"):
+        TranscriptionRequest.parse({"audio_file": "a.wav", "audio_sha256": "abc"})
+
+
 @pytest.mark.parametrize("value, expected", [
     ("abc123", ("https://api.runpod.ai/v2", "abc123")),
     ("http://127.0.0.1:8000/v2/whisperx", ("http://127.0.0.1:8000/v2", "whisperx")),

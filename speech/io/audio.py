@@ -34,6 +34,16 @@ def stem_of(source: str) -> str:
     return stem or "audio"
 
 
+def check_content(ref: AudioRef, sha256: Optional[str]) -> None:
+    """AudioError unless the fetched audio has the SHA-256 the request gave (``audio_sha256``; None:
+    no check): a sender that uploads a file and sends its URL learns, instead of a transcript of
+    someone else's audio, that the object was replaced between its upload and this fetch."""
+    if sha256 and ref.sha256.lower() != sha256.lower():
+        raise AudioError(f"{ref.source}: its bytes (sha256 {ref.sha256[:12]}…) are not the audio_sha256 the request "
+                         f"gave ({sha256[:12]}…): the file was replaced after the request was sent (another upload "
+                         "under the same name?); nothing was transcribed")
+
+
 def distinct_output_names(sources: list[str]) -> list[Optional[str]]:
     """None (= named after the file) unless two sources share a stem (a/talk.wav, b/talk.mp3):
     those get ``<stem>-<8 hex of their source>``, stable across runs, so no file's outputs (or
