@@ -46,8 +46,9 @@ def run_one(name: str, args: list[str], lock: threading.Lock, failed: list[str])
                              stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     lines = log.read_text(errors="replace").splitlines()
     with lock:
-        if rc == 0:
-            print(f"ok   bench/{name}.py in {time.monotonic() - start:.0f} s: {(lines or [''])[-1][:150]}", flush=True)
+        if rc == 0:  # its result: the last JSON line (a library's shutdown noise may follow it), else the last line
+            shown = next((line for line in reversed(lines) if line.startswith("{")), (lines or [""])[-1])
+            print(f"ok   bench/{name}.py in {time.monotonic() - start:.0f} s: {shown[:150]}", flush=True)
         else:
             failed.append(name)
             tail = "\n".join(lines[-40:])
