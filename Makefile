@@ -15,7 +15,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 # servers, workers and subprocesses, so two share two cores well (3107 s -> 1905 s); 0 = one process
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo test bench bench-batch bench-overlap bench-warm bench-speakers bench-memory bench-load bench-remote bench-canaries bench-gpu bench-smoke clean fixtures
+.PHONY: setup demo test bench bench-batch bench-overlap bench-warm bench-speakers bench-memory bench-load bench-names bench-remote bench-canaries bench-gpu bench-smoke clean fixtures
 
 setup: $(STAMP)
 
@@ -56,6 +56,9 @@ bench-speakers: setup  ## diarization on real recordings (fetched from PyPI pack
 
 bench-load: setup  ## 200 files at once on two warm task workers, PostgreSQL-backed server, one worker killed
 	$(PY) bench/load.py
+
+bench-names: setup  ## enrolled names when not everyone is enrolled: named vs wrongly named per speaker_threshold
+	$(PY) bench/names_threshold.py
 
 bench-remote: setup  ## several files through the CLI's remote mode: one job at a time vs --remote-jobs at once
 	$(PY) bench/remote.py

@@ -34,6 +34,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("speakers", ["--smoke"]),
     ("canaries", ["--smoke"]),
     ("remote", ["--smoke"]),
+    ("names_threshold", ["--smoke"]),
     ("distill_telephone", ["--smoke"]),
 ]
 

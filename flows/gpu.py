@@ -55,6 +55,7 @@ class GpuPlan(BaseModel):
     samples: list[SpeakerSample] = Field(default_factory=list, description="enrolment clips, embedded here")
     enrolled: Optional[dict[str, list[float]]] = Field(None, description="enrolled voices, embedded already")
     encoder: str = "auto"
+    threshold: Optional[float] = Field(None, description="the naming threshold (None: the encoder's own)")
     segments: Optional[list[Segment]] = Field(None, description="speakers only: the (aligned) segments to label")
     force: bool = False
     deadline: float = Field(0.0, description="seconds this unit may run on a worker (0: no deadline)")
@@ -112,7 +113,8 @@ def _run_locked(audio: AudioRef, plan: GpuPlan, clock: StageClock, out: GpuOutco
                 outcome = outcome.model_copy(update={"error": "; ".join(filter(None, [plan.hosted_error,
                                                                                     outcome.error]))})
         checkpoint()
-        out.speakers = clock.run("diarize", label_speakers, audio, segments, outcome, enrolled, plan.encoder)
+        out.speakers = clock.run("diarize", label_speakers, audio, segments, outcome, enrolled, plan.encoder,
+                                    plan.threshold)
         out.diarization_job = outcome.job
 
 

@@ -153,7 +153,7 @@ def _run_stages(req: TranscriptionRequest, audio: AudioRef, clock: StageClock, s
         align=AlignParams.from_request(req) if req.align_output or wants_speakers or wants_confidence else None,
         speakers=wants_speakers and hosted is None, diarize=DiarizeParams.from_request(req),
         samples=req.speaker_samples if req.speaker_verification and workers else [], enrolled=enrolled,
-        encoder=req.speaker_encoder, force=req.force, deadline=run_deadline(audio.duration, settings))
+        encoder=req.speaker_encoder, threshold=req.speaker_threshold, force=req.force, deadline=run_deadline(audio.duration, settings))
     hf_token = req.huggingface_access_token or settings.hf_token
     gpu = _gpu(audio, plan, clock, workers, hf_token, on_transcript)
     on_transcript(gpu.transcript)

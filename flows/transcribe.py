@@ -86,6 +86,7 @@ def transcribe_audio(
     url_expiry: int = _d("url_expiry"),
     download_transcript: bool = _d("download_transcript"),
     speaker_encoder: SpeakerEncoder = _d("speaker_encoder"),
+    speaker_threshold: Optional[float] = None,
     model: Optional[str] = None,
     beam_size: Optional[int] = None,
     patience: float = _d("patience"),
@@ -163,6 +164,7 @@ def transcribe_audio(
         url_expiry: Presigned URL lifetime in seconds.
         download_transcript: With a bucket, also write the outputs to download_dir.
         speaker_encoder: Speaker-verification encoder: auto, ecapa (SpeechBrain), campplus (CAM++, offline) or builtin (offline GE2E).
+        speaker_threshold: Similarity needed to take an enrolled name (default: the encoder's own); raise it when not everyone is enrolled.
         model: Whisper model name (large-v3, ...), model directory, or bundled:base / bundled:tiny.en.
         beam_size: Beam size (default 5); clipped to 1..10 as the RunPod worker did.
         patience: Beam search patience factor (default 1).

@@ -171,6 +171,11 @@ class TranscriptionRequest(BaseModel):
         "auto", description="Verification encoder: SpeechBrain ECAPA, CAM++ (installed), the builtin GE2E, or auto "
         "(ECAPA if it loads, else CAM++, else builtin)."
     )
+    speaker_threshold: Optional[float] = Field(
+        None, ge=-1, le=1, description="Cosine similarity a diarized speaker (or turn) needs to take an enrolled name; "
+        "default: the encoder's own (CAM++ 0.45, GE2E 0.80, ECAPA 0.25), calibrated for recordings whose people are all "
+        "enrolled. Raise it when some people in a recording are not enrolled: their voices then keep SPEAKER_XX "
+        "instead of taking the closest enrolled name.")
     model: Optional[str] = Field(
         None, description="Whisper model: a name (large-v3, base, ...), a directory, or bundled:base / bundled:tiny.en."
     )

@@ -100,8 +100,10 @@ def enroll_speakers(samples: list[SpeakerSample], encoder_kind: str) -> dict[str
 
 @task(name="label-speakers")
 def label_speakers(audio: AudioRef, segments: list[Segment], outcome: DiarizationOutcome,
-                   enrolled: Optional[dict[str, list[float]]], encoder_kind: str) -> SpeakerLabels:
-    """Speakers on words and segments (split at word boundaries), then enrolled names."""
+                   enrolled: Optional[dict[str, list[float]]], encoder_kind: str,
+                   threshold: Optional[float] = None) -> SpeakerLabels:
+    """Speakers on words and segments (split at word boundaries), then enrolled names (at
+    ``threshold``, else the encoder's own)."""
     summary: dict[str, Any] = {"backend": outcome.backend}
     if outcome.band:
         summary["band"] = outcome.band
@@ -113,7 +115,8 @@ def label_speakers(audio: AudioRef, segments: list[Segment], outcome: Diarizatio
     naming = None
     if enrolled:
         encoder = encoders.get_encoder(encoder_kind)
-        threshold, margin = encoders.encoder_defaults(encoder)
+        own, margin = encoders.encoder_defaults(encoder)
+        threshold = own if threshold is None else threshold
         naming = verify.name_speakers(np.asarray(audio_samples(audio)), [(t.start, t.end, t.speaker) for t in turns],
                                       {k: np.asarray(v) for k, v in enrolled.items()}, encoder, threshold, margin)
         turns = [Turn(start=s, end=e, speaker=label) for s, e, label in naming.turns]

@@ -286,6 +286,15 @@ def test_diarization_and_enrolled_names_in_the_flow(prefect_harness, tmp_path, m
     states = task_states(state2.state_details.flow_run_id)
     assert states["transcribe"] == "Cached" and states["align"] == "Cached" and states["diarize"] == "Completed"
 
+    # a run's own naming threshold (speaker_threshold): above every score, every speaker keeps its label
+    state3, strict = run(audio_file=str(DATA / "diar_3spk.wav"), language="en", align_output=True, diarization=True,
+                         speaker_verification=True, speaker_samples=samples, speaker_threshold=0.99,
+                         download_dir=str(tmp_path / "strict"))
+    assert state3.is_completed(), state3
+    assert strict["verification"]["threshold"] == 0.99 and strict["verification"]["names"] == {}
+    assert all("below the threshold 0.99" in u["reason"] for u in strict["verification"]["unnamed"].values())
+    assert {s["speaker"] for s in strict["segments"]} <= set(strict["speakers"])  # SPEAKER_XX everywhere
+
 
 def test_bad_speaker_sample_fails_before_transcribing(prefect_harness, tmp_path, http_server):
     out = tmp_path / "out"
