@@ -20,9 +20,8 @@ from prefect.logging import get_run_logger
 from flows.pipeline import run_pipeline
 from flows.local_api import record_run_process
 from flows.runtime import apply_runtime_switches, redact_stored_secrets
-from speech.errors import InvalidRequest
 from speech.io.audio import distinct_output_names, stem_of
-from speech.schema import TranscriptionRequest
+from speech.schema import TranscriptionRequest, check_one_file_fields
 from tasks.common import artifact_key
 
 
@@ -44,11 +43,7 @@ def transcribe_batch(audio_files: list[str], request: Optional[dict[str, Any]] =
     request.pop("audio_file", None)
     # a bad request would fail every file the same way: fail the run now, clearly
     TranscriptionRequest.parse({**request, "audio_file": audio_files[0] if audio_files else "placeholder.wav"})
-    if request.get("output_name") and len(audio_files) > 1:
-        raise InvalidRequest("output_name names one file's outputs: in a batch every file would overwrite them; "
-                             "leave it empty (each file's outputs are named after it)")
-    if request.get("audio_sha256") and len(audio_files) > 1:
-        raise InvalidRequest("audio_sha256 is one file's content: a batch of several files cannot give it")
+    check_one_file_fields(request, len(audio_files))
     output_names = distinct_output_names(audio_files)
 
     succeeded: list[str] = []

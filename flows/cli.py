@@ -264,18 +264,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     _quiet_libraries(args.verbose)
 
-    from speech.errors import InvalidRequest, SpeechError
-    from speech.schema import TranscriptionRequest
+    from speech.errors import SpeechError
+    from speech.schema import TranscriptionRequest, check_one_file_fields
 
     files = list(args.audio_file) or [data["audio_file"]]
     try:
         req = TranscriptionRequest.parse(data)
         for audio_file in files:
             _precheck_local(audio_file)
-        if len(files) > 1 and req.output_name:
-            raise InvalidRequest("--output-name names one file's outputs; with several files each is named after it")
-        if len(files) > 1 and req.audio_sha256:
-            raise InvalidRequest("--audio-sha256 is one file's content; with several files give one file per command")
+        check_one_file_fields(data, len(files))
     except SpeechError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
 from speech.errors import InvalidRequest
-from speech.io.audio import check_content, release
+from speech.io.audio import release
 from speech.io.store import OutputTarget
 from speech.models import CACHE
 from speech.output.result import PipelineResults
@@ -106,12 +106,7 @@ def run_pipeline(req: TranscriptionRequest, runner: Any = None, on_audio: Any = 
                              "set RESULTS_STORAGE (s3://bucket/prefix or a shared folder) or RESULTS_STORAGE_BLOCK")
 
     with clock.time("fetch"):
-        audio = fetch_audio(req.audio_file, req.output_name, keep_bytes=workers)
-        try:
-            check_content(audio, req.audio_sha256)  # before anything (a hosted API included) sees the audio
-        except Exception:
-            release(audio)
-            raise
+        audio = fetch_audio(req.audio_file, req.output_name, keep_bytes=workers, sha256=req.audio_sha256)
         if workers:
             audio = share_audio(audio, clock.storage)  # task workers elsewhere decode their own copy
     if on_audio is not None:
@@ -153,7 +148,8 @@ def _run_stages(req: TranscriptionRequest, audio: AudioRef, clock: StageClock, s
         align=AlignParams.from_request(req) if req.align_output or wants_speakers or wants_confidence else None,
         speakers=wants_speakers and hosted is None, diarize=DiarizeParams.from_request(req),
         samples=req.speaker_samples if req.speaker_verification and workers else [], enrolled=enrolled,
-        encoder=req.speaker_encoder, threshold=req.speaker_threshold, force=req.force, deadline=run_deadline(audio.duration, settings))
+        encoder=req.speaker_encoder, threshold=req.speaker_threshold, force=req.force,
+        deadline=run_deadline(audio.duration, settings))
     hf_token = req.huggingface_access_token or settings.hf_token
     gpu = _gpu(audio, plan, clock, workers, hf_token, on_transcript)
     on_transcript(gpu.transcript)

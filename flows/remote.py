@@ -394,7 +394,7 @@ def run_files(args: Any, data: dict[str, Any], req: Any, files: list[str], conso
         except SpeechError as exc:
             console.print(f"[red]error:[/red] {escape(scrub_configured(str(exc)))}")
             return 2
-        for _ in range(min(max(1, args.remote_jobs), len(files))):  # daemon: an interrupted command does not wait
+        for _ in range(min(args.remote_jobs, len(files))):  # daemon: an interrupted command does not wait
             threading.Thread(target=contextvars.copy_context().run, args=(lane,), daemon=True).start()
         for i, future in enumerate(futures):
             try:

@@ -99,6 +99,18 @@ def unwrap_envelope(data: Any) -> Any:
     return data
 
 
+# request fields that describe one file: a command or batch of several files cannot give them
+ONE_FILE_FIELDS = {"output_name": "names one file's outputs (with several files each is named after it)",
+                   "audio_sha256": "is one file's content"}
+
+
+def check_one_file_fields(request: dict[str, Any], files: int) -> None:
+    """InvalidRequest when ``request`` sets a field of :data:`ONE_FILE_FIELDS` for several files."""
+    for name, why in ONE_FILE_FIELDS.items():
+        if request.get(name) and files > 1:
+            raise InvalidRequest(f"{name} {why}: it cannot be given for {files} files")
+
+
 class TranscriptionRequest(BaseModel):
     """Every input of a transcription run. Accepts the worker's ``{"input": {...}}`` envelope."""
 

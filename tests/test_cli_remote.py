@@ -254,16 +254,20 @@ def test_audio_replaced_after_upload_fails_the_job_instead_of_transcribing_it(s3
 
 
 def test_audio_sha256_is_checked_by_every_run(tmp_path):
-    """The field itself: validated as a SHA-256 digest; the fetched audio must have it."""
-    from speech.errors import AudioError
-    from speech.io.audio import check_content, load_audio
-    from speech.schema import TranscriptionRequest
+    """The field itself: validated as a SHA-256 digest; the fetched audio must have it; it names
+    one file, so a command or batch of several files cannot give it."""
+    from speech.errors import AudioError, InvalidRequest
+    from speech.io.audio import load_audio
+    from speech.schema import TranscriptionRequest, check_one_file_fields
 
     ref = load_audio(str(DATA / "enrol_rms.wav"), decode_now=False)
-    check_content(ref, ref.sha256.upper())  # the right digest, any case: no error
-    check_content(ref, None)
+    load_audio(str(DATA / "enrol_rms.wav"), decode_now=False, sha256=ref.sha256.upper())  # any case: no error
+    load_audio(str(DATA / "enrol_rms.wav"), decode_now=False, sha256=None)
     with pytest.raises(AudioError, match="not the audio_sha256"):
-        check_content(ref, "0" * 64)
+        load_audio(str(DATA / "enrol_rms.wav"), decode_now=False, sha256="0" * 64)
+    with pytest.raises(InvalidRequest, match="audio_sha256 is one file's content"):
+        check_one_file_fields({"audio_sha256": ref.sha256}, 2)
+    check_one_file_fields({"audio_sha256": ref.sha256}, 1)
     assert TranscriptionRequest.parse({"audio_file": "a.wav", "audio_sha256": "AB" * 32}).audio_sha256 == "ab" * 32
     with pytest.raises(Exception, match="64 hexadecimal"):
         TranscriptionRequest.parse({"audio_file": "a.wav", "audio_sha256": "abc"})

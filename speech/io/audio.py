@@ -34,16 +34,6 @@ def stem_of(source: str) -> str:
     return stem or "audio"
 
 
-def check_content(ref: AudioRef, sha256: Optional[str]) -> None:
-    """AudioError unless the fetched audio has the SHA-256 the request gave (``audio_sha256``; None:
-    no check): a sender that uploads a file and sends its URL learns, instead of a transcript of
-    someone else's audio, that the object was replaced between its upload and this fetch."""
-    if sha256 and ref.sha256.lower() != sha256.lower():
-        raise AudioError(f"{ref.source}: its bytes (sha256 {ref.sha256[:12]}…) are not the audio_sha256 the request "
-                         f"gave ({sha256[:12]}…): the file was replaced after the request was sent (another upload "
-                         "under the same name?); nothing was transcribed")
-
-
 def distinct_output_names(sources: list[str]) -> list[Optional[str]]:
     """None (= named after the file) unless two sources share a stem (a/talk.wav, b/talk.mp3):
     those get ``<stem>-<8 hex of their source>``, stable across runs, so no file's outputs (or
@@ -58,8 +48,14 @@ def distinct_output_names(sources: list[str]) -> list[Optional[str]]:
 
 
 def load_audio(source: str, output_name: Optional[str] = None, settings: Optional[Settings] = None,
-               decode_now: bool = True, keep_bytes: bool = False, since: Optional[float] = None) -> AudioRef:
+               decode_now: bool = True, keep_bytes: bool = False, since: Optional[float] = None,
+               sha256: Optional[str] = None) -> AudioRef:
     """Fetch + hash (+ decode). Raises AudioError/FetchError with a one-line reason.
+
+    ``sha256`` (the request's ``audio_sha256``): the bytes must have this digest, else AudioError
+    before anything is probed or decoded: a sender that uploads a file and sends its URL learns,
+    instead of getting a transcript of someone else's audio, that the object was replaced between
+    its upload and this fetch.
 
     ``decode_now=False`` (the pipeline's fetch stage) only probes the file (format, declared
     length, its first frame) and keeps the bytes on this machine; :func:`read_samples` decodes
@@ -69,6 +65,12 @@ def load_audio(source: str, output_name: Optional[str] = None, settings: Optiona
     settings = settings or get_settings()
     shown = redact_url(source)
     fetched = fetch(source, settings, since)  # since: the first attempt's start (the download deadline)
+    if sha256 and fetched.sha256.lower() != sha256.lower():
+        if fetched.temporary:
+            fetched.path.unlink(missing_ok=True)
+        raise AudioError(f"{shown}: its bytes (sha256 {fetched.sha256[:12]}…) are not the audio_sha256 the request "
+                         f"gave ({sha256[:12]}…): the file was replaced after the request was sent (another upload "
+                         "under the same name?); nothing was transcribed")
     cache = settings.cache_dir / "audio"
     cache.mkdir(parents=True, exist_ok=True)
     npy, meta = cache / f"{fetched.sha256}.npy", cache / f"{fetched.sha256}.fmt"
