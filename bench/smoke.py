@@ -36,6 +36,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("remote", ["--smoke"]),
     ("names_threshold", ["--smoke"]),
     ("distill_telephone", ["--smoke"]),
+    ("lost_runs", ["--smoke"]),
 ]
 
 

@@ -130,25 +130,29 @@ def _flush_logs_to_api() -> None:
         pass
 
 
-def deploy_to_process_pool(server: LocalServer, pool: str, *flows: object, name: str = "bench") -> None:
+def deploy_to_process_pool(server: LocalServer, pool: str, *flows: object, name: str = "bench",
+                           tags: Optional[list[str]] = None, env: Optional[Mapping[str, str]] = None) -> None:
     """Create the process work pool ``pool`` on ``server`` and deploy each flow to it as ``name``,
-    its runs working in this checkout (benchmarks that measure what a worker host does)."""
+    its runs working in this checkout (benchmarks that measure what a worker host does), with
+    ``tags`` and the extra ``env`` of their processes."""
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with SyncPrefectClient(server.url) as client:
         client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    job_variables: dict = {"working_dir": str(ROOT), **({"env": dict(env)} if env else {})}
     with temporary_settings({PREFECT_API_URL: server.url}):
         for flow in flows:
-            flow.to_deployment(name=name, work_pool_name=pool, job_variables={"working_dir": str(ROOT)}).apply()
+            flow.to_deployment(name=name, work_pool_name=pool, job_variables=job_variables, tags=tags).apply()
 
 
-def start_process_worker(pool: str, env: Mapping[str, str], log_path: Path) -> subprocess.Popen:
+def start_process_worker(pool: str, env: Mapping[str, str], log_path: Path, limit: int = 1) -> subprocess.Popen:
     """``prefect worker start`` for a process pool, polling every second, in its own session."""
     with log_path.open("w") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--limit", "1"],
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--limit",
+             str(limit)],
             cwd=ROOT, env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
 

@@ -84,7 +84,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     # root as their cwd; the packages themselves come from the install (pip install -e .)
     os.chdir(ROOT)
 
+    # flow runs beat every 30 s; a run this process was running when the machine went down is
+    # set Crashed 2 min after its last beat by the automation (saved if the server has none yet)
+    from deployments.automations import HEARTBEAT_S, ensure
+
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S))
     from prefect import serve
+
+    try:
+        print(ensure(update=False), flush=True)
+    except Exception as exc:  # noqa: BLE001 - serving matters more; say why and go on
+        print(f"warning: the automation for lost runs was not saved ({type(exc).__name__}: {exc}); "
+              "save it with python -m deployments.automations", file=sys.stderr, flush=True)
 
     serve(*build_deployments(), limit=args.limit)
     return 0

@@ -22,16 +22,22 @@
 #            compose network (whisperx-prefect) and get its MinIO settings as default env;
 #            the S3 blocks point at the compose MinIO (http://minio:9000).
 #
+# Also saves the automations deployments/automations.py describes: a flow run tagged whisperx
+# that sends no heartbeat for UNRESPONSIVE_AFTER_S seconds (default 120; its runs beat every
+# 30 s), or stays Pending for STUCK_PENDING_AFTER_S (default 1800), is set Crashed, so a lost
+# worker host leaves no run Running or Pending for ever.
+#
 # Environment: PREFECT (CLI to use; default: `prefect` on PATH, else .venv/bin/prefect),
 # PYTHON (default python3), BLOCKS_PYTHON (a Python with this project's requirements; default:
 # the python next to PREFECT), COMPOSE_NETWORK, RESULTS_BUCKET, MINIO_ROOT_USER,
-# MINIO_ROOT_PASSWORD (required with --compose, as in infra/.env).
+# MINIO_ROOT_PASSWORD (required with --compose, as in infra/.env), UNRESPONSIVE_AFTER_S,
+# STUCK_PENDING_AFTER_S.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"
 
-usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,34p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 if [[ -z "${PREFECT:-}" ]]; then
   if command -v prefect >/dev/null 2>&1; then
@@ -137,6 +143,12 @@ if [[ $compose -eq 1 ]]; then  # blocks are read by flow runs inside the compose
     RESULTS_BUCKET="${RESULTS_BUCKET:-transcripts}"
 fi
 (cd "$ROOT" && "$BLOCKS_PYTHON" -m deployments.blocks)
+
+# a run whose worker host is lost (no process left to report it) is set Crashed instead of
+# staying Running (or Pending) for ever
+echo "==> automations for lost flow runs"
+(cd "$ROOT" && "$BLOCKS_PYTHON" -m deployments.automations ${UNRESPONSIVE_AFTER_S:+--after "$UNRESPONSIVE_AFTER_S"} \
+  ${STUCK_PENDING_AFTER_S:+--pending-after "$STUCK_PENDING_AFTER_S"})
 
 cat <<'EOF'
 

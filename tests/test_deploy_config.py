@@ -31,6 +31,33 @@ def test_prefect_yaml_parses_with_prefects_model():
         assert f"def {func}(" in (ROOT / path).read_text()
 
 
+def test_every_deployment_and_template_beats_as_the_crash_automation_expects():
+    """The unresponsive-run automation (deployments/automations.py) marks a run tagged whisperx
+    Crashed AFTER_S after its last heartbeat: every deployment carries the tag and beats every
+    HEARTBEAT_S (at Prefect's default of 180 s a live run would be marked Crashed)."""
+    from deployments import automations, serve
+
+    project = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    for d in project["deployments"]:
+        assert automations.TAG in d["tags"], d["name"]
+        env = d["work_pool"]["job_variables"]["env"]
+        assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(automations.HEARTBEAT_S), d["name"]
+    for name in ("docker-gpu", "k8s-gpu", "process-gpu"):
+        template = json.loads((ROOT / "infra" / f"{name}-job-template.json").read_text())
+        env = template["variables"]["properties"]["env"]["default"]
+        assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(automations.HEARTBEAT_S), name
+    assert automations.TAG in serve.TAGS
+    assert automations.AFTER_S >= 3 * automations.HEARTBEAT_S
+    trigger = automations.automation().trigger
+    assert trigger.within.total_seconds() == automations.AFTER_S and trigger.posture.value == "Proactive"
+    with pytest.raises(ValueError, match="more than the heartbeat interval"):
+        automations.automation(automations.HEARTBEAT_S)
+    pending = automations.pending_automation().trigger
+    assert pending.after == {"prefect.flow-run.Pending"} and pending.expect == {"prefect.flow-run.*"}
+    with pytest.raises(ValueError, match="at least 30 s"):
+        automations.pending_automation(10)
+
+
 def test_process_gpu_template_renders_with_the_workers_configuration(prefect_harness):
     import asyncio
 

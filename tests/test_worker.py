@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 BUCKET = "worker-results"
 AUDIO = "sample_2spk.wav"
+LOST_AUDIO = "diar_3spk.wav"
 
 # what a worker host must not inherit from the test process: its credentials come from blocks
 HOST_ONLY = ("PREFECT_API_URL", "DEEPGRAM_API_KEY", "PYANNOTE_API_KEY", "HF_TOKEN", "AWS_ACCESS_KEY_ID",
@@ -123,6 +124,16 @@ def test_bootstrap_creates_pools_from_the_infra_templates_and_blocks(server, boo
             with pytest.raises(ValueError):
                 Secret.load(absent)
 
+        from prefect.automations import Automation
+
+        from deployments import automations
+
+        for name, after in ((automations.NAME, automations.AFTER_S),
+                            (automations.PENDING_NAME, automations.PENDING_AFTER_S)):
+            assert f"saved    automation {name!r} ({after} s)" in bootstrapped
+            saved = Automation.read(name=name)
+            assert saved.enabled and saved.trigger.within.total_seconds() == after
+
 
 def test_deploy_registers_prefect_yaml_deployments_with_typed_forms(server, deployed):
     with server.client() as client:
@@ -132,7 +143,8 @@ def test_deploy_registers_prefect_yaml_deployments_with_typed_forms(server, depl
         sweep = client.read_deployment_by_name("sweep-inbox/sweep-inbox")
         schedules = client.read_deployment_schedules(sweep.id)
     assert (cpu.work_pool_name, cpu.job_variables) == (
-        "cpu-pool", {"env": {"WHISPERX_DEVICE": "cpu", "RESULTS_STORAGE_BLOCK": "whisperx-task-results"}})
+        "cpu-pool", {"env": {"WHISPERX_DEVICE": "cpu", "RESULTS_STORAGE_BLOCK": "whisperx-task-results",
+                             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}})
     assert gpu.work_pool_name == "gpu-docker-pool"
     assert gpu.job_variables["container_create_kwargs"]["device_requests"][0]["capabilities"] == [["gpu"]]
     assert batch.work_pool_name == "gpu-docker-pool" and batch.job_variables == gpu.job_variables
@@ -295,6 +307,123 @@ def test_scheduled_sweep_deployment_feeds_the_worker(server, deployed, tmp_path)
         assert wer(manifest[src]["text"], " ".join(s["text"] for s in result["segments"])) <= wer_limit(src), name
 
 
+def kill_host(proc: subprocess.Popen) -> int:
+    """What a lost machine does to a worker: SIGKILL to it and every process it started at once,
+    none left to report anything. Returns how many processes died."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    proc.wait(10)
+    return len(procs)
+
+
+def test_a_run_whose_worker_host_is_lost_is_set_crashed_and_swept_again(server, deployed, tmp_path):
+    """A swept file's transcribe-cpu run is running on worker A when A and every process it
+    started are killed with SIGKILL (a lost node): no worker is left to report the run. The
+    automation bootstrap saved (window cut to 45 s here) sets it Crashed once its heartbeats stop,
+    while a run on worker B that lives longer than the window (60 s, beating every 30 s)
+    completes; the next sweep triggers the file again and B transcribes it. A run left Pending
+    (submitted by a worker lost before the run's process started) is set Crashed too."""
+    import shutil
+
+    from liveness_flow import wait
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from deployments import automations
+
+    window = 45
+    assert server.run(sys.executable, "-m", "deployments.automations", "--after", str(window), "--pending-after",
+                      str(window)).count("updated  automation") == 2
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    shutil.copy(DATA / LOST_AUDIO, inbox / "lost.wav")  # content no other sweep here has done
+    parameters = {"source": str(inbox), "glob": "*.wav", "target": "transcribe-audio/transcribe-cpu",
+                  "request": {"language": "en", "download_dir": str(out)}, "max_attempts": 2}
+
+    def start_worker(name: str, limit: int, log) -> subprocess.Popen:
+        return subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "cpu-pool", "--type", "process", "--limit",
+             str(limit), "--name", name], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**server.env, "PREFECT_WORKER_QUERY_SECONDS": "1", "DEEPGRAM_BASE_URL": deepgram.url,
+                 "SPEECH_CACHE_DIR": str(tmp_path / "cache"), "ALLOW_LOCAL_PATHS": f"{inbox}{os.pathsep}{out}"})
+
+    workers: list[subprocess.Popen] = []
+    with DeepgramServer(["ok"]) as deepgram, open(tmp_path / "worker.log", "w") as log, \
+            temporary_settings({PREFECT_API_URL: server.url}), server.client() as client:
+        try:
+            wait.to_deployment(name="probe", tags=[automations.TAG], work_pool_name="cpu-pool", job_variables={
+                "working_dir": str(ROOT),
+                "env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(automations.HEARTBEAT_S)}}).apply()
+            target = client.read_deployment_by_name("transcribe-audio/transcribe-cpu")
+
+            def triggered() -> list:
+                return [r for r in client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(
+                    any_=[target.id]))) if r.parameters.get("audio_file") == str(inbox / "lost.wav")]
+
+            workers.append(start_worker("host-a", 1, log))
+            first = run_deployment("sweep-inbox/sweep-inbox", parameters=parameters, timeout=300, poll_interval=1)
+            assert first.state.is_completed() and sweep_table(client, first) == {"lost.wav": "triggered"}
+            (lost,) = triggered()
+            deadline = time.monotonic() + 240
+            while not client.read_flow_run(lost.id).state.is_running():
+                assert time.monotonic() < deadline, client.read_flow_run(lost.id).state
+                time.sleep(0.2)
+            time.sleep(1)  # Running (which arms the automation) and maybe no heartbeat yet: still lost
+            assert kill_host(workers[0]) >= 2  # the worker and the run's process
+            killed = time.monotonic()
+            assert client.read_flow_run(lost.id).state.is_running()  # nothing left to say otherwise
+
+            # a run a worker submitted (Pending) and was lost with before the run's process started
+            from prefect.states import Pending
+
+            stuck = run_deployment("liveness-probe/probe", parameters={"seconds": 1}, timeout=0)
+            client.set_flow_run_state(stuck.id, Pending(), force=True)
+            workers.append(start_worker("host-b", 2, log))
+            probe = run_deployment("liveness-probe/probe", parameters={"seconds": 60}, timeout=0)
+            while not (state := client.read_flow_run(lost.id).state).is_final():
+                assert time.monotonic() - killed < window + 120, state
+                time.sleep(1)
+            assert state.type.value == "CRASHED" and state.message == automations.MESSAGE.format(after=window), state
+            assert time.monotonic() - killed >= window - 5  # after its heartbeats stopped, not before
+
+            again = run_deployment("sweep-inbox/sweep-inbox", parameters=parameters, timeout=300, poll_interval=1)
+            assert again.state.is_completed() and sweep_table(client, again) == {"lost.wav": "triggered"}
+            deadline = time.monotonic() + 300
+            while True:
+                runs = triggered()
+                if len(runs) == 2 and all(r.state.is_final() for r in runs) \
+                        and client.read_flow_run(probe.id).state.is_final():
+                    break
+                assert time.monotonic() < deadline, [(r.name, r.state.name) for r in runs]
+                time.sleep(1)
+        finally:
+            for worker in workers:
+                stop(worker)
+            print(automations.ensure())  # the module's other tests keep the default window
+
+        states = {r.id: r.state.type.value for r in runs}
+        assert states == {lost.id: "CRASHED", next(r.id for r in runs if r.id != lost.id): "COMPLETED"}, states
+        probe_state = client.read_flow_run(probe.id).state
+        assert probe_state.is_completed(), probe_state  # alive longer than the window: never Crashed
+        stuck_state = client.read_flow_run(stuck.id).state
+        assert stuck_state.type.value == "CRASHED", stuck_state
+        assert stuck_state.message == automations.PENDING_MESSAGE.format(after=window)
+    (redo,) = [r for r in runs if r.id != lost.id]
+    assert not (out / "lost" / str(lost.id)).exists()  # the lost run wrote nothing
+    result = json.loads((out / "lost" / str(redo.id) / "lost.json").read_text())
+    manifest = json.loads((DATA / "fixtures.json").read_text())
+    assert wer(manifest[LOST_AUDIO]["text"], " ".join(s["text"] for s in result["segments"])) <= wer_limit(LOST_AUDIO)
+
+
 def test_serve_py_runs_every_deployment_from_one_process(server, tmp_path):
     """The single-machine default: deployments/serve.py registers transcribe-local,
     transcribe-batch-local and (SWEEP_SOURCE set) the scheduled sweep-inbox-local, and executes
@@ -338,6 +467,9 @@ def test_serve_py_runs_every_deployment_from_one_process(server, tmp_path):
                     time.sleep(1)
         finally:
             stop(serve)
+    from deployments import automations
+
+    assert re.search(rf"(saved|kept) +automation '{automations.NAME}'", log_path.read_text())
     result = json.loads(next(out.glob("served/*/served.json")).read_text())  # under the run's own key
     manifest = json.loads((DATA / "fixtures.json").read_text())
     assert wer(manifest[AUDIO]["text"], " ".join(s["text"] for s in result["segments"])) <= wer_limit(AUDIO)
