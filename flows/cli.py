@@ -19,6 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+from flows.report import report, report_batch
+
 
 # the CLI's own spellings kept beside the generated ones (field -> extra option strings; the
 # "--no-" ones turn the field off); whisperx's spellings come from flows/whisperx_cli.py
@@ -144,20 +146,6 @@ def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.speaker_sample:
         data["speaker_samples"] = [_speaker_sample(v) for v in args.speaker_sample]
     return data
-
-
-def _report_batch(args: argparse.Namespace, result: dict[str, Any], outputs: list[Any], started: float,
-                  console: Any) -> int:
-    """The batch's outcome: JSON ({succeeded, failed}) or one line per failed file; exit 1 if any failed."""
-    if args.print_json:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
-    for failure in result["failed"]:
-        console.print(f"[red]failed:[/red] {failure['audio_file']}: {failure['error']}")
-    console.print(f"[green]done[/green] in {time.perf_counter() - started:.1f} s: {len(result['succeeded'])} of "
-                  f"{len(result['succeeded']) + len(result['failed'])} files")
-    for line in describe_outputs(outputs) or ["(not reported)"]:
-        console.print(f"outputs: {line}")
-    return 1 if result["failed"] else 0
 
 
 def _run(args: argparse.Namespace, req: Any, files: list[str]) -> Any:
@@ -287,8 +275,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return outcome
     result, outputs, started, console = outcome
     if len(files) > 1:
-        return _report_batch(args, result, outputs, started, console)
-    return _report(args, result, outputs, started, console)
+        return report_batch(args, result, outputs, started, console)
+    return report(args, result, outputs, started, console)
 
 
 def _run_remote(args: argparse.Namespace, data: dict[str, Any], req: Any, files: list[str]) -> int:
@@ -314,25 +302,7 @@ def _run_remote(args: argparse.Namespace, data: dict[str, Any], req: Any, files:
             return 2
     with _api_settings(server) if server else contextlib.nullcontext():
         return run_files(args, data, req, files, console,
-                         lambda result, outputs, started: _report(args, result, outputs, started, console))
-
-
-def _report(args: argparse.Namespace, result: dict[str, Any], outputs: list[Any], started: float,
-            console: Any) -> int:
-    """One file's outcome: the transcript (or JSON) on stdout, the timing and outputs on stderr."""
-    if args.print_json:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
-    else:
-        _print_transcript(result)
-    prob = result.get("language_probability")
-    n = len(result["segments"])
-    console.print(
-        f"[green]done[/green] in {time.perf_counter() - started:.1f} s: {n} segment{'' if n == 1 else 's'}, "
-        f"language {result.get('detected_language')}" + (f" (p={prob:.2f})" if prob is not None else "")
-    )
-    for line in describe_outputs(outputs) or ["(not reported)"]:
-        console.print(f"outputs: {line}")
-    return 0
+                         lambda result, outputs, started: report(args, result, outputs, started, console))
 
 
 def _prefect_api() -> Optional[str]:
@@ -415,22 +385,6 @@ def _warm_up() -> None:
         logging.getLogger(__name__).debug("warm-up failed", exc_info=True)
 
 
-def describe_outputs(refs: list[Any]) -> list[str]:
-    """One line per place and output stem: ``/out/talk.{json,segments.json,srt,vtt}``."""
-    groups: dict[tuple[str, str], list[str]] = {}
-    for place, name in sorted((r.uri.rpartition("/")[::2] for r in refs), key=lambda pn: len(pn[1])):
-        # shortest names first: <stem>.srt fixes the stem before <stem>.segments.json comes
-        stem = next((st for pl, st in groups if pl == place and name.startswith(st + ".")), name.rsplit(".", 1)[0])
-        groups.setdefault((place, stem), []).append(name)
-    order = {r.uri.rpartition("/")[2]: i for i, r in enumerate(refs)}
-    lines = []
-    for (place, stem), names in groups.items():
-        names.sort(key=order.get)
-        rest = [n[len(stem) + 1:] for n in names]
-        lines.append(f"{place}/{stem}.{{{','.join(rest)}}}" if len(names) > 1 else f"{place}/{names[0]}")
-    return lines
-
-
 def _precheck_local(audio_file: str) -> None:
     """Fail a missing local file before paying for Prefect's start-up."""
     from urllib.parse import urlsplit
@@ -463,14 +417,6 @@ def flow_kwargs(req: Any) -> dict[str, Any]:
         if getattr(req, name) is not None:
             kwargs[name] = getattr(req, name)
     return handed_over_kwargs(kwargs)
-
-
-def _print_transcript(result: dict[str, Any]) -> None:
-    from whisperx.utils import format_timestamp
-
-    for seg in result["segments"]:
-        who = f"[{seg['speaker']}] " if seg.get("speaker") else ""
-        print(f"[{format_timestamp(seg['start'])} --> {format_timestamp(seg['end'])}] {who}{seg['text']}")
 
 
 if __name__ == "__main__":
