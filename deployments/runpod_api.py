@@ -23,6 +23,10 @@ A request's ``webhook`` (an http(s) URL) receives a POST of the job's final stat
 completes, fails or is cancelled, through the SSRF guard, retried with backoff
 (:mod:`deployments.webhooks`).
 
+At most ``--max-queued`` jobs (default 1000) wait for a worker: beyond, ``/run`` and
+``/runsync`` answer 429 with ``Retry-After`` and submit nothing, so a caller who outruns the
+workers cannot exhaust this process's (or the Prefect server's) memory for everyone else.
+
 Every route but ``/health`` wants ``Authorization: Bearer <ENDPOINT_API_KEY>`` (401 otherwise);
 without a key the service only starts on a loopback host. ``output`` is exactly what the
 original worker returned, a failure is ``FAILED`` with its one-line ``error``.
@@ -34,7 +38,8 @@ default 1000): a restart forgets them, as RunPod forgets results. With ``--deplo
 (:class:`DeploymentJobs`) each job is a run of that deployment on its work pool: the job id is
 the flow run id and everything is read back from the Prefect API. With ``--task-workers``
 (:class:`TaskJobs`) each job is one background task run on warm task workers, no process per
-job (the throughput path); the job id is the task run id. See :mod:`deployments.runpod_jobs`.
+job (the throughput path); the job id is the task run id. See :mod:`deployments.runpod_jobs` and
+:mod:`deployments.runpod_task_jobs`.
 """
 # no "from __future__ import annotations": FastAPI reads the route functions' annotations at runtime
 
@@ -44,12 +49,14 @@ import ipaddress
 import os
 from typing import Any, Optional
 
-from deployments.runpod_jobs import FINAL, DeploymentJobs, Jobs, TaskJobs  # noqa: F401 - the job tables
+from deployments.runpod_jobs import FINAL, MAX_QUEUED, DeploymentJobs, Jobs, QueueFull  # noqa: F401 - job tables
+from deployments.runpod_task_jobs import TaskJobs  # noqa: F401 - the throughput path's job table
 
 DEFAULT_WAIT_MS = 90_000
 
 
 MAX_DEPTH = 32  # JSON nesting a request may have (a job's input is 3 levels deep)
+RETRY_AFTER_S = 5  # what a 429 (queue full) tells the caller to wait
 
 
 def json_depth(raw: bytes) -> int:
@@ -153,7 +160,10 @@ def create_app(api_key: Optional[str], jobs: Any, loopback: bool = True, max_byt
         return {k: body[k] for k in ("input", "webhook", "policy") if k in body}
 
     async def submit(body: dict[str, Any]) -> str:
-        job_id = await anyio.to_thread.run_sync(jobs.submit, body)
+        try:
+            job_id = await anyio.to_thread.run_sync(jobs.submit, body)
+        except QueueFull as exc:  # RunPod's answer to a caller that outruns the workers
+            raise HTTPException(status_code=429, detail=str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         if body.get("webhook"):
             webhooks.add(job_id, body["webhook"])
         return job_id
@@ -225,7 +235,7 @@ def create_app(api_key: Optional[str], jobs: Any, loopback: bool = True, max_byt
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     from fastapi.exceptions import RequestValidationError
 
@@ -252,6 +262,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--keep", type=int, default=1000, help="finished jobs kept for /status (default 1000)")
     p.add_argument("--max-connections", type=int, default=1000,
                    help="open connections served at once; more get 503 (default 1000)")
+    p.add_argument("--max-queued", type=int, default=MAX_QUEUED,
+                   help=f"jobs waiting for a worker; /run and /runsync answer 429 beyond (default {MAX_QUEUED})")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--deployment", default=os.environ.get("RUNPOD_API_DEPLOYMENT") or None,
                        help="run jobs as runs of this deployment ('transcribe-audio/transcribe-gpu'; env "
@@ -260,6 +272,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                        help="hand each job to warm task workers (python -m deployments.task_worker) as a background "
                             "task: no process per job; needs PREFECT_API_URL and the workers' RESULTS_STORAGE")
     args = p.parse_args(argv)
+    if args.max_queued < 1:
+        p.error("--max-queued must be at least 1")
     key = os.environ.get("ENDPOINT_API_KEY") or None
     if key is None and not _loopback(args.host):
         p.error(f"refusing to serve on {args.host} without ENDPOINT_API_KEY (anyone could start jobs)")
@@ -268,11 +282,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     from deployments.runpod_handler import handler
 
     if args.task_workers:
-        jobs: Any = TaskJobs(keep=args.keep)
+        jobs: Any = TaskJobs(keep=args.keep, max_queued=args.max_queued)
     elif args.deployment:
-        jobs = DeploymentJobs(args.deployment, keep=args.keep)
+        jobs = DeploymentJobs(args.deployment, keep=args.keep, max_queued=args.max_queued)
     else:
-        jobs = Jobs(lambda job, job_id: handler(job, flow_run_name=job_id), workers=args.workers, keep=args.keep)
+        jobs = Jobs(lambda job, job_id: handler(job, flow_run_name=job_id), workers=args.workers, keep=args.keep,
+                    max_queued=args.max_queued)
     uvicorn.run(create_app(key, jobs, loopback=_loopback(args.host)), host=args.host, port=args.port,
                 log_level="info", limit_concurrency=args.max_connections)
     return 0

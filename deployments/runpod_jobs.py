@@ -5,11 +5,11 @@ job runs and where its status comes from.
   are kept in memory, as RunPod keeps them for a while.
 * :class:`DeploymentJobs` (``--deployment``): a run of a Prefect deployment on its work pool; job
   id = flow run id, everything read back from the Prefect API.
-* :class:`TaskJobs` (``--task-workers``): the throughput path, a background task run of
-  ``transcribe-job`` on warm task workers (:mod:`flows.jobs`): no process per job, ~0.3 s to
-  dispatch; job id = task run id, status, output and cancel from Prefect's task-run API, so they
-  survive a restart of the endpoint, and every job shows in the Prefect UI. The endpoint watches
-  its jobs (:mod:`flows.dispatch`): a worker that dies mid-job has it scheduled again elsewhere.
+* :class:`~deployments.runpod_task_jobs.TaskJobs` (``--task-workers``): the throughput path, a
+  background task run of ``transcribe-job`` on warm task workers, in its own module.
+
+Each table holds at most ``max_queued`` jobs that no worker has started (:class:`QueueFull`
+beyond: the endpoint answers 429).
 """
 from __future__ import annotations
 
@@ -25,14 +25,32 @@ HEALTH_KEYS = {"COMPLETED": "completed", "FAILED": "failed", "IN_PROGRESS": "inP
                "CANCELLED": "cancelled"}
 
 
+MAX_QUEUED = 1000  # jobs waiting for a worker before /run answers 429 (--max-queued)
+
+
+class QueueFull(Exception):
+    """``max_queued`` jobs already wait: the caller should try again later (HTTP 429)."""
+
+    def __init__(self, queued: int, limit: int):
+        super().__init__(f"the queue is full: {queued} jobs wait for a worker (--max-queued {limit}); "
+                         "try again later")
+
+
+def _check_queue(queued: int, limit: int) -> None:
+    if queued >= limit:
+        raise QueueFull(queued, limit)
+
+
 class Jobs:
-    """The job table: id -> state, with a thread pool running ``run(job, id)``."""
+    """The job table: id -> state, with a thread pool running ``run(job, id)``; at most
+    ``max_queued`` jobs wait for it (each holds its body in memory)."""
 
     reads_api = False  # a view is a dict lookup: no thread needed to read it
     poll = 0.25  # seconds between looks while a caller waits
 
-    def __init__(self, run: Callable[[dict, str], dict], workers: int = 1, keep: int = 1000):
-        self.run, self.keep = run, keep
+    def __init__(self, run: Callable[[dict, str], dict], workers: int = 1, keep: int = 1000,
+                 max_queued: int = MAX_QUEUED):
+        self.run, self.keep, self.max_queued = run, keep, max_queued
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="job")
         self.jobs: "OrderedDict[str, dict[str, Any]]" = OrderedDict()
         self.futures: dict[str, Future] = {}
@@ -41,6 +59,7 @@ class Jobs:
     def submit(self, body: dict[str, Any]) -> str:
         job_id = f"{uuid.uuid4()}-u1"
         with self.lock:
+            _check_queue(sum(s["status"] == "IN_QUEUE" for s in self.jobs.values()), self.max_queued)
             self.jobs[job_id] = {"id": job_id, "status": "IN_QUEUE", "submitted": time.time()}
             self.futures[job_id] = self.pool.submit(self._execute, job_id, {"id": job_id, **body})
             self._trim()
@@ -173,8 +192,8 @@ class DeploymentJobs(_RunJobs):
     persisted result plus the bucket keys, and cancelling a running job cancels the flow run
     (its worker stops the process or container)."""
 
-    def __init__(self, deployment: str, keep: int = 1000):
-        self.deployment, self.keep = deployment, keep
+    def __init__(self, deployment: str, keep: int = 1000, max_queued: int = MAX_QUEUED):
+        self.deployment, self.keep, self.max_queued = deployment, keep, max_queued
         self.refused: "OrderedDict[str, dict[str, Any]]" = OrderedDict()  # jobs no flow run was made for
         self.outputs: "OrderedDict[str, dict[str, Any]]" = OrderedDict()  # finished views, read once
         self.lock = threading.Lock()
@@ -189,8 +208,26 @@ class DeploymentJobs(_RunJobs):
             req = admit({"input": body["input"]}, stored=True, serving=False)
         except SpeechError as exc:
             return _refuse(self, str(exc))
-        run = run_deployment(self.deployment, parameters=deployment_parameters(req), timeout=0, tags=[TAG])
+        with self.lock:  # count and create together: concurrent submits cannot all see room for one
+            _check_queue(self._queued(), self.max_queued)
+            run = run_deployment(self.deployment, parameters=deployment_parameters(req), timeout=0, tags=[TAG])
         return str(run.id)
+
+    def _queued(self) -> int:
+        """This endpoint's flow runs no worker has started yet."""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+            FlowRunFilterTags,
+        )
+        from prefect.client.schemas.objects import StateType
+
+        with get_client(sync_client=True) as client:
+            return client.count_flow_runs(flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=[TAG]),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING]))))
 
     def _run(self, job_id: str) -> Any:
         run = self._read(job_id, lambda client, run_id: client.read_flow_run(run_id))
@@ -293,147 +330,3 @@ def deployment_parameters(req: Any) -> dict[str, Any]:
         if value is not None:
             params[name] = value.get_secret_value()
     return params
-
-
-class TaskJobs(_RunJobs):
-    """Jobs as background task runs of ``transcribe-job`` (:func:`flows.jobs.transcribe_job`) on
-    warm task workers: the job id is the task run id, the status its state, ``output`` its
-    persisted result (the worker's JSON, plus bucket keys and presigned URLs made when asked),
-    and cancelling sets it Cancelled (a queued job is skipped, a running one stops at its next
-    checkpoint). A watcher thread applies :class:`flows.dispatch.Watch` to every unfinished job
-    this endpoint started: a job whose worker died is scheduled again, one no worker serves fails."""
-
-    def __init__(self, keep: int = 1000, watch_every: float = 2.0):
-        from speech.errors import InvalidRequest
-        from tasks.storage import task_result_storage
-
-        self.storage = task_result_storage()
-        if self.storage is None:
-            raise InvalidRequest("--task-workers needs the result storage the task workers use: set RESULTS_STORAGE "
-                                 "(s3://bucket/prefix or a shared folder) or RESULTS_STORAGE_BLOCK")
-        self.keep, self.poll = keep, 0.5
-        self.refused: "OrderedDict[str, dict[str, Any]]" = OrderedDict()
-        self.outputs: "OrderedDict[str, dict[str, Any]]" = OrderedDict()
-        self.watches: dict[str, Any] = {}
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.watcher = threading.Thread(target=self._watch_loop, args=(watch_every,), name="job-watcher", daemon=True)
-        self.watcher.start()
-
-    def submit(self, body: dict[str, Any]) -> str:
-        from flows.dispatch import delay
-        from flows.jobs import JOB_TAG, check_job_request, transcribe_job
-        from speech.errors import SpeechError
-
-        try:
-            req = check_job_request(body["input"])
-        except SpeechError as exc:
-            return _refuse(self, str(exc))
-        future = delay(transcribe_job.with_options(result_storage=self.storage), deployment_parameters(req),
-                       tags=(TAG, JOB_TAG))
-        return str(future.task_run_id)
-
-    def _run(self, job_id: str) -> Any:
-        run = self._read(job_id, lambda client, run_id: client.read_task_run(run_id))
-        # only this endpoint's jobs (not their stage runs, which carry the tag too)
-        return run if run is not None and TAG in (run.tags or []) and run.task_key.startswith("transcribe_job") else None
-
-    def _status(self, state: Any) -> str:
-        status = super()._status(state)
-        if status == "FAILED" and "its run is Cancel" in (state.message or ""):
-            status = "CANCELLED"  # stopped at a checkpoint because it was cancelled
-        return status
-
-    def _output(self, run: Any) -> dict[str, Any]:
-        from speech.io.store import OutputTarget
-        from speech.redact import one_line
-        from speech.schema import OutputRef
-        from tasks.outputs import bucket_keys
-        from tasks.storage import results_store
-
-        try:
-            job = run.state.result(raise_on_failure=False)
-            refs = [OutputRef(**r) for r in job["outputs"]]
-            result = job["result"]
-        except Exception as exc:  # noqa: BLE001 - result storage this service cannot read
-            return {"status": "FAILED", "error": one_line(
-                f"the job completed but its result cannot be read here ({type(exc).__name__}: {exc}); give the "
-                "endpoint the task workers' RESULTS_STORAGE_BLOCK / RESULTS_STORAGE and S3 access to it")}
-        buckets = {r.uri[len("s3://"):].split("/", 1)[0] for r in refs if r.uri.startswith("s3://")}
-        store = results_store(OutputTarget(bucket=next(iter(buckets)))) if buckets else None
-        return {"output": {**result, **bucket_keys(refs, store)}}
-
-    def cancel(self, job_id: str) -> Optional[dict[str, Any]]:
-        from prefect.client.orchestration import get_client
-        from prefect.states import Cancelled
-
-        run = self._run(job_id)
-        if run is not None and run.state is not None and not run.state.is_final():
-            with get_client(sync_client=True) as client:
-                client.set_task_run_state(run.id, Cancelled(message="cancelled through the RunPod API"), force=True)
-        return self.view(job_id)
-
-    def purge(self) -> int:
-        """Cancel every queued job of this endpoint (RunPod's /purge-queue): the workers skip them."""
-        from prefect.client.orchestration import get_client
-        from prefect.states import Cancelled
-
-        from flows.jobs import job_filter
-
-        with get_client(sync_client=True) as client:
-            queued = client.read_task_runs(task_run_filter=job_filter(TAG, states=("SCHEDULED", "PENDING")), limit=200)
-            for run in queued:
-                client.set_task_run_state(run.id, Cancelled(message="purged through the RunPod API"), force=True)
-        return len(queued)
-
-    def counts(self) -> dict[str, int]:
-        from prefect.client.orchestration import get_client
-
-        from flows.jobs import job_filter
-
-        out = {}
-        with get_client(sync_client=True) as client:
-            for status, name in HEALTH_KEYS.items():
-                wanted = job_filter(TAG, states=tuple(t for t, s in RUNPOD_STATUS.items() if s == status))
-                reply = client.request("POST", "/task_runs/count", json={"task_runs": wanted.model_dump(mode="json")})
-                reply.raise_for_status()
-                out[name] = int(reply.json())
-        out["failed"] += len(self.refused)
-        return out
-
-    def _watch_loop(self, every: float) -> None:
-        import logging
-
-        while not self.stopping.wait(every):
-            try:
-                self.watch_once()
-            except Exception:  # noqa: BLE001 - the API may be restarting: look again later
-                logging.getLogger(__name__).warning("watching jobs failed", exc_info=True)
-
-    def watch_once(self) -> None:
-        """One look at every unfinished job: :meth:`flows.dispatch.Watch.check` each."""
-        from prefect.client.orchestration import get_client
-
-        from flows.dispatch import Watch, pool_busy_once, run_deadline, serving_workers
-        from flows.jobs import job_filter, transcribe_job
-        from speech.settings import get_settings
-
-        with get_client(sync_client=True) as client:
-            wanted = job_filter(TAG, states=("SCHEDULED", "PENDING", "RUNNING"))
-            runs: list[Any] = []
-            while True:  # every page: the API answers 200 at most
-                page = client.read_task_runs(task_run_filter=wanted, limit=200, offset=len(runs))
-                runs.extend(page)
-                if len(page) < 200:
-                    break
-            workers = serving_workers(client, transcribe_job.task_key) if runs else set()
-            busy = pool_busy_once(client)
-            for run in runs:
-                key = str(run.id)
-                if key not in self.watches:  # the worker enforces the deadline scaled to the audio; this is the backstop
-                    self.watches[key] = Watch(run.id, transcribe_job.task_key, f"transcribe-job {run.name}",
-                                              run_deadline(get_settings().max_audio_seconds), self.storage)
-                self.watches[key].check(client, run, workers, busy)
-            live = {str(r.id) for r in runs}
-            for key in [k for k in self.watches if k not in live]:
-                del self.watches[key]

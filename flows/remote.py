@@ -198,10 +198,7 @@ def run_endpoint(address: str, api_key: Optional[str], payload: dict[str, Any], 
     job_id: Optional[str] = None
     try:
         try:
-            if sync:
-                body = client.post(f"{endpoint_id}/runsync", {"input": payload}, timeout=max(1, int(timeout)))
-            else:
-                body = client.post(f"{endpoint_id}/run", {"input": payload}, timeout=60)
+            body = _submit(client, endpoint_id, payload, sync, deadline, show, jobs)
             job_id = body.get("id")
             if jobs and job_id and body.get("status") not in FINAL:
                 jobs.started(what, job_id, lambda: client.post(f"{endpoint_id}/cancel/{job_id}", None, timeout=10))
@@ -230,6 +227,33 @@ def run_endpoint(address: str, api_key: Optional[str], payload: dict[str, Any], 
     if body["status"] != "COMPLETED" or not isinstance(body.get("output"), dict):
         raise RemoteFailed(f"remote job {job_id} {body['status']}: {body.get('error') or 'no output'}")
     return body["output"]
+
+
+def _submit(client: Any, endpoint_id: str, payload: dict[str, Any], sync: bool, deadline: float,
+            show: Callable[[str], None], jobs: Optional[InFlight]) -> dict[str, Any]:
+    """POST the job; while the endpoint answers 429 (its queue is full), wait as its ``Retry-After``
+    says and send it again, until the deadline."""
+    import requests
+
+    while True:
+        try:
+            if sync:
+                left = max(1, int(deadline - time.monotonic()))
+                return client.post(f"{endpoint_id}/runsync", {"input": payload}, timeout=left)
+            return client.post(f"{endpoint_id}/run", {"input": payload}, timeout=60)
+        except requests.HTTPError as exc:
+            reply = exc.response
+            if reply is None or reply.status_code != 429:
+                raise
+            try:
+                pause = min(60.0, max(1.0, float(reply.headers.get("Retry-After", 5))))
+            except ValueError:
+                pause = 5.0
+            if time.monotonic() + pause > deadline:
+                raise RemoteFailed(f"the endpoint's queue stayed full until --remote-timeout: {_http_error(exc)}") \
+                    from None
+            show(f"the endpoint's queue is full; sending again in {pause:.0f} s")
+            jobs.wait(pause) if jobs else time.sleep(pause)
 
 
 def _http_error(exc: Any) -> str:

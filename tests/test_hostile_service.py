@@ -194,6 +194,77 @@ def test_parked_runsync_waits_hold_no_thread(roots):
         assert sum(r.json()["status"] == "COMPLETED" for r in replies) >= 1
 
 
+def test_a_full_queue_answers_429_and_the_remote_cli_waits_for_room(roots):
+    """One caller cannot fill the endpoint's memory: with 1 job running and --max-queued 2 waiting,
+    /run and /runsync answer 429 (Retry-After, one-line error, nothing queued) to the runpod SDK and
+    plain HTTP; the CLI's remote mode waits as Retry-After says and gets in once there is room, or
+    gives up at its deadline with that reason."""
+    import runpod
+
+    from deployments.runpod_api import Jobs
+    from flows.remote import RemoteFailed, run_endpoint
+
+    release = threading.Event()
+    table = Jobs(lambda job, job_id: {"done": release.wait(120)}, workers=1, max_queued=2)
+    with serving_runpod_api(KEY, table) as base:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        body = {"input": {"audio_file": "https://example.com/a.wav"}}
+        def send() -> str:
+            return requests.post(f"{base}/e/run", json=body, headers=auth, timeout=30).json()["id"]
+
+        ids = [send()]
+        deadline = time.monotonic() + 30
+        while table.view(ids[0])["status"] != "IN_PROGRESS":  # the worker took it: the queue is empty again
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        ids += [send(), send()]
+        assert requests.get(f"{base}/e/health", timeout=30).json()["jobs"]["inQueue"] == 2
+        for route in ("run", "runsync?wait=1000"):
+            full = requests.post(f"{base}/e/{route}", json=body, headers=auth, timeout=30)
+            assert full.status_code == 429 and full.headers["Retry-After"] == "5", full.text
+            assert "the queue is full: 2 jobs wait for a worker (--max-queued 2)" in full.json()["error"]
+        endpoint = runpod.Endpoint("e", api_key=KEY)
+        endpoint.rp_client.endpoint_url_base = base
+        with pytest.raises(requests.HTTPError, match="429"):
+            endpoint.run(body["input"])
+        assert len(table.jobs) == 3  # nothing was queued by the refused calls
+
+        with pytest.raises(RemoteFailed, match="queue stayed full until --remote-timeout: HTTP 429"):
+            run_endpoint(f"{base}/e", KEY, body["input"], False, 3, lambda line: None)
+        shown: list[str] = []
+        threading.Timer(2, release.set).start()  # room in 2 s: the CLI's second try gets in
+        output = run_endpoint(f"{base}/e", KEY, body["input"], False, 120, shown.append)
+        assert output == {"done": True}
+        assert "the endpoint's queue is full; sending again in 5 s" in shown
+        assert all(table.view(i)["status"] == "COMPLETED" for i in ids)
+
+
+def test_a_deployments_queue_is_bounded_too(roots, prefect_harness):
+    """--deployment: the flow runs this endpoint made that no worker started count as its queue
+    (read from the Prefect API); a submit beyond --max-queued makes no flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    from deployments.runpod_jobs import DeploymentJobs, QueueFull
+    from flows.transcribe import transcribe_audio
+
+    deployment_id = transcribe_audio.to_deployment(name="queue-bound").apply()  # no pool, no worker: runs wait
+    table = DeploymentJobs("transcribe-audio/queue-bound")
+    table.max_queued = table._queued() + 2  # runs other tests left waiting count too
+    body = {"input": {"audio_file": str(DATA / "enrol_slt.wav")}}
+    ids = [table.submit(body) for _ in range(2)]
+    try:
+        assert [table.view(i)["status"] for i in ids] == ["IN_QUEUE", "IN_QUEUE"]
+        with pytest.raises(QueueFull, match="jobs wait for a worker"):
+            table.submit(body)
+        with get_client(sync_client=True) as client:
+            made = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+            assert sorted(str(r.id) for r in made) == sorted(ids)
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_deployment(deployment_id)  # and its runs
+
+
 def _wav(path, rate: int, seconds: float) -> None:
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)

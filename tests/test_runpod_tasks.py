@@ -3,7 +3,7 @@ background task run of ``transcribe-job`` on a warm task worker (a separate proc
 home and cache; results reach the endpoint through the bucket), driven by the official ``runpod``
 SDK. The job id is the task run id; status and output come from Prefect's task-run API (a new
 service answers the same); a queued job cancelled is skipped by the worker, a running one stops;
-the trust policy and the token rule hold at the edge."""
+a full queue answers 429; the trust policy and the token rule hold at the edge."""
 from __future__ import annotations
 
 import os
@@ -116,6 +116,11 @@ def test_cancelling_queued_and_running_jobs(jobs, worker):
             assert time.monotonic() < deadline
             time.sleep(0.5)
         assert _status(base, queued)["status"] == "IN_QUEUE"
+        jobs.max_queued = 1  # --max-queued 1: one job waits already, the next is refused and never handed over
+        full = requests.post(f"{base}/e/run", json={"input": {"audio_file": str(long)}}, headers=ok, timeout=60)
+        assert full.status_code == 429 and "the queue is full: 1 jobs wait" in full.json()["error"], full.text
+        assert jobs._count(("SCHEDULED", "PENDING")) == 1
+        jobs.max_queued = 1000
         assert requests.post(f"{base}/e/cancel/{queued}", headers=ok, timeout=60).json()["status"] == "CANCELLED"
         assert requests.post(f"{base}/e/cancel/{running}", headers=ok, timeout=60).json()["status"] == "CANCELLED"
         while "skipped task run" not in (worker / "worker.log").read_text():  # the worker came to it
