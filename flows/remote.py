@@ -253,6 +253,9 @@ def _submit(client: Any, endpoint_id: str, payload: dict[str, Any], sync: bool, 
                 raise RemoteFailed(f"the endpoint's queue stayed full until --remote-timeout: {_http_error(exc)}") \
                     from None
             show(f"the endpoint's queue is full; sending again in {pause:.0f} s")
+            # the server may close this idle connection while we wait, and a POST on a connection
+            # closed under it is not retried: the next try opens a new one
+            client.rp_session.close()
             jobs.wait(pause) if jobs else time.sleep(pause)
 
 
