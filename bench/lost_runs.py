@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 from bench.common import DATA, FIXTURES, apply_smoke, job_output, report, smoke_option  # noqa: E402
 from deployments.local_server import (  # noqa: E402
     deploy_to_process_pool,
+    kill_host,
     local_postgres,
     local_prefect_server,
     start_process_worker,
@@ -92,21 +93,6 @@ def long_file(path: Path, seconds: float) -> None:
             parts.append(audio)
             total += len(audio)
     sf.write(str(path), np.concatenate(parts)[: int(seconds * 16000)], 16000, subtype="PCM_16")
-
-
-def kill_host(pid: int) -> int:
-    """SIGKILL to a worker and every process it started, at once; how many there were."""
-    import psutil
-
-    root = psutil.Process(pid)
-    procs = [root, *root.children(recursive=True)]
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
-    return len(procs)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -182,7 +168,7 @@ def _drive(args: argparse.Namespace, tmp: Path, inbox: Path, out: Path, env: dic
             time.sleep(0.2)
         time.sleep(1)
         lost = {r.id: r for r in mine}
-        killed_processes = kill_host(hosts["A"].pid)
+        killed_processes = kill_host(hosts["A"])
         killed = time.monotonic()
         print(f"killed host A (SIGKILL, {killed_processes} processes) running {len(lost)} runs, "
               f"{killed - t0:.0f} s in", flush=True)

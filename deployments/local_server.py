@@ -157,6 +157,23 @@ def start_process_worker(pool: str, env: Mapping[str, str], log_path: Path, limi
             stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
 
 
+def kill_host(proc: subprocess.Popen) -> int:
+    """What a lost machine does to a worker: SIGKILL to it and every process it started, at once,
+    none left to report anything. How many processes died."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    procs = [root, *root.children(recursive=True)]
+    for child in procs:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    proc.wait(10)
+    return len(procs)
+
+
 def start_task_worker(env: Mapping[str, str], log_path: Path, limit: int = 1,
                       preload: bool = False) -> subprocess.Popen:
     """``python -m deployments.task_worker`` in its own session, logging to ``log_path``."""

@@ -23,7 +23,7 @@ import yaml
 from conftest import DATA, wer, wer_limit
 from deepgram_stub import KEY, DeepgramServer
 
-from deployments.local_server import stop
+from deployments.local_server import kill_host, stop
 
 pytestmark = pytest.mark.prefect
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,23 +305,6 @@ def test_scheduled_sweep_deployment_feeds_the_worker(server, deployed, tmp_path)
         stem = name.removesuffix(".wav")
         result = json.loads((out / stem / str(by_file[name].id) / f"{stem}.json").read_text())
         assert wer(manifest[src]["text"], " ".join(s["text"] for s in result["segments"])) <= wer_limit(src), name
-
-
-def kill_host(proc: subprocess.Popen) -> int:
-    """What a lost machine does to a worker: SIGKILL to it and every process it started at once,
-    none left to report anything. Returns how many processes died."""
-    import psutil
-
-    root = psutil.Process(proc.pid)
-    procs = [root, *root.children(recursive=True)]
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
-    proc.wait(10)
-    return len(procs)
 
 
 def test_a_run_whose_worker_host_is_lost_is_set_crashed_and_swept_again(server, deployed, tmp_path):
