@@ -6,7 +6,7 @@
 In one invocation: a Prefect server on PostgreSQL (or SQLite with ``--smoke``), a local HTTP
 server with the test audio, and every entry point that runs a request in its own process, each
 given unique canaries in the URL's user-info, a signature query parameter, a speaker sample's
-token and a token field: the CLI (one file, and two files as one batch run), ``handler(job)``,
+token and a token field (and the endpoint's caller key, from ``ENDPOINT_API_KEYS``): the CLI (one file, and two files as one batch run), ``handler(job)``,
 the RunPod-compatible endpoint in its in-process mode over HTTP; and the queued modes
 (``--deployment``, ``--task-workers``), which must refuse such a request before anything is stored.
 Then every byte the server and the runs kept is searched for every canary: a ``pg_dump`` of the
@@ -39,12 +39,12 @@ sys.path.insert(0, str(REPO))
 from bench.common import DATA, serve_folder  # noqa: E402
 from deployments.local_server import local_postgres, local_prefect_server, start_endpoint, stop  # noqa: E402
 
-KEY = "audit-endpoint-key"
+KEY = f"endpoint-key-canary-{os.getpid()}"  # the auditor's own key (ENDPOINT_API_KEYS): a canary too
 
 
 class Canaries:
     def __init__(self, base: str, out: Path):
-        self.base, self.out, self.all = base, out, {}
+        self.base, self.out, self.all = base, out, {KEY: "the endpoint's caller key"}
 
     def request(self, via: str, audio: str = "enrol_rms.wav") -> dict[str, Any]:
         names = {k: f"{k}-{via}-canary-{os.getpid()}-{int(time.time() * 1000) % 100000}"
@@ -91,7 +91,7 @@ def run_entry_points(env: dict[str, str], canaries: Canaries, tmp: Path, smoke: 
         raise RuntimeError(f"handler failed: {(done.stdout + done.stderr)[-2000:]}")
     runs.append("handler")
     with ExitStack() as stack:
-        proc, base = start_endpoint(env, tmp / "endpoint.log", KEY, endpoint_id="audit")
+        proc, base = start_endpoint(env, tmp / "endpoint.log", {"auditor": KEY}, endpoint_id="audit")
         stack.callback(stop, proc)
         reply = _post(f"{base}/runsync?wait=290000", {"input": canaries.request("endpoint")})
         if reply.get("status") != "COMPLETED":
@@ -101,7 +101,8 @@ def run_entry_points(env: dict[str, str], canaries: Canaries, tmp: Path, smoke: 
         if not smoke:
             queued["--task-workers"] = ["--task-workers"]
         for mode, args in queued.items():
-            proc, base = start_endpoint(env, tmp / f"endpoint{mode}.log", KEY, *args, endpoint_id="audit")
+            proc, base = start_endpoint(env, tmp / f"endpoint{mode}.log", {"auditor": KEY}, *args,
+                                        endpoint_id="audit")
             stack.callback(stop, proc)
             request = {k: v for k, v in canaries.request(f"queued{mode}").items() if k != "huggingface_access_token"}
             reply = _post(f"{base}/runsync?wait=30000", {"input": request})

@@ -29,8 +29,13 @@ The last line is one JSON object:
 * ``busy_fraction``: compute seconds / worker-seconds available (each worker from ready to its
   death or the last file) (goal >= 0.9);
 * ``p50_s`` / ``p95_s``: submitted (task run created) to finished, queueing included;
-* ``peak_rss_mb``: the largest task worker's peak RSS. Compute = VAD + language id + decoding
-  seconds as the transcribe stage reports them (``debug.transcribe_timings``).
+* ``peak_rss_mb``: the largest task worker's peak RSS;
+* ``foreign_reads_answered``: the endpoint's jobs are sent by two callers in turn, each with its own
+  key (``ENDPOINT_API_KEYS``); each job's status is read by the other caller too, which must get
+  404 (goal 0 answered).
+
+Compute = VAD + language id + decoding seconds as the transcribe stage reports them
+(``debug.transcribe_timings``).
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -65,7 +71,7 @@ from deployments.local_server import (  # noqa: E402
     wait_for_task_workers,
 )
 
-KEY = "load-bench-key"
+KEYS = {"alice": "load-bench-key-alice", "bob": "load-bench-key-bob"}  # two callers: jobs alternate
 POOL = "load-pool"
 SR = 16000
 
@@ -146,12 +152,26 @@ def _peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _post(url: str, body: Optional[dict] = None, method: str = "POST") -> dict:
+def _post(url: str, body: Optional[dict] = None, method: str = "POST", caller: str = "alice") -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
-                                     method=method, headers={"Authorization": f"Bearer {KEY}",
+                                     method=method, headers={"Authorization": f"Bearer {KEYS[caller]}",
                                                              "Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as reply:
         return json.loads(reply.read())
+
+
+def _caller(i: int) -> str:
+    """Who sends endpoint job ``i``: the callers take turns."""
+    return sorted(KEYS)[i % len(KEYS)]
+
+
+def _foreign_read(url: str, caller: str) -> bool:
+    """Whether ``caller`` got anything but 404 reading ``url`` (another caller's job)."""
+    try:
+        _post(url, method="GET", caller=caller)
+    except urllib.error.HTTPError as exc:
+        return exc.code != 404
+    return True
 
 
 def worker_log_runs(log: Path) -> list[str]:
@@ -211,7 +231,7 @@ def _with_server(args: argparse.Namespace, tmp: Path, pool: list[Path], server: 
         procs["process-worker"] = start_process_worker(POOL, {**common, "SPEECH_CACHE_DIR": str(tmp / "cache-sweep")},
                                                        tmp / "process-worker.log")
         procs["endpoint"], base = start_endpoint({**common, "SPEECH_CACHE_DIR": str(tmp / "cache-endpoint")},
-                                                 tmp / "endpoint.log", KEY, "--task-workers", endpoint_id="load")
+                                                 tmp / "endpoint.log", KEYS, "--task-workers", endpoint_id="load")
         refs = references(pool, tmp)
         workers = wait_for_task_workers(server.url, 2, procs=(procs["A"], procs["B"]), timeout=300)
         ready = time.time()
@@ -256,7 +276,7 @@ def drive(args: argparse.Namespace, tmp: Path, pool: list[Path], refs: dict, pro
     with ThreadPoolExecutor(8) as pool_exec:
         ids = list(pool_exec.map(lambda i: _post(f"{base}/run", {"input": {
             "audio_file": str(tmp / "jobs" / f"job-{i:03d}.wav"), "download_dir": str(tmp / "out"),
-            "debug": True}})["id"], range(args.jobs)))
+            "debug": True}}, caller=_caller(i))["id"], range(args.jobs)))
     sweep = run_deployment("sweep-inbox/load", timeout=0, parameters={
         "source": str(tmp / "inbox"), "glob": "*.wav", "via": "task-workers", "limit": total,
         "request": {"download_dir": str(tmp / "swept"), "debug": True}})
@@ -304,10 +324,12 @@ def measure(args: argparse.Namespace, tmp: Path, base: str, refs: dict, origin: 
             killed: dict, rss: dict, ready: float, t0: float, end: float, sweep_run: Any) -> dict:
     results: dict[str, Optional[dict]] = {}
     states: dict[str, str] = {}
+    foreign = 0  # reads of a job by the caller who did not send it that got anything but 404
     for i, job_id in enumerate(ids):
-        view = _post(f"{base}/status/{job_id}", method="GET")
+        view = _post(f"{base}/status/{job_id}", method="GET", caller=_caller(i))
         states[f"job-{i:03d}"] = view["status"]
         results[f"job-{i:03d}"] = view.get("output")
+        foreign += _foreign_read(f"{base}/status/{job_id}", _caller(i + 1))
     for i in range(args.files):
         name = f"file-{i:03d}"
         path = job_output(tmp / "swept", name)  # under the job's own key
@@ -351,7 +373,7 @@ def measure(args: argparse.Namespace, tmp: Path, base: str, refs: dict, origin: 
         "task_wall_per_file_s": round(engine, 3), "worker_limit": args.worker_limit, "dispatch_gap_s": round(sum(gaps) / len(gaps), 3) if gaps else None,
         "wall_s": round(end - t0, 1), "files_per_hour": round(3600 * len(completed) / max(1e-9, end - t0)),
         "killed": bool(killed), "sweep": sweep_run.state.name if sweep_run.state else None,
-        "rerun_after_kill": len(taken_twice),
+        "rerun_after_kill": len(taken_twice), "foreign_reads_answered": foreign,
     }
     if failed or lost or mismatched:
         res["examples"] = {n: states[n] for n in (failed + lost + mismatched)[:5]}
@@ -379,7 +401,7 @@ def print_table(res: dict) -> None:
     print()
     for key in ("completed", "failed", "lost", "mismatched", "model_loads_per_worker", "overhead_per_file_s",
                 "busy_fraction", "p50_s", "p95_s", "peak_rss_mb", "compute_per_file_s", "task_wall_per_file_s",
-                "dispatch_gap_s", "wall_s", "files_per_hour", "rerun_after_kill"):
+                "dispatch_gap_s", "wall_s", "files_per_hour", "rerun_after_kill", "foreign_reads_answered"):
         print(f"{key:28} {res.get(key)}")
 
 
@@ -390,7 +412,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: clean up (servers, workers, database)
     res = report(args, run, print_table)
     print(json.dumps(res))  # the last line: one JSON object
-    ok = not res["failed"] and not res["lost"] and not res["mismatched"]
+    ok = not res["failed"] and not res["lost"] and not res["mismatched"] and not res["foreign_reads_answered"]
     return 0 if ok else 1
 
 

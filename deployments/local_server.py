@@ -205,15 +205,17 @@ def wait_for_task_workers(url: str, count: int, timeout: float = 180,
         time.sleep(0.5)
 
 
-def start_endpoint(env: Mapping[str, str], log: Path, key: str, *args: str,
+def start_endpoint(env: Mapping[str, str], log: Path, key: "str | Mapping[str, str]", *args: str,
                    endpoint_id: str = "bench") -> tuple[subprocess.Popen, str]:
-    """``python -m deployments.runpod_api [args]`` with ``ENDPOINT_API_KEY=key`` on a free
-    loopback port, dying with this process; returns it and its base URL
-    (``http://127.0.0.1:PORT/v2/<endpoint_id>``) once ``/health`` answers."""
+    """``python -m deployments.runpod_api [args]`` with ``ENDPOINT_API_KEY=key`` (a mapping: the
+    callers' ``ENDPOINT_API_KEYS``, name -> key) on a free loopback port, dying with this process;
+    returns it and its base URL (``http://127.0.0.1:PORT/v2/<endpoint_id>``) once ``/health`` answers."""
     port = free_port()
+    keys = {"ENDPOINT_API_KEY": key} if isinstance(key, str) else {
+        "ENDPOINT_API_KEYS": ",".join(f"{name}:{k}" for name, k in key.items())}
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "deployments.runpod_api", "--port", str(port), *args],
-                                env={**env, "ENDPOINT_API_KEY": key}, stdout=out, stderr=subprocess.STDOUT,
+                                env={**env, **keys}, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=die_with_parent)
     base = f"http://127.0.0.1:{port}/v2/{endpoint_id}"
     deadline = time.monotonic() + 120

@@ -16,7 +16,7 @@ Routes (RunPod's serverless API; ``{endpoint_id}`` is accepted as given):
   ``--task-workers`` a running one too;
 * ``GET /v2/{endpoint_id}/stream/{id}`` -> ``{"id", "status", "stream": [...]}``: the handler is
   not a generator, so no chunk until the job ends, then its output as one chunk, once;
-* ``POST /v2/{endpoint_id}/purge-queue`` -> cancels every queued job: ``{"removed", "status"}``;
+* ``POST /v2/{endpoint_id}/purge-queue`` -> cancels every queued job of the caller's: ``{"removed", "status"}``;
 * ``GET /v2/{endpoint_id}/health`` -> job counts (no key needed).
 
 A request's ``webhook`` (an http(s) URL) receives a POST of the job's final status body when it
@@ -27,8 +27,11 @@ At most ``--max-queued`` jobs (default 1000) wait for a worker: beyond, ``/run``
 ``/runsync`` answer 429 with ``Retry-After`` and submit nothing, so a caller who outruns the
 workers cannot exhaust this process's (or the Prefect server's) memory for everyone else.
 
-Every route but ``/health`` wants ``Authorization: Bearer <ENDPOINT_API_KEY>`` (401 otherwise);
-without a key the service only starts on a loopback host. ``output`` is exactly what the
+Every route but ``/health`` wants ``Authorization: Bearer <key>`` (401 otherwise): the one
+``ENDPOINT_API_KEY``, or one of ``ENDPOINT_API_KEYS`` (``name:key,...``: callers who do not trust
+each other, each seeing, cancelling and purging only its own jobs, each with its share of the
+queue, ``--max-queued-per-caller``; :mod:`deployments.callers`); without a key the service only
+starts on a loopback host. ``output`` is exactly what the
 original worker returned, a failure is ``FAILED`` with its one-line ``error``.
 
 Without ``--deployment`` (:class:`Jobs`) each job is one ``transcribe-audio`` flow run in this
@@ -44,11 +47,11 @@ job (the throughput path); the job id is the task run id. See :mod:`deployments.
 # no "from __future__ import annotations": FastAPI reads the route functions' annotations at runtime
 
 import argparse
-import hmac
 import ipaddress
 import os
 from typing import Any, Optional
 
+from deployments.callers import DEFAULT, Callers, share
 from deployments.runpod_jobs import FINAL, MAX_QUEUED, DeploymentJobs, Jobs, QueueFull  # noqa: F401 - job tables
 from deployments.runpod_task_jobs import TaskJobs  # noqa: F401 - the throughput path's job table
 
@@ -89,9 +92,11 @@ def _loopback_name(host: str) -> bool:
     return name == "localhost" or _loopback(name)
 
 
-def create_app(api_key: Optional[str], jobs: Any, loopback: bool = True, max_bytes: Optional[int] = None) -> Any:
+def create_app(keys: "Callers | str | None", jobs: Any, loopback: bool = True,
+               max_bytes: Optional[int] = None) -> Any:
     """The FastAPI application (RunPod's routes over ``jobs``). Every request meets the edge
-    rules: ``Authorization`` (with a key), a JSON body (``Content-Type: application/json``, at most
+    rules: ``Authorization`` naming one of the callers' ``keys`` (a string: the one caller
+    ``default``; None: no key, one caller), each job seen only by the caller who sent it; a JSON body (``Content-Type: application/json``, at most
     ``MAX_REQUEST_BYTES``, nested at most :data:`MAX_DEPTH` deep), and on a ``loopback`` bind a
     loopback ``Host`` and no foreign ``Origin`` (so no web page the operator opens can drive it:
     CSRF, DNS rebinding). Bad input is a 4xx with one line, never a 500."""
@@ -106,8 +111,11 @@ def create_app(api_key: Optional[str], jobs: Any, loopback: bool = True, max_byt
     from deployments.webhooks import Webhooks, check_webhook
     from speech.errors import SpeechError
 
+    callers = Callers({DEFAULT: keys}) if isinstance(keys, str) else keys
+    shared_names_refused = callers is not None and len(callers) > 1  # one caller's output_name, another's file
     limit = max_bytes or get_settings().max_request_bytes
     app = FastAPI(title="whisperx-prefect (RunPod-compatible)", docs_url=None, redoc_url=None)
+    app.state.jobs = jobs
     webhooks = Webhooks(jobs.view)
     streamed: set[str] = set()  # jobs whose one stream chunk (the output) was handed out
 
@@ -121,14 +129,16 @@ def create_app(api_key: Optional[str], jobs: Any, loopback: bool = True, max_byt
         if origin is not None and not _loopback_name(origin.split("://", 1)[-1]):
             raise HTTPException(status_code=403, detail=f"requests from web pages ({origin}) are not served")
 
-    def authorized(request: Request) -> None:
+    def authorized(request: Request) -> str:
+        """The caller the request's key belongs to (401 for none)."""
         same_machine(request)
-        if not api_key:
-            return
+        if callers is None:
+            return DEFAULT
         given = request.headers.get("authorization", "")
-        token = given[7:] if given.lower().startswith("bearer ") else given
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
+        caller = callers.who(given[7:] if given.lower().startswith("bearer ") else given)
+        if caller is None:
             raise HTTPException(status_code=401, detail="Unauthorized")
+        return caller
 
     async def body_of(request: Request) -> dict[str, Any]:
         import json
@@ -152,6 +162,10 @@ def create_app(api_key: Optional[str], jobs: Any, loopback: bool = True, max_byt
             raise HTTPException(status_code=400, detail="the body must be JSON: {\"input\": {...}}") from None
         if not isinstance(body, dict) or not isinstance(body.get("input"), dict):
             raise HTTPException(status_code=400, detail="the body must be {\"input\": {...}}")
+        if shared_names_refused and body["input"].get("output_name"):
+            raise HTTPException(status_code=400, detail="output_name asks for outputs every caller of this endpoint "
+                                "could replace; with a key per caller (ENDPOINT_API_KEYS) each job's outputs are its "
+                                "own: leave output_name out and read the keys the job returns")
         if body.get("webhook") is not None:
             try:
                 check_webhook(body["webhook"])
@@ -159,64 +173,66 @@ def create_app(api_key: Optional[str], jobs: Any, loopback: bool = True, max_byt
                 raise HTTPException(status_code=400, detail=str(exc)) from None
         return {k: body[k] for k in ("input", "webhook", "policy") if k in body}
 
-    async def submit(body: dict[str, Any]) -> str:
+    async def submit(body: dict[str, Any], caller: str) -> str:
         try:
-            job_id = await anyio.to_thread.run_sync(jobs.submit, body)
+            job_id = await anyio.to_thread.run_sync(jobs.submit, body, caller)
         except QueueFull as exc:  # RunPod's answer to a caller that outruns the workers
             raise HTTPException(status_code=429, detail=str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         if body.get("webhook"):
             webhooks.add(job_id, body["webhook"])
         return job_id
 
-    async def view_of(job_id: str) -> dict[str, Any]:
+    async def view_of(job_id: str, caller: str) -> dict[str, Any]:
         if getattr(jobs, "reads_api", True):  # a look at the Prefect API: briefly on a thread
-            return await anyio.to_thread.run_sync(found, job_id)
-        return found(job_id)
+            return await anyio.to_thread.run_sync(found, job_id, caller)
+        return found(job_id, caller)
 
-    async def parked(job_id: str, seconds: float) -> dict[str, Any]:
+    async def parked(job_id: str, caller: str, seconds: float) -> dict[str, Any]:
         """The job's view once it is final or ``seconds`` have passed, looking every 0.05 s growing
         to the table's poll interval: a parked wait holds no thread, so /health and other calls
         answer whatever the number of waiting callers."""
         loop = asyncio.get_running_loop()
         deadline, pause = loop.time() + seconds, 0.05
         while True:
-            view = await view_of(job_id)
+            view = await view_of(job_id, caller)
             left = deadline - loop.time()
             if view["status"] in FINAL or left <= 0:
                 return view
             await asyncio.sleep(min(pause, left))
             pause = min(pause * 2, getattr(jobs, "poll", 0.5))
 
-    def found(job_id: str) -> dict[str, Any]:
-        view = jobs.view(job_id)
+    def found(job_id: str, caller: str) -> dict[str, Any]:
+        """The job's view; 404 for an unknown id and for another caller's job alike."""
+        view = jobs.view(job_id, caller)
         if view is None:
             raise HTTPException(status_code=404, detail=f"no job {job_id}")
         return view
 
-    @app.post("/v2/{endpoint_id}/run", dependencies=[Depends(authorized)])
-    async def run(endpoint_id: str, request: Request) -> dict[str, Any]:
-        job_id = await submit(await body_of(request))
+    @app.post("/v2/{endpoint_id}/run")
+    async def run(endpoint_id: str, request: Request, caller: str = Depends(authorized)) -> dict[str, Any]:
+        job_id = await submit(await body_of(request), caller)
         return {"id": job_id, "status": "IN_QUEUE"}
 
-    @app.post("/v2/{endpoint_id}/runsync", dependencies=[Depends(authorized)])
-    async def runsync(endpoint_id: str, request: Request, wait: int = DEFAULT_WAIT_MS) -> dict[str, Any]:
-        job_id = await submit(await body_of(request))
-        return await parked(job_id, min(max(wait, 0), 300_000) / 1000)
+    @app.post("/v2/{endpoint_id}/runsync")
+    async def runsync(endpoint_id: str, request: Request, wait: int = DEFAULT_WAIT_MS,
+                      caller: str = Depends(authorized)) -> dict[str, Any]:
+        job_id = await submit(await body_of(request), caller)
+        return await parked(job_id, caller, min(max(wait, 0), 300_000) / 1000)
 
-    @app.get("/v2/{endpoint_id}/status/{job_id}", dependencies=[Depends(authorized)])
-    def status(endpoint_id: str, job_id: str) -> dict[str, Any]:
-        return found(job_id)
+    @app.get("/v2/{endpoint_id}/status/{job_id}")
+    def status(endpoint_id: str, job_id: str, caller: str = Depends(authorized)) -> dict[str, Any]:
+        return found(job_id, caller)
 
-    @app.post("/v2/{endpoint_id}/cancel/{job_id}", dependencies=[Depends(authorized)])
-    def cancel(endpoint_id: str, job_id: str) -> dict[str, Any]:
-        found(job_id)
-        return jobs.cancel(job_id) or {}
+    @app.post("/v2/{endpoint_id}/cancel/{job_id}")
+    def cancel(endpoint_id: str, job_id: str, caller: str = Depends(authorized)) -> dict[str, Any]:
+        found(job_id, caller)
+        return jobs.cancel(job_id, caller) or {}
 
-    @app.get("/v2/{endpoint_id}/stream/{job_id}", dependencies=[Depends(authorized)])
-    def stream(endpoint_id: str, job_id: str) -> dict[str, Any]:
+    @app.get("/v2/{endpoint_id}/stream/{job_id}")
+    def stream(endpoint_id: str, job_id: str, caller: str = Depends(authorized)) -> dict[str, Any]:
         """RunPod's /stream for a handler that is not a generator: no chunk until the job ends,
         then its output as the one chunk, once."""
-        view = found(job_id)
+        view = found(job_id, caller)
         out = {"id": job_id, "status": view["status"], "stream": []}
         if view["status"] == "COMPLETED" and job_id not in streamed:
             streamed.add(job_id)
@@ -225,9 +241,10 @@ def create_app(api_key: Optional[str], jobs: Any, loopback: bool = True, max_byt
             out["error"] = view["error"]
         return out
 
-    @app.post("/v2/{endpoint_id}/purge-queue", dependencies=[Depends(authorized)])
-    def purge_queue(endpoint_id: str) -> dict[str, Any]:
-        return {"removed": jobs.purge(), "status": "completed"}
+    @app.post("/v2/{endpoint_id}/purge-queue")
+    def purge_queue(endpoint_id: str, caller: str = Depends(authorized)) -> dict[str, Any]:
+        """Cancels the caller's own queued jobs, not anyone else's."""
+        return {"removed": jobs.purge(caller), "status": "completed"}
 
     @app.get("/v2/{endpoint_id}/health", dependencies=[Depends(same_machine)])
     def health(endpoint_id: str) -> dict[str, Any]:
@@ -264,6 +281,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="open connections served at once; more get 503 (default 1000)")
     p.add_argument("--max-queued", type=int, default=MAX_QUEUED,
                    help=f"jobs waiting for a worker; /run and /runsync answer 429 beyond (default {MAX_QUEUED})")
+    p.add_argument("--max-queued-per-caller", type=int, default=None,
+                   help="jobs of one caller (one key of ENDPOINT_API_KEYS) waiting for a worker; 429 beyond "
+                        "(default: --max-queued divided by the number of callers)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--deployment", default=os.environ.get("RUNPOD_API_DEPLOYMENT") or None,
                        help="run jobs as runs of this deployment ('transcribe-audio/transcribe-gpu'; env "
@@ -272,23 +292,28 @@ def main(argv: Optional[list[str]] = None) -> int:
                        help="hand each job to warm task workers (python -m deployments.task_worker) as a background "
                             "task: no process per job; needs PREFECT_API_URL and the workers' RESULTS_STORAGE")
     args = p.parse_args(argv)
-    if args.max_queued < 1:
-        p.error("--max-queued must be at least 1")
-    key = os.environ.get("ENDPOINT_API_KEY") or None
-    if key is None and not _loopback(args.host):
-        p.error(f"refusing to serve on {args.host} without ENDPOINT_API_KEY (anyone could start jobs)")
+    if args.max_queued < 1 or (args.max_queued_per_caller is not None and args.max_queued_per_caller < 1):
+        p.error("--max-queued and --max-queued-per-caller must be at least 1")
+    try:
+        callers = Callers.from_env()
+    except ValueError as exc:
+        p.error(str(exc))
+    if callers is None and not _loopback(args.host):
+        p.error(f"refusing to serve on {args.host} without ENDPOINT_API_KEY or ENDPOINT_API_KEYS "
+                "(anyone could start jobs)")
+    per_caller = args.max_queued_per_caller or share(args.max_queued, len(callers) if callers else 1)
     import uvicorn
 
     from deployments.runpod_handler import handler
 
+    bounds = dict(keep=args.keep, max_queued=args.max_queued, per_caller=per_caller)
     if args.task_workers:
-        jobs: Any = TaskJobs(keep=args.keep, max_queued=args.max_queued)
+        jobs: Any = TaskJobs(**bounds)
     elif args.deployment:
-        jobs = DeploymentJobs(args.deployment, keep=args.keep, max_queued=args.max_queued)
+        jobs = DeploymentJobs(args.deployment, **bounds)
     else:
-        jobs = Jobs(lambda job, job_id: handler(job, flow_run_name=job_id), workers=args.workers, keep=args.keep,
-                    max_queued=args.max_queued)
-    uvicorn.run(create_app(key, jobs, loopback=_loopback(args.host)), host=args.host, port=args.port,
+        jobs = Jobs(lambda job, job_id: handler(job, flow_run_name=job_id), workers=args.workers, **bounds)
+    uvicorn.run(create_app(callers, jobs, loopback=_loopback(args.host)), host=args.host, port=args.port,
                 log_level="info", limit_concurrency=args.max_connections)
     return 0
 

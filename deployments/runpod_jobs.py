@@ -16,85 +16,129 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional
+
+from deployments.callers import DEFAULT, owner, tag
 
 # RunPod status -> its key in /health's job counts
 HEALTH_KEYS = {"COMPLETED": "completed", "FAILED": "failed", "IN_PROGRESS": "inProgress", "IN_QUEUE": "inQueue",
                "CANCELLED": "cancelled"}
+FINAL = ("COMPLETED", "FAILED", "CANCELLED")
 
 
 MAX_QUEUED = 1000  # jobs waiting for a worker before /run answers 429 (--max-queued)
 
 
 class QueueFull(Exception):
-    """``max_queued`` jobs already wait: the caller should try again later (HTTP 429)."""
+    """The queue, or the caller's share of it, is full: try again later (HTTP 429)."""
 
-    def __init__(self, queued: int, limit: int):
-        super().__init__(f"the queue is full: {queued} jobs wait for a worker (--max-queued {limit}); "
-                         "try again later")
+    def __init__(self, queued: int, limit: int, caller: Optional[str] = None):
+        if caller is None:
+            super().__init__(f"the queue is full: {queued} jobs wait for a worker (--max-queued {limit}); "
+                             "try again later")
+        else:
+            super().__init__(f"your share of the queue is full: {queued} of your jobs wait for a worker "
+                             f"(--max-queued-per-caller {limit}); try again later")
 
 
-def _check_queue(queued: int, limit: int) -> None:
+def _check_queue(queued: int, limit: int, caller: Optional[str] = None) -> None:
     if queued >= limit:
-        raise QueueFull(queued, limit)
+        raise QueueFull(queued, limit, caller)
 
 
 class Jobs:
-    """The job table: id -> state, with a thread pool running ``run(job, id)``; at most
-    ``max_queued`` jobs wait for it (each holds its body in memory)."""
+    """The job table: id -> state, with a thread pool running ``run(job, id)``. At most
+    ``max_queued`` jobs wait for it (each holds its body in memory), at most ``per_caller`` of one
+    caller's; a free worker takes the next job of the next caller in turn, so one caller's backlog
+    does not hold up another's jobs; each caller keeps its last ``keep`` finished jobs."""
 
     reads_api = False  # a view is a dict lookup: no thread needed to read it
     poll = 0.25  # seconds between looks while a caller waits
 
     def __init__(self, run: Callable[[dict, str], dict], workers: int = 1, keep: int = 1000,
-                 max_queued: int = MAX_QUEUED):
-        self.run, self.keep, self.max_queued = run, keep, max_queued
+                 max_queued: int = MAX_QUEUED, per_caller: Optional[int] = None):
+        self.run, self.keep, self.max_queued, self.per_caller = run, keep, max_queued, per_caller
+        self.workers, self.running = workers, 0
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="job")
         self.jobs: "OrderedDict[str, dict[str, Any]]" = OrderedDict()
-        self.futures: dict[str, Future] = {}
+        self.waiting: "dict[str, deque[str]]" = {}  # caller -> its queued job ids
+        self.served: "OrderedDict[str, None]" = OrderedDict()  # callers, the one served longest ago first
         self.lock = threading.Lock()
 
-    def submit(self, body: dict[str, Any]) -> str:
+    def submit(self, body: dict[str, Any], caller: str = DEFAULT) -> str:
         job_id = f"{uuid.uuid4()}-u1"
         with self.lock:
-            _check_queue(sum(s["status"] == "IN_QUEUE" for s in self.jobs.values()), self.max_queued)
-            self.jobs[job_id] = {"id": job_id, "status": "IN_QUEUE", "submitted": time.time()}
-            self.futures[job_id] = self.pool.submit(self._execute, job_id, {"id": job_id, **body})
-            self._trim()
+            _check_queue(sum(len(q) for q in self.waiting.values()), self.max_queued)
+            _check_queue(len(self.waiting.get(caller, ())), self.per_caller or self.max_queued, caller)
+            self.jobs[job_id] = {"id": job_id, "status": "IN_QUEUE", "submitted": time.time(), "caller": caller,
+                                 "job": {"id": job_id, **body}}
+            self.waiting.setdefault(caller, deque()).append(job_id)
+            self._dispatch()
         return job_id
+
+    def _dispatch(self) -> None:
+        """(Lock held.) Start queued jobs while a worker is free: the first job of the caller whose
+        turn it is (the one served longest ago), that caller then going to the back of the line."""
+        while self.running < self.workers and self.waiting:
+            caller = next((c for c in self.waiting if c not in self.served), None)  # a caller not served yet
+            if caller is None:
+                caller = next(c for c in self.served if c in self.waiting)  # else the one served longest ago
+            self.served[caller] = None
+            self.served.move_to_end(caller)
+            queue = self.waiting[caller]
+            job_id = queue.popleft()
+            if not queue:
+                del self.waiting[caller]
+            state = self.jobs[job_id]
+            state.update(status="IN_PROGRESS", started=time.time())
+            self.running += 1
+            self.pool.submit(self._execute, job_id, state.pop("job"))
 
     def _execute(self, job_id: str, job: dict[str, Any]) -> None:
         state = self.jobs[job_id]
-        state.update(status="IN_PROGRESS", started=time.time())
         try:
             out = self.run(job, job_id)
         except Exception as exc:  # noqa: BLE001 - the handler answers errors itself; this is a bug net
             out = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            with self.lock:
+                self.running -= 1
+                self._dispatch()
         done = time.time()
         if set(out) == {"error"}:
             state.update(status="FAILED", error=out["error"], finished=done)
         else:
             state.update(status="COMPLETED", output=out, finished=done)
+        with self.lock:
+            self._trim(state["caller"])
 
-    def cancel(self, job_id: str) -> Optional[dict[str, Any]]:
+    def cancel(self, job_id: str, caller: Optional[str] = None) -> Optional[dict[str, Any]]:
+        """Cancel a queued job (a running one goes on); its view, None for no job of ``caller``'s."""
         with self.lock:
             state = self.jobs.get(job_id)
-            if state is not None and state["status"] == "IN_QUEUE" and self.futures[job_id].cancel():
+            if state is not None and state["status"] == "IN_QUEUE" and caller in (None, state["caller"]):
+                queue = self.waiting[state["caller"]]
+                queue.remove(job_id)
+                if not queue:
+                    del self.waiting[state["caller"]]
+                state.pop("job", None)
                 state.update(status="CANCELLED", finished=time.time())
-        return self.view(job_id)
+                self._trim(state["caller"])
+        return self.view(job_id, caller)
 
-    def purge(self) -> int:
-        """Cancel every queued job (RunPod's /purge-queue); running ones go on. How many."""
+    def purge(self, caller: Optional[str] = None) -> int:
+        """Cancel every queued job of ``caller`` (RunPod's /purge-queue; None: of every caller);
+        running ones go on. How many."""
         with self.lock:
-            queued = [k for k, s in self.jobs.items() if s["status"] == "IN_QUEUE"]
-        return sum(self.cancel(k)["status"] == "CANCELLED" for k in queued)
+            queued = [k for k, s in self.jobs.items() if s["status"] == "IN_QUEUE" and caller in (None, s["caller"])]
+        return sum((self.cancel(k) or {}).get("status") == "CANCELLED" for k in queued)
 
-    def view(self, job_id: str) -> Optional[dict[str, Any]]:
-        """RunPod's status body for a job (None: unknown id)."""
+    def view(self, job_id: str, caller: Optional[str] = None) -> Optional[dict[str, Any]]:
+        """RunPod's status body for a job (None: unknown id, or another caller's job)."""
         state = self.jobs.get(job_id)
-        if state is None:
+        if state is None or caller not in (None, state["caller"]):
             return None
         out = {"id": job_id, "status": state["status"]}
         if "started" in state:
@@ -107,21 +151,21 @@ class Jobs:
         return out
 
     def counts(self) -> dict[str, int]:
-        statuses = [s["status"] for s in self.jobs.values()]
+        statuses = [s["status"] for s in list(self.jobs.values())]
         return {name: statuses.count(status) for status, name in HEALTH_KEYS.items()}
 
-    def _trim(self) -> None:
-        finished = [k for k, s in self.jobs.items() if s["status"] in ("COMPLETED", "FAILED", "CANCELLED")]
+    def _trim(self, caller: str) -> None:
+        """(Lock held.) Forget ``caller``'s oldest finished jobs beyond ``keep``: another caller's
+        traffic never pushes out a result this caller has not read yet."""
+        finished = [k for k, s in self.jobs.items() if s["caller"] == caller and s["status"] in FINAL]
         for k in finished[: max(0, len(finished) - self.keep)]:
             self.jobs.pop(k, None)
-            self.futures.pop(k, None)
 
 
 # Prefect state type -> RunPod status
 RUNPOD_STATUS = {"SCHEDULED": "IN_QUEUE", "PENDING": "IN_QUEUE", "PAUSED": "IN_QUEUE", "RUNNING": "IN_PROGRESS",
                  "COMPLETED": "COMPLETED", "FAILED": "FAILED", "CRASHED": "FAILED", "CANCELLED": "CANCELLED",
                  "CANCELLING": "CANCELLED"}
-FINAL = ("COMPLETED", "FAILED", "CANCELLED")
 TAG = "runpod-api"
 
 
@@ -160,12 +204,21 @@ class _RunJobs:
     def _status(self, state: Any) -> str:
         return RUNPOD_STATUS.get(state.type.value if state else "SCHEDULED", "IN_QUEUE")
 
-    def view(self, job_id: str) -> Optional[dict[str, Any]]:
-        if job_id in self.refused:
-            return {k: v for k, v in self.refused[job_id].items() if k != "submitted"}
-        if job_id in self.outputs:
-            return self.outputs[job_id]
+    def _mine(self, job_id: str, caller: Optional[str]) -> Any:
+        """The run of job ``job_id`` when it is ``caller``'s (None: anyone's), else None."""
         run = self._run(job_id)
+        return run if run is not None and caller in (None, owner(run.tags)) else None
+
+    def view(self, job_id: str, caller: Optional[str] = None) -> Optional[dict[str, Any]]:
+        """RunPod's status body for a job (None: unknown id, or another caller's job)."""
+        if job_id in self.refused:
+            entry = self.refused[job_id]
+            return None if caller not in (None, entry["caller"]) else {
+                k: v for k, v in entry.items() if k not in ("submitted", "caller")}
+        if job_id in self.outputs:
+            entry = self.outputs[job_id]
+            return entry["view"] if caller in (None, entry["caller"]) else None
+        run = self._mine(job_id, caller)
         if run is None:
             return None
         state = run.state
@@ -181,7 +234,7 @@ class _RunJobs:
 
             out["error"] = failure_message(state)
         if out["status"] in FINAL and state.type.value != "CANCELLING":
-            _remember(self, job_id, out)
+            _remember(self, job_id, out, owner(run.tags))
         return out
 
 
@@ -192,13 +245,14 @@ class DeploymentJobs(_RunJobs):
     persisted result plus the bucket keys, and cancelling a running job cancels the flow run
     (its worker stops the process or container)."""
 
-    def __init__(self, deployment: str, keep: int = 1000, max_queued: int = MAX_QUEUED):
-        self.deployment, self.keep, self.max_queued = deployment, keep, max_queued
+    def __init__(self, deployment: str, keep: int = 1000, max_queued: int = MAX_QUEUED,
+                 per_caller: Optional[int] = None):
+        self.deployment, self.keep, self.max_queued, self.per_caller = deployment, keep, max_queued, per_caller
         self.refused: "OrderedDict[str, dict[str, Any]]" = OrderedDict()  # jobs no flow run was made for
         self.outputs: "OrderedDict[str, dict[str, Any]]" = OrderedDict()  # finished views, read once
         self.lock = threading.Lock()
 
-    def submit(self, body: dict[str, Any]) -> str:
+    def submit(self, body: dict[str, Any], caller: str = DEFAULT) -> str:
         from prefect.deployments import run_deployment
 
         from speech.errors import SpeechError
@@ -207,14 +261,16 @@ class DeploymentJobs(_RunJobs):
         try:  # the run checks it again on its worker (its own ALLOW_LOCAL_PATHS and models)
             req = admit({"input": body["input"]}, stored=True, serving=False)
         except SpeechError as exc:
-            return _refuse(self, str(exc))
+            return _refuse(self, str(exc), caller)
         with self.lock:  # count and create together: concurrent submits cannot all see room for one
             _check_queue(self._queued(), self.max_queued)
-            run = run_deployment(self.deployment, parameters=deployment_parameters(req), timeout=0, tags=[TAG])
+            _check_queue(self._queued(caller), self.per_caller or self.max_queued, caller)
+            run = run_deployment(self.deployment, parameters=deployment_parameters(req), timeout=0,
+                                 tags=[TAG, tag(caller)])
         return str(run.id)
 
-    def _queued(self) -> int:
-        """This endpoint's flow runs no worker has started yet."""
+    def _queued(self, caller: Optional[str] = None) -> int:
+        """This endpoint's flow runs (``caller``'s, when given) no worker has started yet."""
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import (
             FlowRunFilter,
@@ -226,7 +282,7 @@ class DeploymentJobs(_RunJobs):
 
         with get_client(sync_client=True) as client:
             return client.count_flow_runs(flow_run_filter=FlowRunFilter(
-                tags=FlowRunFilterTags(all_=[TAG]),
+                tags=FlowRunFilterTags(all_=[TAG] + ([tag(caller)] if caller else [])),
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING]))))
 
     def _run(self, job_id: str) -> Any:
@@ -254,34 +310,34 @@ class DeploymentJobs(_RunJobs):
             keys = {}
         return {"output": {**result, **keys}}
 
-    def cancel(self, job_id: str) -> Optional[dict[str, Any]]:
+    def cancel(self, job_id: str, caller: Optional[str] = None) -> Optional[dict[str, Any]]:
         """A queued run is cancelled at once; a running one is set CANCELLING, which its worker
-        (or runner) acts on by stopping the process or container."""
+        (or runner) acts on by stopping the process or container. Only ``caller``'s (None: anyone's)."""
         from prefect.client.orchestration import get_client
         from prefect.states import Cancelled, Cancelling
 
-        run = self._run(job_id)
+        run = self._mine(job_id, caller)
         if run is not None and run.state is not None and not run.state.is_final():
             queued = run.state.type.value in ("SCHEDULED", "PENDING", "PAUSED")
             with get_client(sync_client=True) as client:
                 client.set_flow_run_state(run.id, Cancelled(message="cancelled through the RunPod API") if queued
                                           else Cancelling(message="cancelled through the RunPod API"), force=True)
-        return self.view(job_id)
+        return self.view(job_id, caller)
 
-    def purge(self) -> int:
-        """Cancel every queued flow run this endpoint started (RunPod's /purge-queue)."""
+    def purge(self, caller: Optional[str] = None) -> int:
+        """Cancel every queued flow run this endpoint started for ``caller`` (None: for anyone;
+        RunPod's /purge-queue)."""
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
                                                     FlowRunFilterTags)
         from prefect.states import Cancelled
 
+        queued = FlowRunFilter(tags=FlowRunFilterTags(all_=[TAG] + ([tag(caller)] if caller else [])),
+                               state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED", "PENDING"])))
         with get_client(sync_client=True) as client:
-            queued = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                tags=FlowRunFilterTags(all_=[TAG]),
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED", "PENDING"]))), limit=10_000)
-            for run in queued:
-                client.set_flow_run_state(run.id, Cancelled(message="purged through the RunPod API"), force=True)
-        return len(queued)
+            return cancel_pages(lambda: client.read_flow_runs(flow_run_filter=queued, limit=PAGE),
+                                lambda run_id: client.set_flow_run_state(
+                                    run_id, Cancelled(message="purged through the RunPod API"), force=True))
 
     def counts(self) -> dict[str, int]:
         """Jobs by status: the flow runs this endpoint started (tag ``runpod-api``), counted by the
@@ -300,21 +356,39 @@ class DeploymentJobs(_RunJobs):
         return out
 
 
-def _refuse(jobs: Any, error: str) -> str:
-    """A job no run was made for (invalid, a token, outside the policy): FAILED at once."""
+PAGE = 200  # the most runs the Prefect API returns at once
+
+
+def cancel_pages(read_page: Callable[[], list[Any]], cancel: Callable[[Any], Any]) -> int:
+    """``cancel(id)`` every run ``read_page()`` lists, page after page (a cancelled run leaves the
+    filter) until no new one comes: how many."""
+    done: set[Any] = set()
+    while True:
+        page = [run for run in read_page() if run.id not in done]
+        if not page:
+            return len(done)
+        for run in page:
+            cancel(run.id)
+            done.add(run.id)
+
+
+def _refuse(jobs: Any, error: str, caller: str) -> str:
+    """A job no run was made for (invalid, a token, outside the policy): FAILED at once. Each
+    caller keeps its last ``keep`` of them (they live only here)."""
     job_id, now = f"{uuid.uuid4()}-u1", time.time()
     with jobs.lock:
         jobs.refused[job_id] = {"id": job_id, "status": "FAILED", "error": error, "delayTime": 0,
-                                "executionTime": 0, "submitted": now}
-        while len(jobs.refused) > jobs.keep:
-            jobs.refused.popitem(last=False)
+                                "executionTime": 0, "submitted": now, "caller": caller}
+        mine = [k for k, v in jobs.refused.items() if v["caller"] == caller]
+        for k in mine[: max(0, len(mine) - jobs.keep)]:
+            del jobs.refused[k]
     return job_id
 
 
-def _remember(jobs: Any, job_id: str, view: dict[str, Any]) -> None:
-    """A finished job's view, read from the API once."""
+def _remember(jobs: Any, job_id: str, view: dict[str, Any], caller: str) -> None:
+    """A finished job's view, read from the API once (a cache: a view pushed out is read again)."""
     with jobs.lock:
-        jobs.outputs[job_id] = view
+        jobs.outputs[job_id] = {"caller": caller, "view": view}
         while len(jobs.outputs) > jobs.keep:
             jobs.outputs.popitem(last=False)
 

@@ -11,14 +11,17 @@ import threading
 from collections import OrderedDict
 from typing import Any, Optional
 
+from deployments.callers import DEFAULT, tag
 from deployments.runpod_jobs import (
     HEALTH_KEYS,
     MAX_QUEUED,
+    PAGE,
     RUNPOD_STATUS,
     TAG,
     _check_queue,
     _refuse,
     _RunJobs,
+    cancel_pages,
     deployment_parameters,
 )
 
@@ -30,7 +33,8 @@ class TaskJobs(_RunJobs):
     checkpoint). A watcher thread applies :class:`flows.dispatch.Watch` to every unfinished job
     this endpoint started: a job whose worker died is scheduled again, one no worker serves fails."""
 
-    def __init__(self, keep: int = 1000, watch_every: float = 2.0, max_queued: int = MAX_QUEUED):
+    def __init__(self, keep: int = 1000, watch_every: float = 2.0, max_queued: int = MAX_QUEUED,
+                 per_caller: Optional[int] = None):
         from speech.errors import InvalidRequest
         from tasks.storage import task_result_storage
 
@@ -38,7 +42,7 @@ class TaskJobs(_RunJobs):
         if self.storage is None:
             raise InvalidRequest("--task-workers needs the result storage the task workers use: set RESULTS_STORAGE "
                                  "(s3://bucket/prefix or a shared folder) or RESULTS_STORAGE_BLOCK")
-        self.keep, self.poll, self.max_queued = keep, 0.5, max_queued
+        self.keep, self.poll, self.max_queued, self.per_caller = keep, 0.5, max_queued, per_caller
         self.refused: "OrderedDict[str, dict[str, Any]]" = OrderedDict()
         self.outputs: "OrderedDict[str, dict[str, Any]]" = OrderedDict()
         self.watches: dict[str, Any] = {}
@@ -47,7 +51,7 @@ class TaskJobs(_RunJobs):
         self.watcher = threading.Thread(target=self._watch_loop, args=(watch_every,), name="job-watcher", daemon=True)
         self.watcher.start()
 
-    def submit(self, body: dict[str, Any]) -> str:
+    def submit(self, body: dict[str, Any], caller: str = DEFAULT) -> str:
         from flows.dispatch import delay
         from flows.jobs import JOB_TAG, check_job_request, transcribe_job
         from speech.errors import SpeechError
@@ -55,24 +59,26 @@ class TaskJobs(_RunJobs):
         try:
             req = check_job_request(body["input"])
         except SpeechError as exc:
-            return _refuse(self, str(exc))
+            return _refuse(self, str(exc), caller)
         with self.lock:  # count and hand over together (queued tasks live in the Prefect server's memory)
             _check_queue(self._count(("SCHEDULED", "PENDING")), self.max_queued)
+            _check_queue(self._count(("SCHEDULED", "PENDING"), caller=caller), self.per_caller or self.max_queued,
+                         caller)
             future = delay(transcribe_job.with_options(result_storage=self.storage), deployment_parameters(req),
-                           tags=(TAG, JOB_TAG))
+                           tags=(TAG, JOB_TAG, tag(caller)))
         return str(future.task_run_id)
 
-    def _count(self, states: tuple[str, ...], client: Any = None) -> int:
-        """This endpoint's jobs in these Prefect state types."""
+    def _count(self, states: tuple[str, ...], client: Any = None, caller: Optional[str] = None) -> int:
+        """This endpoint's jobs (``caller``'s, when given) in these Prefect state types."""
         from prefect.client.orchestration import get_client
 
         from flows.jobs import job_filter
 
         if client is None:
             with get_client(sync_client=True) as client:
-                return self._count(states, client)
-        reply = client.request("POST", "/task_runs/count",
-                               json={"task_runs": job_filter(TAG, states=states).model_dump(mode="json")})
+                return self._count(states, client, caller)
+        wanted = job_filter(TAG, *([tag(caller)] if caller else []), states=states)
+        reply = client.request("POST", "/task_runs/count", json={"task_runs": wanted.model_dump(mode="json")})
         reply.raise_for_status()
         return int(reply.json())
 
@@ -106,28 +112,30 @@ class TaskJobs(_RunJobs):
         store = results_store(OutputTarget(bucket=next(iter(buckets)))) if buckets else None
         return {"output": {**result, **bucket_keys(refs, store)}}
 
-    def cancel(self, job_id: str) -> Optional[dict[str, Any]]:
+    def cancel(self, job_id: str, caller: Optional[str] = None) -> Optional[dict[str, Any]]:
+        """Cancel ``caller``'s job (None: anyone's): a queued one is skipped, a running one stops."""
         from prefect.client.orchestration import get_client
         from prefect.states import Cancelled
 
-        run = self._run(job_id)
+        run = self._mine(job_id, caller)
         if run is not None and run.state is not None and not run.state.is_final():
             with get_client(sync_client=True) as client:
                 client.set_task_run_state(run.id, Cancelled(message="cancelled through the RunPod API"), force=True)
-        return self.view(job_id)
+        return self.view(job_id, caller)
 
-    def purge(self) -> int:
-        """Cancel every queued job of this endpoint (RunPod's /purge-queue): the workers skip them."""
+    def purge(self, caller: Optional[str] = None) -> int:
+        """Cancel every queued job of ``caller`` (None: of anyone; RunPod's /purge-queue): the
+        workers skip them."""
         from prefect.client.orchestration import get_client
         from prefect.states import Cancelled
 
         from flows.jobs import job_filter
 
+        wanted = job_filter(TAG, *([tag(caller)] if caller else []), states=("SCHEDULED", "PENDING"))
         with get_client(sync_client=True) as client:
-            queued = client.read_task_runs(task_run_filter=job_filter(TAG, states=("SCHEDULED", "PENDING")), limit=200)
-            for run in queued:
-                client.set_task_run_state(run.id, Cancelled(message="purged through the RunPod API"), force=True)
-        return len(queued)
+            return cancel_pages(lambda: client.read_task_runs(task_run_filter=wanted, limit=PAGE),
+                                lambda run_id: client.set_task_run_state(
+                                    run_id, Cancelled(message="purged through the RunPod API"), force=True))
 
     def counts(self) -> dict[str, int]:
         from prefect.client.orchestration import get_client
@@ -159,9 +167,9 @@ class TaskJobs(_RunJobs):
             wanted = job_filter(TAG, states=("SCHEDULED", "PENDING", "RUNNING"))
             runs: list[Any] = []
             while True:  # every page: the API answers 200 at most
-                page = client.read_task_runs(task_run_filter=wanted, limit=200, offset=len(runs))
+                page = client.read_task_runs(task_run_filter=wanted, limit=PAGE, offset=len(runs))
                 runs.extend(page)
-                if len(page) < 200:
+                if len(page) < PAGE:
                     break
             workers = serving_workers(client, transcribe_job.task_key) if runs else set()
             busy = pool_busy_once(client)

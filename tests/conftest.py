@@ -190,7 +190,7 @@ def samples(name: str) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def serving_runpod_api(key: str, jobs) -> Iterator[str]:
+def serving_runpod_api(key, jobs) -> Iterator[str]:
     """deployments.runpod_api's app over ``jobs`` on a free 127.0.0.1 port, in a thread: yields
     the base URL an SDK's ``runpod.endpoint_url_base`` takes (``http://127.0.0.1:PORT/v2``)."""
     import time

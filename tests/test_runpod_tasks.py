@@ -3,7 +3,8 @@ background task run of ``transcribe-job`` on a warm task worker (a separate proc
 home and cache; results reach the endpoint through the bucket), driven by the official ``runpod``
 SDK. The job id is the task run id; status and output come from Prefect's task-run API (a new
 service answers the same); a queued job cancelled is skipped by the worker, a running one stops;
-a full queue answers 429; the trust policy and the token rule hold at the edge."""
+a full queue answers 429; another caller (a key of its own) sees none of these jobs and has its
+own share of the queue; the trust policy and the token rule hold at the edge."""
 from __future__ import annotations
 
 import os
@@ -20,6 +21,7 @@ from deployments.local_server import start_task_worker, stop, wait_for_task_work
 pytestmark = pytest.mark.prefect
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "task-endpoint-key"
+OTHER_KEY = "another-callers-key"
 STORAGE = "s3://task-results/prefect"
 
 
@@ -103,11 +105,13 @@ def test_cancelling_queued_and_running_jobs(jobs, worker):
     clip, rate = sf.read(str(DATA / "diar_4spk.wav"), dtype="float32")
     long = worker / "long.wav"
     sf.write(str(long), np.tile(clip, int(240 * rate // len(clip)) + 1), rate)
-    ok = {"Authorization": f"Bearer {KEY}"}
-    with serving_runpod_api(KEY, jobs) as base:
+    from deployments.callers import Callers
+
+    ok, other = {"Authorization": f"Bearer {KEY}"}, {"Authorization": f"Bearer {OTHER_KEY}"}
+    with serving_runpod_api(Callers({"default": KEY, "mallory": OTHER_KEY}), jobs) as base:
         def submit(name: str) -> str:
             body = {"input": {"audio_file": str(long), "language": "en", "diarization": True, "force": True,
-                              "output_name": name, "download_dir": str(worker / name)}}
+                              "download_dir": str(worker / name)}}  # outputs: <name>/long/<job id>/
             return requests.post(f"{base}/e/run", json=body, headers=ok, timeout=60).json()["id"]
 
         running, queued = submit("running"), submit("queued")
@@ -120,7 +124,19 @@ def test_cancelling_queued_and_running_jobs(jobs, worker):
         full = requests.post(f"{base}/e/run", json={"input": {"audio_file": str(long)}}, headers=ok, timeout=60)
         assert full.status_code == 429 and "the queue is full: 1 jobs wait" in full.json()["error"], full.text
         assert jobs._count(("SCHEDULED", "PENDING")) == 1
-        jobs.max_queued = 1000
+        jobs.max_queued, jobs.per_caller = 1000, 1  # another caller: its own share, and none of these jobs
+        for route, method in (("status", requests.get), ("cancel", requests.post), ("stream", requests.get)):
+            seen = method(f"{base}/e/{route}/{queued}", headers=other, timeout=60)
+            assert seen.status_code == 404 and seen.json() == {"error": f"no job {queued}"}
+        mine = requests.post(f"{base}/e/run", json={"input": {"audio_file": str(long)}}, headers=other, timeout=60)
+        assert mine.status_code == 200, mine.text
+        assert "your share of the queue is full: 1 of your jobs" in requests.post(
+            f"{base}/e/run", json={"input": {"audio_file": str(long)}}, headers=ok, timeout=60).json()["error"]
+        assert requests.post(f"{base}/e/purge-queue", headers=other, timeout=60).json()["removed"] == 1
+        assert _status(base, queued)["status"] == "IN_QUEUE"
+        assert requests.get(f"{base}/e/status/{mine.json()['id']}", headers=other, timeout=60).json()["status"] == \
+            "CANCELLED"
+        jobs.per_caller = None
         assert requests.post(f"{base}/e/cancel/{queued}", headers=ok, timeout=60).json()["status"] == "CANCELLED"
         assert requests.post(f"{base}/e/cancel/{running}", headers=ok, timeout=60).json()["status"] == "CANCELLED"
         while "skipped task run" not in (worker / "worker.log").read_text():  # the worker came to it
@@ -128,7 +144,7 @@ def test_cancelling_queued_and_running_jobs(jobs, worker):
             time.sleep(0.5)
         assert _status(base, running)["status"] == _status(base, queued)["status"] == "CANCELLED"
     for name in ("running", "queued"):
-        assert not (worker / name).exists() or not list((worker / name).iterdir())
+        assert not (worker / name).exists() or not [p for p in (worker / name).rglob("*") if p.is_file()]
 
 
 def test_policy_tokens_and_failures_at_the_edge(jobs, worker, tmp_path):
