@@ -60,6 +60,8 @@ DEFAULT_WAIT_MS = 90_000
 
 MAX_DEPTH = 32  # JSON nesting a request may have (a job's input is 3 levels deep)
 RETRY_AFTER_S = 5  # what a 429 (queue full) tells the caller to wait
+MAX_CONNECTIONS = 1000  # open connections served at once (--max-connections); 503 beyond
+MAX_WAITS = MAX_CONNECTIONS // 2  # runsync calls of one caller parked at once (a caller's share: main)
 
 
 def json_depth(raw: bytes) -> int:
@@ -93,13 +95,16 @@ def _loopback_name(host: str) -> bool:
 
 
 def create_app(keys: "Callers | str | None", jobs: Any, loopback: bool = True,
-               max_bytes: Optional[int] = None) -> Any:
+               max_bytes: Optional[int] = None, max_waits: int = MAX_WAITS) -> Any:
     """The FastAPI application (RunPod's routes over ``jobs``). Every request meets the edge
     rules: ``Authorization`` naming one of the callers' ``keys`` (a string: the one caller
-    ``default``; None: no key, one caller), each job seen only by the caller who sent it; a JSON body (``Content-Type: application/json``, at most
-    ``MAX_REQUEST_BYTES``, nested at most :data:`MAX_DEPTH` deep), and on a ``loopback`` bind a
+    ``default``; None: no key, one caller), each job seen only by the caller who sent it; a JSON
+    body (``Content-Type: application/json``, at most ``MAX_REQUEST_BYTES``, nested at most
+    :data:`MAX_DEPTH` deep), and on a ``loopback`` bind a
     loopback ``Host`` and no foreign ``Origin`` (so no web page the operator opens can drive it:
-    CSRF, DNS rebinding). Bad input is a 4xx with one line, never a 500."""
+    CSRF, DNS rebinding). Bad input is a 4xx with one line, never a 500. At most ``max_waits``
+    ``runsync`` calls of one caller wait at once (each holds a connection); beyond, ``runsync``
+    answers at once with the job's status, as after its wait, and the caller polls ``/status``."""
     import asyncio
 
     import anyio
@@ -115,7 +120,7 @@ def create_app(keys: "Callers | str | None", jobs: Any, loopback: bool = True,
     shared_names_refused = callers is not None and len(callers) > 1  # one caller's output_name, another's file
     limit = max_bytes or get_settings().max_request_bytes
     app = FastAPI(title="whisperx-prefect (RunPod-compatible)", docs_url=None, redoc_url=None)
-    app.state.jobs = jobs
+    app.state.jobs, app.state.max_waits = jobs, max_waits
     webhooks = Webhooks(jobs.view)
     streamed: set[str] = set()  # jobs whose one stream chunk (the output) was handed out
 
@@ -187,6 +192,8 @@ def create_app(keys: "Callers | str | None", jobs: Any, loopback: bool = True,
             return await anyio.to_thread.run_sync(found, job_id, caller)
         return found(job_id, caller)
 
+    waiting: dict[str, int] = {}  # caller -> its runsync calls parked now
+
     async def parked(job_id: str, caller: str, seconds: float) -> dict[str, Any]:
         """The job's view once it is final or ``seconds`` have passed, looking every 0.05 s growing
         to the table's poll interval: a parked wait holds no thread, so /health and other calls
@@ -217,7 +224,13 @@ def create_app(keys: "Callers | str | None", jobs: Any, loopback: bool = True,
     async def runsync(endpoint_id: str, request: Request, wait: int = DEFAULT_WAIT_MS,
                       caller: str = Depends(authorized)) -> dict[str, Any]:
         job_id = await submit(await body_of(request), caller)
-        return await parked(job_id, caller, min(max(wait, 0), 300_000) / 1000)
+        if waiting.get(caller, 0) >= max_waits:  # its share of the connections is taken: no wait
+            return await view_of(job_id, caller)
+        waiting[caller] = waiting.get(caller, 0) + 1
+        try:
+            return await parked(job_id, caller, min(max(wait, 0), 300_000) / 1000)
+        finally:
+            waiting[caller] -= 1
 
     @app.get("/v2/{endpoint_id}/status/{job_id}")
     def status(endpoint_id: str, job_id: str, caller: str = Depends(authorized)) -> dict[str, Any]:
@@ -277,7 +290,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="jobs run at once in this process (default 1)")
     p.add_argument("--keep", type=int, default=1000, help="finished jobs kept for /status (default 1000)")
-    p.add_argument("--max-connections", type=int, default=1000,
+    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
                    help="open connections served at once; more get 503 (default 1000)")
     p.add_argument("--max-queued", type=int, default=MAX_QUEUED,
                    help=f"jobs waiting for a worker; /run and /runsync answer 429 beyond (default {MAX_QUEUED})")
@@ -313,7 +326,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         jobs = DeploymentJobs(args.deployment, **bounds)
     else:
         jobs = Jobs(lambda job, job_id: handler(job, flow_run_name=job_id), workers=args.workers, **bounds)
-    uvicorn.run(create_app(callers, jobs, loopback=_loopback(args.host)), host=args.host, port=args.port,
+    # each caller may park runsync calls on at most half its share of the connections: the rest
+    # stay free for its other calls, and no caller's waits take the connections of another
+    max_waits = max(1, args.max_connections // (2 * (len(callers) if callers else 1)))
+    uvicorn.run(create_app(callers, jobs, loopback=_loopback(args.host), max_waits=max_waits), host=args.host,
+                port=args.port,
                 log_level="info", limit_concurrency=args.max_connections)
     return 0
 

@@ -190,7 +190,7 @@ def samples(name: str) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def serving_runpod_api(key, jobs) -> Iterator[str]:
+def serving_runpod_api(key, jobs, **options) -> Iterator[str]:
     """deployments.runpod_api's app over ``jobs`` on a free 127.0.0.1 port, in a thread: yields
     the base URL an SDK's ``runpod.endpoint_url_base`` takes (``http://127.0.0.1:PORT/v2``)."""
     import time
@@ -199,7 +199,7 @@ def serving_runpod_api(key, jobs) -> Iterator[str]:
 
     from deployments.runpod_api import create_app
 
-    server = uvicorn.Server(uvicorn.Config(create_app(key, jobs), host="127.0.0.1", port=free_port(),
+    server = uvicorn.Server(uvicorn.Config(create_app(key, jobs, **options), host="127.0.0.1", port=free_port(),
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -78,6 +78,7 @@ def test_main_gives_each_caller_an_equal_share_of_the_queue(monkeypatch):
     assert client.post("/v2/e/purge-queue", headers={"Authorization": "Bearer x"}).status_code == 401
     jobs = started["app"].state.jobs
     assert (jobs.max_queued, jobs.per_caller) == (10, 3)  # 3 callers: alice, bob, default
+    assert started["app"].state.max_waits == 1000 // 6  # half of each caller's share of --max-connections
     monkeypatch.delenv("ENDPOINT_API_KEYS")
     assert main(["--max-queued", "10"]) == 0
     assert started["app"].state.jobs.per_caller == 10  # one caller: the whole queue
@@ -165,6 +166,35 @@ def test_no_caller_fills_the_queue_or_the_memory_for_another(roots_in_process):
         assert requests.get(f"{base}/e/status/{bob_job}", headers=_auth("bob"), timeout=30).json()["output"] == {
             "done": True}
         assert sum(s["caller"] == "alice" for s in table.jobs.values()) == 2
+
+
+def test_no_caller_takes_the_connections_of_another_with_parked_waits(roots_in_process):
+    """At most 2 runsync calls of a caller wait at once: alice's third answers at once with its
+    job's status (she polls /status, as after any runsync wait), bob's runsync still waits for
+    his job and returns its output."""
+    import concurrent.futures
+
+    from deployments.runpod_api import Jobs
+
+    release = threading.Event()
+    table = Jobs(lambda job, job_id: {"done": release.wait(60)}, workers=4)
+    with serving_runpod_api(Callers(KEYS), table, max_waits=2) as base:
+        def runsync(name: str) -> requests.Response:
+            return requests.post(f"{base}/e/runsync?wait=60000", json=BODY, headers=_auth(name), timeout=90)
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            parked = [pool.submit(runsync, "alice") for _ in range(2)]
+            _wait(lambda: table.counts()["inProgress"] == 2)
+            start = time.monotonic()
+            third = runsync("alice")
+            assert time.monotonic() - start < 5 and third.json()["status"] == "IN_PROGRESS", third.text
+            bobs = pool.submit(runsync, "bob")
+            _wait(lambda: table.counts()["inProgress"] == 4)
+            time.sleep(0.5)
+            assert not bobs.done()  # parked, not answered at once
+            release.set()
+            assert bobs.result().json()["output"] == {"done": True}
+            assert all(f.result().json()["status"] == "COMPLETED" for f in parked)
 
 
 @pytest.fixture
