@@ -392,8 +392,10 @@ def run_files(args: Any, data: dict[str, Any], req: Any, files: list[str], conso
         audio_file, name = files[i], names[i]
         update = {"audio_file": audio_file, **({"output_name": name} if name else {})}
         audio_name = f"{name}{Path(_local_path(audio_file)).suffix}" if name and _is_local(audio_file) else None
-        try:
-            result = run_remote(args, {**data, **update}, req.model_copy(update=update), lambda text: show(i, text),
+        try:  # the name is for the local outputs: the remote job's own are its job id's anyway (and an
+            # endpoint with a key per caller refuses output_name, whose shared keys another could replace)
+            result = run_remote(args, {**data, "audio_file": audio_file}, req.model_copy(update=update),
+                                lambda text: show(i, text),
                                 jobs.note, jobs, audio_name, samples)
             futures[i].set_result((*result, started))
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which reports it

@@ -31,8 +31,11 @@ def endpoint(prefect_harness, s3_server):
     from deployments.runpod_api import Jobs
     from deployments.runpod_handler import handler
 
+    from deployments.callers import Callers
+
     SERVED["jobs"] = Jobs(lambda job, job_id: handler(job, flow_run_name=job_id), workers=1)
-    with serving_runpod_api(KEY, SERVED["jobs"]) as base:
+    # an endpoint shared with another caller: the CLI is the caller "default" (RUNPOD_API_KEY)
+    with serving_runpod_api(Callers({"default": KEY, "someone-else": "someone-elses-key"}), SERVED["jobs"]) as base:
         yield f"{base}/whisperx"
 
 
@@ -143,8 +146,9 @@ def test_the_deadline_cancels_the_remote_job(endpoint, s3, tmp_path, capsys):
 def test_several_files_are_remote_jobs_at_once_and_same_names_stay_apart(endpoint, s3, tmp_path, capsys):
     """Three files, two of them named talk.wav (different voices and words): all three jobs are
     in the endpoint's queue before the first ends; each talk.wav goes up under its own key and comes
-    back as its own talk-<8 hex> outputs (with one shared key, a job could read the other's audio);
-    the results are printed in the order given."""
+    back as its own talk-<8 hex> outputs (with one shared key, a job could read the other's audio),
+    named so here, not by an output_name sent to the endpoint (which, shared with another caller,
+    refuses one); the results are printed in the order given."""
     from flows.cli import main
     from speech.io.audio import distinct_output_names
 
