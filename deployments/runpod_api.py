@@ -116,7 +116,7 @@ def create_app(keys: "Callers | str | None", jobs: Any, loopback: bool = True,
     from deployments.webhooks import Webhooks, check_webhook
     from speech.errors import SpeechError
 
-    callers = Callers({DEFAULT: keys}) if isinstance(keys, str) else keys
+    callers = (Callers({DEFAULT: keys}) if isinstance(keys, str) else keys) if keys else None  # "": no key
     shared_names_refused = callers is not None and len(callers) > 1  # one caller's output_name, another's file
     limit = max_bytes or get_settings().max_request_bytes
     app = FastAPI(title="whisperx-prefect (RunPod-compatible)", docs_url=None, redoc_url=None)
