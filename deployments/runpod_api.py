@@ -184,7 +184,7 @@ def create_app(keys: "Callers | str | None", jobs: Any, loopback: bool = True,
         except QueueFull as exc:  # RunPod's answer to a caller that outruns the workers
             raise HTTPException(status_code=429, detail=str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         if body.get("webhook"):
-            webhooks.add(job_id, body["webhook"])
+            webhooks.add(job_id, body["webhook"], caller)
         return job_id
 
     async def view_of(job_id: str, caller: str) -> dict[str, Any]:

@@ -5,9 +5,12 @@ The POST goes through the same guard as every fetch a caller chooses
 (:func:`speech.io.netguard.session`: public addresses only unless ``ALLOW_PRIVATE_URLS`` /
 ``FETCH_ALLOW_HOSTS``, each connection pinned to the address checked, no redirects followed),
 and is retried by urllib3 on connection errors, 429 and 5xx (3 retries, backoff 1, 2, 4 s) as
-RunPod retries a failed delivery. A watcher thread looks at the jobs that have a webhook every
-``every`` seconds; the list lives in the endpoint's memory (a restart forgets undelivered
-webhooks, as it forgets the in-process jobs).
+RunPod retries a failed delivery; a delivery has :data:`MAX_SECONDS` in all, every attempt
+together (a timer shuts its sockets), so a receiver that answers slowly or never cannot hold a
+delivery thread. Each caller's deliveries have threads of their own (``LANE`` at once), so one
+caller's slow receiver delays only that caller's webhooks. A watcher thread looks at the jobs that
+have a webhook every ``every`` seconds; the list lives in the endpoint's memory (a restart forgets
+undelivered webhooks, as it forgets the in-process jobs).
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 FINAL = ("COMPLETED", "FAILED", "CANCELLED")
+MAX_SECONDS = 60.0  # one delivery, every attempt together
+LANE = 4  # deliveries of one caller at once
 
 
 def check_webhook(url: Any) -> str:
@@ -32,8 +37,9 @@ def check_webhook(url: Any) -> str:
     return url
 
 
-def deliver(url: str, body: dict[str, Any], timeout: float = 30.0) -> bool:
-    """POST ``body`` to ``url`` through the SSRF guard, retried by urllib3; True on a 2xx."""
+def deliver(url: str, body: dict[str, Any], timeout: float = 30.0, max_seconds: Optional[float] = None) -> bool:
+    """POST ``body`` to ``url`` through the SSRF guard, retried by urllib3, within ``max_seconds``
+    (default :data:`MAX_SECONDS`) in all; True on a 2xx."""
     from urllib3.util.retry import Retry
 
     from speech.io import netguard
@@ -41,14 +47,24 @@ def deliver(url: str, body: dict[str, Any], timeout: float = 30.0) -> bool:
     from speech.settings import get_settings
 
     settings = get_settings()
-    retry = Retry(total=3, connect=3, read=3, status=3, backoff_factor=1.0, allowed_methods=None, redirect=0,
-                  status_forcelist=(429, 500, 502, 503, 504), raise_on_status=False)
+    shown = redact_url(url)
+    deadline = netguard.Deadline(f"webhook {shown}", settings, max_seconds=max_seconds or MAX_SECONDS)
+
+    class WithinDeadline(Retry):
+        def sleep(self, response: Any = None) -> None:  # before each retry: none once the time is spent
+            deadline.check()
+            super().sleep(response)
+
+    retry = WithinDeadline(total=3, connect=3, read=3, status=3, backoff_factor=1.0, allowed_methods=None,
+                           redirect=0, status_forcelist=(429, 500, 502, 503, 504), raise_on_status=False)
     try:
-        with netguard.session(settings, retries=retry) as http:
+        with deadline, netguard.session(settings, on_socket=deadline.watch, retries=retry) as http:
             reply = http.post(url, json=body, timeout=(settings.http_connect_timeout, timeout), allow_redirects=False)
+            deadline.check()  # an answer read after the timer shut the socket is not one
     except Exception as exc:  # noqa: BLE001 - refused, unreachable: logged, the job is unaffected
-        log.warning("webhook %s for job %s not delivered: %s", redact_url(url), body.get("id"), type(exc).__name__
-                    if not str(exc) else str(exc).splitlines()[0][:200])
+        why = (f"no answer within {deadline.max_seconds:.0f} s" if deadline.expired else
+               type(exc).__name__ if not str(exc) else str(exc).splitlines()[0][:200])
+        log.warning("webhook %s for job %s not delivered: %s", shown, body.get("id"), why)
         return False
     if not 200 <= reply.status_code < 300:
         log.warning("webhook %s for job %s answered HTTP %d", redact_url(url), body.get("id"), reply.status_code)
@@ -57,21 +73,22 @@ def deliver(url: str, body: dict[str, Any], timeout: float = 30.0) -> bool:
 
 
 class Webhooks:
-    """Jobs waiting to have their webhook called: ``add(job_id, url)``; a thread watches them
-    through ``view(job_id)`` (the job table's status body) and delivers each once it is final."""
+    """Jobs waiting to have their webhook called: ``add(job_id, url, caller)``; a thread watches
+    them through ``view(job_id)`` (the job table's status body) and delivers each once it is
+    final, on its caller's own delivery threads."""
 
     def __init__(self, view: Callable[[str], Optional[dict[str, Any]]], every: float = 1.0):
         self.view, self.every = view, every
-        self.pending: dict[str, str] = {}
+        self.pending: dict[str, tuple[str, str]] = {}  # job id -> (url, caller)
         self.lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook")
+        self.lanes: dict[str, ThreadPoolExecutor] = {}  # caller -> its delivery threads
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="webhooks", daemon=True)
         self.thread.start()
 
-    def add(self, job_id: str, url: str) -> None:
+    def add(self, job_id: str, url: str, caller: str = "default") -> None:
         with self.lock:
-            self.pending[job_id] = url
+            self.pending[job_id] = (url, caller)
 
     def _loop(self) -> None:
         while not self.stopping.wait(self.every):
@@ -83,10 +100,17 @@ class Webhooks:
     def check_once(self) -> None:
         with self.lock:
             pending = dict(self.pending)
-        for job_id, url in pending.items():
+        for job_id, (url, caller) in pending.items():
             view = self.view(job_id)
             if view is None or view.get("status") in FINAL:
                 with self.lock:
                     self.pending.pop(job_id, None)
                 if view is not None:
-                    self.pool.submit(deliver, url, view)
+                    self.lane(caller).submit(deliver, url, view)
+
+    def lane(self, caller: str) -> ThreadPoolExecutor:
+        """``caller``'s delivery threads (made when first needed; one set per caller key)."""
+        with self.lock:
+            if caller not in self.lanes:
+                self.lanes[caller] = ThreadPoolExecutor(max_workers=LANE, thread_name_prefix=f"webhook-{caller}")
+            return self.lanes[caller]

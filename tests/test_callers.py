@@ -250,3 +250,54 @@ def test_a_purge_goes_past_the_apis_page_of_200():
     cancelled: list[int] = []
     assert cancel_pages(lambda: [r for r in queued if r.id not in cancelled][:PAGE], cancelled.append) == 450
     assert sorted(cancelled) == list(range(450))
+
+
+class _Tarpit:
+    """A webhook receiver that reads the request and does not answer until ``stop`` is set (then
+    200, so that deliveries still queued when a test ends finish at once)."""
+
+    def __init__(self):
+        import socketserver
+
+        stop = self.stop = threading.Event()
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                self.request.recv(65536)
+                if stop.wait(60):
+                    self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+
+def test_a_callers_slow_webhook_receiver_delays_only_its_own_webhooks(roots_in_process, monkeypatch):
+    """alice's 8 jobs name a receiver that never answers, bob's one a working receiver: bob's
+    webhook arrives at once (his own delivery threads), and each of alice's deliveries is given up
+    at its deadline (every attempt together), not after minutes of timeouts and retries."""
+    import deployments.webhooks as webhooks
+    from deployments.runpod_api import Jobs
+    from speech.settings import get_settings
+    from test_runpod_routes import Receiver
+
+    monkeypatch.setenv("FETCH_ALLOW_HOSTS", "127.0.0.1")  # both receivers are on this machine
+    get_settings.cache_clear()
+    tarpit, receiver = _Tarpit(), Receiver()
+    start = time.monotonic()
+    assert webhooks.deliver(tarpit.url, {"id": "x", "status": "COMPLETED"}, max_seconds=2) is False
+    assert 2 <= time.monotonic() - start < 7
+    monkeypatch.setattr(webhooks, "MAX_SECONDS", 6.0)
+    with serving_runpod_api(Callers(KEYS), Jobs(lambda job, job_id: {"done": True}, workers=2)) as base:
+        for _ in range(8):
+            assert requests.post(f"{base}/e/run", json={**BODY, "webhook": tarpit.url}, headers=_auth("alice"),
+                                 timeout=30).status_code == 200
+        time.sleep(1.5)  # alice's deliveries have begun: her 4 threads wait on the tarpit
+        sent = time.monotonic()
+        job = requests.post(f"{base}/e/run", json={**BODY, "webhook": receiver.url}, headers=_auth("bob"),
+                            timeout=30).json()["id"]
+        assert receiver.wait(1, seconds=30)[0]["id"] == job
+        assert time.monotonic() - sent < 4  # the watcher looks every second; alice's 8 would take >= 12 s
+        tarpit.stop.set()
+    get_settings.cache_clear()

@@ -139,11 +139,12 @@ class Deadline:
     that trickles its headers or stops sending cannot hold the download; :meth:`tick` after every
     read checks the budget and the rate."""
 
-    def __init__(self, label: str, settings: Settings, since: Optional[float] = None):
+    def __init__(self, label: str, settings: Settings, since: Optional[float] = None,
+                 max_seconds: Optional[float] = None):
         import threading
 
         self.label = label
-        self.max_seconds = settings.http_max_seconds
+        self.max_seconds = settings.http_max_seconds if max_seconds is None else max_seconds
         self.min_rate, self.rate_seconds = settings.http_min_rate, settings.http_min_rate_seconds
         self.start = self.window_start = time.monotonic()
         spent = max(0.0, time.time() - since) if since is not None else 0.0
