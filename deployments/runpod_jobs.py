@@ -8,8 +8,10 @@ job runs and where its status comes from.
 * :class:`~deployments.runpod_task_jobs.TaskJobs` (``--task-workers``): the throughput path, a
   background task run of ``transcribe-job`` on warm task workers, in its own module.
 
-Each table holds at most ``max_queued`` jobs that no worker has started (:class:`QueueFull`
-beyond: the endpoint answers 429).
+Each table holds at most ``max_queued`` jobs that no worker has started, at most ``per_caller``
+of one caller's (:class:`QueueFull` beyond: the endpoint answers 429). Every job belongs to the
+caller that sent it (:mod:`deployments.callers`): ``view``, ``cancel`` and ``purge`` given a
+caller see only that caller's jobs (None: any, for the endpoint's own bookkeeping).
 """
 from __future__ import annotations
 
