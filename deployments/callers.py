@@ -2,6 +2,7 @@
 per caller, so callers who do not trust each other can share one endpoint.
 
     ENDPOINT_API_KEYS="alice:KEY-A,bob:KEY-B"   # several callers, each with a key of its own
+    ENDPOINT_API_KEYS_FILE=/run/secrets/keys     # the same, one name:key per line (a mounted secret)
     ENDPOINT_API_KEY=KEY                         # one caller, named "default" (the RunPod way)
 
 A job belongs to the caller whose key sent it: only that caller can read its status, stream,
@@ -44,20 +45,30 @@ class Callers:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Optional["Callers"]:
-        """``ENDPOINT_API_KEYS`` (``name:key`` pairs, separated by commas or new lines) and
-        ``ENDPOINT_API_KEY`` (the caller ``default``); None when neither is set. A malformed
-        value raises ValueError saying which entry (never echoing a key)."""
+        """``ENDPOINT_API_KEYS`` (``name:key`` pairs, separated by commas or new lines), or the
+        file ``ENDPOINT_API_KEYS_FILE`` names (the same pairs; lines starting with ``#`` skipped),
+        and ``ENDPOINT_API_KEY`` (the caller ``default``); None when none is set. A malformed value
+        raises ValueError saying which entry (never echoing a key)."""
+        source, text = "ENDPOINT_API_KEYS", env.get("ENDPOINT_API_KEYS", "")
+        if env.get("ENDPOINT_API_KEYS_FILE"):
+            if text:
+                raise ValueError("set ENDPOINT_API_KEYS or ENDPOINT_API_KEYS_FILE, not both")
+            source = "ENDPOINT_API_KEYS_FILE"
+            try:
+                text = open(env["ENDPOINT_API_KEYS_FILE"], encoding="utf-8").read()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"ENDPOINT_API_KEYS_FILE cannot be read: {type(exc).__name__}") from None
         keys: dict[str, str] = {}
-        for n, entry in enumerate(re.split(r"[,\n]", env.get("ENDPOINT_API_KEYS", "")), 1):
+        for n, entry in enumerate(re.split(r"[,\n]", text), 1):
             entry = entry.strip()
-            if not entry:
+            if not entry or entry.startswith("#"):
                 continue
             name, sep, key = entry.partition(":")
             if not sep:
-                raise ValueError(f"ENDPOINT_API_KEYS entry {n} is not name:key")
+                raise ValueError(f"{source} entry {n} is not name:key")
             name = name.strip()
             if name in keys:
-                raise ValueError(f"ENDPOINT_API_KEYS names the caller {name} twice")
+                raise ValueError(f"{source} names the caller {name} twice")
             keys[name] = key.strip()
         single = env.get("ENDPOINT_API_KEY")
         if single:

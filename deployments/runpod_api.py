@@ -312,8 +312,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     if callers is None and not _loopback(args.host):
-        p.error(f"refusing to serve on {args.host} without ENDPOINT_API_KEY or ENDPOINT_API_KEYS "
-                "(anyone could start jobs)")
+        p.error(f"refusing to serve on {args.host} without ENDPOINT_API_KEY, ENDPOINT_API_KEYS or "
+                "ENDPOINT_API_KEYS_FILE (anyone could start jobs)")
     per_caller = args.max_queued_per_caller or share(args.max_queued, len(callers) if callers else 1)
     import uvicorn
 

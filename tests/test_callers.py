@@ -32,13 +32,20 @@ def _wait(check, seconds: float = 30) -> None:
         time.sleep(0.05)
 
 
-def test_keys_are_read_strictly_and_never_echoed(monkeypatch, capsys):
+def test_keys_are_read_strictly_and_never_echoed(monkeypatch, capsys, tmp_path):
     callers = Callers.from_env({"ENDPOINT_API_KEYS": " alice:alice-key-0123456789,\nbob:bob-key-9876543210 ,",
                                 "ENDPOINT_API_KEY": "old-single-key"})
     assert callers.keys == {**KEYS, "default": "old-single-key"}
     assert callers.who("bob-key-9876543210") == "bob" and callers.who("old-single-key") == "default"
     assert callers.who("bob-key-987654321") is None and callers.who("") is None
     assert Callers.from_env({}) is None
+    listed = tmp_path / "keys"
+    listed.write_text("# the callers of this endpoint\nalice: alice-key-0123456789\n\nbob:bob-key-9876543210\n")
+    assert Callers.from_env({"ENDPOINT_API_KEYS_FILE": str(listed)}).keys == KEYS
+    for env, error in (({"ENDPOINT_API_KEYS_FILE": str(tmp_path / "missing")}, "cannot be read: FileNotFoundError"),
+                       ({"ENDPOINT_API_KEYS_FILE": str(listed), "ENDPOINT_API_KEYS": "c:d"}, "not both")):
+        with pytest.raises(ValueError, match=error):
+            Callers.from_env(env)
     for value, error in {"alice": "entry 1 is not name:key", "alice:secret-a,alice:secret-b": "alice twice",
                          "alice:secret-a,bob:secret-a": "same key", "al ice:secret-a": "caller name",
                          "alice:": "empty key", "default:secret-a": None}.items():
