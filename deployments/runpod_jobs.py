@@ -268,24 +268,15 @@ class DeploymentJobs(_RunJobs):
             _check_queue(self._queued(), self.max_queued)
             _check_queue(self._queued(caller), self.per_caller or self.max_queued, caller)
             run = run_deployment(self.deployment, parameters=deployment_parameters(req), timeout=0,
-                                 tags=[TAG, tag(caller)])
+                                 tags=job_tags(caller))
         return str(run.id)
 
     def _queued(self, caller: Optional[str] = None) -> int:
         """This endpoint's flow runs (``caller``'s, when given) no worker has started yet."""
         from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import (
-            FlowRunFilter,
-            FlowRunFilterState,
-            FlowRunFilterStateType,
-            FlowRunFilterTags,
-        )
-        from prefect.client.schemas.objects import StateType
 
         with get_client(sync_client=True) as client:
-            return client.count_flow_runs(flow_run_filter=FlowRunFilter(
-                tags=FlowRunFilterTags(all_=[TAG] + ([tag(caller)] if caller else [])),
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING]))))
+            return client.count_flow_runs(flow_run_filter=_flow_runs(caller, QUEUED))
 
     def _run(self, job_id: str) -> Any:
         run = self._read(job_id, lambda client, run_id: client.read_flow_run(run_id))
@@ -330,12 +321,9 @@ class DeploymentJobs(_RunJobs):
         """Cancel every queued flow run this endpoint started for ``caller`` (None: for anyone;
         RunPod's /purge-queue)."""
         from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
-                                                    FlowRunFilterTags)
         from prefect.states import Cancelled
 
-        queued = FlowRunFilter(tags=FlowRunFilterTags(all_=[TAG] + ([tag(caller)] if caller else [])),
-                               state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED", "PENDING"])))
+        queued = _flow_runs(caller, QUEUED)
         with get_client(sync_client=True) as client:
             return cancel_pages(lambda: client.read_flow_runs(flow_run_filter=queued, limit=PAGE),
                                 lambda run_id: client.set_flow_run_state(
@@ -345,20 +333,32 @@ class DeploymentJobs(_RunJobs):
         """Jobs by status: the flow runs this endpoint started (tag ``runpod-api``), counted by the
         Prefect API, and the jobs refused before a run was made."""
         from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
-                                                    FlowRunFilterTags)
 
         out = {}
         with get_client(sync_client=True) as client:
             for status, name in HEALTH_KEYS.items():
-                types = [t for t, s in RUNPOD_STATUS.items() if s == status]
-                out[name] = client.count_flow_runs(flow_run_filter=FlowRunFilter(
-                    tags=FlowRunFilterTags(all_=[TAG]), state=FlowRunFilterState(type=FlowRunFilterStateType(any_=types))))
+                types = tuple(t for t, s in RUNPOD_STATUS.items() if s == status)
+                out[name] = client.count_flow_runs(flow_run_filter=_flow_runs(None, types))
         out["failed"] += len(self.refused)
         return out
 
 
 PAGE = 200  # the most runs the Prefect API returns at once
+QUEUED = ("SCHEDULED", "PENDING")  # Prefect states of a job no worker has started
+
+
+def job_tags(caller: Optional[str]) -> list[str]:
+    """The tags of this endpoint's runs: all of them (None), or ``caller``'s."""
+    return [TAG, tag(caller)] if caller else [TAG]
+
+
+def _flow_runs(caller: Optional[str], states: tuple[str, ...]) -> Any:
+    """A filter for this endpoint's flow runs (``caller``'s, when given) in these state types."""
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+                                                FlowRunFilterTags)
+
+    return FlowRunFilter(tags=FlowRunFilterTags(all_=job_tags(caller)),
+                         state=FlowRunFilterState(type=FlowRunFilterStateType(any_=list(states))))
 
 
 def cancel_pages(read_page: Callable[[], list[Any]], cancel: Callable[[Any], Any]) -> int:

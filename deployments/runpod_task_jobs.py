@@ -11,11 +11,12 @@ import threading
 from collections import OrderedDict
 from typing import Any, Optional
 
-from deployments.callers import DEFAULT, tag
+from deployments.callers import DEFAULT
 from deployments.runpod_jobs import (
     HEALTH_KEYS,
     MAX_QUEUED,
     PAGE,
+    QUEUED,
     RUNPOD_STATUS,
     TAG,
     _check_queue,
@@ -23,6 +24,7 @@ from deployments.runpod_jobs import (
     _RunJobs,
     cancel_pages,
     deployment_parameters,
+    job_tags,
 )
 
 class TaskJobs(_RunJobs):
@@ -61,11 +63,10 @@ class TaskJobs(_RunJobs):
         except SpeechError as exc:
             return _refuse(self, str(exc), caller)
         with self.lock:  # count and hand over together (queued tasks live in the Prefect server's memory)
-            _check_queue(self._count(("SCHEDULED", "PENDING")), self.max_queued)
-            _check_queue(self._count(("SCHEDULED", "PENDING"), caller=caller), self.per_caller or self.max_queued,
-                         caller)
+            _check_queue(self._count(QUEUED), self.max_queued)
+            _check_queue(self._count(QUEUED, caller=caller), self.per_caller or self.max_queued, caller)
             future = delay(transcribe_job.with_options(result_storage=self.storage), deployment_parameters(req),
-                           tags=(TAG, JOB_TAG, tag(caller)))
+                           tags=(*job_tags(caller), JOB_TAG))
         return str(future.task_run_id)
 
     def _count(self, states: tuple[str, ...], client: Any = None, caller: Optional[str] = None) -> int:
@@ -77,7 +78,7 @@ class TaskJobs(_RunJobs):
         if client is None:
             with get_client(sync_client=True) as client:
                 return self._count(states, client, caller)
-        wanted = job_filter(TAG, *([tag(caller)] if caller else []), states=states)
+        wanted = job_filter(*job_tags(caller), states=states)
         reply = client.request("POST", "/task_runs/count", json={"task_runs": wanted.model_dump(mode="json")})
         reply.raise_for_status()
         return int(reply.json())
@@ -131,7 +132,7 @@ class TaskJobs(_RunJobs):
 
         from flows.jobs import job_filter
 
-        wanted = job_filter(TAG, *([tag(caller)] if caller else []), states=("SCHEDULED", "PENDING"))
+        wanted = job_filter(*job_tags(caller), states=QUEUED)
         with get_client(sync_client=True) as client:
             return cancel_pages(lambda: client.read_task_runs(task_run_filter=wanted, limit=PAGE),
                                 lambda run_id: client.set_task_run_state(
