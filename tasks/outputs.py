@@ -1,7 +1,7 @@
 """Merge, render, store (all files or none) and publish the run's artifacts."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -30,7 +30,7 @@ def write_outputs(run: PipelineResults, target: OutputTarget) -> tuple[dict, lis
     except StorageError as exc:
         if not isinstance(store, S3Store):
             raise
-        kept = local_store(target.download_dir)  # nothing rendered is lost: say where it is
+        kept = local_store(kept_folder(target.download_dir, store.prefix))  # nothing rendered is lost
         kept.write(files)
         raise type(exc)(f"{exc}; the outputs were kept in {kept.describe()}") from None
     if target.download_transcript and isinstance(store, S3Store):  # the original script's --download-transcript
@@ -50,6 +50,20 @@ def write_outputs(run: PipelineResults, target: OutputTarget) -> tuple[dict, lis
     )
     _announce(run, result, refs)
     return result.to_json(), refs
+
+
+def kept_folder(download_dir: Optional[str], prefix: str) -> str:
+    """Where a set the bucket refused is kept: ``download_dir`` (default ``RESULTS_DIR``) plus the
+    bucket prefix's folders (``..`` and empty parts dropped), so a job-scoped prefix
+    (``<prefix><stem>/<job id>/``) keeps the job's files in a folder of its own and a request
+    naming a bucket that refuses it cannot write over another job's local files."""
+    from pathlib import Path, PurePosixPath
+
+    from speech.settings import get_settings
+
+    base = Path(download_dir).expanduser() if download_dir else get_settings().results_dir
+    parts = [p for p in PurePosixPath(prefix or "").parts if p not in ("/", ".", "..")]
+    return str(Path(base).joinpath(*parts))
 
 
 TRANSCRIPT_COMPLETED = "whisperx.transcript.completed"

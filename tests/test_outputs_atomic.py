@@ -4,6 +4,7 @@ leaves the bucket as it was, and a store that cannot be reached keeps the output
 from __future__ import annotations
 
 import fcntl
+import json
 import subprocess
 import sys
 import threading
@@ -47,7 +48,13 @@ def test_a_failure_half_way_puts_the_old_set_back(tmp_path, monkeypatch):
 
 def test_the_json_is_renamed_last(tmp_path, monkeypatch):
     real, order = store_mod.os.replace, []
-    monkeypatch.setattr(store_mod.os, "replace", lambda s, d: (order.append(Path(d).name), real(s, d))[1])
+
+    def recording(src, dst):
+        if Path(dst).parent == tmp_path:  # renames into the folder (not the plan's, inside staging)
+            order.append(Path(dst).name)
+        return real(src, dst)
+
+    monkeypatch.setattr(store_mod.os, "replace", recording)
     LocalStore(tmp_path).write(NEW)
     assert order[-1] == "talk.json" and sorted(order) == sorted(NEW)
 
@@ -95,6 +102,82 @@ def test_two_writers_of_one_folder_take_turns(tmp_path, monkeypatch):
     assert time.monotonic() - t >= 0.4 and _contents(tmp_path) == NEW
     os.close(lock)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(NEW)  # no lock file, no staging left
+
+
+def _killed_writer(tmp_path: Path, patch: str) -> subprocess.CompletedProcess:
+    """A real process writes NEW over tmp_path with ``patch`` (Python run first) applied."""
+    script = f"import os, sys, shutil, pathlib\nfrom speech.io import store\n{patch}\n" \
+             f"store.LocalStore(sys.argv[1]).write({NEW!r})\n"
+    return subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, timeout=120)
+
+
+def test_a_truncated_plan_does_not_block_the_stem(tmp_path):
+    """A writer died while writing its plan (before any rename): the plan is unreadable; the next
+    write of that stem drops the staging folder, keeps the old files and replaces them."""
+    LocalStore(tmp_path).write(OLD)
+    staging = tmp_path / f"{store_mod._staging_prefix('talk')}dead"
+    (staging / "old").mkdir(parents=True)
+    (staging / "talk.srt").write_bytes(b"half")
+    (staging / store_mod.PLAN).write_text('{"talk.s')
+    store = LocalStore(tmp_path)
+    with store._locked("talk"):
+        store.recover("talk")
+    assert _contents(tmp_path) == OLD and not list(tmp_path.glob(".staging-*"))
+    (staging / "old").mkdir(parents=True)
+    (staging / store_mod.PLAN).write_text('{"talk.s')
+    LocalStore(tmp_path).write(NEW)
+    assert _contents(tmp_path) == NEW and not list(tmp_path.glob(".staging-*"))
+
+
+def test_a_run_killed_while_writing_its_plan_leaves_no_half_plan(tmp_path):
+    """The process dies half-way through writing the plan: no half-written ``plan.json`` is left
+    (it is written to a temporary name and renamed), and the next write goes through."""
+    LocalStore(tmp_path).write(OLD)
+    proc = _killed_writer(tmp_path, (
+        "real = pathlib.Path.write_text\n"
+        "def dying(self, text, *a, **k):\n"
+        "    if self.parent.name.startswith('.staging-') and 'plan' in self.name:\n"
+        "        real(self, text[: len(text) // 2])\n"
+        "        os._exit(9)\n"
+        "    return real(self, text, *a, **k)\n"
+        "pathlib.Path.write_text = dying\n"))
+    assert proc.returncode == 9, proc.stderr
+    [staging] = tmp_path.glob(f"{store_mod._staging_prefix('talk')}*")
+    assert not (staging / store_mod.PLAN).exists()
+    assert _contents(tmp_path) == OLD
+    LocalStore(tmp_path).write(NEW)
+    assert _contents(tmp_path) == NEW and not list(tmp_path.glob(".staging-*"))
+
+
+def test_a_run_killed_after_its_last_rename_is_not_rolled_back(tmp_path):
+    """The process dies after ``talk.json`` is renamed, before its staging folder is removed: the
+    set is complete (committed), so the next writer must not put the old files back."""
+    LocalStore(tmp_path).write(OLD)
+    proc = _killed_writer(tmp_path, "store.shutil.rmtree = lambda *a, **k: os._exit(9)")
+    assert proc.returncode == 9, proc.stderr
+    [staging] = tmp_path.glob(f"{store_mod._staging_prefix('talk')}*")
+    assert _contents(tmp_path) == NEW and sorted(p.name for p in (staging / "old").iterdir()) == sorted(OLD)
+    assert not (staging / store_mod.PLAN).exists()  # committed: no plan, nothing to undo
+    store = LocalStore(tmp_path)
+    with store._locked("talk"):
+        store.recover("talk")
+    assert _contents(tmp_path) == NEW and not list(tmp_path.glob(".staging-*"))
+
+
+def test_a_plan_whose_json_was_renamed_is_committed(tmp_path):
+    """Killed between the last rename and the plan's removal: the plan is still there, but the
+    staged ``talk.json`` is gone (renamed last), so recover() leaves the complete new set."""
+    LocalStore(tmp_path).write(OLD)
+    staging = tmp_path / f"{store_mod._staging_prefix('talk')}dead"
+    (staging / "old").mkdir(parents=True)
+    for name in OLD:
+        (staging / "old" / name).write_bytes(OLD[name])
+        (tmp_path / name).write_bytes(NEW[name])
+    (staging / store_mod.PLAN).write_text(json.dumps({name: True for name in NEW}))
+    store = LocalStore(tmp_path)
+    with store._locked("talk"):
+        store.recover("talk")
+    assert _contents(tmp_path) == NEW and not list(tmp_path.glob(".staging-*"))
 
 
 WRITER = """
@@ -158,6 +241,52 @@ def test_an_s3_write_refused_part_way_leaves_the_bucket_as_it_was(s3):
     assert _objects(s3, "atomic") == {f"t/{k}": v for k, v in NEW.items()}
 
 
+class _Interrupting:
+    """The real client, but the ``n``-th call of ``method`` raises ``exc`` after the real call
+    went through (a cancel that lands while the request is in flight)."""
+
+    def __init__(self, client, method: str, n: int, exc: BaseException):
+        self._client, self._method, self._n, self._exc, self.calls = client, method, n, exc, 0
+
+    def __getattr__(self, attr):
+        real = getattr(self._client, attr)
+        if attr != self._method:
+            return real
+
+        def call(**kw):
+            result = real(**kw)
+            self.calls += 1
+            if self.calls == self._n:
+                raise self._exc
+            return result
+        return call
+
+
+def _termination():
+    from prefect.exceptions import TerminationSignal
+
+    return TerminationSignal(15)
+
+
+@pytest.mark.parametrize("method", ["put_object", "copy_object"])
+@pytest.mark.parametrize("make_exc", [KeyboardInterrupt, _termination], ids=["KeyboardInterrupt", "TerminationSignal"])
+def test_an_s3_write_cancelled_part_way_leaves_the_bucket_as_it_was(s3, method, make_exc):
+    """A cancel (Ctrl-C, or Prefect's TerminationSignal on a UI cancel / SIGTERM) arrives during
+    the second PUT or the second backup copy: the write rolls back (old set, no ``.backup/``
+    keys) and the very same BaseException propagates, not a StorageError."""
+    bucket = f"cancel-{method.split('_')[0]}-{make_exc.__name__.strip('_').lower()}"
+    s3.create_bucket(Bucket=bucket)
+    S3Store(bucket, "t/", s3).write(OLD)
+    before = _objects(s3, bucket)
+    exc = make_exc()
+    with pytest.raises(type(exc)) as raised:
+        S3Store(bucket, "t/", _Interrupting(s3, method, 2, exc)).write(NEW)
+    assert raised.value is exc
+    assert _objects(s3, bucket) == before and not [k for k in before if ".backup/" in k]
+    S3Store(bucket, "t/", s3).write(NEW)
+    assert _objects(s3, bucket) == {f"t/{k}": v for k, v in NEW.items()}
+
+
 def test_an_unreachable_store_keeps_the_outputs_locally(prefect_harness, s3_server, tmp_path, monkeypatch):
     """The bucket's endpoint refuses connections (botocore retries, then gives up): the run fails
     saying where the rendered outputs were kept, and they are all there."""
@@ -180,6 +309,7 @@ def test_an_unreachable_store_keeps_the_outputs_locally(prefect_harness, s3_serv
         get_settings.cache_clear()
     exc = state.result(raise_on_failure=False)
     assert state.is_failed() and isinstance(exc, StorageError)
-    assert "cannot reach the S3 endpoint" in str(exc) and f"the outputs were kept in {tmp_path / 'kept'}" in str(exc)
-    assert sorted(p.name for p in (tmp_path / "kept").iterdir() if not p.name.startswith(".")) == [
+    kept = tmp_path / "kept" / "transcripts"  # RESULTS_DIR + the bucket key's folders (the default prefix)
+    assert "cannot reach the S3 endpoint" in str(exc) and f"the outputs were kept in {kept}" in str(exc)
+    assert sorted(p.name for p in kept.iterdir() if not p.name.startswith(".")) == [
         "sample_2spk.json", "sample_2spk.segments.json", "sample_2spk.srt", "sample_2spk.vtt"]

@@ -57,7 +57,10 @@ class LocalStore:
     old files are kept as hard links beside them, the new ones are renamed into place with
     ``<stem>.json`` (what consumers poll for) last, and any failure puts the old set back. A run
     killed half-way is rolled back by the next write of that stem (its staging folder, named by a
-    hash of the exact stem, holds the plan: a writer of ``call`` never touches ``call-2``'s).
+    hash of the exact stem, holds the plan: a writer of ``call`` never touches ``call-2``'s). The
+    plan is written whole (a temporary name, then a rename) before the first rename and deleted
+    as soon as ``<stem>.json`` is in place (the set is then committed), so a staging folder
+    without a readable plan, or whose staged ``<stem>.json`` is gone, has nothing to undo.
     Writers of one folder take turns (an ``flock`` on the folder itself, released when a process
     dies, whatever cache each writer has): the second waits up to :data:`LOCK_WAIT_S`, then
     replaces its set whole, so sets never interleave; the last writer wins. (``flock`` is per
@@ -87,7 +90,8 @@ class LocalStore:
                     (staging / name).write_bytes(data)
                     if plan[name]:
                         os.link(self.root / name, staging / "old" / name)
-                (staging / PLAN).write_text(json.dumps(plan))
+                (staging / f"{PLAN}.tmp").write_text(json.dumps(plan))
+                os.replace(staging / f"{PLAN}.tmp", staging / PLAN)  # whole or absent, never half
                 for name in sorted(files, key=lambda n: n == f"{stem}.json"):
                     os.replace(staging / name, self.root / name)
                     replaced.append(name)
@@ -96,15 +100,24 @@ class LocalStore:
                 if isinstance(exc, OSError):
                     raise StorageError(f"cannot write outputs to {self.root}: {exc.strerror or exc}") from None
                 raise
+            with contextlib.suppress(OSError):  # committed: without its plan, staging has nothing to undo
+                (staging / PLAN).unlink()
             shutil.rmtree(staging, ignore_errors=True)
         return [OutputRef(name=name, uri=str((self.root / name).resolve()), size_bytes=len(data))
                 for name, data in files.items()]
 
     def recover(self, stem: str) -> None:
-        """Roll back what a killed writer of ``stem`` left (call holding the stem's lock)."""
+        """Roll back what a killed writer of ``stem`` left (call holding the stem's lock). No
+        readable plan: it died before its first rename (the plan is written before) or after its
+        set was committed (the plan is deleted first); no staged ``<stem>.json`` (renamed last):
+        its set is whole. Either way the staging folder is just dropped."""
         for staging in self.root.glob(f"{_staging_prefix(stem)}*"):
-            plan_file = staging / PLAN
-            plan = json.loads(plan_file.read_text()) if plan_file.exists() else {}
+            try:
+                plan = json.loads((staging / PLAN).read_text())
+            except (OSError, ValueError):
+                plan = {}
+            if not isinstance(plan, dict) or (f"{stem}.json" in plan and not (staging / f"{stem}.json").exists()):
+                plan = {}
             _roll_back(self.root, staging, plan)
 
     @contextlib.contextmanager
@@ -175,8 +188,10 @@ class S3Store:
         """Put every file, ``<stem>.json`` last; an object about to be overwritten is first copied
         (server-side) under ``<prefix>.backup/<nonce>/``. On a failure the objects this write added
         are deleted and the overwritten ones restored, so the bucket keeps the old set; the
-        backups go once the set is complete. The client retries throttling, 5xx and connection
-        errors itself (botocore's standard mode)."""
+        backups go once the set is complete. A cancel (``KeyboardInterrupt``, Prefect's
+        ``TerminationSignal`` on a UI cancel or SIGTERM: any ``BaseException``) rolls back too and
+        is re-raised as it is; an ``Exception`` becomes a :class:`StorageError`. The client retries
+        throttling, 5xx and connection errors itself (botocore's standard mode)."""
         import uuid
 
         from speech.io.s3 import storage_error
@@ -186,16 +201,21 @@ class S3Store:
         nonce = uuid.uuid4().hex[:12]
         backups: dict[str, Optional[str]] = {}  # key -> its backup's key, None when it is new
         refs = []
-        key = ""
+        key = pending = ""
         try:
             for name in sorted(files, key=lambda n: n == f"{stem}.json"):
-                key = self.prefix + name
-                backups[key] = self._backup(key, f"{self.prefix}.backup/{nonce}/{name}")
+                key, pending = self.prefix + name, f"{self.prefix}.backup/{nonce}/{name}"
+                backups[key] = self._backup(key, pending)
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=files[name], ContentType=content_type_for(name))
                 refs.append(OutputRef(name=name, uri=f"s3://{self.bucket}/{key}", size_bytes=len(files[name]),
                                       url=self._url(key)))
-        except Exception as exc:  # noqa: BLE001 - every failure rolls back, then says what failed
+        except BaseException as exc:  # noqa: BLE001 - every failure and cancel rolls back
             self._roll_back(backups)
+            if key and key not in backups:  # stopped while copying its backup: drop a copy that landed
+                with contextlib.suppress(Exception):
+                    self.client.delete_object(Bucket=self.bucket, Key=pending)
+            if not isinstance(exc, Exception):
+                raise
             raise storage_error(exc, f"cannot write s3://{self.bucket}/{key}", self.bucket) from None
         for backup in backups.values():
             if backup:
