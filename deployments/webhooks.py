@@ -43,11 +43,10 @@ def deliver(url: str, body: dict[str, Any], timeout: float = 30.0, max_seconds: 
     from urllib3.util.retry import Retry
 
     from speech.io import netguard
-    from speech.redact import redact_url
     from speech.settings import get_settings
 
     settings = get_settings()
-    shown = redact_url(url)
+    shown = _origin(url)
     deadline = netguard.Deadline(f"webhook {shown}", settings, max_seconds=max_seconds or MAX_SECONDS)
 
     class WithinDeadline(Retry):
@@ -63,13 +62,34 @@ def deliver(url: str, body: dict[str, Any], timeout: float = 30.0, max_seconds: 
             deadline.check()  # an answer read after the timer shut the socket is not one
     except Exception as exc:  # noqa: BLE001 - refused, unreachable: logged, the job is unaffected
         why = (f"no answer within {deadline.max_seconds:.0f} s" if deadline.expired else
-               type(exc).__name__ if not str(exc) else str(exc).splitlines()[0][:200])
+               type(exc).__name__ if not str(exc) else _without_url(str(exc).splitlines()[0], url)[:200])
         log.warning("webhook %s for job %s not delivered: %s", shown, body.get("id"), why)
         return False
     if not 200 <= reply.status_code < 300:
-        log.warning("webhook %s for job %s answered HTTP %d", redact_url(url), body.get("id"), reply.status_code)
+        log.warning("webhook %s for job %s answered HTTP %d", shown, body.get("id"), reply.status_code)
         return False
     return True
+
+
+def _origin(url: str) -> str:
+    """How a webhook is named in logs: its scheme, host and port only (a webhook's path, like
+    Slack's, is often its secret)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}/..."
+
+
+def _without_url(text: str, url: str) -> str:
+    """An error message with the webhook URL's path and query taken out (urllib3 quotes them,
+    and a webhook's query or path often carries the receiver's token)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    for leak in (url, parts.path + (f"?{parts.query}" if parts.query else ""), parts.query, parts.path):
+        if leak and leak != "/":
+            text = text.replace(leak, "...")
+    return text
 
 
 class Webhooks:

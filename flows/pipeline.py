@@ -48,6 +48,7 @@ from tasks.common import secret_block
 from tasks.confidence import deepgram, word_confidence
 from tasks.fetch import fetch_audio
 from tasks.outputs import write_outputs
+from tasks.progress import checkpoint
 from tasks.speakers import diarize_hosted, enroll_speakers
 from tasks.storage import task_result_storage
 from tasks.upload import upload
@@ -95,8 +96,8 @@ def run_pipeline(req: TranscriptionRequest, runner: Any = None, on_audio: Any = 
     background stages; ``on_audio`` is told the fetched audio): the worker's JSON result and where
     the outputs went."""
     log = get_run_logger()
-    req = with_block_secrets(taken_back(req))
-    req = admit_deployment_run(req)
+    req = admit_deployment_run(taken_back(req))  # the policy sees the request's own secret references
+    req = with_block_secrets(req)
     settings = get_settings()
     log.info("request: %s", {k: v for k, v in req.public_dict().items() if v not in (None, [], False)})
     clock = StageClock(storage=task_result_storage(), runner=runner)
@@ -169,6 +170,7 @@ def _run_stages(req: TranscriptionRequest, audio: AudioRef, clock: StageClock, s
 
     run.stage_seconds, run.cached_stages = clock.seconds, clock.cached
     run.model_loads = model_loads if workers else CACHE.load_count - loads_before
+    checkpoint()  # a job cancelled or out of time while hosted stages ran writes nothing
     result, refs = write_outputs(run, OutputTarget.from_request(req))
     return PipelineOutput(result=result, outputs=refs)
 

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from prefect.logging import get_run_logger
 
-from speech.schema import SECRET_FIELDS
+from speech.schema import HANDOVER_MARK, SECRET_FIELDS
 from speech.settings import get_settings
 
 MASK = "**********"  # what Prefect stores for a SecretStr parameter
@@ -17,7 +17,9 @@ MASK = "**********"  # what Prefect stores for a SecretStr parameter
 # URL credentials (user-info, a presigned URL's signature) never go into a flow run's stored
 # parameters: a run started in this process (CLI, handler, in-process endpoint) gets the masked
 # URL plus a handover mark, and takes the real URL back from this process's memory.
-HANDOVER = "#whisperx-handover="
+# A request from someone else carrying the mark is refused (speech.policy), so no caller can name
+# another run's key.
+HANDOVER = HANDOVER_MARK
 _HANDED_LOCK = threading.Lock()
 _HANDED: "OrderedDict[str, str]" = OrderedDict()
 _HANDED_MAX = 10_000

@@ -13,9 +13,13 @@ stored; the CLI and the Python API run by the machine's own user are not limited
 * **Endpoints and code** named by a request (``s3_endpoint`` without its own keys, a pyannote
   pipeline or wav2vec2 model that is not a published one) only with ``ALLOW_REQUEST_ENDPOINTS``.
 * **Models**: a long-lived process runs what it serves (:func:`speech.asr.serving.served_request`).
-* **Tokens**: refused where the request would be stored (queued runs, sweeps, task jobs).
+* **Tokens**: refused where the request would be stored (queued runs, sweeps, task jobs). A
+  ``prefect-secret:`` reference never sends a worker Secret block to an ``s3_endpoint`` the request
+  chose, nor one of the worker's own tokens in another token's field.
+* **Handover marks**: a URL from someone else never carries the mark this service puts on its own
+  runs' URLs (it would name another run's credentials held in memory).
 * **Cost**: at most ``MAX_SPEAKER_SAMPLES`` enrolment clips (each clip is capped at
-  ``MAX_SAMPLE_SECONDS`` when it is read).
+  ``MAX_SAMPLE_SECONDS`` when it is read); pyannoteAI polled at most once a second.
 
 URLs are checked when they are fetched (:mod:`speech.io.netguard`), on every connection.
 """
@@ -30,6 +34,7 @@ from speech.errors import FetchError, InvalidRequest
 from speech.settings import Settings, get_settings
 
 _SCHEMES = ("http", "https", "s3")
+MIN_POLL_SECONDS = 1.0  # the shortest pyannoteAI poll interval a request from someone else may ask for
 
 
 def local_roots(settings: Settings) -> Optional[list[Path]]:
@@ -117,8 +122,13 @@ def check_untrusted_request(req: Any, settings: Settings) -> None:
     pipeline config the caller wrote. Raises :class:`FetchError` / :class:`InvalidRequest`."""
     from speech.io.netguard import resolve_checked
     from speech.redact import redact_url, secret_value
+    from speech.schema import SECRET_REF_PREFIX
 
     check_local_path(req.audio_file, settings, "audio_file")
+    check_secret_refs(req, settings)
+    if req.pyannote_poll_interval < MIN_POLL_SECONDS:
+        raise InvalidRequest(f"pyannote_poll_interval: at least {MIN_POLL_SECONDS:g} s in requests from others (each "
+                             "poll is a request on the worker's pyannoteAI key)")
     if len(req.speaker_samples) > settings.max_speaker_samples:
         raise InvalidRequest(f"speaker_samples: {len(req.speaker_samples)} clips, at most {settings.max_speaker_samples} "
                              "(MAX_SPEAKER_SAMPLES)")
@@ -136,7 +146,13 @@ def check_untrusted_request(req: Any, settings: Settings) -> None:
     if settings.allow_request_endpoints:
         return
     if req.s3_endpoint:
-        if not (secret_value(req.access_key) and secret_value(req.secret_key)):
+        keys = (secret_value(req.access_key), secret_value(req.secret_key))
+        if any(key.startswith(SECRET_REF_PREFIX) for key in keys):
+            raise InvalidRequest(
+                f"s3_endpoint {redact_url(req.s3_endpoint)!r} from a request takes the request's own access_key and "
+                "secret_key, not 'prefect-secret:' references: the worker would send a Secret block it holds to an "
+                "endpoint the caller chose (ALLOW_REQUEST_ENDPOINTS=1 on the worker allows it)")
+        if not all(keys):
             raise InvalidRequest(
                 f"s3_endpoint {redact_url(req.s3_endpoint)!r} from a request needs its own access_key and "
                 "secret_key: the worker's S3 credentials are not sent to an endpoint the caller chose "
@@ -155,6 +171,32 @@ def check_untrusted_request(req: Any, settings: Settings) -> None:
         raise InvalidRequest(
             f"align_model {req.align_model!r} from a request is not one of the wav2vec2 models whisperx uses; other "
             "models are set on the worker (ALIGN_MODEL or ALLOW_REQUEST_ENDPOINTS=1)")
+
+
+def check_secret_refs(req: Any, settings: Settings) -> None:
+    """A ``prefect-secret:<block>`` reference from someone else may not send one of the worker's
+    own tokens (the blocks of :data:`speech.settings.SECRETS`, whose names are public) where
+    another belongs (e.g. ``deepgram_api_key: prefect-secret:hf-token``); and no URL may carry
+    this service's handover mark (:data:`speech.schema.HANDOVER_MARK`), which would name another
+    run's URL credentials held in this process."""
+    from speech.redact import redact_url, secret_value
+    from speech.schema import HANDOVER_MARK, SECRET_FIELDS, SECRET_REF_PREFIX
+    from speech.settings import SECRETS
+
+    owners = {spec.block: spec.request_field for spec in SECRETS if spec.block}
+    for field in SECRET_FIELDS:
+        given = secret_value(getattr(req, field, None))
+        if not given.startswith(SECRET_REF_PREFIX):
+            continue
+        owner = owners.get(given[len(SECRET_REF_PREFIX):].strip())
+        if owner and owner != field:
+            raise InvalidRequest(f"{field}: {given!r} names the worker's own {owner} Secret block; a request may "
+                                 f"name it only as {owner}")
+    for what, url in [("audio_file", req.audio_file), *(("speaker_samples", s.url) for s in req.speaker_samples)]:
+        if HANDOVER_MARK in url:
+            raise InvalidRequest(f"{what}: {redact_url(url.split(HANDOVER_MARK, 1)[0])!r} carries "
+                                 f"{HANDOVER_MARK!r}, a mark this service gives its own runs' URLs; send the URL "
+                                 "without it")
 
 
 def check_source(source: str, settings: Optional[Settings] = None) -> None:

@@ -55,6 +55,9 @@ ComputeType = Literal["default", "auto", "int8", "int8_float16", "int8_float32",
 
 SECRET_FIELDS = tuple(spec.request_field for spec in SECRETS)
 SECRET_REF_PREFIX = "prefect-secret:"
+# a URL whose credentials stay in this process's memory while its run's parameters hold the masked
+# URL plus this mark and a key (flows.runtime.hand_over); never accepted from someone else
+HANDOVER_MARK = "#whisperx-handover="
 
 
 def plain_secrets(values: dict[str, Any]) -> list[str]:
@@ -162,7 +165,10 @@ class TranscriptionRequest(BaseModel):
     pyannote_model: PyannoteModel = Field("precision-2", description="pyannoteAI model.")
     pyannote_exclusive: bool = Field(False, description="Use pyannoteAI's exclusive (non-overlapping) output.")
     pyannote_poll_interval: float = Field(5.0, gt=0, le=600, description="Seconds between pyannoteAI job polls.")
-    pyannote_timeout: float = Field(1800.0, gt=0, description="Give up on a pyannoteAI job after this many seconds.")
+    pyannote_timeout: float = Field(
+        1800.0, gt=0, le=6 * 3600,
+        description="Give up on a pyannoteAI job after this many seconds (upload and polling included).",
+    )
     pyannote_json_in: Optional[str] = Field(None, description="Reuse a saved <stem>.pyannote.job.json (no request).")
     deepgram_api_key: Optional[SecretStr] = Field(None, description="Deepgram key (prefer DEEPGRAM_API_KEY).")
     deepgram_json_in: Optional[str] = Field(None, description="Reuse a saved <stem>.deepgram.json (no request).")

@@ -102,14 +102,17 @@ def _settings(monkeypatch, **env):
 
 @pytest.mark.parametrize("ip", ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
                                 "0.0.0.0", "224.0.0.1", "::1", "fd00::1", "fe80::1", "::ffff:127.0.0.1", "::",
-                                "168.63.129.16", "100.100.100.200", "fd00:ec2::254", "::ffff:168.63.129.16"])
+                                "168.63.129.16", "100.100.100.200", "fd00:ec2::254", "::ffff:168.63.129.16",
+                                # IPv4 inside IPv6: NAT64 to 10.0.0.5, 6to4 of 169.254.169.254, Teredo
+                                "64:ff9b::a00:5", "2002:a9fe:a9fe::1", "2001:0:4136:e378:8000:63bf:3fff:fdd2"])
 def test_non_public_addresses_are_blocked(ip):
     from speech.io.netguard import address_blocked
 
     assert address_blocked(ip)
 
 
-@pytest.mark.parametrize("ip", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111"])
+@pytest.mark.parametrize("ip", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111", "64:ff9b::808:808",
+                                "2002:808:808::1"])
 def test_public_addresses_are_not(ip):
     from speech.io.netguard import address_blocked
 

@@ -48,6 +48,15 @@ def hostile_requests(tmp_path, s3_port: int) -> dict[str, dict]:
                                            "align_model": "attacker/wav2vec2-with-a-pickle"},
         "too many enrolment clips": {"audio_file": "https://example.com/a.wav", "speaker_verification": True,
                                      "speaker_samples": [f"https://example.com/s{i}.wav" for i in range(21)]},
+        "a worker Secret block sent to a chosen endpoint": {
+            "audio_file": "https://example.com/a.wav", "bucket": "b", "s3_endpoint": "http://93.184.216.34:9000",
+            "access_key": "prefect-secret:hf-token", "secret_key": "prefect-secret:deepgram-api-key"},
+        "one worker token in another's field": {"audio_file": "https://example.com/a.wav",
+                                                 "deepgram_api_key": "prefect-secret:hf-token"},
+        "pyannoteAI polled in a tight loop on the worker's key": {
+            "audio_file": "https://example.com/a.wav", "diarization": True, "pyannote_poll_interval": 0.01},
+        "another run's handed-over URL": {"audio_file": "https://example.com/a.wav?X-Amz-Signature=***"
+                                                        "#whisperx-handover=0123456789abcdef01234567"},
     }
 
 
@@ -63,7 +72,8 @@ def roots(monkeypatch, tmp_path):
 def _refusal(error: str, case: str) -> None:
     assert error and "\n" not in error and "Traceback" not in error, (case, error)
     assert any(word in error for word in ("ALLOW_LOCAL_PATHS", "ALLOW_REQUEST_ENDPOINTS", "MAX_SPEAKER_SAMPLES",
-                                          "access_key")), (case, error)
+                                          "access_key", "Secret block", "whisperx-handover",
+                                          "pyannote_poll_interval")), (case, error)
 
 
 def test_every_entry_point_refuses_the_same_hostile_requests(roots, tmp_path, monkeypatch):
@@ -488,6 +498,44 @@ def test_no_secret_reaches_the_database_from_any_in_process_entry_point(prefect_
         assert canary not in printed, (canary, "printed")
         leaked = [str(p) for p, blob in blobs if canary.encode() in blob]
         assert not leaked, (canary, leaked)
+
+
+def test_a_set_the_bucket_refuses_is_kept_in_the_jobs_own_folder(roots, tmp_path):
+    """A request from others names a bucket that will fail and, as download_dir, another job's
+    folder: the set kept locally lands under this job's own key inside it, never over the other
+    job's files; with no download_dir, under RESULTS_DIR the same way (the bucket key's folders)."""
+    from speech.policy import admit, job_scoped
+    from tasks.outputs import kept_folder
+
+    victim = tmp_path / "results" / "meeting" / "victim-job"
+    for download_dir in (str(victim), None):
+        raw = {"audio_file": "https://example.com/meeting.wav", "bucket": "no-such-bucket-zz",
+               **({"download_dir": download_dir} if download_dir else {})}
+        req = job_scoped(admit(raw, serving=False), "attacker-job")
+        kept = kept_folder(req.download_dir, req.prefix_transcripts)
+        base = victim if download_dir else tmp_path / "results"
+        assert kept == str(base / "transcripts" / "meeting" / "attacker-job"), kept
+    assert kept_folder(str(victim), "../../../etc/") == str(victim / "etc")
+
+
+def test_a_webhook_failure_is_logged_without_its_token(caplog, monkeypatch):
+    """The receiver refuses the connection: the endpoint logs the failure, but not the webhook
+    URL's path or query (urllib3 quotes them in its error, and they carry the receiver's token)."""
+    import logging
+    import socket
+
+    from deployments.webhooks import deliver
+
+    monkeypatch.setenv("ALLOW_PRIVATE_URLS", "1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    with caplog.at_level(logging.WARNING, logger="deployments.webhooks"):
+        assert not deliver(f"http://127.0.0.1:{dead}/hooks/tok-path-canary?token=tok-query-canary",
+                           {"id": "j1", "status": "COMPLETED"}, timeout=5, max_seconds=30)
+    logged = caplog.text
+    assert "not delivered" in logged and "j1" in logged, logged
+    assert "canary" not in logged, logged
 
 
 def test_the_compose_stack_is_closed_by_default():

@@ -19,6 +19,7 @@ someone else; :class:`Deadline` bounds a download's total time and minimum rate
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import time
 from typing import Any, Optional
@@ -39,12 +40,24 @@ METADATA_ADDRESSES = frozenset({
 })
 
 
+# NAT64's well-known prefix (RFC 6052): the last 32 bits are the IPv4 address the gateway reaches
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def address_blocked(ip: str) -> bool:
     """True for loopback, link-local, private, shared (CGNAT), multicast, reserved and
-    unspecified addresses, IPv4-mapped IPv6 included, and cloud metadata services."""
+    unspecified addresses, IPv4 ones inside IPv6 (mapped, 6to4, Teredo, NAT64) included, and cloud
+    metadata services."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):  # an IPv4 address inside an IPv6 one is judged as itself
+        if addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        elif addr.sixtofour is not None:  # 6to4, 2002::/16
+            addr = addr.sixtofour
+        elif addr.teredo is not None:  # Teredo, 2001::/32: the client's address
+            addr = addr.teredo[1]
+        elif addr in NAT64:  # a NAT64 gateway reaches the embedded IPv4 address
+            addr = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
     return (addr in METADATA_ADDRESSES or addr.is_loopback or addr.is_link_local or addr.is_private or addr.is_multicast
             or addr.is_reserved or addr.is_unspecified or not addr.is_global)
 
@@ -69,6 +82,20 @@ def resolve_checked(host: str, port: int, settings: Settings) -> list[tuple[Any,
     return infos
 
 
+class _WithoutURLs(logging.Filter):
+    """urllib3's retry warnings end with the request's path and query (a presigned URL's
+    signature, a webhook's token): they are logged without it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple("(URL withheld)" if isinstance(a, str) and a.startswith("/") else a
+                                for a in record.args)
+        return True
+
+
+_URL_FILTER = _WithoutURLs()
+
+
 def session(settings: Settings, on_socket: Optional[Any] = None, retries: Any = 0) -> Any:
     """A ``requests.Session`` whose connections go only to addresses :func:`resolve_checked`
     allows, pinned to the address checked; at most 5 redirects. ``on_socket(sock)`` sees every
@@ -80,6 +107,10 @@ def session(settings: Settings, on_socket: Optional[Any] = None, retries: Any = 
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
     from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
     from urllib3.util.connection import create_connection
+
+    pool_log = logging.getLogger("urllib3.connectionpool")
+    if _URL_FILTER not in pool_log.filters:
+        pool_log.addFilter(_URL_FILTER)
 
     def connect(conn: Any) -> socket.socket:
         last: Optional[OSError] = None
