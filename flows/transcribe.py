@@ -146,7 +146,7 @@ def transcribe_audio(
         pyannote_model: pyannoteAI model, precision-2 or community-1.
         pyannote_exclusive: Use pyannoteAI's exclusive (non-overlapping) diarization.
         pyannote_poll_interval: Seconds between pyannoteAI job polls.
-        pyannote_timeout: Give up on a pyannoteAI job after this many seconds.
+        pyannote_timeout: Give up on a pyannoteAI job after this many seconds (upload and polling included).
         pyannote_json_in: Reuse a saved <stem>.pyannote.job.json instead of calling the API.
         deepgram_api_key: Deepgram key for word confidence (prefer the DEEPGRAM_API_KEY env var, the deepgram-api-key Secret block, or 'prefect-secret:<block name>').
         deepgram_json_in: Reuse a saved <stem>.deepgram.json instead of calling Deepgram.

@@ -3,7 +3,10 @@ presigned PUT, ``/v1/diarize``, ``/v1/jobs/{id}``), for the real ``pyannoteai-sd
 
 Scenarios: ``succeed``, ``fail`` (the job fails), ``hang`` (it never finishes), ``500`` (submit
 answers 500); ``submit_failures = N`` makes the next N submits answer 503 first;
-``job_seconds`` makes every job run at least that long.
+``job_seconds`` makes every job run at least that long; ``stall = "submit"`` (or ``"upload"``, the
+presigned PUT) reads that request and never answers it, ``stall = "upload-unread"`` stops reading
+the PUT at its headers: the connection stays open until the next ``reset()`` or ``close()``
+(``stalled`` counts them).
 """
 from __future__ import annotations
 
@@ -45,6 +48,19 @@ class _State:
         self.submit_failures = 0  # the next N submits answer 503
         self.job_seconds = 0.0  # a job runs at least this long (wall time), whatever the polls
         self.submits = 0
+        self.stall: str | None = None  # "submit" | "upload": read the request, never answer it;
+        # "upload-unread": not even read the PUT's body
+        self.stalled = 0
+        self.release = threading.Event()  # set by reset() / close(): stalled handlers return
+
+
+def _stall(st: _State, route: str) -> bool:
+    """Hold the connection open without answering (a server that accepted it and hangs)."""
+    if st.stall != route:
+        return False
+    st.stalled += 1
+    st.release.wait(120)
+    return True
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -119,6 +135,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._send(201, {"url": f"{st.base}/presigned/{token}?X-Signature=abc"})
         if self.path == "/v1/diarize":
             st.submits += 1
+            if _stall(st, "submit"):
+                return
             if st.submit_failures > 0:
                 st.submit_failures -= 1
                 return self._send(503, {"message": "service unavailable", "requestId": "r503"})
@@ -137,10 +155,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_PUT(self):
         st = self.state
         st.requests.append(("PUT", self.path))
+        if _stall(st, "upload-unread"):
+            return
         body = self._body()
         token = self.path.split("?")[0].rsplit("/", 1)[-1]
         if not self.path.startswith("/presigned/") or token not in st.presigned:
             return self._send(403, {"message": "bad signature"})
+        if _stall(st, "upload"):
+            return
         st.uploads[st.presigned.pop(token)] = body
         self._send(200, {})
 
@@ -156,12 +178,14 @@ class PyannoteServer:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def reset(self) -> _State:
+        self.state.release.set()
         fresh = _State()
         fresh.base = self.url
         self.state.__dict__.update(fresh.__dict__)
         return self.state
 
     def close(self) -> None:
+        self.state.release.set()
         self._server.shutdown()
         self._server.server_close()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 
@@ -42,6 +43,39 @@ def api(_server) -> _State:
 def _call(api: _State, **kw) -> DiarizationOutcome:
     kw = {**FAST, **kw}
     return diarize_pyannote_api(str(AUDIO), kw.pop("api_key", KEY), base_url=api.base, **kw)
+
+
+@pytest.fixture
+def http_timeouts(monkeypatch):
+    """Set the project's HTTP (connect, read) timeouts (HTTP_CONNECT_TIMEOUT, HTTP_READ_TIMEOUT)."""
+    from speech.settings import get_settings
+
+    def set_(connect: float, read: float) -> None:
+        monkeypatch.setenv("HTTP_CONNECT_TIMEOUT", str(connect))
+        monkeypatch.setenv("HTTP_READ_TIMEOUT", str(read))
+        get_settings.cache_clear()
+
+    yield set_
+    get_settings.cache_clear()
+
+
+def _within(seconds: float, fn) -> tuple[BaseException | None, float]:
+    """Run ``fn`` in a thread; fail (instead of hanging the suite) when it is still running after
+    ``seconds``. Returns what it raised (None when it returned) and how long it took."""
+    box: dict = {}
+
+    def target():
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    t0 = time.monotonic()
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the call was still waiting after {seconds} s"
+    return box.get("error"), time.monotonic() - t0
 
 
 def _no_key_in(exc: BaseException) -> None:
@@ -108,6 +142,60 @@ def test_timeout_when_job_stays_running(api):
     assert 0.3 <= elapsed < 3.0
     (job,) = api.jobs.values()
     assert job["polls"] >= 3  # it really polled until the deadline
+
+
+@pytest.mark.parametrize("stage, target", [("submit", "API"), ("upload", "storage")])
+def test_api_that_never_answers_fails_at_the_pyannote_timeout(api, http_timeouts, stage, target):
+    """A server that accepts the connection and never answers (the submit, or the presigned
+    upload): the whole call gives up at the pyannote timeout, well before the read timeout."""
+    http_timeouts(connect=30, read=30)
+    api.stall = stage
+    error, elapsed = _within(10, lambda: _call(api, timeout=1.0))
+    assert isinstance(error, DiarizationError), error
+    where = f"{api.base}/v1" if target == "API" else "pyannoteAI storage"
+    assert str(error) == f"pyannoteAI {stage} failed: {where} did not answer within 1 s (pyannote timeout)"
+    assert not error.retryable  # the time the request gave it is spent
+    assert error.__cause__ is None and error.__context__ is None
+    _no_key_in(error)
+    assert api.stalled == 1
+    assert 1.0 <= elapsed < 3.0
+    assert api.jobs == {}
+
+
+@pytest.mark.parametrize("stage, target", [("submit", "API"), ("upload", "storage")])
+def test_api_that_never_answers_fails_at_the_read_timeout(api, http_timeouts, stage, target):
+    """The same with HTTP_READ_TIMEOUT shorter than the pyannote timeout: that request gives up
+    after the read timeout, as network trouble (retryable)."""
+    http_timeouts(connect=5, read=0.4)
+    api.stall = stage
+    error, elapsed = _within(10, lambda: _call(api, timeout=60.0))
+    assert isinstance(error, DiarizationError), error
+    where = f"{api.base}/v1" if target == "API" else "pyannoteAI storage"
+    assert str(error) == f"pyannoteAI {stage} failed: {where} did not answer within 0.4 s (HTTP_READ_TIMEOUT)"
+    assert error.retryable
+    assert error.__cause__ is None and error.__context__ is None
+    _no_key_in(error)
+    assert api.stalled == 1
+    assert 0.4 <= elapsed < 3.0
+
+
+@pytest.mark.parametrize("connect, timeout, limit", [(30, 1.0, "1 s (pyannote timeout)"),
+                                                     (0.4, 60.0, "0.4 s (HTTP_CONNECT_TIMEOUT)")])
+def test_storage_that_stops_reading_the_upload(api, http_timeouts, tmp_path, connect, timeout, limit):
+    """Storage that takes the PUT's headers and never reads the body: the send stalls (urllib3
+    sends under the connect timeout) and gives up at the earlier of that and the pyannote timeout."""
+    http_timeouts(connect=connect, read=30)
+    api.stall = "upload-unread"
+    big = tmp_path / "long.wav"
+    big.write_bytes(AUDIO.read_bytes() * 40)  # ~14 MB: more than the loopback socket buffers hold
+    error, elapsed = _within(
+        10, lambda: diarize_pyannote_api(str(big), KEY, base_url=api.base, poll_interval=0.01, timeout=timeout))
+    assert isinstance(error, DiarizationError), error
+    assert str(error) == f"pyannoteAI upload failed: pyannoteAI storage did not answer within {limit}"
+    assert error.retryable == (timeout > connect)
+    _no_key_in(error)
+    assert api.stalled == 1 and api.uploads == {}
+    assert min(connect, timeout) <= elapsed < 3.0
 
 
 def test_bad_key_is_401_without_the_key(api, caplog):
@@ -199,6 +287,16 @@ def test_bad_parameters(kw, match, monkeypatch):
             diarize_pyannote_api(str(AUDIO), kw.pop("api_key", KEY), **kw)
     finally:
         get_settings.cache_clear()
+
+
+def test_request_bounds_the_pyannote_timeout():
+    from pydantic import ValidationError
+
+    from speech.schema import TranscriptionRequest
+
+    assert TranscriptionRequest(audio_file="a.wav", pyannote_timeout=6 * 3600).pyannote_timeout == 21600
+    with pytest.raises(ValidationError, match="pyannote_timeout"):
+        TranscriptionRequest(audio_file="a.wav", pyannote_timeout=6 * 3600 + 1)
 
 
 def test_base_url_resolution(monkeypatch):

@@ -6,17 +6,24 @@ then ``PUT`` of the bytes) and returns a ``media://`` URL, ``diarize`` submits t
 (``POST /v1/diarize``) and ``retrieve`` polls ``GET /v1/jobs/{id}`` until the job is
 succeeded, failed or canceled.
 
-Two things the SDK (0.4.0) does not offer are added by a thin subclass, not by re-implementing
-its HTTP calls:
+Three things the SDK (0.4.0) does not offer are added by a thin subclass (and a pass-through
+for the SDK module's ``requests``), not by re-implementing its HTTP calls:
 
 * a configurable base URL: ``Client.API_URL`` is a class constant that ``__init__`` already
   uses (the key check), so the subclass sets it on the instance before ``Client.__init__``;
-* a timeout: ``retrieve`` loops forever while the job is pending/running. The subclass hooks
+* per-request timeouts: the SDK calls ``requests.get/post/put`` with no ``timeout``, so a server
+  (the API, or the storage behind the presigned upload URL) that accepts the connection and
+  never answers would hang the run forever. The SDK module's ``requests`` is replaced by a
+  pass-through (:class:`_TimedRequests`) that, while one of our client's calls runs in this
+  thread (a context variable), adds ``timeout=(HTTP_CONNECT_TIMEOUT, HTTP_READ_TIMEOUT)``, each
+  clipped to what is left of the overall deadline; calls outside our client are unchanged;
+* one overall deadline, ``timeout``, from the key check on: upload, submit and polling included.
+  ``retrieve`` loops forever while the job is pending/running; the subclass hooks
   ``_authenticated_get`` (the one call the SDK's loop makes per poll) and raises once the
   deadline has passed and the job is still not finished. The SDK sleeps ``every_seconds``
   between polls, so the wait can exceed ``timeout`` by at most one poll interval (plus one
-  request). The SDK sets no per-request socket timeout either; a server that accepts the
-  connection and never answers is not covered by ``timeout``.
+  request). A request never waits past the deadline for a connection or for the server's next
+  bytes; a server that keeps trickling bytes is bounded per read only.
 
 The API key is never logged, never put in an exception message, and scrubbed from the job
 JSON handed back (which the caller saves as ``<stem>.pyannote.job.json``). SDK and
@@ -25,11 +32,14 @@ request objects carry the ``Authorization`` header) are not chained onto ours.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 import os
 import tempfile
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import Optional, Union, get_args
@@ -133,6 +143,63 @@ class _JobTimeout(Exception):
         self.status = status
 
 
+class _OutOfTime(Exception):
+    """The overall deadline passed before a request could be sent."""
+
+
+class _Budget:
+    """One call's time limits: the overall deadline (``timeout``, from before the key check) and
+    the settings' per-request (connect, read) timeouts, clipped to what is left of it."""
+
+    def __init__(self, timeout: float):
+        settings = get_settings()
+        self.total = timeout
+        self.deadline = time.monotonic() + timeout
+        self.connect = settings.http_connect_timeout
+        self.read = settings.http_read_timeout
+        self.clipped = (False, False)  # whether the last request's (connect, read) was cut short
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def request_timeout(self) -> tuple[float, float]:
+        left = self.left()
+        if left <= 0:
+            raise _OutOfTime()
+        self.clipped = (left < self.connect, left < self.read)
+        return min(self.connect, left), min(self.read, left)
+
+
+# the budget of the _Client call running in this thread (None: the SDK used by anything else)
+_active_budget: contextvars.ContextVar[Optional[_Budget]] = contextvars.ContextVar("pyannote_budget", default=None)
+
+
+class _TimedRequests:
+    """Stands in for ``requests`` inside ``pyannoteai.sdk.client``: ``get``/``post``/``put`` made
+    during one of our client's calls get ``timeout=``; everything else is ``requests`` itself."""
+
+    def __init__(self, real: types.ModuleType):
+        self._real = real
+
+    def __getattr__(self, name: str):
+        return getattr(self._real, name)
+
+    def _timed(self, method: str, *args, **kwargs):
+        budget = _active_budget.get()
+        if budget is not None and kwargs.get("timeout") is None:
+            kwargs["timeout"] = budget.request_timeout()
+        return getattr(self._real, method)(*args, **kwargs)
+
+    def get(self, *args, **kwargs):
+        return self._timed("get", *args, **kwargs)
+
+    def post(self, *args, **kwargs):
+        return self._timed("post", *args, **kwargs)
+
+    def put(self, *args, **kwargs):
+        return self._timed("put", *args, **kwargs)
+
+
 _client_cls = None
 
 
@@ -147,30 +214,56 @@ def _client_class():
         return _client_cls
     try:
         from pyannoteai.sdk import Client
+        from pyannoteai.sdk import client as sdk_module
     except ImportError:
         raise DiarizationError(
             "pyannoteai-sdk is not installed (pip install pyannoteai-sdk); needed for diarization_backend=pyannote-api"
         ) from None
+    sdk_requests = getattr(sdk_module, "requests", None)
+    if isinstance(sdk_requests, types.ModuleType):
+        sdk_module.requests = _TimedRequests(sdk_requests)
+    elif not isinstance(sdk_requests, _TimedRequests):  # an SDK whose requests we cannot time out
+        raise DiarizationError("this pyannoteai-sdk version is not supported (pip install pyannoteai-sdk==0.4.0)")
 
     class _Client(Client):
-        def __init__(self, token: str, api_url: str):
+        def __init__(self, token: str, api_url: str, budget: _Budget):
             self.API_URL = api_url  # Client.__init__ already calls GET {API_URL}/test
-            self.deadline: Optional[float] = None
+            self.budget = budget
             self.stage = "key check"
             self.job_id: Optional[str] = None
             self.last_status: Optional[str] = None
             super().__init__(token=token)
 
+        @contextlib.contextmanager
+        def _timed(self):
+            token = _active_budget.set(self.budget)
+            try:
+                yield
+            finally:
+                _active_budget.reset(token)
+
         def _authenticated_get(self, route: str):
-            response = super()._authenticated_get(route)
-            if route.startswith("/jobs/"):
+            polling = route.startswith("/jobs/")
+            if polling and self.last_status not in (None, *_TERMINAL) and self.budget.left() <= 0:
+                raise _JobTimeout(self.last_status)  # the deadline passed while the SDK slept
+            with self._timed():
+                response = super()._authenticated_get(route)
+            if polling:
                 status = response.json().get("status")
                 if status != self.last_status:
                     log.info("pyannoteAI job %s: %s", self.job_id, status)
                     self.last_status = status
-                if status not in _TERMINAL and self.deadline is not None and time.monotonic() >= self.deadline:
+                if status not in _TERMINAL and self.budget.left() <= 0:
                     raise _JobTimeout(status)
             return response
+
+        def _authenticated_post(self, route: str, json: Optional[dict] = None):
+            with self._timed():
+                return super()._authenticated_post(route, json=json)
+
+        def upload(self, audio, media_url=None, callback=None):  # its presigned PUT is plain requests.put
+            with self._timed():
+                return super().upload(audio, media_url=media_url, callback=callback)
 
     _client_cls = _Client
     return _client_cls
@@ -186,7 +279,33 @@ def _http_reason(response) -> str:
     return f": {one_line(message, 200)}" if message else ""
 
 
-def _translate(exc: BaseException, client, api_url: str, timeout: float, key: str) -> DiarizationError:
+def _timeout_in(exc: BaseException) -> Optional[str]:
+    """Which of the request's timeouts ran out behind ``exc``: ``"connect"``, ``"read"`` or None.
+
+    The SDK re-raises a connect timeout as a bare ``ConnectionError`` (the original is its
+    context). urllib3 sends the request under the connect timeout and reports a stalled send as
+    "Connection aborted" around a bare socket ``TimeoutError``; the read timeout, for the answer,
+    comes as ``ReadTimeout``."""
+    import requests
+
+    seen: set[int] = set()
+    todo: list = [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, requests.ConnectTimeout):
+            return "connect"
+        if isinstance(e, requests.Timeout):
+            return "read"
+        if isinstance(e, TimeoutError):  # not under a requests.Timeout: the send stalled
+            return "connect"
+        todo.extend((e.__cause__, e.__context__, *e.args))
+    return None
+
+
+def _translate(exc: BaseException, client, api_url: str, budget: _Budget, key: str) -> DiarizationError:
     import requests
 
     from pyannoteai.sdk.client import PyannoteAICanceledJob, PyannoteAIFailedJob
@@ -194,6 +313,8 @@ def _translate(exc: BaseException, client, api_url: str, timeout: float, key: st
     stage = getattr(client, "stage", "key check")
     job_id = getattr(client, "job_id", None)
     where = f"pyannoteAI {stage}"
+    timeout = budget.total
+    target = "pyannoteAI storage" if stage == "upload" else api_url
 
     if isinstance(exc, _JobTimeout):
         return DiarizationError(
@@ -222,8 +343,16 @@ def _translate(exc: BaseException, client, api_url: str, timeout: float, key: st
         if code == 402:
             text += " (account out of credit?)"
         return DiarizationError(text, retryable=code in (408, 425, 429) or code >= 500)
+    kind = _timeout_in(exc) if isinstance(exc, (requests.ConnectionError, requests.Timeout)) else None
+    if isinstance(exc, _OutOfTime) or (kind and budget.clipped[kind == "read"]):
+        # the overall deadline: the time the request gave pyannoteAI is spent (not retried)
+        return DiarizationError(f"{where} failed: {target} did not answer within {timeout:g} s (pyannote timeout)")
+    if kind:
+        seconds, setting = (budget.connect, "HTTP_CONNECT_TIMEOUT") if kind == "connect" else (
+            budget.read, "HTTP_READ_TIMEOUT")
+        return DiarizationError(f"{where} failed: {target} did not answer within {seconds:g} s ({setting})",
+                                retryable=True)
     if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
-        target = "pyannoteAI storage" if stage == "upload" else api_url
         return DiarizationError(f"{where} failed: cannot reach {target} ({exc.__class__.__name__})", retryable=True)
     if isinstance(exc, (ValueError, KeyError, TypeError)):  # non-JSON body, missing jobId/url/status
         return DiarizationError(f"{where} failed: unexpected response from {api_url} ({exc.__class__.__name__})")
@@ -254,9 +383,11 @@ def diarize_pyannote_api(
 
     The key falls back to ``PYANNOTE_API_KEY``; the base URL to ``PYANNOTE_API_URL``, then
     ``https://api.pyannote.ai/v1``. ``exclusive`` asks for (and uses) the exclusive diarization,
-    one speaker at a time. Raises ``InvalidRequest`` for bad parameters and ``DiarizationError``
-    for a rejected key, a failed/canceled job, a timeout or network trouble (only the last is
-    ``retryable``).
+    one speaker at a time. ``timeout`` bounds the whole call (key check, upload, submit, polling);
+    each request also gives up after ``HTTP_CONNECT_TIMEOUT``/``HTTP_READ_TIMEOUT``. Raises
+    ``InvalidRequest`` for bad parameters and ``DiarizationError`` for a rejected key, a
+    failed/canceled job, ``timeout`` running out, or network trouble, a request unanswered within
+    the HTTP timeouts included (only the last is ``retryable``).
     """
     _validate(model, num_speakers, min_speakers, max_speakers, poll_interval, timeout)
     key = secret_value(api_key) or secret_value(get_settings().pyannote_api_key)
@@ -278,8 +409,9 @@ def diarize_pyannote_api(
     client = None
     job = None
     error: Optional[DiarizationError] = None
+    budget = _Budget(timeout)  # upload, submit and polling, all within ``timeout``
     try:
-        client = cls(key, api_url)
+        client = cls(key, api_url, budget)
         client.stage = "upload"
         size_mb = os.path.getsize(path) / 1e6
         log.info("pyannoteAI: uploading %s (%.1f MB) to temporary storage at %s", path.name, size_mb, api_url)
@@ -295,10 +427,9 @@ def diarize_pyannote_api(
         )
         log.info("pyannoteAI: submitted job %s (model=%s, exclusive=%s)", client.job_id, model, exclusive)
         client.stage = "poll"
-        client.deadline = time.monotonic() + timeout
         job = client.retrieve(client.job_id, every_seconds=min(poll_interval, timeout))
     except Exception as exc:  # noqa: BLE001 - translated below, outside this block
-        error = _translate(exc, client, api_url, timeout, key)
+        error = _translate(exc, client, api_url, budget, key)
     if error is not None:
         # raised here, not in the except block: the SDK's exception (whose request holds the
         # Authorization header) must not ride along as __context__
