@@ -129,6 +129,12 @@ class Watch:
         if self.claim is None:  # queued: no worker has taken it
             if kind == "SCHEDULED":
                 self._queued(client, workers, now, busy)
+            elif state is not None and _age(state.timestamp) > self.deadline + GRACE:
+                # taken but its claim could not be written or read (a storage fault): a worker lost
+                # now would go unseen, so its deadline is the backstop
+                self._end(client, "Failed", f"{self.label} has been {kind.lower()} without a claim for more than its "
+                          f"{self.deadline:.0f} s deadline (GPU_TASK_TIMEOUT; its worker could not record it in "
+                          "the shared storage) and was stopped", task_run)
             return
         if self.claim["worker"] not in workers:
             self.missing_since = self.missing_since or now
@@ -138,7 +144,7 @@ class Watch:
         self.missing_since = None
         if kind == "RUNNING" and _age(state.timestamp) > self.deadline + GRACE:
             self._end(client, "Failed", f"{self.label} ran past its {self.deadline:.0f} s deadline "
-                      "(GPU_TASK_TIMEOUT) and was stopped")
+                      "(GPU_TASK_TIMEOUT) and was stopped", task_run)
         elif kind != "RUNNING" and time.time() - float(self.claim.get("at", time.time())) > self.deadline + GRACE:
             self._end(client, "Failed", f"{self.label} was taken by task worker {self.claim['worker']} but not "
                       f"run within its {self.deadline:.0f} s deadline (GPU_TASK_TIMEOUT); stopped")
@@ -181,11 +187,14 @@ class Watch:
         self.notes.append(f"{self.label}: task worker {worker} stopped; running it again (attempt {attempts + 1})")
         log.warning(self.notes[-1])
 
-    def _end(self, client: Any, kind: str, message: str) -> None:
+    def _end(self, client: Any, kind: str, message: str, task_run: Any = None) -> None:
+        """End the run with ``message``; the stage runs it left Running end with it."""
         from prefect.states import Crashed, Failed
 
         client.set_task_run_state(self.task_run_id, (Crashed if kind == "Crashed" else Failed)(message=message),
                                   force=True)
+        if task_run is not None:
+            crash_stages(client, task_run, message)
         self.ended = message
         self.notes.append(message)
         log.warning(message)

@@ -72,6 +72,8 @@ def transcribe_job(request: dict[str, Any]) -> dict[str, Any]:
     def on_audio(audio: Any) -> None:  # the deadline, now that the audio's length is known
         guard.extend(run_deadline(audio.duration))
 
-    with ThreadPoolTaskRunner(max_workers=4) as runner, guard, checkpointing(guard.check):
+    # the guard outermost: the runner's exit waits for background stages (hosted APIs, uploads),
+    # and the worker's watchdog must still see this run's deadline while it does
+    with guard, ThreadPoolTaskRunner(max_workers=4) as runner, checkpointing(guard.check):
         out = run_pipeline(req, runner=runner, on_audio=on_audio)
     return {"result": out.result, "outputs": [ref.model_dump() for ref in out.outputs]}

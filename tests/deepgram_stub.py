@@ -49,6 +49,7 @@ class DeepgramServer:
         self.delay = delay
         self.requests: list[dict] = []
         self.failures: list[str] = []
+        self.answered = threading.Event()  # set once an answer has been sent
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -63,6 +64,8 @@ class DeepgramServer:
                     self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(body)
+                self.wfile.flush()
+                server.answered.set()
 
             def do_POST(self):
                 time.sleep(server.delay)

@@ -207,3 +207,37 @@ def test_unclear_intervals_join_gap_and_speaker():
         # "six" is clear: it ends the run
         {"start": 2.6, "end": 2.8, "speaker": "S2", "text": "seven"},
     ]
+
+
+def test_a_job_stopped_while_deepgram_answers_writes_nothing(prefect_harness, tmp_path, monkeypatch):
+    """A task-worker job cancelled (or out of time) while it waits on Deepgram: the word stages
+    are long done, the stop is seen at the checkpoint before the outputs, and nothing is written
+    (before, the outputs were written and the job reported done)."""
+    from prefect import flow
+
+    from conftest import DATA
+    from flows.pipeline import run_pipeline
+    from speech.errors import SpeechError, Stopped
+    from speech.schema import TranscriptionRequest
+    from tasks.progress import checkpointing
+
+    with DeepgramServer(["ok"], delay=12.0) as srv:
+        monkeypatch.setenv("DEEPGRAM_BASE_URL", srv.url)
+        monkeypatch.setenv("DEEPGRAM_API_KEY", KEY)
+
+        def check() -> None:  # the job's guard: cancelled from outside once Deepgram has answered
+            if srv.answered.is_set():
+                raise Stopped("transcribe-job of a.wav was stopped: its run is Cancelled")
+
+        @flow
+        def job(request: dict) -> str:
+            with checkpointing(check):
+                try:
+                    run_pipeline(TranscriptionRequest.parse(request))
+                except SpeechError as exc:
+                    return f"{type(exc).__name__}: {exc}"
+            return "written"
+
+        out = job({"audio_file": str(DATA / "sample_2spk.wav"), "language": "en", "download_dir": str(tmp_path)})
+    assert srv.requests and out.startswith("Stopped") and "Cancelled" in out, out
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]

@@ -301,3 +301,37 @@ def test_an_idle_pool_that_leaves_a_run_queued_fails_it_but_a_busy_one_does_not(
     (failed,) = client.states
     assert failed.type.value == "FAILED" and "connected but none took it within 5 s" in failed.message
     assert watch.ended == failed.message
+
+
+def test_a_running_run_whose_claim_was_never_written_ends_at_its_deadline(tmp_path):
+    """A worker took the run but its claim could not be written (a storage fault), so a lost
+    worker would go unseen: the waiter ends the run once it is Running past its deadline + GRACE
+    (before, it waited for ever), and not before."""
+    from datetime import datetime, timedelta, timezone
+
+    from prefect.filesystems import LocalFileSystem
+    from prefect.states import Running
+
+    from flows import dispatch
+    from speech.settings import Settings
+
+    class Client:
+        def __init__(self):
+            self.states = []
+
+        def set_task_run_state(self, run_id, state, force=False):
+            self.states.append(state)
+
+    def running_for(seconds: float):
+        state = Running()
+        state.timestamp = datetime.now(timezone.utc) - timedelta(seconds=seconds)
+        return type("Run", (), {"state": state, "run_count": 1, "tags": []})()
+
+    watch = dispatch.Watch("00000000-0000-0000-0000-000000000002", "transcribe_job-x", "transcribe-job of call",
+                           60.0, storage=LocalFileSystem(basepath=str(tmp_path)), settings=Settings())
+    client = Client()
+    watch.check(client, running_for(60 + dispatch.GRACE - 5), {"w1"})
+    assert client.states == [] and watch.ended is None
+    watch.check(client, running_for(60 + dispatch.GRACE + 5), {"w1"})
+    (failed,) = client.states
+    assert failed.type.value == "FAILED" and "without a claim" in failed.message and "60 s deadline" in failed.message
