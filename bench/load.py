@@ -5,7 +5,7 @@
 
 In one invocation: PostgreSQL (Debian's ``postgresql``, a cluster of its own on a loopback
 port, deleted after, as ``infra/docker-compose.yml`` runs Prefect's database), ``prefect server
-start`` on it, two ``deployments.task_worker`` processes (``--preload``, one file at a time,
+start`` on it, two ``deployments.task_worker`` processes (``--preload``, ``--limit 2`` as shipped,
 their own caches; a shared RESULTS_STORAGE folder), one process worker for the sweep's flow
 run, and the RunPod-compatible endpoint in ``--task-workers`` mode. Then, at once: ``--jobs``
 POSTs to the endpoint's ``/run`` and ``--files`` files dropped in a folder that a
@@ -88,8 +88,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    "references use (default bundled:base)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="WHISPERX_DEVICE (default cpu)")
     p.add_argument("--compute-type", default=None, help="compute type (default: float16 on CUDA, int8 on CPU)")
-    p.add_argument("--worker-limit", type=int, default=1, help="files each task worker takes at once (--limit; "
-                   "its GPU units take turns, so 2 overlaps one file's I/O and bookkeeping with another's compute)")
+    p.add_argument("--worker-limit", type=int, default=2, help="files each task worker takes at once (--limit, "
+                   "default 2 as deployments.task_worker: its GPU units take turns, so one file's I/O and "
+                   "bookkeeping overlap another's compute)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per worker (WHISPERX_CPU_THREADS; default 1: "
                    "two workers on two cores)")
     args = p.parse_args(argv)
