@@ -18,7 +18,7 @@ from __future__ import annotations
 import hmac
 import os
 import re
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping, MutableMapping, Optional
 
 DEFAULT = "default"  # the one caller of ENDPOINT_API_KEY, and of an endpoint without a key
 TAG_PREFIX = "runpod-caller:"
@@ -88,6 +88,19 @@ class Callers:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+def s3_sources_closed(callers: Optional["Callers"], env: MutableMapping[str, str] = os.environ) -> bool:
+    """With several callers and no ``ALLOW_S3_SOURCES``, s3:// sources are refused (``none``):
+    the workers read them with their own credentials, so any caller could name another's
+    uploads. True when it set that."""
+    if callers is None or len(callers) < 2 or env.get("ALLOW_S3_SOURCES"):
+        return False
+    env["ALLOW_S3_SOURCES"] = "none"
+    from speech.settings import get_settings
+
+    get_settings.cache_clear()
+    return True
 
 
 def tag(caller: str) -> str:

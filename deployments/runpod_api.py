@@ -48,10 +48,11 @@ job (the throughput path); the job id is the task run id. See :mod:`deployments.
 
 import argparse
 import ipaddress
+import sys
 import os
 from typing import Any, Optional
 
-from deployments.callers import DEFAULT, Callers, share
+from deployments.callers import DEFAULT, Callers, s3_sources_closed, share
 from deployments.runpod_jobs import FINAL, MAX_QUEUED, DeploymentJobs, Jobs, QueueFull  # noqa: F401 - job tables
 from deployments.runpod_task_jobs import TaskJobs  # noqa: F401 - the throughput path's job table
 
@@ -59,6 +60,7 @@ DEFAULT_WAIT_MS = 90_000
 
 
 MAX_DEPTH = 32  # JSON nesting a request may have (a job's input is 3 levels deep)
+BODY_SECONDS = 30.0  # a request body must arrive within this (a body dripped byte by byte holds a connection)
 RETRY_AFTER_S = 5  # what a 429 (queue full) tells the caller to wait
 MAX_CONNECTIONS = 1000  # open connections served at once (--max-connections); 503 beyond
 MAX_WAITS = MAX_CONNECTIONS // 2  # runsync calls of one caller parked at once (a caller's share: main)
@@ -155,10 +157,15 @@ def create_app(keys: "Callers | str | None", jobs: Any, loopback: bool = True,
         if declared.isdigit() and int(declared) > limit:
             raise HTTPException(status_code=413, detail=f"the body is larger than {limit} bytes (MAX_REQUEST_BYTES)")
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                raise HTTPException(status_code=413, detail=f"the body is larger than {limit} bytes (MAX_REQUEST_BYTES)")
+        try:
+            with anyio.fail_after(BODY_SECONDS):
+                async for chunk in request.stream():
+                    raw += chunk
+                    if len(raw) > limit:
+                        raise HTTPException(status_code=413,
+                                            detail=f"the body is larger than {limit} bytes (MAX_REQUEST_BYTES)")
+        except TimeoutError:
+            raise HTTPException(status_code=408, detail=f"the body did not arrive within {BODY_SECONDS:.0f} s") from None
         if json_depth(bytes(raw)) > MAX_DEPTH:
             raise HTTPException(status_code=400, detail=f"the body nests deeper than {MAX_DEPTH} levels")
         try:
@@ -315,6 +322,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"refusing to serve on {args.host} without ENDPOINT_API_KEY, ENDPOINT_API_KEYS or "
                 "ENDPOINT_API_KEYS_FILE (anyone could start jobs)")
     per_caller = args.max_queued_per_caller or share(args.max_queued, len(callers) if callers else 1)
+    if s3_sources_closed(callers):
+        print("several callers and no ALLOW_S3_SOURCES: s3:// sources are refused (set ALLOW_S3_SOURCES to the "
+              "bucket/prefix roots callers may read with the workers' credentials)", file=sys.stderr)
     import uvicorn
 
     from deployments.runpod_handler import handler

@@ -5,6 +5,9 @@ mode) or its handler, or drop a file in a swept inbox chooses the request. :func
 each of those entry points calls at its edge, before anything is fetched, loaded, written or
 stored; the CLI and the Python API run by the machine's own user are not limited.
 
+* **s3:// sources** (audio, speaker samples, sweep sources), read with the worker's credentials,
+  only under the ``ALLOW_S3_SOURCES`` roots (``*``: any, the default but on an endpoint with
+  several callers).
 * **Local paths** (audio, speaker samples, ``*_json_in``, ``download_dir``, model directories,
   sweep sources) only under the ``ALLOW_LOCAL_PATHS`` roots (``1``: anywhere), checked on the
   exact path that will be opened (a sample's ``?name=``/``#name`` suffix is dropped first, as the
@@ -83,6 +86,33 @@ def check_local_path(source: str, settings: Settings, what: str = "audio_file") 
                          "give an http(s) or s3:// URL")
 
 
+def s3_roots(settings: Settings) -> Optional[list[str]]:
+    """None when any s3:// source is allowed (``ALLOW_S3_SOURCES=*``), else the allowed
+    ``bucket/prefix`` roots (empty: none)."""
+    value = settings.allow_s3_sources.strip()
+    if value == "*":
+        return None
+    if value.lower() == "none":
+        return []
+    return [r.strip().removeprefix("s3://") for r in value.split(",") if r.strip()]
+
+
+def check_s3_source(source: str, settings: Settings, what: str = "audio_file") -> None:
+    """Refuse an ``s3://`` source outside the ``ALLOW_S3_SOURCES`` roots: the worker reads it with
+    its own credentials, so a caller must not name another's objects. A root ``bucket`` allows the
+    whole bucket; ``bucket/prefix`` what starts with it (``..`` in a key is not special to S3)."""
+    parts = urlsplit(source)
+    roots = s3_roots(settings)
+    if parts.scheme.lower() != "s3" or roots is None:
+        return
+    target = f"{parts.netloc}/{parts.path.lstrip('/')}"
+    if not any(target.startswith(root if "/" in root else root + "/") for root in roots):
+        where = "under " + ", ".join(f"s3://{r}" for r in roots) if roots else "at all"
+        raise FetchError(f"{what}: s3:// sources are not allowed in requests from others {where} "
+                         "(ALLOW_S3_SOURCES): the worker reads them with its own credentials; give an http(s) URL "
+                         "(a presigned one) or ask the operator")
+
+
 def check_output_dir(folder: str, settings: Settings) -> None:
     """A ``download_dir`` the request chose must resolve inside ``RESULTS_DIR`` or an
     ``ALLOW_LOCAL_PATHS`` root (``1``: anywhere), so a caller cannot have the worker write
@@ -125,6 +155,7 @@ def check_untrusted_request(req: Any, settings: Settings) -> None:
     from speech.schema import SECRET_REF_PREFIX
 
     check_local_path(req.audio_file, settings, "audio_file")
+    check_s3_source(req.audio_file, settings, "audio_file")
     check_secret_refs(req, settings)
     if req.pyannote_poll_interval < MIN_POLL_SECONDS:
         raise InvalidRequest(f"pyannote_poll_interval: at least {MIN_POLL_SECONDS:g} s in requests from others (each "
@@ -134,6 +165,7 @@ def check_untrusted_request(req: Any, settings: Settings) -> None:
                              "(MAX_SPEAKER_SAMPLES)")
     for sample in req.speaker_samples:
         check_local_path(sample_target(sample.url), settings, "speaker_samples")
+        check_s3_source(sample_target(sample.url), settings, "speaker_samples")
     for field in ("pyannote_json_in", "deepgram_json_in"):
         if getattr(req, field):
             check_local_path(getattr(req, field), settings, field)
@@ -200,8 +232,11 @@ def check_secret_refs(req: Any, settings: Settings) -> None:
 
 
 def check_source(source: str, settings: Optional[Settings] = None) -> None:
-    """A sweep's ``source`` folder from someone else: under the ``ALLOW_LOCAL_PATHS`` roots."""
-    check_local_path(source, settings or get_settings(), "source")
+    """A sweep's ``source`` from someone else: a folder under the ``ALLOW_LOCAL_PATHS`` roots, a
+    bucket prefix under the ``ALLOW_S3_SOURCES`` ones."""
+    settings = settings or get_settings()
+    check_local_path(source, settings, "source")
+    check_s3_source(source, settings, "source")
 
 
 def check_storable(req: Any, raw: dict[str, Any]) -> None:

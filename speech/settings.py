@@ -133,6 +133,13 @@ class Settings(BaseSettings):
         "any align_model. Off: s3_endpoint needs access_key + secret_key and a public address; diarization_model "
         "must be a published pyannote pipeline, align_model one of whisperx's per-language models. Values from the environment are always trusted.",
     )
+    allow_s3_sources: str = Field(
+        "*", validation_alias="ALLOW_S3_SOURCES",
+        description="For requests from others: the s3:// roots ('bucket' or 'bucket/prefix/', separated by ',') "
+        "that audio, speaker samples and sweep sources may be read from with the worker's S3 credentials; '*' any "
+        "(the default, except on an endpoint with several callers, which refuses s3:// sources until this names "
+        "the roots they may read), 'none' none. Local runs (CLI, Python) are not restricted.",
+    )
     allow_local_paths: str = Field(
         "", validation_alias="ALLOW_LOCAL_PATHS",
         description="For requests from others (deployment runs, the RunPod-compatible endpoint and handler, "

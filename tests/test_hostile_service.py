@@ -177,6 +177,83 @@ def test_the_endpoint_edge_refuses_cross_site_oversized_and_deep_bodies(roots):
                              timeout=30).status_code == 200
 
 
+def test_a_body_dripped_byte_by_byte_is_cut_off(roots, monkeypatch):
+    """A caller that sends headers, then its body a byte at a time, holds its connection only
+    until BODY_SECONDS: the endpoint answers 408 and closes, and nothing is queued."""
+    import socket
+
+    from deployments import runpod_api
+    from deployments.runpod_api import Jobs
+
+    monkeypatch.setattr(runpod_api, "BODY_SECONDS", 1.5)
+    ran = []
+    with serving_runpod_api(KEY, Jobs(lambda job, job_id: ran.append(job) or {"ok": 1}, workers=1)) as base:
+        port = int(base.rsplit(":", 1)[1].split("/", 1)[0])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(f"POST /v2/e/run HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode())
+            started, answer = time.monotonic(), b""
+            try:
+                for _ in range(40):  # 20 s of drip unless the endpoint ends it
+                    sock.sendall(b" ")
+                    time.sleep(0.5)
+                    sock.setblocking(False)
+                    try:
+                        answer += sock.recv(4096)
+                    except BlockingIOError:
+                        pass
+                    finally:
+                        sock.setblocking(True)
+                    if answer:
+                        break
+            except OSError:  # closed on us after answering
+                pass
+            elapsed = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert elapsed < 6, elapsed
+    assert not ran
+
+
+def test_s3_sources_only_under_the_allowed_roots(roots, monkeypatch, tmp_path):
+    """The worker reads s3:// sources with its own credentials: with ALLOW_S3_SOURCES a request
+    from others (handler, queued jobs, a sweep's source) reads only under those roots; an endpoint
+    with several callers and no ALLOW_S3_SOURCES refuses them all; one caller or the operator's
+    own setting keeps theirs."""
+    from deployments.callers import Callers, s3_sources_closed
+    from deployments.runpod_handler import handler
+    from flows.jobs import check_job_request
+    from speech.errors import FetchError
+    from speech.policy import admit, check_source
+
+    monkeypatch.setenv("ALLOW_S3_SOURCES", "inbox/alice/,samples")
+    get_settings.cache_clear()
+    admit({"audio_file": "s3://inbox/alice/call.wav"}, serving=False)
+    admit({"audio_file": "s3://inbox/alice/call.wav", "speaker_verification": True,
+           "speaker_samples": [{"name": "a", "url": "s3://samples/a.wav"}]}, serving=False)
+    check_source("s3://inbox/alice/")
+    for request in ({"audio_file": "s3://inbox/bob/call.wav"}, {"audio_file": "s3://inbox/alice-2/call.wav"},
+                    {"audio_file": "s3://samples-other/a.wav"},
+                    {"audio_file": "s3://inbox/alice/a.wav", "speaker_verification": True,
+                     "speaker_samples": [{"name": "b", "url": "s3://inbox/bob/b.wav"}]}):
+        error = handler({"id": "h", "input": request})["error"]
+        assert "ALLOW_S3_SOURCES" in error and "s3://inbox/alice/" in error and "\n" not in error, error
+        with pytest.raises(FetchError, match="ALLOW_S3_SOURCES"):
+            check_job_request(request)
+    with pytest.raises(FetchError, match="ALLOW_S3_SOURCES"):
+        check_source("s3://inbox/")
+
+    env = {}
+    assert s3_sources_closed(Callers({"alice": "k" * 32, "bob": "j" * 32}), env) and env == {"ALLOW_S3_SOURCES": "none"}
+    assert not s3_sources_closed(Callers({"alice": "k" * 32}), {})
+    kept = {"ALLOW_S3_SOURCES": "inbox/"}
+    assert not s3_sources_closed(Callers({"alice": "k" * 32, "bob": "j" * 32}), kept) and kept == {
+        "ALLOW_S3_SOURCES": "inbox/"}
+    monkeypatch.setenv("ALLOW_S3_SOURCES", "none")
+    get_settings.cache_clear()
+    with pytest.raises(FetchError, match="not allowed in requests from others at all"):
+        admit({"audio_file": "s3://inbox/alice/call.wav"}, serving=False)
+
+
 def test_parked_runsync_waits_hold_no_thread(roots):
     """100 callers parked in runsync while the only job slot is busy: /health still answers at once."""
     from deployments.runpod_api import Jobs
