@@ -335,6 +335,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif args.deployment:
         jobs = DeploymentJobs(args.deployment, **bounds)
     else:
+        from flows.local_api import mark_abandoned_runs_quietly
+
+        mark_abandoned_runs_quietly()  # runs a killed endpoint on this machine left Running: Crashed
         jobs = Jobs(lambda job, job_id: handler(job, flow_run_name=job_id), workers=args.workers, **bounds)
     # each caller may park runsync calls on at most half its share of the connections: the rest
     # stay free for its other calls, and no caller's waits take the connections of another

@@ -96,6 +96,9 @@ def serve() -> None:
         import runpod  # runpod==1.10.* (1.11+ needs a newer fastapi than Prefect 3.8.8's)
     except ImportError:
         raise SystemExit("error: the runpod package is not installed: pip install 'runpod==1.10.*'") from None
+    from flows.local_api import mark_abandoned_runs_quietly
+
+    mark_abandoned_runs_quietly()  # runs a killed worker on this machine left Running: Crashed
     runpod.serverless.start({"handler": handler})
 
 

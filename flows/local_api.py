@@ -143,7 +143,8 @@ def mark_abandoned_runs(client: Any) -> list[str]:
         if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
             continue
         client.set_flow_run_state(run.id, Crashed(message=f"its process ({marker}) ended without finishing the "
-                                                  "run (killed?); marked by a later CLI run"), force=True)
+                                                  "run (killed?); marked by a later CLI, endpoint or handler "
+                                                  "process on this machine"), force=True)
         marked.append(run.name)
     return marked
 

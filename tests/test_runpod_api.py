@@ -144,3 +144,76 @@ def test_the_service_refuses_a_public_host_without_a_key(monkeypatch):
     monkeypatch.delenv("ENDPOINT_API_KEY", raising=False)
     with pytest.raises(SystemExit):
         main(["--host", "0.0.0.0"])
+
+
+def test_a_killed_in_process_endpoint_leaves_no_run_running(prefect_harness, tmp_path):
+    """The endpoint (in-process mode, its own process) is killed with SIGKILL while a job's flow
+    run is Running: the run stays Running in Prefect until the endpoint starts again on this
+    machine, which marks it Crashed before it serves (nothing left Running for ever)."""
+    import http.server
+    import os
+    import signal
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.settings import PREFECT_API_URL
+
+    from deployments.local_server import start_endpoint
+
+    class Trickle(http.server.BaseHTTPRequestHandler):  # a download that takes for ever
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "10000000")
+            self.end_headers()
+            try:
+                for _ in range(600):
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "ALLOW_PRIVATE_URLS": "1"}
+
+    def state_of(name: str):
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+        return runs[0].state if runs else None
+
+    def until(name: str, kind: str, seconds: float):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            state = state_of(name)
+            if state is not None and state.type.value == kind:
+                return state
+            time.sleep(0.5)
+        raise AssertionError(f"{name}: {state_of(name)} after {seconds} s, not {kind}")
+
+    procs = []
+    try:
+        proc, base = start_endpoint(env, tmp_path / "first.log", KEY, endpoint_id="e")
+        procs.append(proc)
+        auth = {"Authorization": f"Bearer {KEY}"}
+        job = requests.post(f"{base}/run", headers=auth, timeout=30, json={"input": {
+            "audio_file": f"http://127.0.0.1:{server.server_address[1]}/call.wav", "language": "en"}}).json()["id"]
+        until(job, "RUNNING", 120)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        time.sleep(2)
+        assert state_of(job).type.value == "RUNNING"  # nobody left to say otherwise
+        proc, base = start_endpoint(env, tmp_path / "second.log", KEY, endpoint_id="e")
+        procs.append(proc)
+        crashed = until(job, "CRASHED", 30)
+        assert "ended without finishing the run" in crashed.message, crashed.message
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+        server.shutdown()
