@@ -3,6 +3,8 @@ records (result storage), including saved prefect-aws blocks (Prefect-only glue)
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlsplit
@@ -119,6 +121,27 @@ def path_exists(storage: Any, path: str) -> bool:
         return True
     except Exception:  # noqa: BLE001 - missing (404) or unknown
         return False
+
+
+def write_whole(storage: Any, path: str, data: bytes) -> None:
+    """Write ``path`` in the storage block so a reader finds the whole content or nothing: a
+    folder gets a temporary name renamed into place (a writer killed mid-write leaves no short
+    file under ``path``); an S3 PUT is whole already."""
+    from prefect.filesystems import LocalFileSystem
+
+    if not isinstance(storage, LocalFileSystem):
+        storage.write_path(path, data)
+        return
+    target = Path(storage.basepath).expanduser() / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_if_there(storage: Any, path: str) -> Optional[bytes]:

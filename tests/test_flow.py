@@ -571,3 +571,39 @@ def test_audio_reaches_task_workers_through_s3_result_storage(prefect_harness, s
         assert not list((tmp_path / "worker-cache" / "downloads").iterdir())  # the copy is gone once decoded
     finally:
         get_settings.cache_clear()
+
+
+def test_a_short_shared_copy_in_a_folder_is_never_decoded(tmp_path, monkeypatch):
+    """Folder result storage (RESULTS_STORAGE=/shared/path): the shared copy is written under a
+    temporary name and renamed, so a writer killed mid-copy leaves nothing under audio/<sha256>;
+    a short copy left by an older writer is not decoded as the file (a truncated or silently
+    shortened transcript cached under the full file's hash): it is refused with one line and
+    removed, and the next share writes it whole."""
+    import hashlib
+
+    from speech.io.audio import AudioNotHere, load_audio
+    from speech.settings import get_settings
+    from tasks.audio import audio_samples, share_audio
+    from tasks.storage import task_result_storage
+
+    monkeypatch.setenv("RESULTS_STORAGE", str(tmp_path / "shared"))
+    monkeypatch.setenv("SPEECH_CACHE_DIR", str(tmp_path / "flow-cache"))
+    get_settings.cache_clear()
+    storage = task_result_storage()
+    wav = (DATA / "enrol_rms.wav").read_bytes()
+    sha = hashlib.sha256(wav).hexdigest()
+    copy = tmp_path / "shared" / "audio" / sha
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(wav[: len(wav) // 2])  # what an in-place write killed half-way left
+    ref = load_audio(str(DATA / "enrol_rms.wav"), decode_now=False, keep_bytes=True)
+    monkeypatch.setenv("SPEECH_CACHE_DIR", str(tmp_path / "worker-cache"))  # a task worker elsewhere
+    get_settings.cache_clear()
+    elsewhere = ref.model_copy(update={"local_path": None, "shared": f"audio/{sha}"})
+    with pytest.raises(AudioNotHere, match="not the file the run fetched") as refused:
+        audio_samples(elsewhere)
+    assert "\n" not in str(refused.value) and not copy.exists()
+    assert not (tmp_path / "worker-cache" / "audio" / f"{sha}.npy").exists()
+    share_audio(ref, storage)
+    assert copy.read_bytes() == wav and not [p for p in copy.parent.iterdir() if p.name != sha]
+    assert audio_samples(elsewhere).shape[0] == (len(wav) - 44) // 2
+    assert not list((tmp_path / "worker-cache" / "downloads").iterdir())

@@ -338,6 +338,30 @@ def test_a_full_disk_leaves_no_part_file_and_is_not_retried(tmp_path, monkeypatc
     assert not list((tmp_path / "cache" / "audio").glob("*"))
 
 
+def test_downloads_a_killed_process_left_are_swept_by_the_next_download(env, hostile):
+    """dl-*.part and shared-* files that a process killed with SIGKILL could not release (over a
+    day old) are deleted when the next download starts; fresh ones (a live run's) and anything
+    else in the folder stay."""
+    import os
+
+    from speech.io.fetch import fetch
+
+    _settings(env, FETCH_ALLOW_HOSTS="127.0.0.1")
+    downloads = get_settings().cache_dir / "downloads"
+    downloads.mkdir(parents=True)
+    old = [downloads / "dl-killed.part", downloads / "shared-killed"]
+    fresh = [downloads / "dl-live.part", downloads / "shared-live"]
+    other = downloads / "notes.txt"
+    for path in [*old, *fresh, other]:
+        path.write_bytes(b"x" * 1000)
+    two_days_ago = time.time() - 2 * 86400
+    for path in [*old, other]:
+        os.utime(path, (two_days_ago, two_days_ago))
+    fetched = fetch(f"http://127.0.0.1:{hostile}/ok", get_settings())
+    assert fetched.path.read_bytes() == WAV
+    assert not any(p.exists() for p in old) and all(p.exists() for p in fresh) and other.exists()
+
+
 # ----------------------------------------------------------------------------------
 # in real flow runs
 

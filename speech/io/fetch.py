@@ -3,9 +3,11 @@
 ``MAX_AUDIO_BYTES``; network failures that may pass are :class:`TransientFetchError`."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
@@ -52,8 +54,27 @@ def _copy_hashing(src: BinaryIO, dst: Optional[BinaryIO], limit: int, label: str
     return h.hexdigest(), size
 
 
+LEFTOVER_AFTER_S = 24 * 3600  # a download or shared copy this old belongs to no live run
+
+
+def sweep_leftovers(dir_: Path, older_than: float = LEFTOVER_AFTER_S) -> list[Path]:
+    """Delete the downloads (``dl-*.part``) and task workers' copies (``shared-*``) that a
+    process killed before it could release them left in ``dir_`` more than ``older_than`` seconds
+    ago; what was deleted."""
+    removed, now = [], time.time()
+    for path in dir_.glob("*"):
+        if not (path.name.startswith("dl-") and path.name.endswith(".part")) and not path.name.startswith("shared-"):
+            continue
+        with contextlib.suppress(OSError):
+            if now - path.stat().st_mtime > older_than:
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 def _download_to(dir_: Path, writer: Callable[[BinaryIO], tuple[str, int]]) -> FetchedFile:
     dir_.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(dir_)
     fd, tmp = tempfile.mkstemp(dir=dir_, prefix="dl-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
