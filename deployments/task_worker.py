@@ -98,10 +98,32 @@ def make_worker(tasks: list[Any], limit: int) -> Any:
     from prefect.settings import get_current_settings
     from prefect.task_worker import TaskWorker
 
-    from flows.dispatch import drop_claim, write_claim
+    from flows.dispatch import CLAIM_BEAT, drop_claim, write_claim
     from tasks.storage import task_result_storage
 
     storage = task_result_storage()
+    held: dict[Any, float] = {}  # task run id -> when this worker claimed it
+    held_lock = threading.Lock()  # a beat never rewrites a claim already dropped
+
+    def claim(task_run_id: Any, worker_id: str) -> None:
+        with held_lock:  # held first: a claim that could not be written now is written by the next beat
+            held[task_run_id] = time.time()
+            write_claim(storage, task_run_id, worker_id, held[task_run_id])
+
+    def release(task_run_id: Any) -> None:
+        with held_lock:
+            held.pop(task_run_id, None)
+            drop_claim(storage, task_run_id)
+
+    def beat(worker_id: str) -> None:  # the claims of the runs held here, rewritten while they run
+        while True:
+            time.sleep(CLAIM_BEAT)
+            with held_lock:
+                for task_run_id, at in list(held.items()):
+                    try:
+                        write_claim(storage, task_run_id, worker_id, at)
+                    except Exception:  # noqa: BLE001 - the next beat tries again
+                        log.warning("could not renew the claim of task run %s", task_run_id, exc_info=True)
 
     class ClaimingSubscription(Subscription[TaskRun]):
         """Prefect's subscription, acknowledging a run only once it is claimed."""
@@ -148,7 +170,7 @@ def make_worker(tasks: list[Any], limit: int) -> Any:
             import anyio
 
             try:
-                await anyio.to_thread.run_sync(write_claim, storage, task_run.id, self.client_id)
+                await anyio.to_thread.run_sync(claim, task_run.id, self.client_id)
             except Exception:  # noqa: BLE001 - the run still runs; only its loss would go unnoticed
                 log.warning("could not claim task run %s in the result storage", task_run.id, exc_info=True)
 
@@ -162,7 +184,7 @@ def make_worker(tasks: list[Any], limit: int) -> Any:
                     return
                 await super()._submit_scheduled_task_run(task_run)
             finally:
-                await anyio.to_thread.run_sync(drop_claim, storage, task_run.id)
+                await anyio.to_thread.run_sync(release, task_run.id)
 
         async def _current_state(self, task_run_id: Any) -> Any:
             """The run's state now (None if it cannot be read). The server pushes a new run to
@@ -189,7 +211,9 @@ def make_worker(tasks: list[Any], limit: int) -> Any:
 
         await asyncio.sleep(seconds)
 
-    return GpuTaskWorker(*tasks, limit=limit)
+    worker = GpuTaskWorker(*tasks, limit=limit)
+    threading.Thread(target=beat, args=(worker.client_id,), name="claim-beat", daemon=True).start()
+    return worker
 
 
 def start_watchdog(interval: float = 5.0) -> threading.Thread:

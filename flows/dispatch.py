@@ -10,9 +10,11 @@ endpoint, a sweep), from Prefect's own records:
   connected now, by task key) has held no worker for the task for ``GPU_TASK_PICKUP_TIMEOUT``
   seconds: the run fails, saying so. (A queue behind busy workers waits as long as it takes.)
 * **a dead worker** - each worker leaves a claim (``claims/<task run id>`` in the shared result
-  storage: its Prefect client id) when it takes a run; when that worker leaves the registry
-  (SIGKILL, OOM, a lost node: the server notices its websocket close within seconds) the run
-  is scheduled again, the same task run with the same stored parameters, for another worker;
+  storage: its Prefect client id), rewritten every :data:`CLAIM_BEAT` seconds while it runs;
+  when that worker leaves the registry (SIGKILL, OOM, a lost node: the server notices its
+  websocket close within seconds) and its claim stops beating (:data:`BEAT_STALE`) the run
+  is scheduled again (a worker that still beats was only cut off from the registry, by a
+  server restart or a dropped socket, and is waited for), the same task run with the same stored parameters, for another worker;
   after ``GPU_TASK_RETRIES`` such losses it fails. Stage results finished before the loss are
   cache hits for the next attempt.
 * **too long** - a run Running for longer than its deadline (``GPU_TASK_TIMEOUT``, by default
@@ -39,7 +41,9 @@ CLAIMS = "claims"
 UNIT_TAG = "unit:"  # one per delayed run; its nested stage runs carry it too
 WORKER_TAG = "task-worker"  # every delayed run (and its stage runs): a busy pool has some Running
 IDLE_GRACE = 30.0  # seconds an idle pool may leave a run it should take queued, past the pickup timeout
-LOST_AFTER = 4.0  # seconds a claiming worker must be missing from the registry to count as gone
+LOST_AFTER = 4.0  # seconds a claiming worker must be missing from the registry to count as gone...
+CLAIM_BEAT = 5.0  # seconds between a worker's rewrites of the claims it holds (their "beat")
+BEAT_STALE = 3 * CLAIM_BEAT  # ...and, where its claims beat, this long without a new beat
 POLL, POLL_MAX = 0.25, 2.0  # seconds between reads of a waited-for run's state: 0.25 s, growing 0.05 s per s waited
 CHECK_EVERY = 2.0  # seconds between Watch checks of a waited-for run (the registry, its claim)
 GRACE = 60.0  # beyond its deadline, a run the worker has not stopped itself is failed from outside
@@ -59,8 +63,12 @@ def claim_path(task_run_id: Any) -> str:
     return f"{CLAIMS}/{task_run_id}"
 
 
-def write_claim(storage: Any, task_run_id: Any, worker: str) -> None:
-    storage.write_path(claim_path(task_run_id), json.dumps({"worker": worker, "at": time.time()}).encode())
+def write_claim(storage: Any, task_run_id: Any, worker: str, at: Optional[float] = None) -> None:
+    """``worker`` holds the run since ``at`` (default now); ``beat``: when this was written (the
+    worker rewrites it while it runs, so a waiter can tell a live worker that is only missing from
+    the registry, after a server restart or a dropped socket, from a dead one)."""
+    now = time.time()
+    storage.write_path(claim_path(task_run_id), json.dumps({"worker": worker, "at": at or now, "beat": now}).encode())
 
 
 def read_claim(storage: Any, task_run_id: Any) -> Optional[dict[str, Any]]:
@@ -103,6 +111,7 @@ class Watch:
     served_at: float = field(default_factory=time.monotonic)  # last time a worker served the task
     idle_since: Optional[float] = None  # workers connected, none busy, this run still queued
     missing_since: Optional[float] = None
+    beat: Any = None  # the claim's beat when its worker went missing from the registry
     claim: Optional[dict[str, Any]] = None
     next_claim_look: float = 0.0
     notes: list[str] = field(default_factory=list)  # what was done, for the caller's log
@@ -137,9 +146,7 @@ class Watch:
                           "the shared storage) and was stopped", task_run)
             return
         if self.claim["worker"] not in workers:
-            self.missing_since = self.missing_since or now
-            if now - self.missing_since >= LOST_AFTER:
-                self._lost(client, task_run)
+            self._missing(client, task_run, now)
             return
         self.missing_since = None
         if kind == "RUNNING" and _age(state.timestamp) > self.deadline + GRACE:
@@ -148,6 +155,24 @@ class Watch:
         elif kind != "RUNNING" and time.time() - float(self.claim.get("at", time.time())) > self.deadline + GRACE:
             self._end(client, "Failed", f"{self.label} was taken by task worker {self.claim['worker']} but not "
                       f"run within its {self.deadline:.0f} s deadline (GPU_TASK_TIMEOUT); stopped")
+
+    def _missing(self, client: Any, task_run: Any, now: float) -> None:
+        """The claiming worker is not in the registry: gone once it has been missing for
+        :data:`LOST_AFTER` and its claim has not beaten for :data:`BEAT_STALE` (a claim without a
+        beat, or none: at once). A worker that still beats is only disconnected (a restarted
+        server, a dropped socket; a busy worker reconnects when a slot frees): it is waited for.
+        Beats are compared with each other, never with this machine's clock."""
+        if self.missing_since is None:
+            self.missing_since, self.beat = now, (read_claim(self.storage, self.task_run_id) or {}).get("beat")
+            return
+        if now - self.missing_since < LOST_AFTER:
+            return
+        fresh = read_claim(self.storage, self.task_run_id)
+        beat = (fresh or {}).get("beat")
+        if beat is not None and beat != self.beat:  # alive: look again later
+            self.claim, self.missing_since, self.beat = fresh, now, beat
+        elif beat is None or now - self.missing_since >= BEAT_STALE:
+            self._lost(client, task_run)
 
     def _queued(self, client: Any, workers: set[str], now: float, busy: Optional[Callable[[], bool]]) -> None:
         """A run no worker has taken: fail it when no worker serves the task, or when workers are
@@ -175,7 +200,7 @@ class Watch:
 
     def _lost(self, client: Any, task_run: Any) -> None:
         worker, attempts = self.claim["worker"], max(1, task_run.run_count)
-        self.claim, self.missing_since = None, None
+        self.claim, self.missing_since, self.beat = None, None, None
         drop_claim(self.storage, self.task_run_id)
         crash_stages(client, task_run, f"its task worker {worker} stopped while running it")
         if attempts > self.settings.gpu_task_retries:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime, timezone
 from typing import Any, Literal, Optional
+from uuid import UUID
 
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
@@ -189,8 +190,8 @@ def sweep_inbox(
         for c in new[limit:]:
             c.status = "deferred"
         new = new[:limit]
-    if via == "task-workers":
-        _dispatch_to_task_workers(new, request)
+    if via == "task-workers":  # jobs an earlier sweep sent and no one watches now are watched too
+        _dispatch_to_task_workers(new, request, [c for c in keyed.values() if c.detail.get("unfinished")])
     else:
         _trigger_all(_jobs(new, target, request, batch_size), target, concurrency)
     for copy, first in copies:
@@ -231,6 +232,7 @@ def _new_files(keyed: dict[str, Candidate], existing: dict[str, list[Any]], max_
         if done:  # completed, or still scheduled / running: nothing to do
             c.status, c.flow_run_id = "already-done", str(done[0].id)
             c.detail["state"] = done[0].state.name if done[0].state else None
+            c.detail["unfinished"] = _state_type(done[0]) not in ("COMPLETED", "CANCELLED")
         elif len(runs) >= max_attempts:
             last = runs[0]
             c.status, c.flow_run_id = "failed", str(last.id)
@@ -278,11 +280,15 @@ def _trigger_all(jobs: list[tuple[list[Candidate], dict[str, Any], str]], target
                 c.flow_run_id = out["flow_run_id"]
 
 
-def _dispatch_to_task_workers(new: list[Candidate], request: dict[str, Any]) -> None:
+def _dispatch_to_task_workers(new: list[Candidate], request: dict[str, Any],
+                              unfinished: Optional[list[Candidate]] = None) -> None:
     """Each new file as one ``transcribe-job`` on warm task workers (tagged with its ledger tag),
     then watched until every one has finished (:mod:`flows.dispatch`: a job whose worker dies
-    runs again elsewhere; none is left Running). Only one sweep of a source should run at a time
-    (the deployment's concurrency limit): task runs have no idempotency key."""
+    runs again elsewhere; none is left Running). ``unfinished``: files whose job an earlier sweep
+    sent and which is not final yet: watched too (that sweep may have died with their worker; a
+    job no one watches would never fail, and its file would never be swept again). Only one
+    sweep of a source should run at a time (the deployment's concurrency limit): task runs have
+    no idempotency key."""
     from flows.dispatch import delay, follow
     from flows.jobs import JOB_TAG, check_job_request, transcribe_job
     from speech.errors import SpeechError
@@ -304,9 +310,11 @@ def _dispatch_to_task_workers(new: list[Candidate], request: dict[str, Any]) -> 
         c.status, c.flow_run_id = "triggered", str(future.task_run_id)
         c.detail["sent"] = True
         sent[future.task_run_id] = c
-    get_run_logger().info("sent %d file(s) to task workers; watching them", len(sent))
-    for task_run_id, state in follow(list(sent), transcribe_job.task_key, storage).items():
-        c = sent[task_run_id]
+    watched = {UUID(c.flow_run_id): c for c in unfinished or []}
+    get_run_logger().info("sent %d file(s) to task workers; watching them%s", len(sent),
+                          f" and {len(watched)} sent before, not finished" if watched else "")
+    for task_run_id, state in follow([*sent, *watched], transcribe_job.task_key, storage).items():
+        c = sent.get(task_run_id) or watched[task_run_id]
         c.detail["state"] = state.name
         if state.is_completed():
             c.status = "done"

@@ -190,3 +190,41 @@ def test_a_sweep_sends_each_new_file_to_task_workers(jobs, worker):
     assert sorted(p.name for p in out.glob("*/*/*.json") if p.name.count(".") == 1) == ["a.json", "b.json"]
     again = sweep_inbox(str(inbox), glob="*.wav", request=request, via="task-workers", max_attempts=1)
     assert again == {"triggered": 0, "done": 0, "skipped": 2, "failed": 1, "deferred": 0}, again
+
+
+def test_a_sweep_watches_jobs_an_earlier_sweep_left_unfinished(jobs, worker):
+    """An earlier sweep died together with the worker running its file's job (the job left
+    Running, claimed by a worker that is gone): the next sweep does not skip the file as done
+    for ever, it watches the job too; the job runs again on a live worker and the file is done."""
+    import shutil
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterTags
+    from prefect.states import Running
+
+    from flows.dispatch import write_claim
+    from flows.jobs import transcribe_job
+    from flows.sweep import sweep_inbox
+    from tasks.storage import task_result_storage
+
+    def sweep_jobs() -> set:  # the transcribe-job runs of sweeps (not the stage runs inside them)
+        with get_client(sync_client=True) as client:
+            return {r.id for r in client.read_task_runs(task_run_filter=TaskRunFilter(
+                tags=TaskRunFilterTags(all_=["sweep"])), limit=200) if r.task_key == transcribe_job.task_key}
+
+    inbox, out = worker / "inbox-orphan", worker / "swept-orphan"
+    inbox.mkdir()
+    shutil.copy(DATA / "enrol_awb.wav", inbox / "orphan.wav")
+    request = {"language": "en", "download_dir": str(out)}
+    before = sweep_jobs()
+    first = sweep_inbox(str(inbox), glob="*.wav", request=request, via="task-workers", max_attempts=1)
+    assert first["done"] == 1, first
+    (job,) = sweep_jobs() - before
+    with get_client(sync_client=True) as client:  # as if its sweep and its worker had died mid-run
+        client.set_task_run_state(job, Running(), force=True)
+    write_claim(task_result_storage(), job, "a-task-worker-that-died")
+    again = sweep_inbox(str(inbox), glob="*.wav", request=request, via="task-workers", max_attempts=1)
+    assert again == {"triggered": 0, "done": 1, "skipped": 0, "failed": 0, "deferred": 0}, again
+    with get_client(sync_client=True) as client:
+        run = client.read_task_run(job)
+    assert run.state.is_completed() and run.run_count >= 2, (run.state, run.run_count)

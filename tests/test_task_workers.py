@@ -335,3 +335,56 @@ def test_a_running_run_whose_claim_was_never_written_ends_at_its_deadline(tmp_pa
     watch.check(client, running_for(60 + dispatch.GRACE + 5), {"w1"})
     (failed,) = client.states
     assert failed.type.value == "FAILED" and "without a claim" in failed.message and "60 s deadline" in failed.message
+
+
+def test_a_worker_that_still_beats_is_not_lost_when_it_leaves_the_registry(tmp_path):
+    """After a Prefect server restart a busy worker is missing from the registry until a slot
+    frees, yet alive: while its claim keeps beating its run is left alone (before, it was
+    scheduled again after 4 s and run twice); once the beats stop, it is lost. A claim with no
+    beat is lost after LOST_AFTER, as before."""
+    import json
+
+    from prefect.filesystems import LocalFileSystem
+
+    from flows import dispatch
+    from speech.settings import Settings
+
+    class Client:
+        def __init__(self):
+            self.states = []
+
+        def set_task_run_state(self, run_id, state, force=False):
+            self.states.append(state)
+
+        def read_task_run_states(self, run_id):
+            return []
+
+    storage = LocalFileSystem(basepath=str(tmp_path))
+    run_id = "00000000-0000-0000-0000-000000000003"
+    run = type("Run", (), {"id": run_id, "state": None, "run_count": 1, "tags": []})()
+    watch = dispatch.Watch(run_id, "transcribe_job-x", "transcribe-job of call", 600.0, storage=storage,
+                           settings=Settings())
+    client, t0 = Client(), 1000.0
+    dispatch.write_claim(storage, run_id, "w1")
+    watch.claim = dispatch.read_claim(storage, run_id)
+    watch._missing(client, run, t0)  # the server restarted: w1 is not in the registry
+    for t in range(1, 60):  # a minute of a busy worker missing from the registry, beating every 5 s
+        if t % 5 == 0:
+            dispatch.write_claim(storage, run_id, "w1", at=watch.claim["at"])
+        watch._missing(client, run, t0 + t)
+    assert client.states == [] and watch.ended is None
+    stopped = t0 + 60  # now it is dead: no more beats
+    lost_at = next((t for t in range(0, int(dispatch.BEAT_STALE) + 6)
+                    if watch._missing(client, run, stopped + t) or client.states), None)
+    assert lost_at is not None and dispatch.BEAT_STALE - 5 <= lost_at <= dispatch.BEAT_STALE + 5, lost_at
+    (again,) = client.states
+    assert again.type.value == "SCHEDULED" and "w1 stopped" in again.message
+    assert dispatch.read_claim(storage, run_id) is None
+
+    old = dispatch.Watch(run_id, "transcribe_job-x", "transcribe-job of call", 600.0, storage=storage,
+                         settings=Settings())
+    storage.write_path(dispatch.claim_path(run_id), json.dumps({"worker": "w0", "at": 1.0}).encode())
+    old.claim, client = dispatch.read_claim(storage, run_id), Client()
+    old._missing(client, run, t0)
+    old._missing(client, run, t0 + dispatch.LOST_AFTER)
+    assert len(client.states) == 1
