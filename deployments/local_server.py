@@ -88,18 +88,19 @@ def server_env(home: Path, base: Optional[Mapping[str, str]] = None,
 @contextmanager
 def local_prefect_server(home: Path, *, base_env: Optional[Mapping[str, str]] = None,
                          timeout: float = 180, ui: bool = False,
-                         database_url: Optional[str] = None) -> Iterator[LocalServer]:
-    """Start ``prefect server start`` on a free 127.0.0.1 port with ``home`` as PREFECT_HOME
-    (and ``database_url`` as its database: SQLite in the home by default); yield once
-    /api/health answers; raise RuntimeError (with the log tail) if it does not."""
+                         database_url: Optional[str] = None, port: Optional[int] = None) -> Iterator[LocalServer]:
+    """Start ``prefect server start`` on ``port`` (default a free one) of 127.0.0.1 with ``home``
+    as PREFECT_HOME (and ``database_url`` as its database: SQLite in the home by default); yield
+    once /api/health answers; raise RuntimeError (with the log tail) if it does not. The same
+    home and port again: the same server restarted."""
     home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = server_env(home, base_env, database_url)
     env["PREFECT_UI_ENABLED"] = "true" if ui else "false"
     log_path = home / "server.log"
     t0 = time.perf_counter()
-    with log_path.open("wb") as log:
+    with log_path.open("ab") as log:  # a restart of the same home appends
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
             cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -388,3 +388,43 @@ def test_a_worker_that_still_beats_is_not_lost_when_it_leaves_the_registry(tmp_p
     old._missing(client, run, t0)
     old._missing(client, run, t0 + dispatch.LOST_AFTER)
     assert len(client.states) == 1
+
+
+def test_a_server_restart_mid_file_runs_it_once(tmp_path, long_audio):
+    """The Prefect server is restarted while worker A is busy with a file (--limit 1) and B is
+    idle: A stays out of the new server's registry until its slot frees, but its claim still
+    beats, so the file is not handed to B (before: rescheduled 4 s after the restart and run
+    twice); the run completes once, on A, with the right transcript."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import TaskRunFilter
+
+    from deployments.local_server import free_port, local_prefect_server
+
+    audio, text = long_audio
+    home, port, shared = tmp_path / "home", free_port(), tmp_path / "shared"
+    workers, cli = {}, None
+    try:
+        with local_prefect_server(home, port=port) as first:
+            env = {**first.env, "RESULTS_STORAGE": str(shared), "HF_HUB_OFFLINE": "1"}
+            workers = {name: start_task_worker({**env, "SPEECH_CACHE_DIR": str(tmp_path / name)},
+                                               tmp_path / f"{name}.log") for name in ("a", "b")}
+            wait_for_task_workers(first.url, 2, procs=tuple(workers.values()))
+            cli = _start_cli({**env, "GPU_TASK_WORKERS": "1", "SPEECH_CACHE_DIR": str(tmp_path / "cli")}, str(audio),
+                             "--language", "en", "--force", "--json", "--download-dir", str(tmp_path / "out"),
+                             log=tmp_path / "cli.log")
+            holder = _claimed_by(shared, cli, tmp_path / "cli.log")
+            time.sleep(1)
+        with local_prefect_server(home, port=port) as again:  # the same server, restarted mid-file
+            assert cli.wait(timeout=600) == 0, (tmp_path / "cli.log").read_text()[-3000:]
+            with SyncPrefectClient(again.url) as client:
+                gpu = [t for t in client.read_task_runs(task_run_filter=TaskRunFilter(), limit=200)
+                       if t.task_key.startswith("gpu_stages")]
+    finally:
+        for proc in [*workers.values(), *([cli] if cli is not None else [])]:
+            stop(proc)
+    (a,) = [n for n, w in workers.items() if holder.endswith(f"-{w.pid}")]
+    (b,) = set(workers) - {a}
+    assert "took task run" not in (tmp_path / f"{b}.log").read_text(), (tmp_path / f"{b}.log").read_text()[-2000:]
+    assert len(gpu) == 1 and gpu[0].state.is_completed() and gpu[0].run_count == 1, gpu
+    result = json.loads((tmp_path / "out" / "tiled.json").read_text())
+    assert wer(text, " ".join(s["text"] for s in result["segments"])) <= 0.2
