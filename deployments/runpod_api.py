@@ -61,6 +61,53 @@ DEFAULT_WAIT_MS = 90_000
 
 MAX_DEPTH = 32  # JSON nesting a request may have (a job's input is 3 levels deep)
 BODY_SECONDS = 30.0  # a request body must arrive within this (a body dripped byte by byte holds a connection)
+HEAD_SECONDS = 10.0  # a connection's request line and headers must arrive within this (uvicorn sets no limit)
+
+
+def head_deadline_protocol() -> type:
+    """uvicorn's HTTP protocol (httptools when installed, else h11) with a deadline on each
+    request's head: a connection that sends nothing, or drips its headers, is closed after
+    :data:`HEAD_SECONDS` (uvicorn times only idle keep-alive connections, so idle sockets would
+    hold ``--max-connections`` slots and everyone else would get 503)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    except ImportError:  # no httptools
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+
+    class HeadDeadline(base):  # type: ignore[misc, valid-type]
+        _head_timer = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._head_timer is not None and self.cycle is not None and not self.cycle.response_complete:
+                self._head_timer.cancel()  # a request's head arrived: its body has BODY_SECONDS
+                self._head_timer = None
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()  # the next request on this connection gets the same time
+
+        def connection_lost(self, exc: Optional[Exception]) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(HEAD_SECONDS, self._late)
+
+        def _late(self) -> None:
+            self._head_timer = None
+            waiting = self.cycle is None or self.cycle.response_complete
+            if waiting and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeadDeadline
 RETRY_AFTER_S = 5  # what a 429 (queue full) tells the caller to wait
 MAX_CONNECTIONS = 1000  # open connections served at once (--max-connections); 503 beyond
 MAX_WAITS = MAX_CONNECTIONS // 2  # runsync calls of one caller parked at once (a caller's share: main)
@@ -343,7 +390,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # stay free for its other calls, and no caller's waits take the connections of another
     max_waits = max(1, args.max_connections // (2 * (len(callers) if callers else 1)))
     uvicorn.run(create_app(callers, jobs, loopback=_loopback(args.host), max_waits=max_waits), host=args.host,
-                port=args.port,
+                port=args.port, http=head_deadline_protocol(),
                 log_level="info", limit_concurrency=args.max_connections)
     return 0
 

@@ -640,3 +640,49 @@ def test_the_compose_stack_is_closed_by_default():
     assert str(server["PREFECT_SERVER_API_AUTH_STRING"]).startswith("${PREFECT_AUTH:?")
     example = (ROOT / "infra" / ".env.example").read_text()
     assert all(f"{k}=" in example for k in ("PREFECT_AUTH", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "BIND_ADDRESS"))
+
+
+def test_idle_and_dripping_connections_are_closed_after_the_head_deadline(roots, tmp_path):
+    """Sockets that connect and send nothing, or drip their request line, would each hold one of
+    --max-connections for ever (uvicorn times only idle keep-alive connections): the endpoint
+    closes them HEAD_SECONDS after they opened; /health answers meanwhile, and a keep-alive
+    connection serves a second request after its first."""
+    import os
+    import signal
+    import socket
+
+    from deployments.local_server import start_endpoint
+    from deployments.runpod_api import HEAD_SECONDS
+
+    proc, base = start_endpoint({**os.environ, "ALLOW_LOCAL_PATHS": str(DATA)}, tmp_path / "endpoint.log", KEY,
+                                "--max-connections", "20", endpoint_id="e")
+    try:
+        port = int(base.split(":")[2].split("/", 1)[0])
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(8)]
+        drip = socket.create_connection(("127.0.0.1", port), timeout=30)
+        started = time.monotonic()
+        assert requests.get(f"{base}/health", timeout=10).status_code == 200
+        with requests.Session() as keep_alive:  # one connection, two requests: the deadline is per request head
+            assert keep_alive.get(f"{base}/health", timeout=10).status_code == 200
+            time.sleep(2)
+            assert keep_alive.get(f"{base}/health", timeout=10).status_code == 200
+        for byte in b"POST /v2/e/run HTTP/1.1\r\nHost: 127.0.0.1\r\n":
+            try:
+                drip.sendall(bytes([byte]))
+            except OSError:  # closed on us
+                break
+            if time.monotonic() - started > HEAD_SECONDS + 5:
+                break
+            time.sleep(0.5)
+        for sock in [*idle, drip]:
+            sock.settimeout(HEAD_SECONDS + 10 - (time.monotonic() - started))
+            try:
+                assert sock.recv(100) == b""  # closed by the endpoint
+            except ConnectionResetError:
+                pass
+        closed_after = time.monotonic() - started
+        assert HEAD_SECONDS - 1 <= closed_after <= HEAD_SECONDS + 6, closed_after
+        assert requests.get(f"{base}/health", timeout=10).status_code == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
