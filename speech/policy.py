@@ -37,6 +37,7 @@ from speech.errors import FetchError, InvalidRequest
 from speech.settings import Settings, get_settings
 
 _SCHEMES = ("http", "https", "s3")
+_SERVING_OTHERS = False  # this process has admitted a request from someone else (:func:`serving_others`)
 MIN_POLL_SECONDS = 1.0  # the shortest pyannoteAI poll interval a request from someone else may ask for
 
 
@@ -267,6 +268,8 @@ def admit(request: Any, *, stored: bool = False, serving: bool = True, settings:
     ``serving``: a long-lived process, which runs only the models it serves (``WORKER_MODELS``)."""
     from speech.schema import TranscriptionRequest
 
+    global _SERVING_OTHERS
+    _SERVING_OTHERS = True
     settings = settings or get_settings()
     if isinstance(request, TranscriptionRequest):
         req, raw = request, {name: getattr(request, name) for name in request.model_fields_set}
@@ -281,6 +284,15 @@ def admit(request: Any, *, stored: bool = False, serving: bool = True, settings:
 
         req = served_request(req, settings)
     return req
+
+
+def serving_others() -> bool:
+    """Whether this process takes requests from others (it has called :func:`admit`: an endpoint,
+    the handler, a task worker, a deployment run). Such a process connects to an ``s3_endpoint`` a
+    request chose only at an address the policy allows, pinned to the address checked
+    (:func:`speech.io.s3.s3_client_for`); the CLI and Python API of the machine's own user never
+    call :func:`admit`."""
+    return _SERVING_OTHERS
 
 
 def job_scoped(req: Any, job_id: str, settings: Optional[Settings] = None, block_folder: Optional[str] = None) -> Any:

@@ -686,3 +686,63 @@ def test_idle_and_dripping_connections_are_closed_after_the_head_deadline(roots,
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
+
+
+def test_an_s3_endpoint_that_resolves_elsewhere_after_the_check_is_not_reached(roots, monkeypatch):
+    """DNS rebinding: a request's s3_endpoint resolves to a public address when the policy checks
+    it, then to 127.0.0.1 (an internal service) when the outputs are written. A process serving
+    others connects only to checked addresses, each time: the internal service sees nothing. (The
+    CLI's own process, which serves no one else, connects as boto3 does: the control.)"""
+    import http.server
+    import socket
+
+    from speech import policy
+    from speech.io.s3 import s3_client_for
+    from speech.policy import admit
+    from speech.schema import S3Options
+
+    monkeypatch.delenv("ALLOW_PRIVATE_URLS", raising=False)
+    monkeypatch.delenv("FETCH_ALLOW_HOSTS", raising=False)
+    get_settings.cache_clear()
+    hits = []
+
+    class Internal(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_PUT(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    internal = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Internal)
+    threading.Thread(target=internal.serve_forever, daemon=True).start()
+    port = internal.server_address[1]
+    flipped = threading.Event()
+    real = socket.getaddrinfo
+
+    def rebinding(host, service, *args, **kwargs):
+        if host == "storage.attacker.example":
+            ip = "127.0.0.1" if flipped.is_set() else "93.184.216.34"
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, int(service)))]
+        return real(host, service, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    try:
+        req = admit({"audio_file": "https://example.com/a.wav", "bucket": "b", "access_key": "a", "secret_key": "b",
+                     "s3_endpoint": f"http://storage.attacker.example:{port}"}, serving=False)
+        flipped.set()
+        with pytest.raises(Exception) as refused:
+            s3_client_for(S3Options.from_request(req)).put_object(Bucket="b", Key="k", Body=b"transcript")
+        chain, seen = [], refused.value
+        while seen is not None:
+            chain.append(seen)
+            seen = seen.__cause__ or seen.__context__ or getattr(seen, "kwargs", {}).get("error")
+        assert any("not a public address" in str(e) for e in chain), chain
+        assert hits == []
+        monkeypatch.setattr(policy, "_SERVING_OTHERS", False)  # the control: a process serving no one else
+        s3_client_for(S3Options.from_request(req)).put_object(Bucket="b", Key="k", Body=b"transcript")
+        assert hits == ["/b/k"]
+    finally:
+        internal.shutdown()

@@ -82,6 +82,55 @@ def resolve_checked(host: str, port: int, settings: Settings) -> list[tuple[Any,
     return infos
 
 
+def connect_checked(conn: Any, settings: Settings, on_socket: Optional[Any] = None) -> socket.socket:
+    """A socket for urllib3 connection ``conn`` (its ``_new_conn``), to an address
+    :func:`resolve_checked` allows, the checked address itself (no second lookup: DNS rebinding
+    between the check and the connect does not help)."""
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+    from urllib3.util.connection import create_connection
+
+    last: Optional[OSError] = None
+    for *_, address in resolve_checked(conn._dns_host, conn.port, settings):
+        try:
+            sock = create_connection(address[:2], conn.timeout, source_address=conn.source_address,
+                                     socket_options=conn.socket_options)
+            if on_socket is not None:
+                on_socket(sock)
+            return sock
+        except socket.timeout as exc:
+            raise ConnectTimeoutError(conn, f"connection to {conn.host} timed out") from exc
+        except OSError as exc:
+            last = exc
+    raise NewConnectionError(conn, f"failed to connect to {conn.host}: {last}")
+
+
+def guard_botocore(client: Any, settings: Settings) -> Any:
+    """``client`` (boto3) connecting only where :func:`connect_checked` allows, with no proxy
+    (a proxy would connect on its behalf, unchecked): for an S3 endpoint a request chose."""
+    from botocore.awsrequest import AWSHTTPConnection, AWSHTTPConnectionPool, AWSHTTPSConnection, AWSHTTPSConnectionPool
+    from botocore.httpsession import ProxyConfiguration
+
+    class Conn(AWSHTTPConnection):
+        def _new_conn(self) -> socket.socket:
+            return connect_checked(self, settings)
+
+    class TLSConn(AWSHTTPSConnection):
+        def _new_conn(self) -> socket.socket:
+            return connect_checked(self, settings)
+
+    class Pool(AWSHTTPConnectionPool):
+        ConnectionCls = Conn
+
+    class TLSPool(AWSHTTPSConnectionPool):
+        ConnectionCls = TLSConn
+
+    http = client._endpoint.http_session  # botocore's URLLib3Session (botocore pinned in constraints.txt)
+    http._pool_classes_by_scheme = {"http": Pool, "https": TLSPool}
+    http._manager.pool_classes_by_scheme = http._pool_classes_by_scheme
+    http._proxy_config = ProxyConfiguration()
+    return client
+
+
 class _WithoutURLs(logging.Filter):
     """urllib3's retry warnings end with the request's path and query (a presigned URL's
     signature, a webhook's token): they are logged without it."""
@@ -105,27 +154,13 @@ def session(settings: Settings, on_socket: Optional[Any] = None, retries: Any = 
     from requests.adapters import HTTPAdapter
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
-    from urllib3.util.connection import create_connection
 
     pool_log = logging.getLogger("urllib3.connectionpool")
     if _URL_FILTER not in pool_log.filters:
         pool_log.addFilter(_URL_FILTER)
 
     def connect(conn: Any) -> socket.socket:
-        last: Optional[OSError] = None
-        for *_, address in resolve_checked(conn._dns_host, conn.port, settings):
-            try:  # the checked address itself: no second lookup
-                sock = create_connection(address[:2], conn.timeout, source_address=conn.source_address,
-                                         socket_options=conn.socket_options)
-                if on_socket is not None:
-                    on_socket(sock)
-                return sock
-            except socket.timeout as exc:
-                raise ConnectTimeoutError(conn, f"connection to {conn.host} timed out") from exc
-            except OSError as exc:
-                last = exc
-        raise NewConnectionError(conn, f"failed to connect to {conn.host}: {last}")
+        return connect_checked(conn, settings, on_socket)
 
     class GuardedHTTP(HTTPConnection):
         def _new_conn(self) -> socket.socket:

@@ -53,7 +53,13 @@ def s3_client(settings: Settings, endpoint_url: Optional[str] = None):
 
 
 def s3_client_for(options: Optional[S3Options] = None) -> Any:
-    """A client with a run's own endpoint / credentials over the environment's."""
+    """A client with a run's own endpoint / credentials over the environment's. In a process
+    serving others (:func:`speech.policy.serving_others`) a run's own endpoint is connected to only
+    at addresses the fetch policy allows, the address checked at each connection
+    (:func:`speech.io.netguard.guard_botocore`: the admission check resolved the name once; a
+    name that resolves elsewhere by the time of the upload does not reach a private address)."""
+    from speech.policy import serving_others
+
     settings = get_settings()
     update: dict[str, Any] = {}
     if options is not None:
@@ -63,7 +69,12 @@ def s3_client_for(options: Optional[S3Options] = None) -> Any:
             update["s3_access_key"] = options.access_key
         if options.secret_key:
             update["s3_secret_key"] = options.secret_key
-    return s3_client(settings.model_copy(update=update) if update else settings)
+    client = s3_client(settings.model_copy(update=update) if update else settings)
+    if options is not None and options.endpoint and serving_others() and not settings.allow_request_endpoints:
+        from speech.io.netguard import guard_botocore
+
+        guard_botocore(client, settings)
+    return client
 
 
 _TRANSIENT_CODES = {
