@@ -161,7 +161,9 @@ def admit_deployment_run(req: Any) -> Any:
 
     settings = get_settings()
     admit(req, settings=settings, serving=bool(settings.worker_models))
-    return job_outputs(req, str(flow_run.id))
+    # in a batch run, output_name is the batch's own (call-2 for a second call.wav: a caller cannot
+    # give one for several files), so it is scoped to the run like any file's stem
+    return job_outputs(req, str(flow_run.id), name_is_ours=flow_run.flow_name == "transcribe-batch")
 
 
 def keep_result_with_task_results() -> None:

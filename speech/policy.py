@@ -295,23 +295,26 @@ def serving_others() -> bool:
     return _SERVING_OTHERS
 
 
-def job_scoped(req: Any, job_id: str, settings: Optional[Settings] = None, block_folder: Optional[str] = None) -> Any:
+def job_scoped(req: Any, job_id: str, settings: Optional[Settings] = None, block_folder: Optional[str] = None,
+               name_is_ours: bool = False) -> Any:
     """Outputs that belong to their job: a request from a service entry point writes under
     ``<prefix><stem>/<job id>/`` in a bucket (``<download_dir>/<stem>/<job id>/`` in a folder,
     ``RESULTS_DIR`` by default), so a returned key or URL names objects no other job writes.
     A request that names ``output_name`` asks for the shared ``<prefix><output_name>.*`` keys
     (the original worker's layout) and is left as it is. ``block_folder``: the folder of the
     ``RESULTS_S3_BLOCK`` bucket when that block is where this request's outputs go
-    (:func:`tasks.storage.job_outputs` reads it)."""
+    (:func:`tasks.storage.job_outputs` reads it). ``name_is_ours``: the ``output_name`` was
+    chosen by this service, not the caller (a batch's ``call-2`` for a second ``call.wav``): the
+    files keep that name, under ``<prefix><output_name>/<job id>/``."""
     import re
 
     from speech.io.audio import stem_of
 
-    if req.output_name:
+    if req.output_name and not name_is_ours:
         return req
     settings = settings or get_settings()
     job = re.sub(r"[^A-Za-z0-9_.-]", "_", str(job_id)).strip(".") or "job"
-    stem = stem_of(req.audio_file)
+    stem = req.output_name or stem_of(req.audio_file)
     update: dict[str, Any] = {}
     bucket = req.bucket or (None if req.download_dir else settings.s3_bucket)
     if bucket or block_folder is not None:

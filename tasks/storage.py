@@ -30,18 +30,18 @@ def results_store(target: OutputTarget) -> ResultStore:
     return open_store(download_dir=target.download_dir, bucket=target.bucket, prefix=target.prefix, client=client)
 
 
-def job_outputs(req: Any, job_id: str) -> Any:
+def job_outputs(req: Any, job_id: str, name_is_ours: bool = False) -> Any:
     """``req`` with its outputs under the job's own key (:func:`speech.policy.job_scoped`),
     the ``RESULTS_S3_BLOCK`` bucket's folder included when the outputs go there."""
     from speech.policy import job_scoped
 
     settings = get_settings()
     folder = None
-    if settings.s3_block and not req.bucket and not req.download_dir and not req.output_name:
+    if settings.s3_block and not req.bucket and not req.download_dir and (name_is_ours or not req.output_name):
         from prefect_aws import S3Bucket
 
         folder = S3Bucket.load(settings.s3_block).bucket_folder or ""
-    return job_scoped(req, job_id, settings, block_folder=folder)
+    return job_scoped(req, job_id, settings, block_folder=folder, name_is_ours=name_is_ours)
 
 
 _STORAGE: dict[tuple, Any] = {}

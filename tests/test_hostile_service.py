@@ -746,3 +746,23 @@ def test_an_s3_endpoint_that_resolves_elsewhere_after_the_check_is_not_reached(r
         assert hits == ["/b/k"]
     finally:
         internal.shutdown()
+
+
+def test_a_batch_runs_own_output_names_are_scoped_to_the_run(roots, monkeypatch):
+    """A deployment batch run names a second call.wav call-2 itself (a caller cannot give
+    output_name for several files): those outputs go under the run's own key like any file's,
+    never the shared <prefix>call-2.* keys another run could write; a single-file run's
+    output_name from its caller still asks for the shared keys."""
+    from flows.runtime import admit_deployment_run
+    from speech.schema import TranscriptionRequest
+
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "00000000-0000-0000-0000-000000000001")
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "00000000-0000-0000-0000-00000000000b")
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__FLOW_NAME", "transcribe-batch")
+    req = TranscriptionRequest.parse({"audio_file": "https://example.com/b/call.wav", "bucket": "out",
+                                      "output_name": "call-2"})
+    scoped = admit_deployment_run(req)
+    assert scoped.prefix_transcripts == "transcripts/call-2/00000000-0000-0000-0000-00000000000b/", scoped
+    assert scoped.output_name == "call-2"
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__FLOW_NAME", "transcribe-audio")
+    assert admit_deployment_run(req).prefix_transcripts is None
