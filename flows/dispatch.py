@@ -201,6 +201,9 @@ class Watch:
     def _lost(self, client: Any, task_run: Any) -> None:
         worker, attempts = self.claim["worker"], max(1, task_run.run_count)
         self.claim, self.missing_since, self.beat = None, None, None
+        now = client.read_task_run(task_run.id).state  # a worker that finished it, then left, lost nothing
+        if now is not None and now.is_final():
+            return
         drop_claim(self.storage, self.task_run_id)
         crash_stages(client, task_run, f"its task worker {worker} stopped while running it")
         if attempts > self.settings.gpu_task_retries:

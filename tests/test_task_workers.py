@@ -359,12 +359,18 @@ def test_a_worker_that_still_beats_is_not_lost_when_it_leaves_the_registry(tmp_p
         def read_task_run_states(self, run_id):
             return []
 
+        def read_task_run(self, run_id):
+            return self.current
+
+        current = None  # the run as the API has it now
+
     storage = LocalFileSystem(basepath=str(tmp_path))
     run_id = "00000000-0000-0000-0000-000000000003"
     run = type("Run", (), {"id": run_id, "state": None, "run_count": 1, "tags": []})()
     watch = dispatch.Watch(run_id, "transcribe_job-x", "transcribe-job of call", 600.0, storage=storage,
                            settings=Settings())
     client, t0 = Client(), 1000.0
+    client.current = run
     dispatch.write_claim(storage, run_id, "w1")
     watch.claim = dispatch.read_claim(storage, run_id)
     watch._missing(client, run, t0)  # the server restarted: w1 is not in the registry
@@ -385,9 +391,23 @@ def test_a_worker_that_still_beats_is_not_lost_when_it_leaves_the_registry(tmp_p
                          settings=Settings())
     storage.write_path(dispatch.claim_path(run_id), json.dumps({"worker": "w0", "at": 1.0}).encode())
     old.claim, client = dispatch.read_claim(storage, run_id), Client()
+    client.current = run
     old._missing(client, run, t0)
     old._missing(client, run, t0 + dispatch.LOST_AFTER)
     assert len(client.states) == 1
+
+    # a worker that finished the run, dropped its claim and left (scaled down): nothing to redo
+    from prefect.states import Completed
+
+    finished = dispatch.Watch(run_id, "transcribe_job-x", "transcribe-job of call", 600.0, storage=storage,
+                              settings=Settings())
+    dispatch.write_claim(storage, run_id, "w2")
+    finished.claim, client = dispatch.read_claim(storage, run_id), Client()
+    dispatch.drop_claim(storage, run_id)
+    client.current = type("Run", (), {"id": run_id, "state": Completed(), "run_count": 1, "tags": []})()
+    finished._missing(client, run, t0)
+    finished._missing(client, run, t0 + dispatch.LOST_AFTER)
+    assert client.states == []
 
 
 def test_a_server_restart_mid_file_runs_it_once(tmp_path, long_audio):
