@@ -766,3 +766,52 @@ def test_a_batch_runs_own_output_names_are_scoped_to_the_run(roots, monkeypatch)
     assert scoped.output_name == "call-2"
     monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__FLOW_NAME", "transcribe-audio")
     assert admit_deployment_run(req).prefix_transcripts is None
+
+
+def test_a_requests_s3_endpoint_that_answers_a_byte_at_a_time_is_cut_off(roots, monkeypatch):
+    """botocore's timeouts are per read: an S3 endpoint of the caller's that answers a byte every
+    half second would hold the run for minutes per request. In a process serving others no
+    connection to it lives past HTTP_MAX_SECONDS: the write fails in seconds."""
+    import socketserver
+
+    from speech.io.s3 import s3_client_for
+    from speech.policy import admit
+    from speech.schema import S3Options
+
+    class Trickle(socketserver.BaseRequestHandler):
+        def handle(self):
+            try:
+                self.request.recv(65536)
+                self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 200\r\n\r\n")
+                for _ in range(200):
+                    self.request.sendall(b" ")
+                    time.sleep(0.5)
+            except OSError:
+                pass
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HTTP_MAX_SECONDS", "2")
+    get_settings.cache_clear()
+    outcome = {}
+
+    def write():
+        started = time.monotonic()
+        try:
+            s3_client_for(S3Options.from_request(req)).put_object(Bucket="b", Key="k", Body=b"transcript")
+            outcome["result"] = "written"
+        except Exception as exc:  # noqa: BLE001 - what the run would report
+            outcome["result"] = type(exc).__name__
+        outcome["seconds"] = time.monotonic() - started
+
+    try:
+        req = admit({"audio_file": "https://example.com/a.wav", "bucket": "b", "access_key": "a", "secret_key": "b",
+                     "s3_endpoint": f"http://127.0.0.1:{server.server_address[1]}"}, serving=False)
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        writer.join(40)
+        assert not writer.is_alive(), "the write was still waiting on the trickling endpoint after 40 s"
+        assert outcome["result"] != "written" and outcome["seconds"] < 30, outcome
+    finally:
+        server.shutdown()

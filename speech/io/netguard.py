@@ -18,6 +18,7 @@ someone else; :class:`Deadline` bounds a download's total time and minimum rate
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -106,17 +107,41 @@ def connect_checked(conn: Any, settings: Settings, on_socket: Optional[Any] = No
 
 def guard_botocore(client: Any, settings: Settings) -> Any:
     """``client`` (boto3) connecting only where :func:`connect_checked` allows, with no proxy
-    (a proxy would connect on its behalf, unchecked): for an S3 endpoint a request chose."""
+    (a proxy would connect on its behalf, unchecked), and no connection living longer than
+    ``HTTP_MAX_SECONDS`` (a timer shuts it: botocore's timeouts are per read, so a server that
+    answers a byte a minute would otherwise hold the run for ever): for an S3 endpoint a request
+    chose."""
+    import threading
+
     from botocore.awsrequest import AWSHTTPConnection, AWSHTTPConnectionPool, AWSHTTPSConnection, AWSHTTPSConnectionPool
     from botocore.httpsession import ProxyConfiguration
 
-    class Conn(AWSHTTPConnection):
-        def _new_conn(self) -> socket.socket:
-            return connect_checked(self, settings)
+    def timed(conn: Any) -> socket.socket:
+        sock = connect_checked(conn, settings)
 
-    class TLSConn(AWSHTTPSConnection):
+        def shut() -> None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+        conn._lifetime = threading.Timer(settings.http_max_seconds, shut)
+        conn._lifetime.daemon = True
+        conn._lifetime.start()
+        return sock
+
+    class Lifetime:
+        def close(self) -> None:
+            timer = getattr(self, "_lifetime", None)
+            if timer is not None:
+                timer.cancel()
+            super().close()  # type: ignore[misc]
+
+    class Conn(Lifetime, AWSHTTPConnection):
         def _new_conn(self) -> socket.socket:
-            return connect_checked(self, settings)
+            return timed(self)
+
+    class TLSConn(Lifetime, AWSHTTPSConnection):
+        def _new_conn(self) -> socket.socket:
+            return timed(self)
 
     class Pool(AWSHTTPConnectionPool):
         ConnectionCls = Conn
