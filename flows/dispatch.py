@@ -257,12 +257,19 @@ def reschedule(client: Any, task_run: Any, message: str) -> None:
 
 
 def pool_busy(client: Any) -> bool:
-    """Whether any task worker is running a delayed run now (Prefect's records, one query)."""
+    """Whether any task worker is running a delayed run now (Prefect's records, one query). A run
+    Running for longer than the longest deadline is a leftover no one ended (its waiter and its
+    worker both gone), not work: it does not count, so it cannot keep a queued run waiting for
+    ever behind a pool that is really idle."""
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterState, TaskRunFilterStateType, TaskRunFilterTags
+    from prefect.client.schemas.sorting import TaskRunSort
 
-    return bool(client.read_task_runs(task_run_filter=TaskRunFilter(
+    horizon = run_deadline(get_settings().max_audio_seconds) + GRACE
+    runs = client.read_task_runs(task_run_filter=TaskRunFilter(
         tags=TaskRunFilterTags(all_=[WORKER_TAG]),
-        state=TaskRunFilterState(type=TaskRunFilterStateType(any_=["PENDING", "RUNNING"]))), limit=1))
+        state=TaskRunFilterState(type=TaskRunFilterStateType(any_=["PENDING", "RUNNING"]))),
+        sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=20)
+    return any(run.state is not None and _age(run.state.timestamp) <= horizon for run in runs)
 
 
 def pool_busy_once(client: Any) -> Callable[[], bool]:

@@ -448,3 +448,33 @@ def test_a_server_restart_mid_file_runs_it_once(tmp_path, long_audio):
     assert len(gpu) == 1 and gpu[0].state.is_completed() and gpu[0].run_count == 1, gpu
     result = json.loads((tmp_path / "out" / "tiled.json").read_text())
     assert wer(text, " ".join(s["text"] for s in result["segments"])) <= 0.2
+
+
+def test_a_leftover_running_run_does_not_make_an_idle_pool_look_busy():
+    """A run left Running by a waiter and a worker that both died would make the pool look busy
+    for ever, and a run queued behind connected workers that never take it would wait for ever:
+    runs Running past the longest deadline do not count; recent ones do."""
+    from datetime import datetime, timedelta, timezone
+
+    from prefect.states import Running
+
+    from flows import dispatch
+    from speech.settings import get_settings
+
+    def running_for(seconds: float):
+        state = Running()
+        state.timestamp = datetime.now(timezone.utc) - timedelta(seconds=seconds)
+        return type("Run", (), {"state": state})()
+
+    class Client:
+        runs: list = []
+
+        def read_task_runs(self, **kwargs):
+            return self.runs
+
+    horizon = dispatch.run_deadline(get_settings().max_audio_seconds) + dispatch.GRACE
+    client = Client()
+    client.runs = [running_for(horizon + 3600)]
+    assert not dispatch.pool_busy(client)
+    client.runs = [running_for(horizon + 3600), running_for(30)]
+    assert dispatch.pool_busy(client)
