@@ -219,7 +219,7 @@ def make_worker(tasks: list[Any], limit: int) -> Any:
 def start_watchdog(interval: float = 5.0) -> threading.Thread:
     """End the process when a run is stuck past its deadline where it cannot be stopped (its
     claim then tells whoever waits that the worker is gone, and the run is scheduled again or failed)."""
-    from flows.dispatch import RunGuard
+    from flows.runguard import RunGuard
 
     def watch() -> None:
         while True:

@@ -132,7 +132,7 @@ def gpu_stages(audio: AudioRef, plan: GpuPlan) -> GpuOutcome:
     (``WORKER_MODELS``), stopped at its deadline or when its run is cancelled."""
     from prefect.context import TaskRunContext
 
-    from flows.dispatch import RunGuard
+    from flows.runguard import RunGuard
     from speech.asr.serving import check_served
     from tasks.progress import checkpointing
     from tasks.storage import task_result_storage

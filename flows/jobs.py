@@ -59,7 +59,8 @@ def transcribe_job(request: dict[str, Any]) -> dict[str, Any]:
     from prefect.context import TaskRunContext
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from flows.dispatch import RunGuard, run_deadline
+    from flows.dispatch import run_deadline
+    from flows.runguard import RunGuard
     from flows.pipeline import run_pipeline
     from tasks.progress import checkpointing
 
