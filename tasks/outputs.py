@@ -1,7 +1,7 @@
 """Merge, render, store (all files or none) and publish the run's artifacts."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from speech.errors import StorageError
-from speech.io.store import OutputTarget, S3Store, local_store
+from speech.io.store import OutputTarget, S3Store, kept_folder, local_store
 from speech.output.formats import render
 from speech.output.report import summary_markdown
 from speech.output.result import PipelineResults, build_result
@@ -30,7 +30,7 @@ def write_outputs(run: PipelineResults, target: OutputTarget) -> tuple[dict, lis
     except StorageError as exc:
         if not isinstance(store, S3Store):
             raise
-        kept = local_store(kept_folder(target.download_dir, store.prefix))  # nothing rendered is lost
+        kept = local_store(str(kept_folder(target.download_dir, store.prefix)))  # nothing rendered is lost
         kept.write(files)
         raise type(exc)(f"{exc}; the outputs were kept in {kept.describe()}") from None
     if target.download_transcript and isinstance(store, S3Store):  # the original script's --download-transcript
@@ -50,20 +50,6 @@ def write_outputs(run: PipelineResults, target: OutputTarget) -> tuple[dict, lis
     )
     _announce(run, result, refs)
     return result.to_json(), refs
-
-
-def kept_folder(download_dir: Optional[str], prefix: str) -> str:
-    """Where a set the bucket refused is kept: ``download_dir`` (default ``RESULTS_DIR``) plus the
-    bucket prefix's folders (``..`` and empty parts dropped), so a job-scoped prefix
-    (``<prefix><stem>/<job id>/``) keeps the job's files in a folder of its own and a request
-    naming a bucket that refuses it cannot write over another job's local files."""
-    from pathlib import Path, PurePosixPath
-
-    from speech.settings import get_settings
-
-    base = Path(download_dir).expanduser() if download_dir else get_settings().results_dir
-    parts = [p for p in PurePosixPath(prefix or "").parts if p not in ("/", ".", "..")]
-    return str(Path(base).joinpath(*parts))
 
 
 TRANSCRIPT_COMPLETED = "whisperx.transcript.completed"

@@ -3,8 +3,6 @@ records (result storage), including saved prefect-aws blocks (Prefect-only glue)
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlsplit
@@ -129,19 +127,12 @@ def write_whole(storage: Any, path: str, data: bytes) -> None:
     file under ``path``); an S3 PUT is whole already."""
     from prefect.filesystems import LocalFileSystem
 
-    if not isinstance(storage, LocalFileSystem):
+    from speech.io.files import write_whole as write_file_whole
+
+    if isinstance(storage, LocalFileSystem):
+        write_file_whole(Path(storage.basepath).expanduser() / path, data)
+    else:
         storage.write_path(path, data)
-        return
-    target = Path(storage.basepath).expanduser() / path
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_if_there(storage: Any, path: str) -> Optional[bytes]:

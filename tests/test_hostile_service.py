@@ -582,17 +582,17 @@ def test_a_set_the_bucket_refuses_is_kept_in_the_jobs_own_folder(roots, tmp_path
     folder: the set kept locally lands under this job's own key inside it, never over the other
     job's files; with no download_dir, under RESULTS_DIR the same way (the bucket key's folders)."""
     from speech.policy import admit, job_scoped
-    from tasks.outputs import kept_folder
+    from speech.io.store import kept_folder
 
     victim = tmp_path / "results" / "meeting" / "victim-job"
     for download_dir in (str(victim), None):
         raw = {"audio_file": "https://example.com/meeting.wav", "bucket": "no-such-bucket-zz",
                **({"download_dir": download_dir} if download_dir else {})}
         req = job_scoped(admit(raw, serving=False), "attacker-job")
-        kept = kept_folder(req.download_dir, req.prefix_transcripts)
+        kept = str(kept_folder(req.download_dir, req.prefix_transcripts))
         base = victim if download_dir else tmp_path / "results"
         assert kept == str(base / "transcripts" / "meeting" / "attacker-job"), kept
-    assert kept_folder(str(victim), "../../../etc/") == str(victim / "etc")
+    assert str(kept_folder(str(victim), "../../../etc/")) == str(victim / "etc")
 
 
 def test_a_webhook_failure_is_logged_without_its_token(caplog, monkeypatch):

@@ -133,14 +133,15 @@ def test_a_run_killed_while_writing_its_plan_leaves_no_half_plan(tmp_path):
     """The process dies half-way through writing the plan: no half-written ``plan.json`` is left
     (it is written to a temporary name and renamed), and the next write goes through."""
     LocalStore(tmp_path).write(OLD)
-    proc = _killed_writer(tmp_path, (
-        "real = pathlib.Path.write_text\n"
-        "def dying(self, text, *a, **k):\n"
-        "    if self.parent.name.startswith('.staging-') and 'plan' in self.name:\n"
-        "        real(self, text[: len(text) // 2])\n"
+    proc = _killed_writer(tmp_path, (  # dies with half the plan written, before it is renamed into place
+        "real = os.replace\n"
+        "def dying(src, dst):\n"
+        "    if pathlib.Path(dst).name == store.PLAN:\n"
+        "        data = pathlib.Path(src).read_bytes()\n"
+        "        pathlib.Path(src).write_bytes(data[: len(data) // 2])\n"
         "        os._exit(9)\n"
-        "    return real(self, text, *a, **k)\n"
-        "pathlib.Path.write_text = dying\n"))
+        "    return real(src, dst)\n"
+        "os.replace = dying\n"))
     assert proc.returncode == 9, proc.stderr
     [staging] = tmp_path.glob(f"{store_mod._staging_prefix('talk')}*")
     assert not (staging / store_mod.PLAN).exists()

@@ -21,6 +21,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, Field
 
 from speech.errors import StorageError
+from speech.io.files import write_whole
 from speech.schema import OutputOptions, OutputRef, S3Options, TranscriptionRequest
 from speech.settings import Settings, get_settings
 
@@ -90,8 +91,7 @@ class LocalStore:
                     (staging / name).write_bytes(data)
                     if plan[name]:
                         os.link(self.root / name, staging / "old" / name)
-                (staging / f"{PLAN}.tmp").write_text(json.dumps(plan))
-                os.replace(staging / f"{PLAN}.tmp", staging / PLAN)  # whole or absent, never half
+                write_whole(staging / PLAN, json.dumps(plan).encode())  # whole or absent, never half
                 for name in sorted(files, key=lambda n: n == f"{stem}.json"):
                     os.replace(staging / name, self.root / name)
                     replaced.append(name)
@@ -259,6 +259,17 @@ def open_store(
 
         return S3Store(bucket, settings.s3_prefix if prefix is None else prefix, client or s3_client(settings))
     return local_store(download_dir, settings)
+
+
+def kept_folder(download_dir: Optional[str], prefix: str, settings: Optional[Settings] = None) -> Path:
+    """Where a set the bucket refused is kept: ``download_dir`` (default ``RESULTS_DIR``) plus the
+    bucket prefix's folders (``..`` and empty parts dropped), so a job-scoped prefix
+    (``<prefix><stem>/<job id>/``) keeps the job's files in a folder of its own and a request
+    naming a bucket that refuses it cannot write over another job's local files."""
+    from pathlib import PurePosixPath
+
+    base = Path(download_dir).expanduser() if download_dir else (settings or get_settings()).results_dir
+    return Path(base).joinpath(*(p for p in PurePosixPath(prefix or "").parts if p not in ("/", ".", "..")))
 
 
 def local_store(download_dir: Optional[str] = None, settings: Optional[Settings] = None) -> LocalStore:

