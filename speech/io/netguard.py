@@ -23,7 +23,7 @@ import ipaddress
 import logging
 import socket
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 from speech.errors import FetchError, TransientFetchError
@@ -105,6 +105,18 @@ def connect_checked(conn: Any, settings: Settings, on_socket: Optional[Any] = No
     raise NewConnectionError(conn, f"failed to connect to {conn.host}: {last}")
 
 
+def pinned_pools(connect: Callable[[Any], socket.socket], http: tuple[type, type], https: tuple[type, type],
+                 mixin: Optional[type] = None) -> dict[str, type]:
+    """urllib3 pool classes by scheme (``http``/``https``: a connection class and its pool class,
+    urllib3's or botocore's) whose connections open their socket with ``connect(conn)``."""
+    pools = {}
+    for scheme, (conn_base, pool_base) in (("http", http), ("https", https)):
+        conn = type(f"Pinned{conn_base.__name__}", (*([mixin] if mixin else []), conn_base),
+                    {"_new_conn": lambda self: connect(self)})
+        pools[scheme] = type(f"Pinned{pool_base.__name__}", (pool_base,), {"ConnectionCls": conn})
+    return pools
+
+
 def guard_botocore(client: Any, settings: Settings) -> Any:
     """``client`` (boto3) connecting only where :func:`connect_checked` allows, with no proxy
     (a proxy would connect on its behalf, unchecked), and no connection living longer than
@@ -135,22 +147,9 @@ def guard_botocore(client: Any, settings: Settings) -> Any:
                 timer.cancel()
             super().close()  # type: ignore[misc]
 
-    class Conn(Lifetime, AWSHTTPConnection):
-        def _new_conn(self) -> socket.socket:
-            return timed(self)
-
-    class TLSConn(Lifetime, AWSHTTPSConnection):
-        def _new_conn(self) -> socket.socket:
-            return timed(self)
-
-    class Pool(AWSHTTPConnectionPool):
-        ConnectionCls = Conn
-
-    class TLSPool(AWSHTTPSConnectionPool):
-        ConnectionCls = TLSConn
-
     http = client._endpoint.http_session  # botocore's URLLib3Session (botocore pinned in constraints.txt)
-    http._pool_classes_by_scheme = {"http": Pool, "https": TLSPool}
+    http._pool_classes_by_scheme = pinned_pools(timed, (AWSHTTPConnection, AWSHTTPConnectionPool),
+                                                (AWSHTTPSConnection, AWSHTTPSConnectionPool), mixin=Lifetime)
     http._manager.pool_classes_by_scheme = http._pool_classes_by_scheme
     http._proxy_config = ProxyConfiguration()
     return client
@@ -184,27 +183,13 @@ def session(settings: Settings, on_socket: Optional[Any] = None, retries: Any = 
     if _URL_FILTER not in pool_log.filters:
         pool_log.addFilter(_URL_FILTER)
 
-    def connect(conn: Any) -> socket.socket:
-        return connect_checked(conn, settings, on_socket)
-
-    class GuardedHTTP(HTTPConnection):
-        def _new_conn(self) -> socket.socket:
-            return connect(self)
-
-    class GuardedHTTPS(HTTPSConnection):
-        def _new_conn(self) -> socket.socket:
-            return connect(self)
-
-    class GuardedHTTPPool(HTTPConnectionPool):
-        ConnectionCls = GuardedHTTP
-
-    class GuardedHTTPSPool(HTTPSConnectionPool):
-        ConnectionCls = GuardedHTTPS
+    pools = pinned_pools(lambda conn: connect_checked(conn, settings, on_socket),
+                         (HTTPConnection, HTTPConnectionPool), (HTTPSConnection, HTTPSConnectionPool))
 
     class GuardedAdapter(HTTPAdapter):
         def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
             super().init_poolmanager(*args, **kwargs)
-            self.poolmanager.pool_classes_by_scheme = {"http": GuardedHTTPPool, "https": GuardedHTTPSPool}
+            self.poolmanager.pool_classes_by_scheme = pools
 
     s = requests.Session()
     s.max_redirects = 5
