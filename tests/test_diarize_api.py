@@ -145,38 +145,27 @@ def test_timeout_when_job_stays_running(api):
 
 
 @pytest.mark.parametrize("stage, target", [("submit", "API"), ("upload", "storage")])
-def test_api_that_never_answers_fails_at_the_pyannote_timeout(api, http_timeouts, stage, target):
+@pytest.mark.parametrize("connect, read, timeout, limit, retryable", [
+    (30, 30, 1.0, "1 s (pyannote timeout)", False),  # the whole call gives up, well before the read timeout
+    (5, 0.4, 60.0, "0.4 s (HTTP_READ_TIMEOUT)", True),  # that request gives up, as network trouble
+])
+def test_api_that_never_answers(api, http_timeouts, stage, target, connect, read, timeout, limit, retryable):
     """A server that accepts the connection and never answers (the submit, or the presigned
-    upload): the whole call gives up at the pyannote timeout, well before the read timeout."""
-    http_timeouts(connect=30, read=30)
+    upload): the call gives up at the earlier of the pyannote timeout (not retryable: the time
+    the request gave it is spent) and the read timeout (retryable)."""
+    http_timeouts(connect=connect, read=read)
     api.stall = stage
-    error, elapsed = _within(10, lambda: _call(api, timeout=1.0))
+    error, elapsed = _within(10, lambda: _call(api, timeout=timeout))
     assert isinstance(error, DiarizationError), error
     where = f"{api.base}/v1" if target == "API" else "pyannoteAI storage"
-    assert str(error) == f"pyannoteAI {stage} failed: {where} did not answer within 1 s (pyannote timeout)"
-    assert not error.retryable  # the time the request gave it is spent
+    assert str(error) == f"pyannoteAI {stage} failed: {where} did not answer within {limit}"
+    assert error.retryable == retryable
     assert error.__cause__ is None and error.__context__ is None
     _no_key_in(error)
     assert api.stalled == 1
-    assert 1.0 <= elapsed < 3.0
-    assert api.jobs == {}
-
-
-@pytest.mark.parametrize("stage, target", [("submit", "API"), ("upload", "storage")])
-def test_api_that_never_answers_fails_at_the_read_timeout(api, http_timeouts, stage, target):
-    """The same with HTTP_READ_TIMEOUT shorter than the pyannote timeout: that request gives up
-    after the read timeout, as network trouble (retryable)."""
-    http_timeouts(connect=5, read=0.4)
-    api.stall = stage
-    error, elapsed = _within(10, lambda: _call(api, timeout=60.0))
-    assert isinstance(error, DiarizationError), error
-    where = f"{api.base}/v1" if target == "API" else "pyannoteAI storage"
-    assert str(error) == f"pyannoteAI {stage} failed: {where} did not answer within 0.4 s (HTTP_READ_TIMEOUT)"
-    assert error.retryable
-    assert error.__cause__ is None and error.__context__ is None
-    _no_key_in(error)
-    assert api.stalled == 1
-    assert 0.4 <= elapsed < 3.0
+    assert min(read, timeout) <= elapsed < 3.0
+    if not retryable:
+        assert api.jobs == {}
 
 
 @pytest.mark.parametrize("connect, timeout, limit", [(30, 1.0, "1 s (pyannote timeout)"),
