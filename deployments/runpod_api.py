@@ -48,8 +48,8 @@ job (the throughput path); the job id is the task run id. See :mod:`deployments.
 
 import argparse
 import ipaddress
-import sys
 import os
+import sys
 from typing import Any, Optional
 
 from deployments.callers import DEFAULT, Callers, s3_sources_closed, share
@@ -62,6 +62,9 @@ DEFAULT_WAIT_MS = 90_000
 MAX_DEPTH = 32  # JSON nesting a request may have (a job's input is 3 levels deep)
 BODY_SECONDS = 30.0  # a request body must arrive within this (a body dripped byte by byte holds a connection)
 HEAD_SECONDS = 10.0  # a connection's request line and headers must arrive within this (uvicorn sets no limit)
+RETRY_AFTER_S = 5  # what a 429 (queue full) tells the caller to wait
+MAX_CONNECTIONS = 1000  # open connections served at once (--max-connections); 503 beyond
+MAX_WAITS = MAX_CONNECTIONS // 2  # runsync calls of one caller parked at once (a caller's share: main)
 
 
 def head_deadline_protocol() -> type:
@@ -108,9 +111,6 @@ def head_deadline_protocol() -> type:
                 self.transport.close()
 
     return HeadDeadline
-RETRY_AFTER_S = 5  # what a 429 (queue full) tells the caller to wait
-MAX_CONNECTIONS = 1000  # open connections served at once (--max-connections); 503 beyond
-MAX_WAITS = MAX_CONNECTIONS // 2  # runsync calls of one caller parked at once (a caller's share: main)
 
 
 def json_depth(raw: bytes) -> int:

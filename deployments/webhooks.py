@@ -74,8 +74,6 @@ def deliver(url: str, body: dict[str, Any], timeout: float = 30.0, max_seconds: 
 def _origin(url: str) -> str:
     """How a webhook is named in logs: its scheme, host and port only (a webhook's path, like
     Slack's, is often its secret)."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}/..."
 
@@ -83,8 +81,6 @@ def _origin(url: str) -> str:
 def _without_url(text: str, url: str) -> str:
     """An error message with the webhook URL's path and query taken out (urllib3 quotes them,
     and a webhook's query or path often carries the receiver's token)."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     for leak in (url, parts.path + (f"?{parts.query}" if parts.query else ""), parts.query, parts.path):
         if leak and leak != "/":

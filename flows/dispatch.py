@@ -13,9 +13,9 @@ endpoint, a sweep), from Prefect's own records:
   storage: its Prefect client id), rewritten every :data:`CLAIM_BEAT` seconds while it runs;
   when that worker leaves the registry (SIGKILL, OOM, a lost node: the server notices its
   websocket close within seconds) and its claim stops beating (:data:`BEAT_STALE`) the run
-  is scheduled again (a worker that still beats was only cut off from the registry, by a
-  server restart or a dropped socket, and is waited for), the same task run with the same stored parameters, for another worker;
-  after ``GPU_TASK_RETRIES`` such losses it fails. Stage results finished before the loss are
+  is scheduled again, the same task run with the same stored parameters, for another worker
+  (a worker that still beats was only cut off from the registry, by a server restart or a
+  dropped socket, and is waited for); after ``GPU_TASK_RETRIES`` such losses it fails. Stage results finished before the loss are
   cache hits for the next attempt.
 * **too long** - a run Running for longer than its deadline (``GPU_TASK_TIMEOUT``, by default
   scaled to the audio) is failed; the worker stops it at its next checkpoint
@@ -201,8 +201,8 @@ class Watch:
     def _lost(self, client: Any, task_run: Any) -> None:
         worker, attempts = self.claim["worker"], max(1, task_run.run_count)
         self.claim, self.missing_since, self.beat = None, None, None
-        now = client.read_task_run(task_run.id).state  # a worker that finished it, then left, lost nothing
-        if now is not None and now.is_final():
+        current = client.read_task_run(task_run.id).state  # a worker that finished it, then left, lost nothing
+        if current is not None and current.is_final():
             return
         drop_claim(self.storage, self.task_run_id)
         crash_stages(client, task_run, f"its task worker {worker} stopped while running it")
@@ -296,8 +296,6 @@ def delay(task: Any, *args: Any, tags: tuple[str, ...] = ()) -> Any:
     deployment loads from a file path (module ``transcribe``, ``sweep``) that task workers
     cannot import; they would then delete the run. (So the task run is not linked to the flow
     run: the caller tags it instead.)"""
-    import threading
-
     from prefect import tags as prefect_tags
 
     box: dict[str, Any] = {}

@@ -232,7 +232,7 @@ def _new_files(keyed: dict[str, Candidate], existing: dict[str, list[Any]], max_
         if done:  # completed, or still scheduled / running: nothing to do
             c.status, c.flow_run_id = "already-done", str(done[0].id)
             c.detail["state"] = done[0].state.name if done[0].state else None
-            c.detail["unfinished"] = _state_type(done[0]) not in ("COMPLETED", "CANCELLED")
+            c.detail["unfinished"] = done[0].state is not None and not done[0].state.is_final()
         elif len(runs) >= max_attempts:
             last = runs[0]
             c.status, c.flow_run_id = "failed", str(last.id)
