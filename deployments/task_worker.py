@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 log = logging.getLogger("deployments.task_worker")
-WATCHDOG_EXIT = 70
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,26 +215,6 @@ def make_worker(tasks: list[Any], limit: int) -> Any:
     return worker
 
 
-def start_watchdog(interval: float = 5.0) -> threading.Thread:
-    """End the process when a run is stuck past its deadline where it cannot be stopped (its
-    claim then tells whoever waits that the worker is gone, and the run is scheduled again or failed)."""
-    from flows.runguard import RunGuard
-
-    def watch() -> None:
-        while True:
-            time.sleep(interval)
-            stuck = RunGuard.overdue()
-            if stuck:
-                log.error("task run(s) %s stuck past their deadline: exiting so the slot and the GPU come back",
-                          ", ".join(stuck))
-                logging.shutdown()
-                os._exit(WATCHDOG_EXIT)
-
-    thread = threading.Thread(target=watch, name="deadline-watchdog", daemon=True)
-    thread.start()
-    return thread
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.limit < 1:
@@ -266,7 +245,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             Path(ready).write_text(worker.client_id)
         await worker.astart()
 
-    start_watchdog()
+    from flows.runguard import start_watchdog
+
+    start_watchdog()  # a run stuck past its deadline where no check is reached ends this process
     try:
         run_coro_as_sync(serve())
     except KeyboardInterrupt:

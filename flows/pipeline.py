@@ -12,8 +12,9 @@ job (:mod:`flows.jobs`, the throughput path).
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
@@ -48,7 +49,7 @@ from tasks.common import secret_block
 from tasks.confidence import deepgram, word_confidence
 from tasks.fetch import fetch_audio
 from tasks.outputs import write_outputs
-from tasks.progress import checkpoint
+from tasks.progress import checkpoint, checkpointing, guarded
 from tasks.speakers import diarize_hosted, enroll_speakers
 from tasks.storage import task_result_storage
 from tasks.upload import upload
@@ -113,9 +114,39 @@ def run_pipeline(req: TranscriptionRequest, runner: Any = None, on_audio: Any = 
     if on_audio is not None:
         on_audio(audio)
     try:
-        return _run_stages(req, audio, clock, settings, workers)
+        with _deadline(req, audio, settings, workers):
+            return _run_stages(req, audio, clock, settings, workers)
     finally:
         release(audio)  # a download kept for decoding, if no stage needed the samples
+
+
+@contextlib.contextmanager
+def _deadline(req: TranscriptionRequest, audio: AudioRef, settings: Any, workers: bool) -> Iterator[None]:
+    """A run of the service (a deployment run, an endpoint's or the handler's job) that works here
+    stops at its deadline (``GPU_TASK_TIMEOUT``, by default scaled to the audio; plus the hosted
+    job's ``pyannote_timeout`` when it may wait on one) or once its flow run is cancelled, at the
+    next stage or progress report; a deployment run, its process its own, is also ended by the
+    watchdog when a stage never returns. The CLI's and Python's own runs, runs that wait on task
+    workers (each wait has its deadline) and a task worker's job (its guard is already set) have
+    none here."""
+    from prefect.runtime import deployment, flow_run
+
+    from speech.policy import serving_others
+
+    if workers or guarded() or not flow_run.id or not (deployment.id or serving_others()):
+        yield
+        return
+    from flows.runguard import fail_stuck_flow_runs, flow_run_guard, start_watchdog
+
+    seconds = run_deadline(audio.duration, settings)
+    has_key = (req.pyannote_api_key or settings.pyannote_api_key) is not None
+    if (req.diarization or req.speaker_verification) and DiarizeParams.from_request(req).hosted_first(has_key=has_key):
+        seconds += req.pyannote_timeout
+    guard = flow_run_guard(flow_run.id, seconds, f"{flow_run.flow_name} of {audio.stem}")
+    if deployment.id:
+        start_watchdog(before_exit=fail_stuck_flow_runs)
+    with guard, checkpointing(guard.check):
+        yield
 
 
 def _run_stages(req: TranscriptionRequest, audio: AudioRef, clock: StageClock, settings: Any,

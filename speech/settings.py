@@ -242,8 +242,10 @@ class Settings(BaseSettings):
         "taking it, the run fails, saying so.")
     gpu_task_timeout: float = Field(
         0.0, ge=0, validation_alias="GPU_TASK_TIMEOUT",
-        description="Seconds one file's GPU task may run before it is stopped and fails the run (0: scaled to the "
-        "audio, 300 s + 2 s per second of audio).")
+        description="Seconds one file's work may run once fetched before it is stopped and fails the run: a GPU "
+        "task on a task worker, or the rest of a deployment run or endpoint job working on its own machine (plus "
+        "pyannote_timeout when it may wait on the hosted API). 0: scaled to the audio, 300 s + 2 s per second of "
+        "audio.")
     gpu_task_retries: int = Field(
         2, ge=0, validation_alias="GPU_TASK_RETRIES",
         description="A GPU task whose worker died (killed, crashed, lost) runs again on another worker up to this "

@@ -37,6 +37,11 @@ def checkpointing(check: Callable[[], None]) -> Iterator[None]:
         _CHECKPOINT.reset(token)
 
 
+def guarded() -> bool:
+    """Whether the running stages already have a check (a task worker's run, its deadline)."""
+    return _CHECKPOINT.get() is not None
+
+
 def checkpoint() -> None:
     check = _CHECKPOINT.get()
     if check is not None:

@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -221,3 +222,31 @@ def runpod_sdk(monkeypatch, key: str, base: str):
     monkeypatch.setattr(runpod, "api_key", key)
     monkeypatch.setattr(runpod, "endpoint_url_base", base)
     return runpod
+
+
+@pytest.fixture
+def slow_server():
+    """/headers and everything under /stalled/: a status line, then one header byte a second
+    (for 10 minutes: a stalled proxy, a hub that stopped answering); anything else: 503 after 2 s."""
+    import socketserver
+
+    class Slow(socketserver.BaseRequestHandler):
+        def handle(self):
+            request = self.request.recv(4096).decode("latin-1")
+            try:
+                if " /headers" in request or " /stalled/" in request:
+                    self.request.sendall(b"HTTP/1.1 200 OK\r\n")
+                    for _ in range(600):
+                        self.request.sendall(b"X")
+                        time.sleep(1)
+                else:
+                    time.sleep(2)
+                    self.request.sendall(b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            except OSError:
+                pass
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Slow)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()

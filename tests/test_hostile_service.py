@@ -402,33 +402,6 @@ def test_enrolment_clips_are_capped_in_length_and_count(tmp_path, monkeypatch):
           serving=False)
 
 
-@pytest.fixture
-def slow_server():
-    """/headers: a status line, then one header byte a second for ever; /busy: 503 after 2 s."""
-    import socketserver
-
-    class Slow(socketserver.BaseRequestHandler):
-        def handle(self):
-            request = self.request.recv(4096).decode("latin-1")
-            try:
-                if " /headers" in request:
-                    self.request.sendall(b"HTTP/1.1 200 OK\r\n")
-                    for _ in range(120):
-                        self.request.sendall(b"X")
-                        time.sleep(1)
-                else:
-                    time.sleep(2)
-                    self.request.sendall(b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            except OSError:
-                pass
-
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Slow)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
 def test_the_download_deadline_covers_headers(slow_server, monkeypatch):
     from speech.io.audio import load_audio
     from speech.io.netguard import DeadlineExceeded

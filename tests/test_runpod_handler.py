@@ -48,3 +48,14 @@ def test_outputs_in_a_bucket_come_back_as_keys_and_urls(prefect_harness, s3, tmp
     body = requests.get(out["transcript_url"], timeout=30)
     assert body.status_code == 200 and body.json()["segments"] == out["segments"]
     assert requests.get(out["segments_url"], timeout=30).json() == out["segments"]
+
+
+def test_a_job_past_its_deadline_is_stopped_and_writes_nothing(prefect_harness, tmp_path, monkeypatch):
+    """An endpoint's or the handler's job stops at its deadline (GPU_TASK_TIMEOUT) at the next
+    stage: one error line, no outputs."""
+    monkeypatch.setenv("GPU_TASK_TIMEOUT", "0.001")
+    out = handler({"id": "late-1", "input": {"audio_file": str(DATA / "sample_2spk.wav"), "language": "en",
+                                            "download_dir": str(tmp_path / "out")}})
+    assert set(out) == {"error"}, out
+    assert "deadline" in out["error"] and "GPU_TASK_TIMEOUT" in out["error"] and "Traceback" not in out["error"]
+    assert not [f for f in (tmp_path / "out").rglob("*") if f.is_file()]

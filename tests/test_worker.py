@@ -545,3 +545,75 @@ def test_gpu_stages_run_in_a_warm_task_worker(server, tmp_path, deepgram):
     shas = sorted(hashlib.sha256((DATA / a).read_bytes()).hexdigest() for a in ("heldout_3spk.wav", "diar_2spk.wav"))
     assert sorted(p.name for p in (shared / "audio").iterdir()) == shas  # shared once per content
     assert sorted(p.stem for p in (tmp_path / "worker-cache" / "audio").glob("*.npy")) == shas  # decoded there
+
+
+def _processes_of(flow_run_id) -> list[int]:
+    """Processes running the flow run (Prefect's runner gives each its id in the environment)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_deployment_run_stuck_in_a_stage_is_failed_and_its_process_ended(server, slow_server, tmp_path):
+    """A deployment run whose stage never returns (here: its Whisper model downloaded from a hub
+    that stopped answering, one byte a second, so no read times out) is not left running: past its
+    deadline (GPU_TASK_TIMEOUT) and the grace, its watchdog sets it Failed with the reason and
+    ends its process; serve.py goes on, and no output is written."""
+    import shutil
+
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.dispatch import GRACE
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    shutil.copy(DATA / AUDIO, inbox / "stuck.wav")
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        serve = subprocess.Popen(
+            [sys.executable, str(ROOT / "deployments" / "serve.py")], cwd=tmp_path, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+            env={**server.env, "ALLOW_LOCAL_PATHS": str(inbox), "RESULTS_DIR": str(out), "GPU_TASK_TIMEOUT": "1",
+                 "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"{slow_server}/stalled", "HF_HOME": str(tmp_path / "hf"),
+                 "SPEECH_CACHE_DIR": str(tmp_path / "cache")})
+        try:
+            with temporary_settings({PREFECT_API_URL: server.url}), server.client() as client:
+                deadline = time.monotonic() + 180
+                while True:
+                    try:
+                        client.read_deployment_by_name("transcribe-audio/transcribe-local")
+                        break
+                    except Exception:  # noqa: BLE001 - not registered yet
+                        assert serve.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                        time.sleep(1)
+                run = run_deployment("transcribe-audio/transcribe-local", timeout=0, parameters={
+                    "audio_file": str(inbox / "stuck.wav"), "language": "en", "model": "tiny.en"})
+                started = None
+                while True:
+                    state = client.read_flow_run(run.id).state
+                    if state.is_running() and started is None:
+                        started = time.monotonic()
+                    if state.is_final():
+                        break
+                    assert serve.poll() is None and time.monotonic() < deadline + GRACE + 120, \
+                        log_path.read_text()[-3000:]
+                    time.sleep(1)
+                took = time.monotonic() - started
+                assert state.is_failed() and "deadline" in state.message and "was ended" in state.message, state
+                assert took >= GRACE  # the watchdog waits out the grace: stages may still stop on their own
+                for _ in range(30):  # the runner reaps its child
+                    if not _processes_of(run.id):
+                        break
+                    time.sleep(1)
+                assert not _processes_of(run.id), "the stuck run's process is still running"
+                assert serve.poll() is None, log_path.read_text()[-3000:]  # serve.py goes on
+                assert client.read_flow_run(run.id).state.is_failed()  # not replaced by Crashed
+        finally:
+            stop(serve)
+    assert not [f for f in out.rglob("*") if f.is_file()]
