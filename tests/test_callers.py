@@ -8,6 +8,7 @@ jobs in turn. Driven over real HTTP in the in-process mode, on real flow runs of
 starts it. The task-worker mode's share is checked on a real worker in ``test_runpod_tasks``."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -77,7 +78,12 @@ def test_main_gives_each_caller_an_equal_share_of_the_queue(monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app, **kw))
     monkeypatch.setenv("ENDPOINT_API_KEYS", ",".join(f"{k}:{v}" for k, v in KEYS.items()))
     monkeypatch.setenv("ENDPOINT_API_KEY", "old-single-key")
+    # main() closes s3:// sources in this process's environment (several callers): undone after the
+    # test, so later tests and the processes they start do not inherit it
+    monkeypatch.setenv("ALLOW_S3_SOURCES", "")
+    monkeypatch.delenv("ALLOW_S3_SOURCES")
     assert main(["--host", "0.0.0.0", "--max-queued", "10"]) == 0
+    assert os.environ["ALLOW_S3_SOURCES"] == "none"
     from starlette.testclient import TestClient
 
     client = TestClient(started["app"], base_url="http://127.0.0.1")
