@@ -38,11 +38,13 @@ def handler(job: dict[str, Any], flow_run_name: Optional[str] = None) -> dict[st
         return {"error": scrub_configured(str(exc))}
     from flows.cli import flow_kwargs
     from flows.transcribe import transcribe_audio
+    from speech.policy import request_from_others
     from tasks.progress import RunListener, listening
 
     refs: list[Any] = []
     try:
-        with listening(RunListener(on_outputs=lambda written, _where: refs.extend(written))):
+        # the files the run opens are checked again as opened (a path swapped for a link since)
+        with listening(RunListener(on_outputs=lambda written, _where: refs.extend(written))), request_from_others():
             flow = transcribe_audio.with_options(flow_run_name=flow_run_name) if flow_run_name else transcribe_audio
             result = flow(**flow_kwargs(req))
     except SpeechError as exc:

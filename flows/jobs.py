@@ -62,6 +62,7 @@ def transcribe_job(request: dict[str, Any]) -> dict[str, Any]:
     from flows.dispatch import run_deadline
     from flows.runguard import RunGuard
     from flows.pipeline import run_pipeline
+    from speech.policy import request_from_others
     from tasks.progress import checkpointing
 
     from tasks.storage import job_outputs
@@ -75,6 +76,6 @@ def transcribe_job(request: dict[str, Any]) -> dict[str, Any]:
 
     # the guard outermost: the runner's exit waits for background stages (hosted APIs, uploads),
     # and the worker's watchdog must still see this run's deadline while it does
-    with guard, ThreadPoolTaskRunner(max_workers=4) as runner, checkpointing(guard.check):
+    with guard, ThreadPoolTaskRunner(max_workers=4) as runner, checkpointing(guard.check), request_from_others():
         out = run_pipeline(req, runner=runner, on_audio=on_audio)
     return {"result": out.result, "outputs": [ref.model_dump() for ref in out.outputs]}

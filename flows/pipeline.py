@@ -96,6 +96,16 @@ def run_pipeline(req: TranscriptionRequest, runner: Any = None, on_audio: Any = 
     """The DAG body, inside a flow run (or a task worker's job, ``runner`` its thread pool for
     background stages; ``on_audio`` is told the fetched audio): the worker's JSON result and where
     the outputs went."""
+    from prefect.runtime import deployment
+
+    from speech.policy import request_from_others
+
+    # a deployment run is a request from someone else: its local files are checked again as opened
+    with request_from_others() if deployment.id else contextlib.nullcontext():
+        return _run_pipeline(req, runner, on_audio)
+
+
+def _run_pipeline(req: TranscriptionRequest, runner: Any, on_audio: Any) -> PipelineOutput:
     log = get_run_logger()
     req = admit_deployment_run(taken_back(req))  # the policy sees the request's own secret references
     req = with_block_secrets(req)

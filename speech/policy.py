@@ -12,7 +12,8 @@ stored; the CLI and the Python API run by the machine's own user are not limited
   sweep sources) only under the ``ALLOW_LOCAL_PATHS`` roots (``1``: anywhere), checked on the
   exact path that will be opened (a sample's ``?name=``/``#name`` suffix is dropped first, as the
   fetch drops it); outputs also under ``RESULTS_DIR``. A refused path reads the same whether or not
-  it exists.
+  it exists. Audio and samples are checked again on the file the run opens, and read through a
+  copy of it (:func:`request_from_others`): a path swapped for a link later reads nothing.
 * **Endpoints and code** named by a request (``s3_endpoint`` without its own keys, a pyannote
   pipeline or wav2vec2 model that is not a published one) only with ``ALLOW_REQUEST_ENDPOINTS``.
 * **Models**: a long-lived process runs what it serves (:func:`speech.asr.serving.served_request`).
@@ -28,9 +29,11 @@ URLs are checked when they are fetched (:mod:`speech.io.netguard`), on every con
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 from urllib.parse import unquote, urlsplit
 
 from speech.errors import FetchError, InvalidRequest
@@ -38,6 +41,7 @@ from speech.settings import Settings, get_settings
 
 _SCHEMES = ("http", "https", "s3")
 _SERVING_OTHERS = False  # this process has admitted a request from someone else (:func:`serving_others`)
+_FROM_OTHERS: ContextVar[bool] = ContextVar("speech_request_from_others", default=False)
 MIN_POLL_SECONDS = 1.0  # the shortest pyannoteAI poll interval a request from someone else may ask for
 
 
@@ -81,10 +85,37 @@ def check_local_path(source: str, settings: Settings, what: str = "audio_file") 
     roots = local_roots(settings)
     if path is None or roots is None:
         return
-    if not _inside(path.resolve(), roots):
+    check_inside(path.resolve(), roots, what)
+
+
+def check_inside(real: Path, roots: list[Path], what: str = "audio_file") -> None:
+    """Refuse a file whose real path (links resolved) lies outside the ``ALLOW_LOCAL_PATHS`` roots."""
+    if not _inside(real, roots):
         where = "inside " + ", ".join(str(r) for r in roots) if roots else "at all"
         raise FetchError(f"{what}: local paths are not allowed in requests from others {where} (ALLOW_LOCAL_PATHS); "
                          "give an http(s) or s3:// URL")
+
+
+@contextlib.contextmanager
+def request_from_others() -> Iterator[None]:
+    """Around a run of a request from someone else (set by each entry point that runs one: a
+    deployment run, the handler and the in-process endpoint, a task worker's job): the local files
+    it opens are held to the ``ALLOW_LOCAL_PATHS`` roots again when they are opened, on the file
+    actually opened (:func:`pinned_roots`), so a path swapped for a link after the request was
+    admitted reads nothing outside them. A context variable: it follows the run into its task
+    threads and never into another run sharing the process."""
+    token = _FROM_OTHERS.set(True)
+    try:
+        yield
+    finally:
+        _FROM_OTHERS.reset(token)
+
+
+def pinned_roots(settings: Settings) -> Optional[list[Path]]:
+    """The roots a local file opened by this run must lie in, judged on the opened file (and read
+    through a copy taken from it); None outside :func:`request_from_others` or with
+    ``ALLOW_LOCAL_PATHS=1``."""
+    return local_roots(settings) if _FROM_OTHERS.get() else None
 
 
 def s3_roots(settings: Settings) -> Optional[list[str]]:

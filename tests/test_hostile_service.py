@@ -13,6 +13,7 @@ import concurrent.futures
 import threading
 import time
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -788,3 +789,110 @@ def test_a_requests_s3_endpoint_that_answers_a_byte_at_a_time_is_cut_off(roots, 
         assert outcome["result"] != "written" and outcome["seconds"] < 30, outcome
     finally:
         server.shutdown()
+
+
+@pytest.fixture
+def swapped(tmp_path, monkeypatch):
+    """A root the caller can write to, a file outside it the worker can read, and the admission
+    check already passed: what a caller has after swapping its admitted file for a link."""
+    import shutil
+
+    root, outside = tmp_path / "inbox", tmp_path / "private"
+    root.mkdir()
+    outside.mkdir()
+    shutil.copy(DATA / "sample_2spk.wav", outside / "someone-elses.wav")
+    shutil.copy(DATA / "sample_2spk.wav", root / "mine.wav")
+    monkeypatch.setenv("ALLOW_LOCAL_PATHS", str(root))
+    monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "results"))
+    from speech.policy import check_local_path
+    from speech.settings import get_settings
+
+    check_local_path(str(root / "mine.wav"), get_settings())  # admitted: a regular file inside the root
+    (root / "mine.wav").unlink()
+    (root / "mine.wav").symlink_to(outside / "someone-elses.wav")  # ...then swapped
+    return root, outside
+
+
+def test_a_file_swapped_for_a_link_after_admission_reads_nothing_outside(swapped):
+    """A request from someone else opens its local file once and checks the file it opened: a link
+    swapped in after admission is refused (a missing target reads the same), a link inside the
+    roots is read, and later stages read a copy, not the path. The machine's own runs still follow
+    links anywhere (the control)."""
+    from speech.errors import FetchError
+    from speech.io.audio import load_audio
+    from speech.policy import request_from_others
+
+    root, outside = swapped
+    assert load_audio(str(root / "mine.wav"), decode_now=False).size_bytes > 0  # the machine's own run: read
+    with request_from_others():
+        with pytest.raises(FetchError, match="ALLOW_LOCAL_PATHS") as refused:
+            load_audio(str(root / "mine.wav"), decode_now=False)
+        (root / "gone.wav").symlink_to(outside / "missing.wav")
+        with pytest.raises(FetchError, match="ALLOW_LOCAL_PATHS") as missing:
+            load_audio(str(root / "gone.wav"), decode_now=False)
+        assert str(refused.value) == str(missing.value)  # no existence oracle outside the roots
+        (root / "inside.wav").symlink_to(DATA / "sample_2spk.wav")
+        # bytes of its own (trailing padding), so no other test has cached its samples
+        (root / "real.wav").write_bytes((DATA / "sample_2spk.wav").read_bytes() + b"\0\0")
+        (root / "link-inside.wav").symlink_to(root / "real.wav")
+        ref = load_audio(str(root / "link-inside.wav"), decode_now=False)
+        assert ref.temporary and ref.local_path and Path(ref.local_path).parent != root  # a copy the run owns
+        assert Path(ref.local_path).read_bytes() == (root / "real.wav").read_bytes()
+        with pytest.raises(FetchError, match="ALLOW_LOCAL_PATHS"):  # a link out of the roots, inside them
+            load_audio(str(root / "inside.wav"), decode_now=False)
+        from speech.io.audio import release
+
+        release(ref)
+        assert not Path(ref.local_path).exists()
+        # a saved API response (deepgram_json_in, pyannote_json_in) is held to the roots the same way
+        from speech.confidence.deepgram import load_response_json
+        from speech.errors import InvalidRequest
+
+        (outside / "theirs.deepgram.json").write_text('{"results": {}}')
+        (root / "mine.deepgram.json").symlink_to(outside / "theirs.deepgram.json")
+        with pytest.raises(InvalidRequest, match="ALLOW_LOCAL_PATHS"):
+            load_response_json(root / "mine.deepgram.json")
+    assert load_response_json(root / "mine.deepgram.json") == {"results": {}}  # the machine's own run
+
+
+def test_a_fifo_swapped_in_is_refused_at_once(tmp_path):
+    """Opening a local file never waits: a FIFO (no writer will come) is refused, not waited on."""
+    import os
+    import threading
+
+    from speech.errors import FetchError
+    from speech.io.fetch import fetch
+
+    os.mkfifo(tmp_path / "pipe.wav")
+    errors: list = []
+    reader = threading.Thread(target=lambda: errors.append(pytest.raises(FetchError, fetch, str(tmp_path / "pipe.wav"))),
+                              daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "the fetch waited on a FIFO"
+    assert "not a regular file" in str(errors[0].value)
+
+
+def test_every_entry_point_checks_the_file_it_opens(swapped, monkeypatch, prefect_harness, tmp_path):
+    """The handler (and so the in-process endpoint), a deployment run and a task worker's job run
+    their request inside request_from_others: with the admission check passed (as before a swap),
+    the file opened is still refused; nothing is written."""
+    import speech.policy
+    from deployments.runpod_handler import handler
+
+    root, _ = swapped
+    monkeypatch.setattr(speech.policy, "check_local_path", lambda *a, **k: None)  # admitted before the swap
+    request = {"audio_file": str(root / "mine.wav"), "language": "en", "download_dir": str(tmp_path / "results")}
+    error = handler({"id": "swap-1", "input": request}).get("error", "")
+    assert "ALLOW_LOCAL_PATHS" in error and "\n" not in error, error
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "00000000-0000-0000-0000-000000000001")
+    from flows.transcribe import transcribe_audio
+
+    with pytest.raises(SpeechError, match="ALLOW_LOCAL_PATHS"):
+        transcribe_audio(**request)
+    monkeypatch.delenv("PREFECT__RUNTIME__DEPLOYMENT__ID")
+    from flows.jobs import transcribe_job
+
+    with pytest.raises(SpeechError, match="ALLOW_LOCAL_PATHS"):
+        transcribe_job(request)
+    assert not [f for f in (tmp_path / "results").rglob("*") if f.is_file()]

@@ -299,3 +299,19 @@ def test_s3_client_accepts_secretstr_access_key(s3_server):
     client = s3_client(settings)
     creds = client._request_signer._credentials
     assert (creds.access_key, creds.secret_key) == ("copykey", "copysecret")
+
+
+def test_a_file_changed_since_its_fetch_is_not_uploaded(s3, bucket, puts, tmp_path):
+    """What goes up is what was transcribed: the file is opened once, its bytes checked against
+    the fetch's sha256 and uploaded from that open; a file replaced since (or swapped for a link
+    to another file) is refused with one line, and the bucket is left as it was."""
+    path, data = _audio(tmp_path, "swap.wav")
+    fetched = _sha(data)
+    other = tmp_path / "elsewhere.wav"
+    other.write_bytes(os.urandom(50_000))
+    path.unlink()
+    path.symlink_to(other)
+    with pytest.raises(StorageError, match="not the file that was fetched") as refused:
+        upload_audio(str(path), fetched, bucket=bucket, client=s3, force=True)
+    assert "\n" not in str(refused.value)
+    assert puts == [] and _versions(s3, bucket, "audio/swap.wav") == 0

@@ -6,15 +6,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional
+from typing import BinaryIO, Callable, Iterator, Optional
 from urllib.parse import unquote, urlsplit
 
 from speech.errors import AudioError, FetchError, TransientFetchError
 from speech.io import netguard
+from speech.io.files import open_nonblocking
 from speech.io.netguard import Deadline, DeadlineExceeded
 from speech.io.s3 import s3_client
 from speech.redact import redact_url
@@ -85,18 +87,54 @@ def _download_to(dir_: Path, writer: Callable[[BinaryIO], tuple[str, int]]) -> F
     return FetchedFile(Path(tmp), digest, size, temporary=True)
 
 
-def _fetch_local(source: str, settings: Settings) -> FetchedFile:
-    path = Path(unquote(urlsplit(source).path) if source.startswith("file://") else source).expanduser()
-    if not path.exists():
-        raise FetchError(f"audio file not found: {path}")
-    if not path.is_file():
-        raise FetchError(f"not a regular file: {path}")
+@contextlib.contextmanager
+def open_local(path: Path, settings: Settings, what: str = "audio file") -> Iterator[tuple[BinaryIO, bool]]:
+    """A local file opened once, never blocking (a FIFO swapped in is refused, not waited on), and
+    whether it is pinned. In a run of a request from someone else (:func:`speech.policy.pinned_roots`)
+    the file actually opened must lie inside the ``ALLOW_LOCAL_PATHS`` roots, so a path swapped for a
+    link after the request was admitted reads nothing outside them (a missing target outside reads
+    the same as a present one). Raises :class:`FetchError`."""
+    from speech.policy import check_inside, pinned_roots
+
+    roots = pinned_roots(settings)
     try:
-        with path.open("rb") as f:
-            digest, size = _copy_hashing(f, None, settings.max_audio_bytes, str(path))
+        fd = open_nonblocking(path)
+    except (FileNotFoundError, NotADirectoryError):
+        if roots is not None:
+            check_inside(Path(os.path.realpath(path)), roots)
+        raise FetchError(f"{what} not found: {path}") from None
     except PermissionError:
         raise FetchError(f"permission denied reading {path}") from None
-    return FetchedFile(path, digest, size, temporary=False)
+    with os.fdopen(fd, "rb") as f:
+        if roots is not None:
+            check_inside(_opened_path(fd, path), roots)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FetchError(f"not a regular file: {path}")
+        yield f, roots is not None
+
+
+def _fetch_local(source: str, settings: Settings, dir_: Path) -> FetchedFile:
+    """A local file through :func:`open_local`; a pinned one is read through a copy taken from
+    that open file, so a file swapped after the fetch is not what later stages decode."""
+    path = Path(unquote(urlsplit(source).path) if source.startswith("file://") else source).expanduser()
+    with open_local(path, settings) as (f, pinned):
+        if not pinned:
+            digest, size = _copy_hashing(f, None, settings.max_audio_bytes, str(path))
+            return FetchedFile(path, digest, size, temporary=False)
+        return _download_to(dir_, lambda out: _copy_hashing(f, out, settings.max_audio_bytes, str(path)))
+
+
+def _opened_path(fd: int, path: Path) -> Path:
+    """The real path of the file open on ``fd`` (Linux: ``/proc/self/fd``; elsewhere the resolved
+    path, accepted only when it is the same file)."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        real = Path(os.path.realpath(path))
+        opened, named = os.fstat(fd), os.stat(real)
+        if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
+            raise FetchError(f"{path} changed while it was opened") from None
+        return real
 
 
 def _fetch_http(source: str, settings: Settings, dir_: Path, since: Optional[float] = None) -> FetchedFile:
@@ -194,7 +232,7 @@ def fetch(source: str, settings: Optional[Settings] = None, since: Optional[floa
     elif scheme == "s3":
         fetched = _fetch_s3(source, settings, dl_dir)
     else:
-        fetched = _fetch_local(source, settings)
+        fetched = _fetch_local(source, settings, dl_dir)
     if fetched.size == 0:
         if fetched.temporary:
             fetched.path.unlink(missing_ok=True)

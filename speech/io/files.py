@@ -1,4 +1,4 @@
-"""Files a reader sees whole or not at all."""
+"""Files a reader sees whole or not at all, and local files opened without ever blocking."""
 from __future__ import annotations
 
 import os
@@ -19,3 +19,10 @@ def write_whole(target: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def open_nonblocking(path: Path) -> int:
+    """``path`` opened for reading without ever blocking: a FIFO swapped in for a file returns at
+    once (the caller refuses what ``fstat`` says is not a regular file) instead of waiting for a
+    writer that never comes. Raises what ``os.open`` raises."""
+    return os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))

@@ -15,12 +15,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import mimetypes
+import os
+import stat
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional
 
 from pydantic import BaseModel, Field
 
 from speech.errors import InvalidRequest, StorageError
+from speech.io.files import open_nonblocking
 from speech.io.s3 import s3_client, storage_error
 from speech.redact import redact_url
 
@@ -75,16 +78,17 @@ def content_type_for(name: str) -> str:
     return _TYPES.get(ext) or mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
-def _md5_of(path: Path) -> str:
-    h = hashlib.md5()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _digests(f: BinaryIO) -> tuple[str, str]:
+    """sha256 and MD5 of an open file, read once from where it stands."""
+    sha, md5 = hashlib.sha256(), hashlib.md5()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        sha.update(chunk)
+        md5.update(chunk)
+    return sha.hexdigest(), md5.hexdigest()
 
 
-def _same_object(client: Any, bucket: str, key: str, path: Path, size: int, sha256: str) -> bool:
-    """True when ``bucket/key`` exists and holds the same bytes as ``path``."""
+def _same_object(client: Any, bucket: str, key: str, size: int, sha256: str, md5: str) -> bool:
+    """True when ``bucket/key`` exists and holds the bytes whose digests are given."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
@@ -107,7 +111,7 @@ def _same_object(client: Any, bucket: str, key: str, path: Path, size: int, sha2
     etag = str(head.get("ETag", "")).strip('"').lower()
     if not etag or "-" in etag:  # multipart ETags are not the content MD5
         return False
-    return etag == _md5_of(path)
+    return etag == md5
 
 
 def upload_audio(
@@ -135,40 +139,51 @@ def upload_audio(
     if not sha256 or len(sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha256):
         raise InvalidRequest("upload: sha256 must be a 64-character hex digest")
     path = Path(local_path).expanduser()
-    if not path.is_file():
-        raise StorageError(f"upload: audio file not found: {path}")
+    try:
+        fd = open_nonblocking(path)
+    except OSError:
+        raise StorageError(f"upload: audio file not found: {path}") from None
     object_name = name or path.name
-    if not object_name or object_name.endswith("/"):
-        raise InvalidRequest(f"upload: bad object name {object_name!r}")
     prefix = prefix_audio or ""
     key = prefix + object_name.lstrip("/") if prefix.endswith("/") or not prefix else f"{prefix}/{object_name.lstrip('/')}"
     uri = f"s3://{bucket}/{key}"
-    size = path.stat().st_size
     sha256 = sha256.lower()
-
-    if client is None:
-        from speech.settings import get_settings
-
-        client = s3_client(get_settings())
 
     from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
-    uploaded = False
-    if force or not _same_object(client, bucket, key, path, size, sha256):
-        try:
-            client.upload_file(
-                str(path),
-                bucket,
-                key,
-                ExtraArgs={"Metadata": {"sha256": sha256}, "ContentType": content_type_for(object_name)},
-            )
-        except (ClientError, BotoCoreError, Boto3Error) as exc:
-            raise storage_error(exc, f"cannot upload {path.name} to {uri}", bucket) from None
-        uploaded = True
-        log.info("uploaded %s (%d bytes) to %s", path.name, size, uri)
-    else:
-        log.info("%s already holds this audio (sha256 %s…); upload skipped", uri, sha256[:12])
+    # one open file: its bytes are checked against the fetch's digest and uploaded from the same open,
+    # so what goes up is what was transcribed (a file swapped since, or for a link, is refused)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StorageError(f"upload: audio file not found: {path}")
+        if not object_name or object_name.endswith("/"):
+            raise InvalidRequest(f"upload: bad object name {object_name!r}")
+        size = os.fstat(fd).st_size
+        digest, md5 = _digests(f)
+        if digest != sha256:
+            raise StorageError(f"upload: {path.name} is not the file that was fetched and transcribed (sha256 "
+                               f"{digest[:12]}…, fetched {sha256[:12]}…): it changed since; nothing was uploaded")
+        if client is None:
+            from speech.settings import get_settings
+
+            client = s3_client(get_settings())
+        uploaded = False
+        if force or not _same_object(client, bucket, key, size, sha256, md5):
+            f.seek(0)
+            try:
+                client.upload_fileobj(
+                    f,
+                    bucket,
+                    key,
+                    ExtraArgs={"Metadata": {"sha256": sha256}, "ContentType": content_type_for(object_name)},
+                )
+            except (ClientError, BotoCoreError, Boto3Error) as exc:
+                raise storage_error(exc, f"cannot upload {path.name} to {uri}", bucket) from None
+            uploaded = True
+            log.info("uploaded %s (%d bytes) to %s", path.name, size, uri)
+        else:
+            log.info("%s already holds this audio (sha256 %s…); upload skipped", uri, sha256[:12])
 
     url = presign(client, bucket, key, url_expiry)
     log.debug("presigned %s for %ds: %s", uri, url_expiry, redact_url(url))

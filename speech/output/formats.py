@@ -52,13 +52,23 @@ def _dumps(obj: Any) -> bytes:
 
 def load_saved_json(path: "str | Path", what: str) -> dict:
     """A saved API response (``<stem>.deepgram.json``, ``<stem>.pyannote.job.json``) for reuse."""
-    from speech.errors import InvalidRequest
+    from speech.errors import FetchError, InvalidRequest
+    from speech.io.fetch import open_local
+    from speech.settings import get_settings
 
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise InvalidRequest(f"{what} not found: {p}")
+    settings = get_settings()
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        with open_local(p, settings, what) as (f, _):  # checked where it is opened, like any local input
+            raw = f.read(settings.max_audio_bytes + 1)
+    except FetchError as exc:
+        raise InvalidRequest(str(exc)) from None
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read {what} {p}: {exc.__class__.__name__}") from None
+    if len(raw) > settings.max_audio_bytes:
+        raise InvalidRequest(f"{what} {p} is larger than MAX_AUDIO_BYTES ({settings.max_audio_bytes} bytes)")
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"{what} {p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except (OSError, UnicodeDecodeError) as exc:
