@@ -9,6 +9,7 @@ call the same function: inline and task-worker runs give the same result.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -59,6 +60,8 @@ class GpuPlan(BaseModel):
     segments: Optional[list[Segment]] = Field(None, description="speakers only: the (aligned) segments to label")
     force: bool = False
     deadline: float = Field(0.0, description="seconds this unit may run on a worker (0: no deadline)")
+    others: bool = Field(False, description="a request from someone else: the local files it names (samples) are "
+                         "checked where the worker opens them (speech.policy.request_from_others)")
 
 
 class GpuOutcome(BaseModel):
@@ -134,11 +137,12 @@ def gpu_stages(audio: AudioRef, plan: GpuPlan) -> GpuOutcome:
 
     from flows.runguard import RunGuard
     from speech.asr.serving import check_served
+    from speech.policy import request_from_others
     from tasks.progress import checkpointing
     from tasks.storage import task_result_storage
 
     plan = plan.model_copy(update={"transcribe": check_served(plan.transcribe)})
     ctx = TaskRunContext.get()
     guard = RunGuard(ctx.task_run.id if ctx else "local", plan.deadline or float("inf"), f"gpu-stages of {audio.stem}")
-    with guard, checkpointing(guard.check):
+    with guard, checkpointing(guard.check), request_from_others() if plan.others else contextlib.nullcontext():
         return run_gpu_stages(audio, plan, StageClock(storage=task_result_storage()))

@@ -23,6 +23,7 @@ from speech.errors import InvalidRequest
 from speech.io.audio import release
 from speech.io.store import OutputTarget
 from speech.models import CACHE
+from speech.policy import from_others
 from speech.output.result import PipelineResults
 from speech.schema import (
     SECRET_REF_PREFIX,
@@ -191,7 +192,7 @@ def _run_stages(req: TranscriptionRequest, audio: AudioRef, clock: StageClock, s
         speakers=wants_speakers and hosted is None, diarize=DiarizeParams.from_request(req),
         samples=req.speaker_samples if req.speaker_verification and workers else [], enrolled=enrolled,
         encoder=req.speaker_encoder, threshold=req.speaker_threshold, force=req.force,
-        deadline=run_deadline(audio.duration, settings))
+        deadline=run_deadline(audio.duration, settings), others=from_others())
     hf_token = req.huggingface_access_token or settings.hf_token
     gpu = _gpu(audio, plan, clock, workers, hf_token, on_transcript)
     on_transcript(gpu.transcript)

@@ -111,11 +111,16 @@ def request_from_others() -> Iterator[None]:
         _FROM_OTHERS.reset(token)
 
 
+def from_others() -> bool:
+    """Whether the running code serves a request from someone else (:func:`request_from_others`)."""
+    return _FROM_OTHERS.get()
+
+
 def pinned_roots(settings: Settings) -> Optional[list[Path]]:
     """The roots a local file opened by this run must lie in, judged on the opened file (and read
     through a copy taken from it); None outside :func:`request_from_others` or with
     ``ALLOW_LOCAL_PATHS=1``."""
-    return local_roots(settings) if _FROM_OTHERS.get() else None
+    return local_roots(settings) if from_others() else None
 
 
 def s3_roots(settings: Settings) -> Optional[list[str]]:

@@ -895,4 +895,13 @@ def test_every_entry_point_checks_the_file_it_opens(swapped, monkeypatch, prefec
 
     with pytest.raises(SpeechError, match="ALLOW_LOCAL_PATHS"):
         transcribe_job(request)
+    # a deployment run's GPU unit on a task worker: its plan says whose request it is
+    from flows.gpu import GpuPlan, gpu_stages
+    from speech.io.audio import load_audio
+    from speech.schema import SpeakerSample, TranscribeParams
+
+    plan = GpuPlan(transcribe=TranscribeParams(language="en"), others=True,
+                   samples=[SpeakerSample(name="alice", url=str(root / "mine.wav"))])
+    with pytest.raises(SpeechError, match="ALLOW_LOCAL_PATHS"):
+        gpu_stages.fn(load_audio(str(DATA / "sample_2spk.wav")), plan)
     assert not [f for f in (tmp_path / "results").rglob("*") if f.is_file()]
