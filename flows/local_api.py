@@ -115,6 +115,9 @@ def record_run_process() -> None:
         log.debug("could not record the run's process", exc_info=True)
 
 
+PAGE = 200  # flow runs read per request
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -128,12 +131,26 @@ def _alive(pid: int) -> bool:
 def mark_abandoned_runs(client: Any) -> list[str]:
     """Runs of this machine still Running / Pending whose recorded process is gone: set Crashed.
     Returns their names."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
     from prefect.states import Crashed
 
     host = socket.gethostname() + ":"
-    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
-        type=FlowRunFilterStateType(any_=["RUNNING", "PENDING", "CANCELLING"]))), limit=200)
+    unfinished = FlowRunFilter(  # runs of no deployment (a worker watches those), every page of them
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["RUNNING", "PENDING", "CANCELLING"])),
+        deployment_id=FlowRunFilterDeploymentId(is_null_=True))
+    runs: list[Any] = []
+    while True:
+        page = client.read_flow_runs(flow_run_filter=unfinished, sort=FlowRunSort.ID_DESC, limit=PAGE,
+                                     offset=len(runs))
+        runs.extend(page)
+        if len(page) < PAGE:
+            break
     marked = []
     for run in runs:
         marker = run.infrastructure_pid or ""

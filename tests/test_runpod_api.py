@@ -181,10 +181,14 @@ def test_a_killed_in_process_endpoint_leaves_no_run_running(prefect_harness, tmp
     threading.Thread(target=server.serve_forever, daemon=True).start()
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "ALLOW_PRIVATE_URLS": "1"}
 
-    def state_of(name: str):
+    def _run_named(name: str):
         with get_client(sync_client=True) as client:
             runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
-        return runs[0].state if runs else None
+        return runs[0] if runs else None
+
+    def state_of(name: str):
+        run = _run_named(name)
+        return run.state if run else None
 
     def until(name: str, kind: str, seconds: float):
         deadline = time.monotonic() + seconds
@@ -203,6 +207,12 @@ def test_a_killed_in_process_endpoint_leaves_no_run_running(prefect_harness, tmp
         job = requests.post(f"{base}/run", headers=auth, timeout=30, json={"input": {
             "audio_file": f"http://127.0.0.1:{server.server_address[1]}/call.wav", "language": "en"}}).json()["id"]
         until(job, "RUNNING", 120)
+        # the run notes its process first thing (one API call after it is set Running; a kill inside that
+        # call's few milliseconds would leave a run no later process can tell is its own): kill after it
+        deadline = time.monotonic() + 60
+        while not _run_named(job).infrastructure_pid:
+            assert time.monotonic() < deadline, "the run never recorded its process"
+            time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
         time.sleep(2)
@@ -217,3 +227,43 @@ def test_a_killed_in_process_endpoint_leaves_no_run_running(prefect_harness, tmp
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(30)
         server.shutdown()
+
+
+def test_abandoned_runs_are_found_on_every_page(prefect_harness, monkeypatch):
+    """A later process marks every run of this machine whose process is gone, however many
+    unfinished runs the server holds (read page by page, runs of deployments left to their
+    workers); a run whose process lives is left alone."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Running
+
+    import flows.local_api as local_api
+
+    monkeypatch.setattr(local_api, "PAGE", 5)
+
+    @flow(name="abandoned-page-probe")
+    def probe() -> None:
+        pass
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    with get_client(sync_client=True) as client:
+        def run(pid: int) -> str:
+            made = client.create_flow_run(probe, state=Running())
+            client.update_flow_run(made.id, infrastructure_pid=f"{host}:{pid}")
+            return made
+
+        gone = [run(dead.pid) for _ in range(12)]
+        alive = [run(os.getppid()) for _ in range(3)]  # pytest's parent: alive, and not this process
+        marked = local_api.mark_abandoned_runs(client)
+        assert {r.name for r in gone} <= set(marked)
+        assert not {r.name for r in alive} & set(marked)
+        assert all(client.read_flow_run(r.id).state.is_crashed() for r in gone)
+        for r in alive:  # leave nothing Running in the shared harness
+            client.set_flow_run_state(r.id, Completed(), force=True)
