@@ -142,9 +142,7 @@ def _deadline(req: TranscriptionRequest, audio: AudioRef, settings: Any, workers
     none here."""
     from prefect.runtime import deployment, flow_run
 
-    from speech.policy import serving_others
-
-    if workers or guarded() or not flow_run.id or not (deployment.id or serving_others()):
+    if workers or guarded() or not flow_run.id or not from_others():  # from_others: set by each entry point
         yield
         return
     from flows.runguard import fail_stuck_flow_runs, flow_run_guard, start_watchdog

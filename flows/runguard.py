@@ -20,11 +20,12 @@ WATCHDOG_EXIT = 70  # the exit status of a process its watchdog ended
 
 
 class RunGuard:
-    """Inside a task on a worker: :meth:`check` raises :class:`Stopped` once the run is past its
-    deadline or was cancelled / failed from outside (read from the API at most every
-    ``every`` seconds). Stages call it between steps and from their progress callbacks."""
+    """Inside a run (a task on a worker, a flow run of the service): :meth:`check` raises
+    :class:`Stopped` once the run is past its deadline or was cancelled / failed from outside (read
+    from the API at most every ``every`` seconds). Stages call it between steps and from their
+    progress callbacks."""
 
-    running: dict[str, float] = {}  # task run id -> monotonic deadline, for the worker's watchdog
+    running: dict[str, float] = {}  # run id -> monotonic deadline, for the process's watchdog
     _lock = threading.Lock()
 
     def __init__(self, task_run_id: Any, seconds: float, label: str, every: float = 2.0,
