@@ -101,13 +101,20 @@ def process_marker() -> str:
 
 def record_run_process() -> None:
     """Inside a local flow run (CLI, Python): note this process on the run, as a worker would, so
-    a later CLI run can tell the run was abandoned if this process dies without finishing it."""
+    a later CLI run can tell the run was abandoned if this process dies without finishing it.
+    Inside a deployment run (its worker records its process): end the run if that worker dies
+    (:func:`flows.runguard.end_with_starter`)."""
     from prefect.client.orchestration import get_client
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
-    if ctx is None or ctx.flow_run is None or ctx.flow_run.deployment_id is not None:
-        return  # a worker's run: the worker records (and watches) its own process
+    if ctx is None or ctx.flow_run is None:
+        return
+    if ctx.flow_run.deployment_id is not None:
+        from flows.runguard import end_with_starter
+
+        end_with_starter(ctx.flow_run.id)
+        return
     try:
         with get_client(sync_client=True) as client:
             client.update_flow_run(ctx.flow_run.id, infrastructure_pid=process_marker())

@@ -1,12 +1,14 @@
 """The working side of a run with a deadline: :class:`RunGuard`, the deadline and cancellation
-checks a run's stages call, and the watchdog that ends a process whose run is stuck past its
-deadline where no check is reached (native code, a stalled download). Used by a task worker's
-runs and by the service's own flow runs (deployment runs, endpoint jobs); the waiting side is
+checks a run's stages call, the watchdog that ends a process whose run is stuck past its
+deadline where no check is reached (native code, a stalled download), and the watch that ends a
+deployment run whose worker died (:func:`end_with_starter`). Used by a task worker's runs and by
+the service's own flow runs (deployment runs, endpoint jobs); the waiting side is
 :mod:`flows.dispatch`."""
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -17,6 +19,7 @@ from speech.errors import Stopped
 
 log = logging.getLogger("flows.runguard")
 WATCHDOG_EXIT = 70  # the exit status of a process its watchdog ended
+ORPHAN_EXIT = 71  # ... of a run's process that outlived its worker and did not end on SIGTERM
 
 
 class RunGuard:
@@ -147,3 +150,94 @@ def fail_stuck_flow_runs(stuck: list[str]) -> None:
                     force=True)
         except Exception:  # noqa: BLE001 - the process ends anyway; the heartbeat automation crashes the run
             log.warning("could not set the stuck flow run %s Failed", run_id, exc_info=True)
+
+
+_STARTER_WATCH: Optional[threading.Thread] = None
+_STOP_SIGNAL = signal.SIGUSR2  # how the watch stops the run's main thread (SIGTERM is Prefect's)
+
+
+class StarterGone(BaseException):
+    """Raised in a deployment run's main thread when the process that started it died: a
+    BaseException, so no stage's error handling takes it for a failure of its own; Prefect sets the
+    run Crashed and its stages unwind (temporary files removed, nothing half-written)."""
+
+
+def _stop_main(signum: int, frame: Any) -> None:
+    raise StarterGone("the process that started this run ended")
+
+
+def end_with_starter(flow_run_id: Any, interval: float = 1.0, grace: float = 30.0) -> Optional[threading.Thread]:
+    """In a deployment run's own process: when the process that started it (``serve.py``, a
+    process worker) dies, however it dies (SIGKILL, the OOM killer), end the run rather than go on
+    unseen: nothing would count it against the worker's limit when the worker is restarted (two
+    models on one GPU), and no one is left to cancel or reap it. The run's main thread is stopped
+    (:class:`StarterGone`: Prefect sets the run Crashed, its stages clean up, outputs are only ever
+    written whole) and the state message then names the cause; a run that has not stopped within
+    ``grace`` seconds is set Crashed and its process ends (:data:`ORPHAN_EXIT`). Call from the run's
+    main thread. Not started where the parent is init or a container's runtime (pid 0 or 1: such
+    a run ends with its container). One per process."""
+    global _STARTER_WATCH
+    parent = os.getppid()
+    if parent <= 1 or (_STARTER_WATCH is not None and _STARTER_WATCH.is_alive()):
+        return None
+    main = threading.main_thread()
+    if threading.current_thread() is main:
+        signal.signal(_STOP_SIGNAL, _stop_main)
+    run_id = str(flow_run_id)
+
+    def last_words(reason: str) -> None:
+        end = time.monotonic() + grace
+        while main.is_alive() and time.monotonic() < end:  # the run unwinds; Prefect sets it Crashed
+            time.sleep(0.2)
+        _set_crashed([run_id, *RunGuard.running], reason)  # ... and the cause goes on its state
+        if main.is_alive():
+            _flush_api_logs()
+            logging.shutdown()
+            os._exit(ORPHAN_EXIT)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        reason = (f"the process that started this run (pid {parent}: serve.py or its worker) ended while the run was "
+                  "working, so the run was stopped rather than left running outside any worker; outputs are only "
+                  "written for finished files: run it again (a sweep triggers it again by itself)")
+        # not a daemon: the interpreter waits for it once the run has unwound
+        threading.Thread(target=last_words, args=(reason,), name="orphan-last-words", daemon=False).start()
+        if signal.getsignal(_STOP_SIGNAL) is _stop_main:
+            signal.pthread_kill(main.ident, _STOP_SIGNAL)  # interrupts a blocking call of the main thread
+        else:
+            import _thread
+
+            _thread.interrupt_main()
+        try:  # last: the console may have been a pipe to the dead worker
+            log.error("%s", reason)
+        except Exception:  # noqa: BLE001
+            pass
+
+    _STARTER_WATCH = threading.Thread(target=watch, name="starter-watch", daemon=True)
+    _STARTER_WATCH.start()
+    return _STARTER_WATCH
+
+
+def _flush_api_logs() -> None:
+    try:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+    except Exception:  # noqa: BLE001 - logs only
+        pass
+
+
+def _set_crashed(run_ids: list[str], reason: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    for run_id in dict.fromkeys(run_ids):
+        try:
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(UUID(run_id)).state
+                if state is not None and state.is_final() and not state.is_crashed():
+                    continue  # it finished (or failed) on its own before the stop reached it
+                client.set_flow_run_state(UUID(run_id), Crashed(message=reason), force=True)
+        except Exception:  # noqa: BLE001 - the heartbeat automation crashes the run in the end
+            log.warning("could not set the flow run %s Crashed", run_id, exc_info=True)

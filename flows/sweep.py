@@ -35,6 +35,7 @@ from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import speech
+from flows.local_api import record_run_process
 from speech.errors import InvalidRequest
 from speech.schema import TranscriptionRequest, plain_secrets
 from speech.io.inbox import Candidate, list_local, list_s3, local_identity
@@ -166,6 +167,7 @@ def sweep_inbox(
             watched until done.
     """
     log = get_run_logger()
+    record_run_process()
     request = {k: v for k, v in (request or {}).items() if k != "audio_file"}
     _no_secrets(request)
     TranscriptionRequest.parse({**request, "audio_file": "placeholder.wav"})  # a bad request fails the sweep, not N runs

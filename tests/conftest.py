@@ -171,6 +171,14 @@ def s3(s3_server):
 # ---- audio of the fixtures ---------------------------------------------------------
 
 
+def process_running(pid: int) -> bool:
+    """The process exists and is not a zombie (ended, not yet reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def read_wav(name: str) -> np.ndarray:
     """A fixture's 16-bit samples as float32, read straight from the WAV (no decoding stack)."""
     import wave

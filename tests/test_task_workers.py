@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA, SR, read_wav, wer
+from conftest import DATA, SR, process_running, read_wav, wer
 
 from deployments.local_server import start_task_worker, stop, wait_for_task_workers
 
@@ -215,7 +215,7 @@ def test_a_killed_cli_leaves_no_server_and_its_run_is_marked_crashed(tmp_path):
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
     deadline = time.monotonic() + 20
-    while any(_running(pid) for pid in server_pids):
+    while any(process_running(pid) for pid in server_pids):
         assert time.monotonic() < deadline, f"server processes {server_pids} outlived the killed CLI"
         time.sleep(0.2)
     again = _cli(env, str(DATA / "enrol_slt.wav"), "--language", "en", "--download-dir", str(tmp_path / "out"))
@@ -264,12 +264,6 @@ def _children(pid: int) -> list[int]:
     except OSError:
         return []
 
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def test_an_idle_pool_that_leaves_a_run_queued_fails_it_but_a_busy_one_does_not():

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DATA, wer, wer_limit
+from conftest import DATA, process_running, wer, wer_limit
 from deepgram_stub import KEY, DeepgramServer
 
 from deployments.local_server import kill_host, stop
@@ -559,6 +560,29 @@ def _processes_of(flow_run_id) -> list[int]:
     return found
 
 
+def _stalled_hub_env(slow_server: str, tmp_path: Path, inbox: Path, out: Path) -> dict[str, str]:
+    """A run's environment where its Whisper model download stalls (one byte a second)."""
+    return {"ALLOW_LOCAL_PATHS": f"{inbox}{os.pathsep}{out}", "RESULTS_DIR": str(out), "HF_HUB_OFFLINE": "0",
+            "HF_ENDPOINT": f"{slow_server}/stalled", "HF_HOME": str(tmp_path / "hf"),
+            "SPEECH_CACHE_DIR": str(tmp_path / "cache")}
+
+
+def _start_serve(server, tmp_path: Path, log, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "deployments" / "serve.py")], cwd=tmp_path, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True, env={**server.env, **env})
+
+
+def _wait_registered(client, name: str, proc: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.read_deployment_by_name(name)
+            return
+        except Exception:  # noqa: BLE001 - not registered yet
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(1)
+
+
 def test_a_deployment_run_stuck_in_a_stage_is_failed_and_its_process_ended(server, slow_server, tmp_path):
     """A deployment run whose stage never returns (here: its Whisper model downloaded from a hub
     that stopped answering, one byte a second, so no read times out) is not left running: past its
@@ -576,22 +600,12 @@ def test_a_deployment_run_stuck_in_a_stage_is_failed_and_its_process_ended(serve
     shutil.copy(DATA / AUDIO, inbox / "stuck.wav")
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
-        serve = subprocess.Popen(
-            [sys.executable, str(ROOT / "deployments" / "serve.py")], cwd=tmp_path, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-            env={**server.env, "ALLOW_LOCAL_PATHS": str(inbox), "RESULTS_DIR": str(out), "GPU_TASK_TIMEOUT": "1",
-                 "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"{slow_server}/stalled", "HF_HOME": str(tmp_path / "hf"),
-                 "SPEECH_CACHE_DIR": str(tmp_path / "cache")})
+        serve = _start_serve(server, tmp_path, log, {**_stalled_hub_env(slow_server, tmp_path, inbox, out),
+                                                     "GPU_TASK_TIMEOUT": "1"})
         try:
             with temporary_settings({PREFECT_API_URL: server.url}), server.client() as client:
                 deadline = time.monotonic() + 180
-                while True:
-                    try:
-                        client.read_deployment_by_name("transcribe-audio/transcribe-local")
-                        break
-                    except Exception:  # noqa: BLE001 - not registered yet
-                        assert serve.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-                        time.sleep(1)
+                _wait_registered(client, "transcribe-audio/transcribe-local", serve, log_path)
                 run = run_deployment("transcribe-audio/transcribe-local", timeout=0, parameters={
                     "audio_file": str(inbox / "stuck.wav"), "language": "en", "model": "tiny.en"})
                 started = None
@@ -617,3 +631,62 @@ def test_a_deployment_run_stuck_in_a_stage_is_failed_and_its_process_ended(serve
         finally:
             stop(serve)
     assert not [f for f in out.rglob("*") if f.is_file()]
+
+
+@pytest.mark.parametrize("starter", ["serve.py", "process worker"])
+def test_a_run_whose_worker_is_killed_ends_crashed_at_once(starter, request, server, slow_server, tmp_path):
+    """serve.py or a process worker is killed with SIGKILL (the OOM killer, an operator) while a
+    deployment run it started is working (here: downloading its model from a stalled hub), its
+    run's process left alive: the run does not go on unseen (a restarted worker would not count
+    it, no one could cancel or reap it). Within seconds its own process stops it, sets it Crashed
+    naming the cause, and ends; nothing is written."""
+    import shutil
+
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    shutil.copy(DATA / AUDIO, inbox / "orphan.wav")
+    env = {**_stalled_hub_env(slow_server, tmp_path, inbox, out), "GPU_TASK_TIMEOUT": "600"}
+    log_path = tmp_path / "starter.log"
+    if starter == "serve.py":
+        name = "transcribe-audio/transcribe-local"
+        with open(log_path, "w") as log:
+            proc = _start_serve(server, tmp_path, log, env)
+    else:
+        request.getfixturevalue("deployed")
+        name = "transcribe-audio/transcribe-cpu"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                [str(BIN / "prefect"), "worker", "start", "--pool", "cpu-pool", "--type", "process", "--limit", "1"],
+                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**server.env, **env, "PREFECT_WORKER_QUERY_SECONDS": "1"})
+    try:
+        with temporary_settings({PREFECT_API_URL: server.url}), server.client() as client:
+            _wait_registered(client, name, proc, log_path)
+            run = run_deployment(name, timeout=0, parameters={
+                "audio_file": str(inbox / "orphan.wav"), "language": "en", "model": "tiny.en",
+                "download_dir": str(out)})
+            deadline = time.monotonic() + 240
+            while not (state := client.read_flow_run(run.id).state).is_running():
+                assert not state.is_final() and time.monotonic() < deadline, (state, log_path.read_text()[-3000:])
+                time.sleep(0.5)
+            time.sleep(3)  # into the stalled download
+            (running,) = _processes_of(run.id)
+            os.kill(proc.pid, signal.SIGKILL)  # the worker alone: its run's process lives on
+            killed = time.monotonic()
+            while not (state := client.read_flow_run(run.id).state).is_final() and time.monotonic() - killed < 60:
+                time.sleep(0.5)
+            took = time.monotonic() - killed
+            assert state.is_crashed() and f"the process that started this run (pid {proc.pid}" in state.message, state
+            assert took < 30, took
+            for _ in range(30):
+                if not process_running(running):
+                    break
+                time.sleep(0.5)
+            assert not process_running(running), f"the run's process {running} outlived its worker"
+    finally:
+        stop(proc)
+    assert not [f for f in out.rglob("*") if f.is_file()]
+
