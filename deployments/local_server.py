@@ -207,11 +207,12 @@ def wait_for_task_workers(url: str, count: int, timeout: float = 180,
 
 
 def start_endpoint(env: Mapping[str, str], log: Path, key: "str | Mapping[str, str]", *args: str,
-                   endpoint_id: str = "bench") -> tuple[subprocess.Popen, str]:
+                   endpoint_id: str = "bench", port: Optional[int] = None) -> tuple[subprocess.Popen, str]:
     """``python -m deployments.runpod_api [args]`` with ``ENDPOINT_API_KEY=key`` (a mapping: the
-    callers' ``ENDPOINT_API_KEYS``, name -> key) on a free loopback port, dying with this process;
-    returns it and its base URL (``http://127.0.0.1:PORT/v2/<endpoint_id>``) once ``/health`` answers."""
-    port = free_port()
+    callers' ``ENDPOINT_API_KEYS``, name -> key) on ``port`` of 127.0.0.1 (default a free one),
+    dying with this process; returns it and its base URL (``http://127.0.0.1:PORT/v2/<endpoint_id>``)
+    once ``/health`` answers."""
+    port = port or free_port()
     keys = {"ENDPOINT_API_KEY": key} if isinstance(key, str) else {
         "ENDPOINT_API_KEYS": ",".join(f"{name}:{k}" for name, k in key.items())}
     with log.open("wb") as out:

@@ -20,8 +20,9 @@ Routes (RunPod's serverless API; ``{endpoint_id}`` is accepted as given):
 * ``GET /v2/{endpoint_id}/health`` -> job counts (no key needed).
 
 A request's ``webhook`` (an http(s) URL) receives a POST of the job's final status body when it
-completes, fails or is cancelled, through the SSRF guard, retried with backoff
-(:mod:`deployments.webhooks`).
+completes, fails or is cancelled, through the SSRF guard, retried with backoff, and kept on this
+machine's disk until then (``--state-dir``), so an endpoint killed and started again on the same
+port still delivers it (:mod:`deployments.webhooks`).
 
 At most ``--max-queued`` jobs (default 1000) wait for a worker: beyond, ``/run`` and
 ``/runsync`` answer 429 with ``Retry-After`` and submit nothing, so a caller who outruns the
@@ -50,6 +51,7 @@ import argparse
 import ipaddress
 import os
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 from deployments.callers import DEFAULT, Callers, s3_sources_closed, share
@@ -144,7 +146,7 @@ def _loopback_name(host: str) -> bool:
 
 
 def create_app(keys: "Callers | str | None", jobs: Any, loopback: bool = True,
-               max_bytes: Optional[int] = None, max_waits: int = MAX_WAITS) -> Any:
+               max_bytes: Optional[int] = None, max_waits: int = MAX_WAITS, journal: Any = None) -> Any:
     """The FastAPI application (RunPod's routes over ``jobs``). Every request meets the edge
     rules: ``Authorization`` naming one of the callers' ``keys`` (a string: the one caller
     ``default``; None: no key, one caller), each job seen only by the caller who sent it; a JSON
@@ -153,7 +155,9 @@ def create_app(keys: "Callers | str | None", jobs: Any, loopback: bool = True,
     loopback ``Host`` and no foreign ``Origin`` (so no web page the operator opens can drive it:
     CSRF, DNS rebinding). Bad input is a 4xx with one line, never a 500. At most ``max_waits``
     ``runsync`` calls of one caller wait at once (each holds a connection); beyond, ``runsync``
-    answers at once with the job's status, as after its wait, and the caller polls ``/status``."""
+    answers at once with the job's status, as after its wait, and the caller polls ``/status``.
+    Webhooks not yet delivered are kept in ``journal`` (:class:`deployments.webhooks.Journal`) when
+    one is given."""
     import asyncio
 
     import anyio
@@ -170,7 +174,7 @@ def create_app(keys: "Callers | str | None", jobs: Any, loopback: bool = True,
     limit = max_bytes or get_settings().max_request_bytes
     app = FastAPI(title="whisperx-prefect (RunPod-compatible)", docs_url=None, redoc_url=None)
     app.state.jobs, app.state.max_waits = jobs, max_waits
-    webhooks = Webhooks(jobs.view)
+    webhooks = Webhooks(jobs.view, journal=journal)
     streamed: set[str] = set()  # jobs whose one stream chunk (the output) was handed out
 
     def same_machine(request: Request) -> None:
@@ -238,7 +242,7 @@ def create_app(keys: "Callers | str | None", jobs: Any, loopback: bool = True,
         except QueueFull as exc:  # RunPod's answer to a caller that outruns the workers
             raise HTTPException(status_code=429, detail=str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         if body.get("webhook"):
-            webhooks.add(job_id, body["webhook"], caller)
+            await anyio.to_thread.run_sync(webhooks.add, job_id, body["webhook"], caller)  # journaled: a disk write
         return job_id
 
     async def view_of(job_id: str, caller: str) -> dict[str, Any]:
@@ -358,6 +362,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     where.add_argument("--task-workers", action="store_true",
                        help="hand each job to warm task workers (python -m deployments.task_worker) as a background "
                             "task: no process per job; needs PREFECT_API_URL and the workers' RESULTS_STORAGE")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="where webhooks not yet delivered are kept (webhooks-<port>.jsonl), so a restarted endpoint "
+                        "delivers them (default <SPEECH_CACHE_DIR>/endpoint)")
     args = p.parse_args(argv)
     if args.max_queued < 1 or (args.max_queued_per_caller is not None and args.max_queued_per_caller < 1):
         p.error("--max-queued and --max-queued-per-caller must be at least 1")
@@ -376,6 +383,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from deployments.runpod_handler import handler
 
+    from deployments.webhooks import Journal
+    from speech.settings import get_settings
+
+    state_dir = args.state_dir or get_settings().cache_dir / "endpoint"
+    try:
+        journal = Journal(state_dir / f"webhooks-{args.port}.jsonl")
+    except (OSError, RuntimeError) as exc:
+        p.error(f"webhook journal: {exc}")
+    if journal.pending:
+        print(f"{len(journal.pending)} webhook(s) an earlier endpoint left undelivered: delivering them as their jobs "
+              "end", file=sys.stderr)
     bounds = dict(keep=args.keep, max_queued=args.max_queued, per_caller=per_caller)
     if args.task_workers:
         jobs: Any = TaskJobs(**bounds)
@@ -389,9 +407,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     # each caller may park runsync calls on at most half its share of the connections: the rest
     # stay free for its other calls, and no caller's waits take the connections of another
     max_waits = max(1, args.max_connections // (2 * (len(callers) if callers else 1)))
-    uvicorn.run(create_app(callers, jobs, loopback=_loopback(args.host), max_waits=max_waits), host=args.host,
-                port=args.port, http=head_deadline_protocol(),
-                log_level="info", limit_concurrency=args.max_connections)
+    try:
+        uvicorn.run(create_app(callers, jobs, loopback=_loopback(args.host), max_waits=max_waits, journal=journal),
+                    host=args.host, port=args.port, http=head_deadline_protocol(), log_level="info",
+                    limit_concurrency=args.max_connections)
+    finally:
+        journal.close()
     return 0
 
 

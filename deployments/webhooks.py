@@ -9,13 +9,19 @@ RunPod retries a failed delivery; a delivery has :data:`MAX_SECONDS` in all, eve
 together (a timer shuts its sockets), so a receiver that answers slowly or never cannot hold a
 delivery thread. Each caller's deliveries have threads of their own (``LANE`` at once), so one
 caller's slow receiver delays only that caller's webhooks. A watcher thread looks at the jobs that
-have a webhook every ``every`` seconds; the list lives in the endpoint's memory (a restart forgets
-undelivered webhooks, as it forgets the in-process jobs).
+have a webhook every ``every`` seconds. Those not yet delivered are also kept in a
+:class:`Journal` on the endpoint's disk, so an endpoint killed (SIGKILL, OOM) and started again
+delivers them: the final status of a job that outlived it (``--deployment``, ``--task-workers``:
+read back from Prefect), ``FAILED`` for one that died with it (in-process jobs). Delivery is at
+least once: a webhook delivered just before a kill may come again.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
@@ -24,6 +30,8 @@ log = logging.getLogger(__name__)
 FINAL = ("COMPLETED", "FAILED", "CANCELLED")
 MAX_SECONDS = 60.0  # one delivery, every attempt together
 LANE = 4  # deliveries of one caller at once
+LOST = ("the endpoint was restarted before this job finished and no longer knows it (its in-process jobs end with "
+        "it): send it again")
 
 
 def check_webhook(url: Any) -> str:
@@ -88,14 +96,88 @@ def _without_url(text: str, url: str) -> str:
     return text
 
 
+class Journal:
+    """The webhooks not yet delivered, on the endpoint's disk (JSON lines, readable by its user
+    only; a webhook URL often carries its receiver's token, so it never goes to the Prefect
+    database): a line when a job with a webhook is accepted, one when its delivery is made or
+    given up; compacted when an endpoint opens it. One endpoint per journal (a lock file)."""
+
+    def __init__(self, path: Path):
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = path
+        self._lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise RuntimeError(f"another endpoint is using the webhook journal {path}: give each endpoint on this "
+                               "machine its own --state-dir (or port)") from None
+        self.pending = self._read()
+        fresh = path.with_name(path.name + ".new")
+        with os.fdopen(os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
+            for job_id, (url, caller) in self.pending.items():
+                f.write(json.dumps({"job": job_id, "url": url, "caller": caller}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(fresh, path)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        self._write = threading.Lock()
+
+    def _read(self) -> dict[str, tuple[str, str]]:
+        pending: dict[str, tuple[str, str]] = {}
+        try:
+            lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except FileNotFoundError:
+            return pending
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if not isinstance(entry, dict) or not isinstance(entry.get("job"), str):
+                continue
+            if isinstance(entry.get("url"), str):
+                pending[entry["job"]] = (entry["url"], str(entry.get("caller") or "default"))
+            else:
+                pending.pop(entry["job"], None)
+        return pending
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        line = (json.dumps(entry) + "\n").encode()
+        with self._write:
+            if self._fd < 0:
+                return  # closed
+            os.write(self._fd, line)
+            os.fdatasync(self._fd)
+
+    def added(self, job_id: str, url: str, caller: str) -> None:
+        self._append({"job": job_id, "url": url, "caller": caller})
+
+    def done(self, job_id: str) -> None:
+        self._append({"job": job_id})
+
+    def close(self) -> None:
+        """Stop writing and let another endpoint open the journal."""
+        with self._write:
+            if self._fd >= 0:
+                os.close(self._fd)
+                os.close(self._lock_fd)
+                self._fd = self._lock_fd = -1
+
+
 class Webhooks:
     """Jobs waiting to have their webhook called: ``add(job_id, url, caller)``; a thread watches
     them through ``view(job_id)`` (the job table's status body) and delivers each once it is
-    final, on its caller's own delivery threads."""
+    final, on its caller's own delivery threads. With a ``journal`` the webhooks an earlier
+    endpoint left undelivered are watched too (a job it no longer knows is delivered ``FAILED``)."""
 
-    def __init__(self, view: Callable[[str], Optional[dict[str, Any]]], every: float = 1.0):
-        self.view, self.every = view, every
-        self.pending: dict[str, tuple[str, str]] = {}  # job id -> (url, caller)
+    def __init__(self, view: Callable[[str], Optional[dict[str, Any]]], every: float = 1.0,
+                 journal: Optional[Journal] = None):
+        self.view, self.every, self.journal = view, every, journal
+        self.pending: dict[str, tuple[str, str]] = dict(journal.pending) if journal else {}  # job -> (url, caller)
+        self.restored = set(self.pending)  # left by an earlier endpoint
         self.lock = threading.Lock()
         self.lanes: dict[str, ThreadPoolExecutor] = {}  # caller -> its delivery threads
         self.stopping = threading.Event()
@@ -103,6 +185,11 @@ class Webhooks:
         self.thread.start()
 
     def add(self, job_id: str, url: str, caller: str = "default") -> None:
+        if self.journal is not None:
+            try:
+                self.journal.added(job_id, url, caller)
+            except OSError:  # a full disk: delivered all the same, unless the endpoint restarts first
+                log.warning("could not journal the webhook of job %s", job_id, exc_info=True)
         with self.lock:
             self.pending[job_id] = (url, caller)
 
@@ -118,11 +205,29 @@ class Webhooks:
             pending = dict(self.pending)
         for job_id, (url, caller) in pending.items():
             view = self.view(job_id)
+            if view is None and job_id in self.restored:
+                view = {"id": job_id, "status": "FAILED", "error": LOST}
             if view is None or view.get("status") in FINAL:
                 with self.lock:
                     self.pending.pop(job_id, None)
-                if view is not None:
-                    self.lane(caller).submit(deliver, url, view)
+                    self.restored.discard(job_id)
+                if view is None:
+                    self._done(job_id)
+                else:
+                    self.lane(caller).submit(self._deliver, job_id, url, view)
+
+    def _deliver(self, job_id: str, url: str, view: dict[str, Any]) -> None:
+        try:
+            deliver(url, view)
+        finally:  # delivered or given up: an endpoint started later does not try again
+            self._done(job_id)
+
+    def _done(self, job_id: str) -> None:
+        if self.journal is not None:
+            try:
+                self.journal.done(job_id)
+            except OSError:  # a full disk: the webhook may come twice, never not at all
+                log.warning("could not journal the webhook of job %s as delivered", job_id, exc_info=True)
 
     def lane(self, caller: str) -> ThreadPoolExecutor:
         """``caller``'s delivery threads (made when first needed; one set per caller key)."""

@@ -171,6 +171,41 @@ def s3(s3_server):
 # ---- audio of the fixtures ---------------------------------------------------------
 
 
+class Receiver:
+    """A webhook receiver on 127.0.0.1: records each POST; answers 500 ``fail_first`` times."""
+
+    def __init__(self, fail_first: int = 0):
+        self.bodies: list[dict] = []
+        self.attempts = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                outer.attempts += 1
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if outer.attempts <= fail_first:
+                    self.send_response(500)
+                else:
+                    outer.bodies.append(body)
+                    self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook?token=t"
+
+    def wait(self, n: int, seconds: float = 120) -> list[dict]:
+        deadline = time.monotonic() + seconds
+        while len(self.bodies) < n:
+            assert time.monotonic() < deadline, (self.attempts, self.bodies)
+            time.sleep(0.2)
+        return self.bodies
+
+
 def process_running(pid: int) -> bool:
     """The process exists and is not a zombie (ended, not yet reaped)."""
     try:

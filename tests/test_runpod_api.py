@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 
-from conftest import DATA, runpod_sdk, serving_runpod_api, wer, wer_limit
+from conftest import DATA, Receiver, runpod_sdk, serving_runpod_api, wer, wer_limit
 
 KEY = "endpoint-key-for-tests"
 
@@ -149,7 +149,8 @@ def test_the_service_refuses_a_public_host_without_a_key(monkeypatch):
 def test_a_killed_in_process_endpoint_leaves_no_run_running(prefect_harness, tmp_path):
     """The endpoint (in-process mode, its own process) is killed with SIGKILL while a job's flow
     run is Running: the run stays Running in Prefect until the endpoint starts again on this
-    machine, which marks it Crashed before it serves (nothing left Running for ever)."""
+    machine, which marks it Crashed before it serves (nothing left Running for ever), and
+    delivers the job's webhook, FAILED with the reason (the job died with the endpoint)."""
     import http.server
     import os
     import signal
@@ -159,7 +160,8 @@ def test_a_killed_in_process_endpoint_leaves_no_run_running(prefect_harness, tmp
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
     from prefect.settings import PREFECT_API_URL
 
-    from deployments.local_server import start_endpoint
+    from deployments.local_server import free_port, start_endpoint
+    from deployments.webhooks import LOST
 
     class Trickle(http.server.BaseHTTPRequestHandler):  # a download that takes for ever
         def log_message(self, *args):
@@ -199,13 +201,14 @@ def test_a_killed_in_process_endpoint_leaves_no_run_running(prefect_harness, tmp
             time.sleep(0.5)
         raise AssertionError(f"{name}: {state_of(name)} after {seconds} s, not {kind}")
 
-    procs = []
+    procs, hook, port, state = [], Receiver(), free_port(), ("--state-dir", str(tmp_path / "state"))
     try:
-        proc, base = start_endpoint(env, tmp_path / "first.log", KEY, endpoint_id="e")
+        proc, base = start_endpoint(env, tmp_path / "first.log", KEY, *state, endpoint_id="e", port=port)
         procs.append(proc)
         auth = {"Authorization": f"Bearer {KEY}"}
         job = requests.post(f"{base}/run", headers=auth, timeout=30, json={"input": {
-            "audio_file": f"http://127.0.0.1:{server.server_address[1]}/call.wav", "language": "en"}}).json()["id"]
+            "audio_file": f"http://127.0.0.1:{server.server_address[1]}/call.wav", "language": "en"},
+            "webhook": hook.url}).json()["id"]
         until(job, "RUNNING", 120)
         # the run notes its process first thing (one API call after it is set Running; a kill inside that
         # call's few milliseconds would leave a run no later process can tell is its own): kill after it
@@ -217,10 +220,12 @@ def test_a_killed_in_process_endpoint_leaves_no_run_running(prefect_harness, tmp
         proc.wait(30)
         time.sleep(2)
         assert state_of(job).type.value == "RUNNING"  # nobody left to say otherwise
-        proc, base = start_endpoint(env, tmp_path / "second.log", KEY, endpoint_id="e")
+        assert hook.attempts == 0
+        proc, base = start_endpoint(env, tmp_path / "second.log", KEY, *state, endpoint_id="e", port=port)
         procs.append(proc)
         crashed = until(job, "CRASHED", 30)
         assert "ended without finishing the run" in crashed.message, crashed.message
+        assert hook.wait(1, 60) == [{"id": job, "status": "FAILED", "error": LOST}]
     finally:
         for proc in procs:
             if proc.poll() is None:

@@ -4,52 +4,15 @@ job's output out once, ``/purge-queue`` cancels the queued jobs. Driven by the `
 and a receiver on 127.0.0.1."""
 from __future__ import annotations
 
-import http.server
-import json
 import threading
 import time
 
 import pytest
 import requests
 
-from conftest import DATA, runpod_sdk, serving_runpod_api
+from conftest import DATA, Receiver, runpod_sdk, serving_runpod_api
 
 KEY = "routes-key"
-
-
-class Receiver:
-    """A webhook receiver on 127.0.0.1: records each POST; answers 500 ``fail_first`` times."""
-
-    def __init__(self, fail_first: int = 0):
-        self.bodies: list[dict] = []
-        self.attempts = 0
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                outer.attempts += 1
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if outer.attempts <= fail_first:
-                    self.send_response(500)
-                else:
-                    outer.bodies.append(body)
-                    self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook?token=t"
-
-    def wait(self, n: int, seconds: float = 120) -> list[dict]:
-        deadline = time.monotonic() + seconds
-        while len(self.bodies) < n:
-            assert time.monotonic() < deadline, (self.attempts, self.bodies)
-            time.sleep(0.2)
-        return self.bodies
 
 
 @pytest.fixture
@@ -118,3 +81,46 @@ def test_purge_queue_cancels_the_queued_jobs_and_their_webhooks_say_so(monkeypat
         release.set()
         bodies = {b["id"]: b["status"] for b in hook.wait(3)}
     assert bodies == {ids[0]: "COMPLETED", ids[1]: "CANCELLED", ids[2]: "CANCELLED"}
+
+
+def test_webhooks_an_endpoint_left_undelivered_are_delivered_by_the_next_one(tmp_path):
+    """An endpoint is killed with webhooks pending (its journal's last line cut short): the next
+    endpoint on that journal delivers them, the final status of a job that outlived it
+    (deployment / task-worker jobs, read back from Prefect) and FAILED for one that died with it
+    (in-process jobs); a delivered webhook is not delivered again; one journal, one endpoint."""
+    import stat
+
+    from deployments.webhooks import LOST, Journal, Webhooks
+
+    hook, path = Receiver(), tmp_path / "state" / "webhooks-8000.jsonl"
+    states = {"outlives": "IN_PROGRESS", "dies": "IN_PROGRESS", "done": "COMPLETED"}
+    journal = Journal(path)
+    first = Webhooks(lambda job: {"id": job, "status": states[job]}, every=0.05, journal=journal)
+    first.add("outlives", hook.url, "alice")
+    first.add("dies", hook.url, "bob")
+    first.add("done", hook.url, "alice")
+    assert [b["id"] for b in hook.wait(1)] == ["done"]
+    time.sleep(0.2)  # its delivery journaled
+    first.stopping.set()  # killed: nothing more delivered, nothing flushed at exit
+    journal.close()
+    with path.open("a") as f:
+        f.write('{"job": "half-writ')
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # webhook URLs carry their receivers' tokens
+
+    journal = Journal(path)
+    assert journal.pending == {"outlives": (hook.url, "alice"), "dies": (hook.url, "bob")}
+    with pytest.raises(RuntimeError, match="another endpoint"):
+        Journal(path)
+    # the job that outlived the endpoint has finished; the one that died with it is unknown now
+    second = Webhooks(lambda job: {"id": job, "status": "COMPLETED"} if job == "outlives" else None, every=0.05,
+                      journal=journal)
+    bodies = {b["id"]: b for b in hook.wait(3)}
+    assert bodies["outlives"]["status"] == "COMPLETED"
+    assert bodies["dies"] == {"id": "dies", "status": "FAILED", "error": LOST}
+    time.sleep(0.2)
+    second.stopping.set()
+    journal.close()
+    left = Journal(path)
+    assert left.pending == {}  # delivered: not again
+    left.close()
+    assert len(hook.bodies) == 3
