@@ -48,11 +48,12 @@ job (the throughput path); the job id is the task run id. See :mod:`deployments.
 # no "from __future__ import annotations": FastAPI reads the route functions' annotations at runtime
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
 from deployments.callers import DEFAULT, Callers, s3_sources_closed, share
 from deployments.runpod_jobs import FINAL, MAX_QUEUED, DeploymentJobs, Jobs, QueueFull  # noqa: F401 - job tables
@@ -146,7 +147,8 @@ def _loopback_name(host: str) -> bool:
 
 
 def create_app(keys: "Callers | str | None", jobs: Any, loopback: bool = True,
-               max_bytes: Optional[int] = None, max_waits: int = MAX_WAITS, journal: Any = None) -> Any:
+               max_bytes: Optional[int] = None, max_waits: int = MAX_WAITS, journal: Any = None,
+               lifespan: Any = None) -> Any:
     """The FastAPI application (RunPod's routes over ``jobs``). Every request meets the edge
     rules: ``Authorization`` naming one of the callers' ``keys`` (a string: the one caller
     ``default``; None: no key, one caller), each job seen only by the caller who sent it; a JSON
@@ -172,7 +174,7 @@ def create_app(keys: "Callers | str | None", jobs: Any, loopback: bool = True,
     callers = (Callers({DEFAULT: keys}) if isinstance(keys, str) else keys) if keys else None  # "": no key
     shared_names_refused = callers is not None and len(callers) > 1  # one caller's output_name, another's file
     limit = max_bytes or get_settings().max_request_bytes
-    app = FastAPI(title="whisperx-prefect (RunPod-compatible)", docs_url=None, redoc_url=None)
+    app = FastAPI(title="whisperx-prefect (RunPod-compatible)", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.jobs, app.state.max_waits = jobs, max_waits
     webhooks = Webhooks(jobs.view, journal=journal)
     streamed: set[str] = set()  # jobs whose one stream chunk (the output) was handed out
@@ -342,6 +344,17 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
+@contextlib.asynccontextmanager
+async def _watched(app: Any) -> AsyncIterator[None]:
+    """The in-process endpoint, once serving: a job stuck past its deadline in a stage that never
+    returns would hold its slot for ever, so the process ends instead (``WATCHDOG_EXIT``, the job
+    Failed, the others in flight Crashed) and its supervisor starts it again."""
+    from flows.runguard import fail_stuck_flow_runs, start_watchdog
+
+    start_watchdog(before_exit=fail_stuck_flow_runs)
+    yield
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deployments.runpod_api", description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -407,9 +420,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     # each caller may park runsync calls on at most half its share of the connections: the rest
     # stay free for its other calls, and no caller's waits take the connections of another
     max_waits = max(1, args.max_connections // (2 * (len(callers) if callers else 1)))
+    app = create_app(callers, jobs, loopback=_loopback(args.host), max_waits=max_waits, journal=journal,
+                     lifespan=None if args.task_workers or args.deployment else _watched)
     try:
-        uvicorn.run(create_app(callers, jobs, loopback=_loopback(args.host), max_waits=max_waits, journal=journal),
-                    host=args.host, port=args.port, http=head_deadline_protocol(), log_level="info",
+        uvicorn.run(app, host=args.host, port=args.port, http=head_deadline_protocol(), log_level="info",
                     limit_concurrency=args.max_connections)
     finally:
         journal.close()

@@ -101,6 +101,9 @@ def serve() -> None:
     from flows.local_api import mark_abandoned_runs_quietly
 
     mark_abandoned_runs_quietly()  # runs a killed worker on this machine left Running: Crashed
+    from flows.runguard import fail_stuck_flow_runs, start_watchdog
+
+    start_watchdog(before_exit=fail_stuck_flow_runs)  # a job stuck in a stage that never returns ends the worker
     runpod.serverless.start({"handler": handler})
 
 

@@ -136,11 +136,18 @@ def flow_run_guard(flow_run_id: Any, seconds: float, label: str) -> RunGuard:
 
 
 def fail_stuck_flow_runs(stuck: list[str]) -> None:
-    """The watchdog's last words in a flow run's own process: each stuck flow run is set Failed
-    with the reason, before the process ends (the worker then finds it final, not Crashed)."""
+    """The watchdog's last words in a process of flow runs (a deployment run's own, the in-process
+    endpoint, the RunPod handler): each stuck flow run is set Failed with the reason, before the
+    process ends (its worker then finds it final, not Crashed), and the process's other guarded
+    runs, which end with it, Crashed."""
     from prefect.client.orchestration import get_client
     from prefect.states import Failed
 
+    with RunGuard._lock:
+        others = [run for run in RunGuard.running if run not in stuck]
+    if others:
+        _set_crashed(others, f"its process {os.getpid()} was ended because another run in it was stuck past its "
+                             "deadline inside a stage that never returned: run it again")
     for run_id in stuck:
         try:
             with get_client(sync_client=True) as client:
@@ -189,7 +196,9 @@ def end_with_starter(flow_run_id: Any, interval: float = 1.0, grace: float = 30.
         end = time.monotonic() + grace
         while main.is_alive() and time.monotonic() < end:  # the run unwinds; Prefect sets it Crashed
             time.sleep(0.2)
-        _set_crashed([run_id, *RunGuard.running], reason)  # ... and the cause goes on its state
+        with RunGuard._lock:
+            runs = [run_id, *RunGuard.running]
+        _set_crashed(runs, reason)  # ... and the cause goes on its state
         if main.is_alive():
             _flush_api_logs()
             logging.shutdown()

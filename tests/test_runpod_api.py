@@ -234,6 +234,58 @@ def test_a_killed_in_process_endpoint_leaves_no_run_running(prefect_harness, tmp
         server.shutdown()
 
 
+def test_a_job_stuck_in_a_stage_ends_the_in_process_endpoint(prefect_harness, slow_server, tmp_path):
+    """A job of the in-process endpoint whose stage never returns (its Whisper model downloaded
+    from a hub that stopped answering) would hold its slot for ever, and every job queued behind it
+    would wait without end: past its deadline (GPU_TASK_TIMEOUT) and the grace, the endpoint's
+    watchdog sets the job's run Failed with the reason and ends the process (WATCHDOG_EXIT) for
+    its supervisor to start again; the job queued behind it is delivered FAILED by the next
+    endpoint, and nothing is written."""
+    import os
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.settings import PREFECT_API_URL
+
+    from deployments.local_server import free_port, start_endpoint
+    from deployments.webhooks import LOST
+    from flows.dispatch import GRACE
+    from flows.runguard import WATCHDOG_EXIT
+
+    out, hook, port = tmp_path / "out", Receiver(), free_port()
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "ALLOW_LOCAL_PATHS": f"{DATA}:{out}",
+           "GPU_TASK_TIMEOUT": "1", "WORKER_MODELS": "tiny.en", "HF_HUB_OFFLINE": "0",
+           "HF_ENDPOINT": f"{slow_server}/stalled", "HF_HOME": str(tmp_path / "hf"),
+           "SPEECH_CACHE_DIR": str(tmp_path / "cache")}
+    state = ("--state-dir", str(tmp_path / "state"))
+    proc, base = start_endpoint(env, tmp_path / "first.log", KEY, *state, endpoint_id="e", port=port)
+    procs = [proc]
+    try:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        job = {"input": {"audio_file": str(DATA / "enrol_slt.wav"), "language": "en", "model": "tiny.en",
+                         "download_dir": str(out)}, "webhook": hook.url}
+        stuck, queued = (requests.post(f"{base}/run", headers=auth, timeout=30, json=job).json()["id"]
+                         for _ in range(2))
+        started = time.monotonic()
+        assert proc.wait(timeout=GRACE + 180) == WATCHDOG_EXIT, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() - started >= GRACE  # stages may still stop on their own until then
+        with get_client(sync_client=True) as client:
+            (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[stuck])))
+        assert run.state.is_failed() and "ran past its deadline" in run.state.message, run.state
+        assert "stuck past their deadline" in (tmp_path / "first.log").read_text()
+        proc, base = start_endpoint(env, tmp_path / "second.log", KEY, *state, endpoint_id="e", port=port)
+        procs.append(proc)
+        bodies = {b["id"]: b for b in hook.wait(2, 60)}
+        assert bodies[queued] == {"id": queued, "status": "FAILED", "error": LOST}
+        assert bodies[stuck]["status"] == "FAILED"
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+    assert not [f for f in out.rglob("*") if f.is_file()]
+
+
 def test_abandoned_runs_are_found_on_every_page(prefect_harness, monkeypatch):
     """A later process marks every run of this machine whose process is gone, however many
     unfinished runs the server holds (read page by page, runs of deployments left to their
