@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from speech.asr.transcribe import transcribe
     from speech.asr.whisper import resolve_model
     from speech.io.audio import load_audio, read_samples
-    from speech.schema import SAMPLE_RATE, AlignParams, TranscribeParams
+    from speech.contracts import AlignParams, TranscribeParams
+    from speech.schema import SAMPLE_RATE
     from speech.settings import get_settings
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]

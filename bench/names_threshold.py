@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.speakers import band_audio, enrolment_clips, named_share, vad_regions
 
     quiet_libraries(False)
-    from speech.schema import DiarizeParams, Segment
+    from speech.contracts import DiarizeParams, Segment
     from speech.speakers import verify
     from speech.speakers.diarize import diarize
     from speech.speakers.encoders import get_encoder

@@ -120,7 +120,7 @@ def vad_regions(audio: Any) -> list[tuple[float, float]]:
     """The speech spans the transcribe stage's VAD finds (inside its merged <= 30 s chunks)."""
     from speech import models
     from speech.asr.vad import get_vad, speech_chunks
-    from speech.schema import TranscribeParams
+    from speech.contracts import TranscribeParams
     from speech.settings import get_settings
 
     settings = get_settings()
@@ -134,7 +134,7 @@ def aligned_words(audio: Any) -> list[Any]:
     """The pipeline's transcript of ``audio`` with word times (bundled base, English)."""
     from speech.align.stage import align
     from speech.asr.transcribe import transcribe
-    from speech.schema import TranscribeParams
+    from speech.contracts import TranscribeParams
 
     return align(audio, transcribe(audio, TranscribeParams(language="en"))).segments
 
@@ -143,7 +143,7 @@ def words_der(rec: Any, segments: list[Any], hyp: list[dict]) -> tuple[Optional[
     """DER of the words as the pipeline labels them (each word a turn with the speaker
     ``assign_speakers`` gives it) and of a perfect labelling of the same words."""
     from bench.metrics import der
-    from speech.schema import Turn
+    from speech.contracts import Turn
     from speech.speakers.assign import assign_speakers
 
     labelled, _ = assign_speakers(segments, [Turn(**h) for h in hyp])
@@ -287,7 +287,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from bench import realdata
     from bench.metrics import der
-    from speech.schema import SAMPLE_RATE, DiarizeParams, Segment
+    from speech.contracts import DiarizeParams, Segment
+    from speech.schema import SAMPLE_RATE
     from speech.speakers.diarize import diarize
 
     every = realdata.recordings(args.sets)

@@ -137,7 +137,7 @@ def in_process(args: argparse.Namespace, audio_path: Path, res: dict[str, Any]) 
     from speech.asr import transcribe as stage
     from speech.asr.whisper import resolve_model
     from speech.io.decode import decode
-    from speech.schema import TranscribeParams
+    from speech.contracts import TranscribeParams
     from speech.settings import get_settings
 
     settings = get_settings()

@@ -97,7 +97,7 @@ class TaskJobs(_RunJobs):
     def _output(self, run: Any) -> dict[str, Any]:
         from speech.io.store import OutputTarget
         from speech.redact import one_line
-        from speech.schema import OutputRef
+        from speech.contracts import OutputRef
         from tasks.outputs import bucket_keys
         from tasks.storage import results_store
 

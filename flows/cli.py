@@ -357,7 +357,7 @@ def _transcript_cached(req: Any) -> bool:
         return False
     try:
         from speech.io.fetch import fetch
-        from speech.schema import TranscribeParams
+        from speech.contracts import TranscribeParams
         from tasks.transcribe import transcribe_key
 
         key = transcribe_key(fetch(req.audio_file).sha256, TranscribeParams.from_request(req))

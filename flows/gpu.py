@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from speech.models import CACHE
-from speech.schema import (
+from speech.contracts import (
     AlignOutcome,
     AlignParams,
     AudioRef,
@@ -27,10 +27,10 @@ from speech.schema import (
     DiarizeParams,
     Segment,
     SpeakerLabels,
-    SpeakerSample,
     TranscribeParams,
     Transcript,
 )
+from speech.schema import SpeakerSample
 from flows.stages import StageClock
 from tasks.align import align_words
 from tasks.progress import checkpoint

@@ -25,8 +25,7 @@ from speech.io.store import OutputTarget
 from speech.models import CACHE
 from speech.policy import from_others
 from speech.output.result import PipelineResults
-from speech.schema import (
-    SECRET_REF_PREFIX,
+from speech.contracts import (
     AlignParams,
     AudioRef,
     ConfidenceLabels,
@@ -37,8 +36,8 @@ from speech.schema import (
     OutputRef,
     S3Options,
     TranscribeParams,
-    TranscriptionRequest,
 )
+from speech.schema import SECRET_REF_PREFIX, TranscriptionRequest
 from speech.redact import secret_value
 from speech.settings import SECRETS, get_settings
 from flows.dispatch import run_deadline, run_on_worker

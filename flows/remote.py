@@ -166,7 +166,7 @@ def _upload(path: Path, bucket: str, req: Any, settings: Any, as_uri: bool, note
     from speech.io.fetch import fetch
     from speech.io.s3 import s3_client_for
     from speech.io.upload import upload_audio
-    from speech.schema import S3Options
+    from speech.contracts import S3Options
 
     done = upload_audio(str(path), sha256 or fetch(str(path)).sha256, bucket=bucket, prefix_audio=req.prefix_audio or settings.prefix_audio,
                         name=name, force=req.force, url_expiry=req.url_expiry,
@@ -333,7 +333,7 @@ def write_locally(output: dict[str, Any], req: Any) -> list[Any]:
     from speech.io.audio import stem_of
     from speech.io.store import local_store
     from speech.output.formats import render
-    from speech.schema import OutputOptions, TranscriptionResult
+    from speech.contracts import OutputOptions, TranscriptionResult
 
     result = TranscriptionResult.model_validate({k: v for k, v in output.items() if k in TranscriptionResult.model_fields})
     files = render(result, req.output_name or stem_of(req.audio_file), options=OutputOptions.from_request(req))

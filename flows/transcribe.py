@@ -22,6 +22,7 @@ from pydantic import SecretStr
 from flows.pipeline import run_pipeline
 from flows.local_api import record_run_process
 from flows.runtime import apply_runtime_switches, keep_result_with_task_results, redact_stored_secrets
+from speech.contracts import request_default as _d
 from speech.schema import (
     AlignBackend,
     ComputeType,
@@ -34,7 +35,6 @@ from speech.schema import (
     TaskName,
     TranscriptionRequest,
     VadMethod,
-    request_default as _d,
 )
 
 

@@ -11,7 +11,7 @@ import speech.align
 import speech.backends
 from speech.align.stage import align
 from tasks.audio import audio_samples
-from speech.schema import AlignOutcome, AlignParams, AudioRef, Transcript
+from speech.contracts import AlignOutcome, AlignParams, AudioRef, Transcript
 from tasks.common import code_version, keep_out_of_cache, stage_key
 from tasks.progress import stage_progress
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from speech.io.audio import AudioNotHere, read_samples
-from speech.schema import AudioRef
+from speech.contracts import AudioRef
 from speech.settings import get_settings
 
 SHARED_FOLDER = "audio"

@@ -13,7 +13,7 @@ from speech.confidence.deepgram import deepgram_for, deepgram_words
 from speech.confidence.match import annotate
 from tasks.audio import audio_samples
 from speech.io.upload import UploadResult
-from speech.schema import AudioRef, ConfidenceLabels, ConfidenceThresholds, DeepgramOptions, Segment
+from speech.contracts import AudioRef, ConfidenceLabels, ConfidenceThresholds, DeepgramOptions, Segment
 from tasks.common import code_version, file_digest, stage_key
 
 VERSION = code_version(speech.confidence)

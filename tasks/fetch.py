@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from speech.io.audio import load_audio
-from speech.schema import AudioRef
+from speech.contracts import AudioRef
 from tasks.common import NETWORK_BACKOFF, NETWORK_RETRIES, retry_transient
 
 

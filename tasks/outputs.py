@@ -13,7 +13,7 @@ from speech.io.store import OutputTarget, S3Store, kept_folder, local_store
 from speech.output.formats import render
 from speech.output.report import summary_markdown
 from speech.output.result import PipelineResults, build_result
-from speech.schema import OutputRef, TranscriptionResult
+from speech.contracts import OutputRef, TranscriptionResult
 from tasks.common import artifact_key
 from tasks.progress import outputs_written
 from tasks.storage import results_store

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 from speech.progress import ProgressCallback
-from speech.schema import OutputRef
+from speech.contracts import OutputRef
 
 
 @dataclass

@@ -13,7 +13,8 @@ import speech.backends
 import speech.speakers
 from tasks.audio import audio_samples
 from speech.redact import secret_value
-from speech.schema import AudioRef, DiarizationOutcome, DiarizeParams, Segment, SpeakerLabels, SpeakerSample, Turn
+from speech.contracts import AudioRef, DiarizationOutcome, DiarizeParams, Segment, SpeakerLabels, Turn
+from speech.schema import SpeakerSample
 from speech.speakers import encoders, verify
 from speech.speakers.assign import assign_speakers, speech_regions
 from speech.errors import DiarizationError

@@ -12,7 +12,7 @@ from speech.asr.transcribe import transcribe as engine_transcribe
 from speech.asr.whisper import resolve_model
 from tasks.audio import audio_samples
 from speech.models import resolve_device
-from speech.schema import AudioRef, TranscribeParams, Transcript
+from speech.contracts import AudioRef, TranscribeParams, Transcript
 from tasks.common import code_version, stage_key
 from tasks.progress import stage_progress
 

@@ -8,7 +8,7 @@ from prefect.logging import get_run_logger
 from speech.io.s3 import s3_client_for
 from speech.io.upload import UploadResult, upload_audio
 from speech.redact import redact_url
-from speech.schema import AudioRef, S3Options
+from speech.contracts import AudioRef, S3Options
 from tasks.common import NETWORK_BACKOFF, NETWORK_RETRIES, retry_transient
 
 

@@ -10,7 +10,7 @@ from conftest import samples
 from speech.align.stage import align
 from speech.align.words import split_sentences
 from speech.asr.transcribe import transcribe
-from speech.schema import AlignParams, Segment, TimedWord, TranscribeParams, Transcript
+from speech.contracts import AlignParams, Segment, TimedWord, TranscribeParams, Transcript
 
 
 def transcript_of(segments: list[tuple[float, float, str]], language: str = "en") -> Transcript:
@@ -185,7 +185,7 @@ def test_char_alignments_from_wav2vec2_in_both_resolutions(sample_transcript, ti
 
 
 def test_sentence_split_carries_chars():
-    from speech.schema import TimedChar
+    from speech.contracts import TimedChar
 
     text = "Hi there. How are you?"
     seg = Segment(start=0, end=3, text=text, chars=[TimedChar(char=c, start=i * 0.1) for i, c in enumerate(text)],
@@ -199,7 +199,8 @@ def test_the_whisper_aligner_reuses_the_model_that_transcribed():
     finds that one again instead of loading the default (and a run's device reaches the stages
     that have one)."""
     from speech.models import CACHE
-    from speech.schema import DiarizeParams, TranscriptionRequest
+    from speech.contracts import DiarizeParams
+    from speech.schema import TranscriptionRequest
 
     audio = samples("sample_2spk.wav")[: 16000 * 6]
     tr = transcribe(audio, TranscribeParams(language="en", threads=1, compute_type="float32"))

@@ -12,7 +12,7 @@ from conftest import DATA
 from speech.confidence.deepgram import deepgram_transcribe, deepgram_words
 from speech.confidence.match import annotate, match_words
 from speech.errors import ConfidenceError, InvalidRequest
-from speech.schema import DeepgramOptions, Segment, TimedWord
+from speech.contracts import DeepgramOptions, Segment, TimedWord
 AUDIO = DATA / "heldout_3spk.wav"
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import der, read_wav, samples
-from speech.schema import DiarizeParams, Segment, TimedWord, Turn
+from speech.contracts import DiarizeParams, Segment, TimedWord, Turn
 from speech.speakers.assign import assign_speakers
 from speech.speakers.builtin import diarize_builtin
 

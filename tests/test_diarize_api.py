@@ -21,7 +21,7 @@ import pytest
 from conftest import DATA
 from pyannote_stub import EXCLUSIVE, KEY, OVERLAPPED, PyannoteServer, _State
 from speech.errors import DiarizationError, InvalidRequest
-from speech.schema import DiarizationOutcome, Turn
+from speech.contracts import DiarizationOutcome, Turn
 from speech.speakers.pyannote_api import diarize_pyannote_api, resolve_api_url
 
 AUDIO = DATA / "heldout_3spk.wav"

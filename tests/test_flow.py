@@ -9,7 +9,7 @@ import pytest
 
 from speech import models
 from speech.errors import AudioError, FetchError, InvalidRequest
-from speech.schema import TranscriptionResult
+from speech.contracts import TranscriptionResult
 from conftest import DATA, wer, wer_limit
 
 pytestmark = pytest.mark.prefect

@@ -5,7 +5,7 @@ import json
 
 from speech.io.store import LocalStore
 from speech.output.formats import render
-from speech.schema import Segment, TimedWord, TranscriptionResult
+from speech.contracts import Segment, TimedWord, TranscriptionResult
 
 
 def result() -> TranscriptionResult:
@@ -47,7 +47,7 @@ def test_words_and_speakers_drive_subtitles():
 def test_whisperx_cli_output_formats_and_subtitle_options():
     """output_format picks whisperx's writers (txt, tsv, aud, all); <stem>.json is always there
     (what consumers poll for); highlight_words and line limits reach the subtitle writers."""
-    from speech.schema import OutputOptions
+    from speech.contracts import OutputOptions
 
     words = [TimedWord(word=w, start=0.1 + 0.4 * i, end=0.4 + 0.4 * i) for i, w in enumerate("one two three four".split())]
     r = TranscriptionResult(segments=[Segment(start=0.1, end=1.6, text="one two three four", words=words,

@@ -673,7 +673,7 @@ def test_an_s3_endpoint_that_resolves_elsewhere_after_the_check_is_not_reached(r
     from speech import policy
     from speech.io.s3 import s3_client_for
     from speech.policy import admit
-    from speech.schema import S3Options
+    from speech.contracts import S3Options
 
     monkeypatch.delenv("ALLOW_PRIVATE_URLS", raising=False)
     monkeypatch.delenv("FETCH_ALLOW_HOSTS", raising=False)
@@ -750,7 +750,7 @@ def test_a_requests_s3_endpoint_that_answers_a_byte_at_a_time_is_cut_off(roots, 
 
     from speech.io.s3 import s3_client_for
     from speech.policy import admit
-    from speech.schema import S3Options
+    from speech.contracts import S3Options
 
     class Trickle(socketserver.BaseRequestHandler):
         def handle(self):
@@ -898,7 +898,8 @@ def test_every_entry_point_checks_the_file_it_opens(swapped, monkeypatch, prefec
     # a deployment run's GPU unit on a task worker: its plan says whose request it is
     from flows.gpu import GpuPlan, gpu_stages
     from speech.io.audio import load_audio
-    from speech.schema import SpeakerSample, TranscribeParams
+    from speech.contracts import TranscribeParams
+    from speech.schema import SpeakerSample
 
     plan = GpuPlan(transcribe=TranscribeParams(language="en"), others=True,
                    samples=[SpeakerSample(name="alice", url=str(root / "mine.wav"))])

@@ -9,7 +9,7 @@ import pytest
 
 from speech.errors import InvalidRequest
 from speech.models import ModelCache
-from speech.schema import TranscribeParams
+from speech.contracts import TranscribeParams
 from speech.settings import get_settings
 
 

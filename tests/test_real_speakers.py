@@ -16,7 +16,7 @@ import soundfile as sf
 
 from bench.speakers import named_share
 from conftest import der
-from speech.schema import DiarizeParams
+from speech.contracts import DiarizeParams
 
 
 @pytest.fixture(scope="module")

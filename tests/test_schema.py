@@ -6,7 +6,8 @@ import inspect
 import pytest
 
 from speech.errors import InvalidRequest
-from speech.schema import TranscribeParams, TranscriptionRequest, TranscriptionResult
+from speech.contracts import TranscribeParams, TranscriptionResult
+from speech.schema import TranscriptionRequest
 
 WORKER_DEFAULTS = {
     "language": None,

@@ -15,7 +15,8 @@ from conftest import SR
 from conftest import samples as fixture_audio
 from speech.errors import AudioError, InvalidRequest, ModelError
 from speech.io.decode import write_wav as _write_wav
-from speech.schema import Segment, SpeakerInfo, SpeakerSample, TimedWord
+from speech.contracts import Segment, SpeakerInfo, TimedWord
+from speech.schema import SpeakerSample
 from speech.speakers import encoders, verify
 
 

@@ -12,7 +12,7 @@ from speech.asr.language import detect_language
 from speech.asr.transcribe import transcribe
 from speech.asr.whisper import get_whisper, resolve_model
 from speech.errors import ModelError
-from speech.schema import TranscribeParams
+from speech.contracts import TranscribeParams
 from speech.settings import get_settings
 
 

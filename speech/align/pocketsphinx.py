@@ -40,7 +40,8 @@ from speech.align.g2p import oov_pron
 from speech.align.text import normalize_token
 from speech.align.words import fill_missing, refine, round_time
 from speech.progress import ProgressCallback, report
-from speech.schema import SAMPLE_RATE, Segment, TimedWord, Transcript
+from speech.contracts import Segment, TimedWord, Transcript
+from speech.schema import SAMPLE_RATE
 
 FRAME_RATE = 100  # the en-us model's frame rate (frames per second)
 PAD_S = 0.2  # audio added either side of a segment so edge words are not cut

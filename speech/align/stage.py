@@ -27,7 +27,7 @@ from speech.align.words import split_sentences
 from speech.backends import BackendRegistry
 from speech.models import CACHE, ModelCache
 from speech.progress import ProgressCallback
-from speech.schema import AlignOutcome, AlignParams, Transcript
+from speech.contracts import AlignOutcome, AlignParams, Transcript
 from speech.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)

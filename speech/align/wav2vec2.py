@@ -10,7 +10,7 @@ import numpy as np
 from speech.align.words import fill_missing, merge_segments, refine, round_time
 from speech.models import ModelCache, hub_offline, resolve_device
 from speech.progress import ProgressCallback, report
-from speech.schema import AlignParams, Segment, TimedChar, TimedWord, Transcript
+from speech.contracts import AlignParams, Segment, TimedChar, TimedWord, Transcript
 from speech.settings import Settings
 
 log = logging.getLogger(__name__)

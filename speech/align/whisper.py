@@ -16,7 +16,8 @@ from speech.align.words import fill_missing, project_words, refine
 from speech.asr.whisper import ModelSpec, get_whisper
 from speech.models import ModelCache, resolve_device
 from speech.progress import ProgressCallback, report
-from speech.schema import SAMPLE_RATE, Segment, Transcript
+from speech.contracts import Segment, Transcript
+from speech.schema import SAMPLE_RATE
 from speech.settings import Settings
 
 log = logging.getLogger(__name__)

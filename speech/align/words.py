@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from speech.schema import Segment, TimedChar, TimedWord
+from speech.contracts import Segment, TimedChar, TimedWord
 
 
 def round_time(x: Any) -> Optional[float]:

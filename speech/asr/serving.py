@@ -17,7 +17,8 @@ from typing import Any, Optional
 from speech.asr.whisper import resolve_model
 from speech.errors import InvalidRequest
 from speech.models import resolve_device
-from speech.schema import ComputeType, TranscribeParams
+from speech.contracts import TranscribeParams
+from speech.schema import ComputeType
 from speech.settings import Settings, get_settings
 
 COMPUTE_TYPES = set(typing.get_args(ComputeType))

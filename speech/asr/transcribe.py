@@ -19,7 +19,7 @@ from speech.asr.vad import get_vad, precomputed, speech_chunks
 from speech.asr.whisper import get_whisper, resolve_model
 from speech.models import CACHE, ModelCache, resolve_device
 from speech.progress import ProgressCallback, report
-from speech.schema import Segment, TranscribeParams, Transcript
+from speech.contracts import Segment, TranscribeParams, Transcript
 from speech.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from speech.models import CACHE, ModelCache
-from speech.schema import SAMPLE_RATE, TranscribeParams
+from speech.contracts import TranscribeParams
+from speech.schema import SAMPLE_RATE
 from speech.settings import Settings
 
 CHUNK_SECONDS = 30

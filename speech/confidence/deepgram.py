@@ -40,7 +40,7 @@ from speech.errors import ConfidenceError, InvalidRequest
 from speech.io.decode import write_wav
 from speech.output.formats import load_saved_json
 from speech.redact import check_base_url, one_line, redact_url, scrub, secret_value
-from speech.schema import DeepgramOptions
+from speech.contracts import DeepgramOptions
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from speech.schema import ConfidenceThresholds, Segment
+from speech.contracts import ConfidenceThresholds, Segment
 
 MATCH_TOLERANCE = 0.12  # s: a Deepgram word overlapping the Whisper word widened by this much is a candidate
 MIDPOINT_MAX_DIST = 1.0  # s: the nearest-midpoint fallback never reaches further than this

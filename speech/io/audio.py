@@ -21,7 +21,8 @@ from speech.errors import AudioError, StorageError
 from speech.io.decode import decode_to_npy, probe
 from speech.io.fetch import fetch
 from speech.redact import redact_url
-from speech.schema import SAMPLE_RATE, AudioRef
+from speech.contracts import AudioRef
+from speech.schema import SAMPLE_RATE
 from speech.settings import Settings, get_settings
 
 

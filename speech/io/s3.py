@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from speech.errors import StorageError, TransientStorageError
 from speech.redact import redact_url, secret_value
-from speech.schema import S3Options
+from speech.contracts import S3Options
 from speech.settings import Settings, get_settings
 
 

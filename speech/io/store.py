@@ -22,7 +22,8 @@ from pydantic import BaseModel, Field
 
 from speech.errors import StorageError
 from speech.io.files import write_whole
-from speech.schema import OutputOptions, OutputRef, S3Options, TranscriptionRequest
+from speech.contracts import OutputOptions, OutputRef, S3Options
+from speech.schema import TranscriptionRequest
 from speech.settings import Settings, get_settings
 
 

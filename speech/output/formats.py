@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from speech.schema import OutputOptions, TranscriptionResult
+from speech.contracts import OutputOptions, TranscriptionResult
 
 DEFAULT_FORMATS = ("json", "srt", "vtt")  # the worker's: .segments.json, .srt, .vtt beside <stem>.json
 ALL_FORMATS = ("json", "srt", "vtt", "txt", "tsv", "aud")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from speech.output.result import PipelineResults
-from speech.schema import OutputRef, TranscriptionResult
+from speech.contracts import OutputRef, TranscriptionResult
 
 
 def summary_markdown(run: PipelineResults, result: TranscriptionResult, outputs: list[OutputRef], store: str) -> str:

@@ -5,14 +5,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, Field
 
-from speech.schema import (
-    AlignOutcome,
-    AudioRef,
-    ConfidenceLabels,
-    SpeakerLabels,
-    Transcript,
-    TranscriptionResult,
-)
+from speech.contracts import AlignOutcome, AudioRef, ConfidenceLabels, SpeakerLabels, Transcript, TranscriptionResult
 
 
 class PipelineResults(BaseModel):

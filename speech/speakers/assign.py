@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 from typing import Optional
 
-from speech.schema import Segment, SpeakerInfo, TimedWord, Turn
+from speech.contracts import Segment, SpeakerInfo, TimedWord, Turn
 
 
 def speech_regions(segments: list[Segment]) -> list[tuple[float, float]]:

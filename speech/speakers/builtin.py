@@ -17,7 +17,8 @@ from typing import Optional
 
 import numpy as np
 
-from speech.schema import SAMPLE_RATE, DiarizationOutcome, DiarizeParams, Turn
+from speech.contracts import DiarizationOutcome, DiarizeParams, Turn
+from speech.schema import SAMPLE_RATE
 from speech.speakers.cluster import centroids, cluster
 from speech.speakers.encoders import voice_encoder
 

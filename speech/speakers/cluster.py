@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from speech.schema import DiarizeParams
+from speech.contracts import DiarizeParams
 
 MAX_AUTO_SPEAKERS = 8  # upper bound of the count estimate when max_speakers is not given
 SAME_SPEAKER_SIM = 0.82  # clusters whose centroids are at least this similar are one voice (estimate)

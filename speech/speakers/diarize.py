@@ -25,7 +25,7 @@ import numpy as np
 from speech.backends import BackendRegistry
 from speech.models import CACHE, ModelCache
 from speech.redact import secret_value
-from speech.schema import DiarizationOutcome, DiarizeParams, Segment
+from speech.contracts import DiarizationOutcome, DiarizeParams, Segment
 from speech.settings import Settings, get_settings
 from speech.speakers.assign import speech_regions
 from speech.speakers.builtin import diarize_builtin

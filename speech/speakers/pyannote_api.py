@@ -52,7 +52,8 @@ from speech.errors import DiarizationError, InvalidRequest
 from speech.io.decode import write_wav
 from speech.output.formats import load_saved_json
 from speech.redact import check_base_url, one_line, scrub, secret_value
-from speech.schema import DiarizationOutcome, DiarizeParams, PyannoteModel, Turn, check_speaker_counts
+from speech.contracts import DiarizationOutcome, DiarizeParams, Turn
+from speech.schema import PyannoteModel, check_speaker_counts
 from speech.settings import get_settings
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import numpy as np
 
 from speech.errors import ModelError
 from speech.models import ModelCache, hub_reachable, resolve_device
-from speech.schema import DiarizationOutcome, DiarizeParams, Turn
+from speech.contracts import DiarizationOutcome, DiarizeParams, Turn
 from speech.settings import Settings
 
 DEFAULT_MODEL = "pyannote/speaker-diarization-community-1"  # whisperx's default

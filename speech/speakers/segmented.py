@@ -35,7 +35,8 @@ from typing import Any, Optional
 import numpy as np
 
 from speech.models import CACHE, ModelCache
-from speech.schema import SAMPLE_RATE, AudioBand, DiarizationOutcome, DiarizeParams, Turn
+from speech.contracts import DiarizationOutcome, DiarizeParams, Turn
+from speech.schema import SAMPLE_RATE, AudioBand
 from speech.speakers.segmentation import load_segmentation
 
 log = logging.getLogger(__name__)

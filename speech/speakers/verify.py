@@ -40,7 +40,8 @@ import numpy as np
 from speech.errors import AudioError, FetchError, InvalidRequest, SpeechError, TransientFetchError
 from speech.policy import sample_target
 from speech.redact import redact_url
-from speech.schema import SAMPLE_RATE, Segment, SpeakerInfo, SpeakerSample
+from speech.contracts import Segment, SpeakerInfo
+from speech.schema import SAMPLE_RATE, SpeakerSample
 from speech.speakers.encoders import BUILTIN_MARGIN, BUILTIN_THRESHOLD, Encoder, get_encoder, unit
 
 log = logging.getLogger(__name__)
