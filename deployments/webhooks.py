@@ -103,13 +103,15 @@ class Journal:
     given up; compacted when an endpoint opens it. One endpoint per journal (a lock file)."""
 
     def __init__(self, path: Path):
-        import fcntl
-
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = path
         self._lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
+            import fcntl  # POSIX; elsewhere the journal is not locked
+
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
         except BlockingIOError:
             os.close(self._lock_fd)
             raise RuntimeError(f"another endpoint is using the webhook journal {path}: give each endpoint on this "
@@ -150,7 +152,7 @@ class Journal:
             if self._fd < 0:
                 return  # closed
             os.write(self._fd, line)
-            os.fdatasync(self._fd)
+            getattr(os, "fdatasync", os.fsync)(self._fd)
 
     def added(self, job_id: str, url: str, caller: str) -> None:
         self._append({"job": job_id, "url": url, "caller": caller})

@@ -86,16 +86,26 @@ class RunGuard:
             return [run for run, deadline in cls.running.items() if now > deadline + grace]
 
 
+def _watchdog_grace() -> float:
+    from speech.settings import get_settings
+
+    return get_settings().watchdog_grace
+
+
 _WATCHDOG: Optional[threading.Thread] = None
 _WATCHDOG_LOCK = threading.Lock()
 
 
 def start_watchdog(before_exit: Optional[Callable[[list[str]], None]] = None, interval: float = 5.0,
-                   grace: float = GRACE) -> threading.Thread:
-    """End this process when one of its runs is past its deadline by more than ``grace`` (stuck
-    where no check is reached), so its slot and GPU come back; ``before_exit`` is told the stuck
-    run ids first (given at most 10 s). One watchdog per process: a second call returns the first."""
+                   grace: Optional[float] = None) -> threading.Thread:
+    """End this process when one of its runs is past its deadline by more than ``grace`` (default
+    ``WATCHDOG_GRACE``: stuck where no check is reached), so its slot and GPU come back;
+    ``before_exit`` is told the stuck run ids first (given at most 10 s). One watchdog per process:
+    a second call returns the first."""
     global _WATCHDOG
+    if grace is None:
+        grace = _watchdog_grace()
+    interval = min(interval, grace)
 
     def watch() -> None:
         while True:
@@ -148,19 +158,19 @@ def fail_stuck_flow_runs(stuck: list[str]) -> None:
     if others:
         _set_crashed(others, f"its process {os.getpid()} was ended because another run in it was stuck past its "
                              "deadline inside a stage that never returned: run it again")
+    message = (f"ran past its deadline (GPU_TASK_TIMEOUT) by more than {_watchdog_grace():.0f} s (WATCHDOG_GRACE) "
+               "inside a stage that never returned (a stalled download or a hung model): its process "
+               f"{os.getpid()} was ended")
     for run_id in stuck:
         try:
             with get_client(sync_client=True) as client:
-                client.set_flow_run_state(UUID(run_id), Failed(message=(
-                    f"ran past its deadline (GPU_TASK_TIMEOUT) by more than {GRACE:.0f} s inside a stage that never "
-                    f"returned (a stalled download or a hung model): its process {os.getpid()} was ended")),
-                    force=True)
+                client.set_flow_run_state(UUID(run_id), Failed(message=message), force=True)
         except Exception:  # noqa: BLE001 - the process ends anyway; the heartbeat automation crashes the run
             log.warning("could not set the stuck flow run %s Failed", run_id, exc_info=True)
 
 
 _STARTER_WATCH: Optional[threading.Thread] = None
-_STOP_SIGNAL = signal.SIGUSR2  # how the watch stops the run's main thread (SIGTERM is Prefect's)
+_STOP_SIGNAL = getattr(signal, "SIGUSR2", None)  # how the watch stops the run's main thread (SIGTERM is Prefect's)
 
 
 class StarterGone(BaseException):
@@ -188,7 +198,7 @@ def end_with_starter(flow_run_id: Any, interval: float = 1.0, grace: float = 30.
     if parent <= 1 or (_STARTER_WATCH is not None and _STARTER_WATCH.is_alive()):
         return None
     main = threading.main_thread()
-    if threading.current_thread() is main:
+    if threading.current_thread() is main and _STOP_SIGNAL is not None:
         signal.signal(_STOP_SIGNAL, _stop_main)
     run_id = str(flow_run_id)
 
@@ -212,7 +222,7 @@ def end_with_starter(flow_run_id: Any, interval: float = 1.0, grace: float = 30.
                   "written for finished files: run it again (a sweep triggers it again by itself)")
         # not a daemon: the interpreter waits for it once the run has unwound
         threading.Thread(target=last_words, args=(reason,), name="orphan-last-words", daemon=False).start()
-        if signal.getsignal(_STOP_SIGNAL) is _stop_main:
+        if _STOP_SIGNAL is not None and signal.getsignal(_STOP_SIGNAL) is _stop_main:
             signal.pthread_kill(main.ident, _STOP_SIGNAL)  # interrupts a blocking call of the main thread
         else:
             import _thread

@@ -246,6 +246,11 @@ class Settings(BaseSettings):
         "task on a task worker, or the rest of a deployment run or endpoint job working on its own machine (plus "
         "pyannote_timeout when it may wait on the hosted API). 0: scaled to the audio, 300 s + 2 s per second of "
         "audio.")
+    watchdog_grace: float = Field(
+        60.0, gt=0, validation_alias="WATCHDOG_GRACE",
+        description="Seconds past its deadline (GPU_TASK_TIMEOUT) a run stuck in a stage that never returns is given "
+        "before the watchdog sets it Failed and ends its process (a task worker, a deployment run, the in-process "
+        "endpoint, the RunPod handler).")
     gpu_task_retries: int = Field(
         2, ge=0, validation_alias="GPU_TASK_RETRIES",
         description="A GPU task whose worker died (killed, crashed, lost) runs again on another worker up to this "

@@ -249,12 +249,13 @@ def test_a_job_stuck_in_a_stage_ends_the_in_process_endpoint(prefect_harness, sl
 
     from deployments.local_server import free_port, start_endpoint
     from deployments.webhooks import LOST
-    from flows.dispatch import GRACE
     from flows.runguard import WATCHDOG_EXIT
+
+    GRACE = 5  # WATCHDOG_GRACE, cut from 60 s
 
     out, hook, port = tmp_path / "out", Receiver(), free_port()
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "ALLOW_LOCAL_PATHS": f"{DATA}:{out}",
-           "GPU_TASK_TIMEOUT": "1", "WORKER_MODELS": "tiny.en", "HF_HUB_OFFLINE": "0",
+           "GPU_TASK_TIMEOUT": "1", "WATCHDOG_GRACE": str(GRACE), "WORKER_MODELS": "tiny.en", "HF_HUB_OFFLINE": "0",
            "HF_ENDPOINT": f"{slow_server}/stalled", "HF_HOME": str(tmp_path / "hf"),
            "SPEECH_CACHE_DIR": str(tmp_path / "cache")}
     state = ("--state-dir", str(tmp_path / "state"))

@@ -586,14 +586,14 @@ def _wait_registered(client, name: str, proc: subprocess.Popen, log_path: Path, 
 def test_a_deployment_run_stuck_in_a_stage_is_failed_and_its_process_ended(server, slow_server, tmp_path):
     """A deployment run whose stage never returns (here: its Whisper model downloaded from a hub
     that stopped answering, one byte a second, so no read times out) is not left running: past its
-    deadline (GPU_TASK_TIMEOUT) and the grace, its watchdog sets it Failed with the reason and
-    ends its process; serve.py goes on, and no output is written."""
+    deadline (GPU_TASK_TIMEOUT) and the grace (WATCHDOG_GRACE, cut to 5 s), its watchdog sets it
+    Failed with the reason and ends its process; serve.py goes on, and no output is written."""
     import shutil
 
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.dispatch import GRACE
+    GRACE = 5
 
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
@@ -601,7 +601,7 @@ def test_a_deployment_run_stuck_in_a_stage_is_failed_and_its_process_ended(serve
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         serve = _start_serve(server, tmp_path, log, {**_stalled_hub_env(slow_server, tmp_path, inbox, out),
-                                                     "GPU_TASK_TIMEOUT": "1"})
+                                                     "GPU_TASK_TIMEOUT": "1", "WATCHDOG_GRACE": str(GRACE)})
         try:
             with temporary_settings({PREFECT_API_URL: server.url}), server.client() as client:
                 deadline = time.monotonic() + 180
@@ -620,6 +620,7 @@ def test_a_deployment_run_stuck_in_a_stage_is_failed_and_its_process_ended(serve
                     time.sleep(1)
                 took = time.monotonic() - started
                 assert state.is_failed() and "deadline" in state.message and "was ended" in state.message, state
+                assert f"by more than {GRACE} s (WATCHDOG_GRACE)" in state.message, state.message
                 assert took >= GRACE  # the watchdog waits out the grace: stages may still stop on their own
                 for _ in range(30):  # the runner reaps its child
                     if not _processes_of(run.id):
