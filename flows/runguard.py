@@ -179,8 +179,11 @@ class StarterGone(BaseException):
     run Crashed and its stages unwind (temporary files removed, nothing half-written)."""
 
 
+_GONE = ["the process that started this run ended"]  # why, as the watch found it
+
+
 def _stop_main(signum: int, frame: Any) -> None:
-    raise StarterGone("the process that started this run ended")
+    raise StarterGone(_GONE[0])
 
 
 def end_with_starter(flow_run_id: Any, interval: float = 1.0, grace: float = 30.0) -> Optional[threading.Thread]:
@@ -220,6 +223,7 @@ def end_with_starter(flow_run_id: Any, interval: float = 1.0, grace: float = 30.
         reason = (f"the process that started this run (pid {parent}: serve.py or its worker) ended while the run was "
                   "working, so the run was stopped rather than left running outside any worker; outputs are only "
                   "written for finished files: run it again (a sweep triggers it again by itself)")
+        _GONE[0] = reason  # the state Prefect sets names it too, until the cause replaces it
         # not a daemon: the interpreter waits for it once the run has unwound
         threading.Thread(target=last_words, args=(reason,), name="orphan-last-words", daemon=False).start()
         if _STOP_SIGNAL is not None and signal.getsignal(_STOP_SIGNAL) is _stop_main:
