@@ -23,7 +23,6 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -31,7 +30,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import DATA, FIXTURES, apply_smoke, job_output, smoke_option  # noqa: E402
+from bench.common import DATA, FIXTURES, apply_smoke, job_output, keep_option, scratch, smoke_option  # noqa: E402
 from deployments.local_server import (  # noqa: E402
     deploy_to_process_pool,
     local_prefect_server,
@@ -49,6 +48,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="Whisper model (default: the pipeline's, WHISPERX_MODEL)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for one flow run")
     p.add_argument("--json", type=Path, help="also write the measurements to this file")
+    keep_option(p)
     smoke_option(p, files=1)
     args = apply_smoke(p.parse_args(argv))
     if not 1 <= args.files <= len(FIXTURES):
@@ -67,10 +67,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     request: dict[str, Any] = {"force": True, "debug": True}
     if args.model:
         request["model"] = args.model
-    tmp = Path(tempfile.mkdtemp(prefix="bench-batch-"))
-    cache = tmp / "speech-cache"
     res: dict[str, Any] = {"files": len(files), "audio_seconds": None, "seconds": {}, "per_file": {}, "ratios": {}}
-    try:
+    with scratch("bench-batch-", args.keep) as tmp:
+        cache = tmp / "speech-cache"
         with local_prefect_server(tmp / "prefect-home") as server:
             print(f"Prefect server {server.url} (up in {server.startup_seconds:.1f} s)")
             from prefect.deployments import run_deployment
@@ -131,8 +130,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         pf = res["per_file"]
         res["ratios"] = {"wall_a_over_b": round(wall_a / wall_b, 2),
                          "overhead_a_over_b": round(pf["a_overhead"] / pf["b_overhead"], 1)}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     pf, r = res["per_file"], res["ratios"]
     print(f"\n{n} files, {res['audio_seconds']} s of audio, one process worker")

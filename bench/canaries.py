@@ -26,7 +26,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from contextlib import ExitStack
@@ -36,7 +35,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import DATA, serve_folder  # noqa: E402
+from bench.common import DATA, keep_option, scratch, serve_folder  # noqa: E402
 from deployments.local_server import local_postgres, local_prefect_server, start_endpoint, stop  # noqa: E402
 
 KEY = f"endpoint-key-canary-{os.getpid()}"  # the auditor's own key (ENDPOINT_API_KEYS): a canary too
@@ -130,11 +129,13 @@ def database_bytes(database: Optional[Any], home: Path, tmp: Path) -> list[Path]
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python bench/canaries.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="SQLite server, fewer entry points (CI)")
+    keep_option(p)
     args = p.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="secrets-audit-"))
     base, http_server = serve_folder(DATA)
-    canaries = Canaries(base, tmp / "out")
     with ExitStack() as stack:
+        tmp = stack.enter_context(scratch("secrets-audit-", args.keep))
+        stack.callback(http_server.shutdown)
+        canaries = Canaries(base, tmp / "out")
         database = None if args.smoke else stack.enter_context(local_postgres(log_statements=True))
         server = stack.enter_context(local_prefect_server(tmp / "home", database_url=database))
         print(f"Prefect server on {'SQLite' if database is None else 'PostgreSQL'}: {server.url}", flush=True)
@@ -157,11 +158,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         for canary in canaries.all:
             if canary in printed:
                 found.setdefault(canary, []).append("printed")
-    http_server.shutdown()
     print(f"{len(files)} files, {searched / 1e6:.1f} MB searched for {len(canaries.all)} canaries from "
           f"{', '.join(runs)}; refused: {', '.join(refused)}")
     print(json.dumps({"runs": runs, "refused": refused, "canaries": len(canaries.all), "found": found,
                       "bytes_searched": searched, "database": "sqlite" if database is None else "postgresql"}))
+    if found and not args.keep:
+        print("a canary was found: run again with --keep to read the files that hold it")
     return 1 if found else 0
 
 

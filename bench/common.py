@@ -1,16 +1,39 @@
 """What the benchmarks share: where the repository and its fixtures are, quiet library logs."""
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 # the synthesized fixtures, longest conversations first (bench/batch.py, bench/warm.py take the first N)
 FIXTURES = ["sample_2spk.wav", "heldout_3spk.wav", "align_3spk.wav", "diar_2spk.wav", "diar_3spk.wav",
             "diar_4spk.wav", "enrol_slt.wav", "enrol_awb.wav", "enrol_rms.wav", "enrol_kal16.wav"]
+
+
+@contextlib.contextmanager
+def scratch(prefix: str, keep: bool = False) -> Iterator[Path]:
+    """A fresh temporary folder for one benchmark run (audio, PREFECT_HOME, caches, outputs: often
+    hundreds of MB), removed when the run ends however it ends; ``keep``: left in place and its
+    path printed, to read the logs."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield tmp
+    finally:
+        if keep:
+            print(f"kept {tmp}", flush=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def keep_option(p: Any) -> None:
+    """``--keep``: keep the run's temporary folder (logs, outputs) and say where."""
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, outputs) and say where")
 
 
 def quiet_libraries(verbose: bool) -> None:

@@ -29,7 +29,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import apply_smoke, smoke_option  # noqa: E402
+from bench.common import apply_smoke, keep_option, scratch, smoke_option  # noqa: E402
 
 FALLBACKS = ("large-v3", "large-v3-turbo", "medium", "bundled:base")
 
@@ -54,6 +53,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-load", dest="load", action="store_false",
                    help="only the per-stage part (CI runs the load part as bench/load.py --smoke)")
     p.add_argument("--json", dest="json_path", type=Path, help="also write the numbers here")
+    keep_option(p)
     smoke_option(p, recordings=1, jobs=3, files=3)
     args = apply_smoke(p.parse_args(argv))
     args.compute_type = args.compute_type or ("float16" if args.device == "cuda" else "int8")
@@ -165,24 +165,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from deployments.local_server import local_prefect_server
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
-    os.environ.update(WHISPERX_DEVICE=args.device, SPEECH_CACHE_DIR=str(tmp / "cache"))
-    try:
-        with GpuMemory() as gpu:
-            model, skipped = pick_model(args)
-            print(f"model {model} ({args.compute_type} on {args.device})" + (f"; not loaded: {skipped}" if skipped else ""),
-                  flush=True)
-            with local_prefect_server(tmp / "home") as server, temporary_settings({PREFECT_API_URL: server.url}):
-                stages = per_stage(args, model, tmp / "out")
-            under_load: dict[str, Any] = {}
-            if args.load:
-                under_load = load.run(load.parse_args(
-                    ["--jobs", str(args.jobs), "--files", str(args.files), "--model", model, "--device", args.device,
-                     "--compute-type", args.compute_type] + (["--smoke"] if args.smoke else [])))
-        return {**under_load, "model": model, "device": args.device, "compute_type": args.compute_type,
-                "rtf": stages["rtf"], "gpu_peak_mb": gpu.peak, "per_recording": stages["rows"]}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with scratch("bench-gpu-", args.keep) as tmp, GpuMemory() as gpu:
+        os.environ.update(WHISPERX_DEVICE=args.device, SPEECH_CACHE_DIR=str(tmp / "cache"))
+        model, skipped = pick_model(args)
+        print(f"model {model} ({args.compute_type} on {args.device})" + (f"; not loaded: {skipped}" if skipped else ""),
+              flush=True)
+        with local_prefect_server(tmp / "home") as server, temporary_settings({PREFECT_API_URL: server.url}):
+            stages = per_stage(args, model, tmp / "out")
+        under_load: dict[str, Any] = {}
+        if args.load:
+            under_load = load.run(load.parse_args(
+                ["--jobs", str(args.jobs), "--files", str(args.files), "--model", model, "--device", args.device,
+                 "--compute-type", args.compute_type] + (["--smoke"] if args.smoke else [])))
+    return {**under_load, "model": model, "device": args.device, "compute_type": args.compute_type,
+            "rtf": stages["rtf"], "gpu_peak_mb": gpu.peak, "per_recording": stages["rows"]}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

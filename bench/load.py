@@ -43,12 +43,10 @@ import argparse
 import json
 import os
 import re
-import shutil
 import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -59,7 +57,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import DATA, FIXTURES, job_output  # noqa: E402
+from bench.common import DATA, FIXTURES, job_output, keep_option, scratch  # noqa: E402
 from deployments.local_server import (  # noqa: E402
     deploy_to_process_pool,
     local_postgres,
@@ -83,7 +81,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="3 + 3 files of the fixtures only (CI)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds for everything to finish")
     p.add_argument("--json", dest="json_path", type=Path, help="also write the measurements here")
-    p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, outputs) and say where")
+    keep_option(p)
     p.add_argument("--model", default="bundled:base", help="the model the workers serve (WORKER_MODELS) and the "
                    "references use (default bundled:base)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="WHISPERX_DEVICE (default cpu)")
@@ -194,15 +192,9 @@ def model_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="bench-load-"))
     os.environ.update(model_env(args))  # the references run with the workers' model, device and threads
-    try:
+    with scratch("bench-load-", args.keep) as tmp:
         return _run(args, tmp)
-    finally:
-        if args.keep:
-            print(f"kept {tmp}", flush=True)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:

@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -41,7 +40,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import DATA, FIXTURES, apply_smoke, job_output, report, smoke_option  # noqa: E402
+from bench.common import DATA, FIXTURES, apply_smoke, job_output, keep_option, report, scratch, smoke_option  # noqa: E402
 from deployments.local_server import (  # noqa: E402
     deploy_to_process_pool,
     kill_host,
@@ -66,7 +65,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "outlive the window and still complete (0: none)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds for everything to finish")
     p.add_argument("--json", dest="json_path", type=Path, help="also write the measurements here")
-    p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, outputs) and say where")
+    keep_option(p)
     smoke_option(p, files=3, limit=1, long=0)
     args = apply_smoke(p.parse_args(argv))
     if not 1 <= args.files <= len(FIXTURES) or args.limit < 1:
@@ -96,19 +95,13 @@ def long_file(path: Path, seconds: float) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="bench-lost-runs-"))
-    try:
-        with local_postgres() as database, local_prefect_server(tmp / "home", database_url=database) as server:
-            print(f"Prefect server on PostgreSQL: {server.url} (up in {server.startup_seconds:.1f} s)", flush=True)
-            from prefect.settings import PREFECT_API_URL, temporary_settings
+    with scratch("bench-lost-runs-", args.keep) as tmp, local_postgres() as database, \
+            local_prefect_server(tmp / "home", database_url=database) as server:
+        print(f"Prefect server on PostgreSQL: {server.url} (up in {server.startup_seconds:.1f} s)", flush=True)
+        from prefect.settings import PREFECT_API_URL, temporary_settings
 
-            with temporary_settings({PREFECT_API_URL: server.url}):
-                return _with_server(args, tmp, server)
-    finally:
-        if args.keep:
-            print(f"kept {tmp}", flush=True)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with temporary_settings({PREFECT_API_URL: server.url}):
+            return _with_server(args, tmp, server)
 
 
 def _with_server(args: argparse.Namespace, tmp: Path, server: Any) -> dict[str, Any]:

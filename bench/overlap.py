@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 import wave
 from pathlib import Path
@@ -31,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # the loopback API servers
 
-from bench.common import apply_smoke, smoke_option  # noqa: E402
+from bench.common import apply_smoke, keep_option, scratch, smoke_option  # noqa: E402
 
 GOAL_SECONDS = 3.0
 
@@ -43,6 +42,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--pyannote-job", type=float, default=10.0, help="seconds a pyannoteAI job runs")
     p.add_argument("--repeats", type=int, default=2, help="runs per scenario; the fastest counts")
     p.add_argument("--json", dest="json_path", help="also write the numbers here")
+    keep_option(p)
     smoke_option(p, seconds=10.0, deepgram_delay=1.0, pyannote_job=2.0, repeats=1)
     return apply_smoke(p.parse_args(argv))
 
@@ -65,7 +65,11 @@ def build_clip(path: Path, seconds: float) -> float:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     sys.dont_write_bytecode = True
-    work = Path(tempfile.mkdtemp(prefix="bench-overlap-"))
+    with scratch("bench-overlap-", args.keep) as work:
+        return _run(args, work)
+
+
+def _run(args: argparse.Namespace, work: Path) -> int:
     os.environ.update(PREFECT_HOME=str(work / "prefect"), SPEECH_CACHE_DIR=str(work / "cache"),
                       PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1",
                       PREFECT_LOGGING_LEVEL="WARNING")

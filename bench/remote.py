@@ -25,7 +25,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import DATA, FIXTURES, apply_smoke, report, serve_folder, smoke_option  # noqa: E402
+from bench.common import DATA, FIXTURES, apply_smoke, keep_option, report, scratch, serve_folder, smoke_option  # noqa: E402
 from deployments.local_server import local_prefect_server, start_endpoint, stop  # noqa: E402
 
 KEY = "remote-bench-key"
@@ -48,6 +47,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="CPU threads of each job (default: cores / --workers)")
     p.add_argument("--fixtures", default="", help="comma-separated fixture names instead of the first --files")
     p.add_argument("--json", dest="json_path", help="also write the numbers here")
+    keep_option(p)
     smoke_option(p, fixtures="enrol_slt.wav,enrol_awb.wav", workers=2)
     return apply_smoke(p.parse_args(argv))
 
@@ -69,10 +69,11 @@ def _command(env: dict[str, str], endpoint: str, urls: list[str], jobs: int, out
 def run(args: argparse.Namespace) -> dict[str, Any]:
     names = [n for n in args.fixtures.split(",") if n] or FIXTURES[: args.files]
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-remote-"))
     base, http_server = serve_folder(DATA)
     urls = [f"{base}/{name}" for name in names]
     with ExitStack() as stack:
+        tmp = stack.enter_context(scratch("bench-remote-", args.keep))
+        stack.callback(http_server.shutdown)
         server = stack.enter_context(local_prefect_server(tmp / "home"))
         env = {**server.env, "FETCH_ALLOW_HOSTS": "127.0.0.1", "SPEECH_CACHE_DIR": str(tmp / "cache"),
                "RESULTS_STORAGE": str(tmp / "results"), "RESULTS_DIR": str(tmp / "endpoint-out"),
@@ -87,7 +88,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"--remote-jobs 1: {one:.1f} s", flush=True)
         many, texts_many = _command(env, endpoint, urls, args.workers, tmp / "at-once")
         print(f"--remote-jobs {args.workers}: {many:.1f} s", flush=True)
-    http_server.shutdown()
     return {"files": len(names), "audio_s": round(sum(_seconds(DATA / n) for n in names), 1), "workers": args.workers,
             "threads_per_job": threads, "cores": os.cpu_count(), "one_at_a_time_s": round(one, 2), "at_once_s": round(many, 2),
             "speedup": round(one / many, 2), "outputs": len(texts_many),

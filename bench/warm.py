@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -33,7 +31,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import DATA, FIXTURES, apply_smoke, smoke_option  # noqa: E402
+from bench.common import DATA, FIXTURES, apply_smoke, keep_option, scratch, smoke_option  # noqa: E402
 from deployments.local_server import (  # noqa: E402
     deploy_to_process_pool,
     local_prefect_server,
@@ -49,7 +47,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--files", type=int, default=8, help=f"how many fixtures, one flow run each (1..{len(FIXTURES)})")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for one flow run")
     p.add_argument("--json", type=Path, help="also write the measurements to this file")
-    p.add_argument("--keep", action="store_true", help="keep the temporary folder (server, worker and task-worker logs)")
+    keep_option(p)
     smoke_option(p, files=2)
     args = apply_smoke(p.parse_args(argv))
     if not 1 <= args.files <= len(FIXTURES):
@@ -68,10 +66,9 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 18
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     files = [DATA / name for name in FIXTURES[: args.files]]
-    tmp = Path(tempfile.mkdtemp(prefix="bench-warm-"))
-    shared = tmp / "shared-results"
     res: dict[str, Any] = {"files": len(files)}
-    try:
+    with scratch("bench-warm-", args.keep) as tmp:
+        shared = tmp / "shared-results"
         with local_prefect_server(tmp / "prefect-home") as server:
             print(f"Prefect server {server.url} (up in {server.startup_seconds:.1f} s)")
             from prefect.client.orchestration import SyncPrefectClient
@@ -123,11 +120,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                 stop(worker)
                 stop(task_worker)
             whisper_loads = task_log.read_text().count("loaded Whisper")
-    finally:
-        if args.keep:
-            print(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     n = len(rows)
     warm = rows[1:] or rows  # the first run loads the models: overheads are for the warm ones

@@ -1,11 +1,13 @@
 """Shared fixtures: isolated caches, one Prefect harness, loopback HTTP and S3 servers."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import http.server
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -55,8 +57,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # a developer's own `prefect server start` on :4200 must not receive the tests' CLI runs
 os.environ["LOCAL_PREFECT_SERVER"] = "off"
 # Prefect keeps cached task results on disk under PREFECT_HOME: isolate them per session,
-# set before anything imports prefect.
+# set before anything imports prefect; removed when this test process ends.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
