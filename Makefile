@@ -15,7 +15,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 # servers, workers and subprocesses, so two share two cores well (3107 s -> 1905 s); 0 = one process
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo test bench bench-batch bench-overlap bench-warm bench-speakers bench-memory bench-load bench-names bench-remote bench-canaries bench-lost-runs bench-gpu bench-smoke clean fixtures
+.PHONY: setup demo test bench bench-batch bench-overlap bench-warm bench-speakers bench-memory bench-load bench-names bench-remote bench-canaries bench-lost-runs bench-turns bench-gpu bench-smoke clean fixtures
 
 setup: $(STAMP)
 
@@ -68,6 +68,9 @@ bench-canaries: setup  ## canaries through every in-process entry point, searche
 
 bench-lost-runs: setup  ## flow runs whose machine is lost (SIGKILL to a worker host), PostgreSQL-backed server: Crashed, swept again
 	$(PY) bench/lost_runs.py
+
+bench-turns: setup  ## two callers on one work pool through the endpoint's --deployment mode: turns vs first come, first served
+	$(PY) bench/turns.py
 
 bench-gpu: setup  ## on a CUDA machine: the largest model at hand, RTF per stage, GPU memory, the load path
 	$(PY) bench/gpu.py

@@ -40,7 +40,8 @@ process (named after the job id, so the Prefect UI lists it), through
 :func:`deployments.runpod_handler.handler`; jobs are kept in memory (``--keep`` finished jobs,
 default 1000): a restart forgets them, as RunPod forgets results. With ``--deployment``
 (:class:`DeploymentJobs`) each job is a run of that deployment on its work pool: the job id is
-the flow run id and everything is read back from the Prefect API. With ``--task-workers``
+the flow run id and everything is read back from the Prefect API; several callers take turns on
+the pool (``--turns-ahead``, :mod:`deployments.turns`). With ``--task-workers``
 (:class:`TaskJobs`) each job is one background task run on warm task workers, no process per
 job (the throughput path); the job id is the task run id. See :mod:`deployments.runpod_jobs` and
 :mod:`deployments.runpod_task_jobs`.
@@ -57,6 +58,7 @@ from typing import Any, AsyncIterator, Optional
 
 from deployments.callers import DEFAULT, Callers, s3_sources_closed, share
 from deployments.runpod_jobs import FINAL, MAX_QUEUED, DeploymentJobs, Jobs, QueueFull  # noqa: F401 - job tables
+from deployments.turns import AHEAD
 from deployments.runpod_task_jobs import TaskJobs  # noqa: F401 - the throughput path's job table
 
 DEFAULT_WAIT_MS = 90_000
@@ -375,12 +377,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     where.add_argument("--task-workers", action="store_true",
                        help="hand each job to warm task workers (python -m deployments.task_worker) as a background "
                             "task: no process per job; needs PREFECT_API_URL and the workers' RESULTS_STORAGE")
+    p.add_argument("--turns-ahead", type=int, default=AHEAD,
+                   help="--deployment with several callers: jobs released to the work pool ahead of its workers, the "
+                        "rest held for their caller's turn (default 2; the pool's worker slots leave none idle; 0: "
+                        "first come, first served)")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="where webhooks not yet delivered are kept (webhooks-<port>.jsonl), so a restarted endpoint "
                         "delivers them (default <SPEECH_CACHE_DIR>/endpoint)")
     args = p.parse_args(argv)
     if args.max_queued < 1 or (args.max_queued_per_caller is not None and args.max_queued_per_caller < 1):
         p.error("--max-queued and --max-queued-per-caller must be at least 1")
+    if args.turns_ahead < 0:
+        p.error("--turns-ahead must be 0 or more")
     try:
         callers = Callers.from_env()
     except ValueError as exc:
@@ -411,7 +419,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.task_workers:
         jobs: Any = TaskJobs(**bounds)
     elif args.deployment:
-        jobs = DeploymentJobs(args.deployment, **bounds)
+        jobs = DeploymentJobs(args.deployment, **bounds, callers=callers.keys if callers else (),
+                              ahead=args.turns_ahead)
+        if jobs.turns is not None:
+            jobs.turns.start()  # also releases the held runs an earlier endpoint left
     else:
         from flows.local_api import mark_abandoned_runs_quietly
 

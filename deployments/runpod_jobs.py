@@ -15,12 +15,13 @@ caller see only that caller's jobs (None: any, for the endpoint's own bookkeepin
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from deployments.callers import DEFAULT, owner, tag
 
@@ -245,14 +246,20 @@ class DeploymentJobs(_RunJobs):
     workers: the job id is the flow run id, the status is the flow run's state read from the
     Prefect API (so it outlives a restart of this service), ``output`` is the flow run's
     persisted result plus the bucket keys, and cancelling a running job cancels the flow run
-    (its worker stops the process or container)."""
+    (its worker stops the process or container). With several ``callers`` and ``ahead`` > 0,
+    the callers take turns on the pool (:mod:`deployments.turns`): ``ahead`` runs wait for the
+    workers, the rest are held until their caller's turn."""
 
     def __init__(self, deployment: str, keep: int = 1000, max_queued: int = MAX_QUEUED,
-                 per_caller: Optional[int] = None):
+                 per_caller: Optional[int] = None, callers: Iterable[str] = (), ahead: int = 0):
+        from deployments.turns import Turns
+
         self.deployment, self.keep, self.max_queued, self.per_caller = deployment, keep, max_queued, per_caller
         self.refused: "OrderedDict[str, dict[str, Any]]" = OrderedDict()  # jobs no flow run was made for
         self.outputs: "OrderedDict[str, dict[str, Any]]" = OrderedDict()  # finished views, read once
         self.lock = threading.Lock()
+        callers = list(callers)
+        self.turns = Turns(deployment, callers, job_tags(None), ahead) if len(callers) > 1 and ahead > 0 else None
 
     def submit(self, body: dict[str, Any], caller: str = DEFAULT) -> str:
         from prefect.deployments import run_deployment
@@ -267,9 +274,23 @@ class DeploymentJobs(_RunJobs):
         with self.lock:  # count and create together: concurrent submits cannot all see room for one
             _check_queue(self._queued(), self.max_queued)
             _check_queue(self._queued(caller), self.per_caller or self.max_queued, caller)
-            run = run_deployment(self.deployment, parameters=deployment_parameters(req), timeout=0,
-                                 tags=job_tags(caller))
+            if self.turns is None:
+                run = run_deployment(self.deployment, parameters=deployment_parameters(req), timeout=0,
+                                     tags=job_tags(caller))
+            else:
+                run = self._held(deployment_parameters(req), caller)
+        if self.turns is not None:
+            self.turns.start()
+            self.turns.release()  # an idle pool starts it now
         return str(run.id)
+
+    def _held(self, parameters: dict[str, Any], caller: str) -> Any:
+        """A flow run of the deployment held for its caller's turn (:mod:`deployments.turns`)."""
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            return client.create_flow_run_from_deployment(self.turns.deployment_id(client), parameters=parameters,
+                                                          state=self.turns.held_state(), tags=job_tags(caller))
 
     def _queued(self, caller: Optional[str] = None) -> int:
         """This endpoint's flow runs (``caller``'s, when given) no worker has started yet."""
@@ -309,13 +330,18 @@ class DeploymentJobs(_RunJobs):
         from prefect.client.orchestration import get_client
         from prefect.states import Cancelled, Cancelling
 
-        run = self._mine(job_id, caller)
-        if run is not None and run.state is not None and not run.state.is_final():
-            queued = run.state.type.value in ("SCHEDULED", "PENDING", "PAUSED")
-            with get_client(sync_client=True) as client:
-                client.set_flow_run_state(run.id, Cancelled(message="cancelled through the RunPod API") if queued
-                                          else Cancelling(message="cancelled through the RunPod API"), force=True)
+        with self._turn_lock():
+            run = self._mine(job_id, caller)
+            if run is not None and run.state is not None and not run.state.is_final():
+                queued = run.state.type.value in ("SCHEDULED", "PENDING", "PAUSED")
+                with get_client(sync_client=True) as client:
+                    client.set_flow_run_state(run.id, Cancelled(message="cancelled through the RunPod API") if queued
+                                              else Cancelling(message="cancelled through the RunPod API"), force=True)
         return self.view(job_id, caller)
+
+    def _turn_lock(self) -> Any:
+        """Held while a queued run is cancelled: a release of it waits (:mod:`deployments.turns`)."""
+        return self.turns.lock if self.turns is not None else contextlib.nullcontext()
 
     def purge(self, caller: Optional[str] = None) -> int:
         """Cancel every queued flow run this endpoint started for ``caller`` (None: for anyone;
@@ -324,7 +350,7 @@ class DeploymentJobs(_RunJobs):
         from prefect.states import Cancelled
 
         queued = _flow_runs(caller, QUEUED)
-        with get_client(sync_client=True) as client:
+        with self._turn_lock(), get_client(sync_client=True) as client:
             return cancel_pages(lambda: client.read_flow_runs(flow_run_filter=queued, limit=PAGE),
                                 lambda run_id: client.set_flow_run_state(
                                     run_id, Cancelled(message="purged through the RunPod API"), force=True))

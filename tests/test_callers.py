@@ -252,6 +252,69 @@ def test_deployment_runs_belong_to_the_caller_who_sent_them(prefect_harness, mon
             client.delete_deployment(deployment_id)
 
 
+@pytest.mark.prefect
+def test_deployment_runs_of_several_callers_take_turns_on_the_pool(prefect_harness, monkeypatch):
+    """--deployment with two callers: alice sends 3 jobs, then bob 1, to a pool whose workers
+    take one at a time. One run is released ahead of the workers, the rest are held (Scheduled,
+    AwaitingTurn, hours ahead: no worker takes them); each time a worker takes the released run,
+    the next goes to the caller served longest ago, so bob's job is second, not fourth. A new
+    endpoint (a restart) goes on releasing what the first one held. The "worker" here sets the
+    Prefect states a process worker sets (Pending, Running); a cancelled held job is never
+    released, not even by a release that read it before the cancel."""
+    import datetime as dt
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Pending, Running
+
+    from deployments.runpod_jobs import DeploymentJobs
+    from deployments.turns import HELD, HOLD_S
+    from flows.transcribe import transcribe_audio
+
+    monkeypatch.setenv("ALLOW_LOCAL_PATHS", str(DATA))
+    deployment_id = transcribe_audio.to_deployment(name="turns").apply()  # no worker: runs wait
+    table = DeploymentJobs("transcribe-audio/turns", callers=["alice", "bob"], ahead=1)
+    body = {"input": {"audio_file": str(DATA / "enrol_slt.wav")}}
+    try:
+        with get_client(sync_client=True) as client:
+            def released() -> list[str]:  # jobs waiting for a worker, not held
+                return [i for i in alice + bob if (s := client.read_flow_run(i).state).type.value == "SCHEDULED"
+                        and s.name != HELD]
+
+            def worker_takes(job: str) -> None:
+                for state in (Pending(), Running()):
+                    client.set_flow_run_state(job, state)
+
+            alice = [table.submit(body, "alice") for _ in range(3)]
+            bob = [table.submit(body, "bob")]
+            assert released() == [alice[0]]
+            held = client.read_flow_run(alice[1]).state
+            assert held.name == HELD and held.state_details.scheduled_time > dt.datetime.now(dt.timezone.utc) + \
+                dt.timedelta(seconds=HOLD_S - 60)
+            assert {table.view(i)["status"] for i in alice + bob} == {"IN_QUEUE"}
+            table.turns.start()  # as the endpoint does
+            worker_takes(alice[0])
+            _wait(lambda: len(released()) == 1, 30)  # the releaser, in the background
+            assert released() == [bob[0]]
+
+            table.turns.stop()  # the endpoint stops; a new one starts
+            worker_takes(bob[0])
+            table = DeploymentJobs("transcribe-audio/turns", callers=["alice", "bob"], ahead=1)
+            table.turns.start()
+            _wait(lambda: len(released()) == 1, 30)
+            assert released() == [alice[1]]
+
+            stale = client.read_flow_run(alice[2])  # a release that read it before the cancel
+            assert table.cancel(alice[2], "alice")["status"] == "CANCELLED"
+            assert table.turns._release(client, stale) is False
+            worker_takes(alice[1])
+            time.sleep(3)  # looks of the releaser: nothing left to release
+            assert released() == [] and client.read_flow_run(alice[2]).state.type.value == "CANCELLED"
+    finally:
+        table.turns.stop()
+        with get_client(sync_client=True) as client:
+            client.delete_deployment(deployment_id)
+
+
 def test_a_purge_goes_past_the_apis_page_of_200():
     """The Prefect API lists 200 runs at most (and refuses a larger limit): a purge reads page after
     page until none is left, so 450 queued jobs are all cancelled."""
