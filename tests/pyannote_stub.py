@@ -47,6 +47,7 @@ class _State:
         self.scenario = "succeed"  # succeed | fail | hang | 500 (on submit)
         self.submit_failures = 0  # the next N submits answer 503
         self.job_seconds = 0.0  # a job runs at least this long (wall time), whatever the polls
+        self.poll_delay = 0.0  # seconds every poll after the first takes to answer (a slow API)
         self.submits = 0
         self.stall: str | None = None  # "submit" | "upload": read the request, never answer it;
         # "upload-unread": not even read the PUT's body
@@ -101,6 +102,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if job is None:
                 return self._send(404, {"message": "job not found"})
             job["polls"] += 1
+            if job["polls"] > 1:
+                time.sleep(st.poll_delay)
             doc = {"jobId": job["id"], "createdAt": "2025-01-01T00:00:00Z", "updatedAt": "2025-01-01T00:00:01Z"}
             if job["polls"] == 1:
                 doc["status"] = "pending"

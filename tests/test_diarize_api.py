@@ -144,6 +144,21 @@ def test_timeout_when_job_stays_running(api):
     assert job["polls"] >= 3  # it really polled until the deadline
 
 
+def test_timeout_during_a_slow_poll_of_a_running_job(api):
+    """The deadline runs out while a poll waits for its answer (a slow API, or a busy machine):
+    the job was known to be running, and the error says so, as when the deadline passes between
+    polls (it was "did not answer", and which one came depended on the machine's load)."""
+    api.scenario, api.poll_delay = "hang", 2.0
+    t0 = time.monotonic()
+    with pytest.raises(DiarizationError) as info:
+        _call(api, poll_interval=0.02, timeout=0.5)
+    assert "did not finish within 0.5 s (still pending)" in str(info.value)
+    assert not info.value.retryable
+    assert 0.5 <= time.monotonic() - t0 < 1.9  # the poll was cut at the deadline, not waited for
+    (job,) = api.jobs.values()
+    assert job["polls"] == 2  # pending, then the poll the deadline cut
+
+
 @pytest.mark.parametrize("stage, target", [("submit", "API"), ("upload", "storage")])
 @pytest.mark.parametrize("connect, read, timeout, limit, retryable", [
     (30, 30, 1.0, "1 s (pyannote timeout)", False),  # the whole call gives up, well before the read timeout

@@ -247,8 +247,15 @@ def _client_class():
             polling = route.startswith("/jobs/")
             if polling and self.last_status not in (None, *_TERMINAL) and self.budget.left() <= 0:
                 raise _JobTimeout(self.last_status)  # the deadline passed while the SDK slept
-            with self._timed():
-                response = super()._authenticated_get(route)
+            try:
+                with self._timed():
+                    response = super()._authenticated_get(route)
+            except Exception:
+                if polling and self.last_status not in (None, *_TERMINAL) and self.budget.left() <= 0:
+                    # the deadline ran out during a poll (the request was cut to what was left): the
+                    # job was still going, which says more than "did not answer" on a busy machine
+                    raise _JobTimeout(self.last_status) from None
+                raise
             if polling:
                 status = response.json().get("status")
                 if status != self.last_status:
