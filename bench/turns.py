@@ -2,19 +2,21 @@
 
     python bench/turns.py [--jobs 6] [--smoke]      # make bench-turns
 
-A local Prefect server, ``transcribe-audio`` deployed to a process pool with one worker (one run
-at a time), and the RunPod-compatible endpoint with two callers' keys. alice sends ``--jobs`` jobs
+A local Prefect server (on PostgreSQL, as in production), ``transcribe-audio`` deployed to a
+process pool with one worker (one run at a time), and the RunPod-compatible endpoint with two
+callers' keys. alice sends ``--jobs`` jobs
 at once, then bob sends one. With ``--turns-ahead 1`` (the callers take turns,
 ``deployments/turns.py``) bob's job starts after at most the run in progress and the one released
 ahead (second, or third when the worker took alice's first before her second was sent); with
 ``--turns-ahead 0`` (first come, first served, the pool's own order) it starts last. Prints, for
 each, where bob's job started among all, how long it waited (its flow run's created -> start) and
 the wall time of the whole lot (turns should cost no throughput). Exit code 1 when bob's job
-starts later than third with turns. ``--smoke`` (CI): three jobs of alice's, turns only.
+starts later than third with turns. ``--smoke`` (CI): three jobs of alice's, turns only, SQLite.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -27,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import DATA, apply_smoke, keep_option, report, scratch, smoke_option  # noqa: E402
 from deployments.local_server import (  # noqa: E402
-    deploy_to_process_pool, local_prefect_server, start_endpoint, start_process_worker, stop)
+    deploy_to_process_pool, local_postgres, local_prefect_server, start_endpoint, start_process_worker, stop)
 
 POOL = "turns-pool"
 KEYS = {"alice": "alice-bench-key-0123", "bob": "bob-bench-key-4567"}
@@ -41,7 +43,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=900, help="seconds the jobs of one mode may take in all")
     p.add_argument("--json", dest="json_path", help="also write the numbers here")
     keep_option(p)
-    smoke_option(p, jobs=3, modes="turns")
+    p.add_argument("--sqlite", action="store_true", help="the server on SQLite instead of PostgreSQL")
+    smoke_option(p, jobs=3, modes="turns", sqlite=True)
     return apply_smoke(p.parse_args(argv))
 
 
@@ -90,15 +93,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown mode(s): {', '.join(sorted(unknown))}")
     res: dict[str, Any] = {"jobs_alice": args.jobs, "modes": {}}
-    with scratch("bench-turns-", args.keep) as tmp, local_prefect_server(tmp / "home") as server:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(scratch("bench-turns-", args.keep))
+        database = None if args.sqlite else stack.enter_context(local_postgres())
+        server = stack.enter_context(local_prefect_server(tmp / "home", database_url=database))
+        res["database"] = "sqlite" if database is None else "postgresql"
         from prefect.client.orchestration import SyncPrefectClient
 
         from flows.transcribe import transcribe_audio
 
         deploy_to_process_pool(server, POOL, transcribe_audio)
         env = {**server.env, "ALLOW_LOCAL_PATHS": str(DATA), "SPEECH_CACHE_DIR": str(tmp / "cache"),
-               "RESULTS_STORAGE": str(tmp / "results"), "RESULTS_DIR": str(tmp / "out"), "HF_HUB_OFFLINE": "1", "LOCAL_PREFECT_SERVER": "off",
-               "PYTHONDONTWRITEBYTECODE": "1"}
+               "RESULTS_STORAGE": str(tmp / "results"), "RESULTS_DIR": str(tmp / "out"), "HF_HUB_OFFLINE": "1",
+               "LOCAL_PREFECT_SERVER": "off", "PYTHONDONTWRITEBYTECODE": "1"}
         worker = start_process_worker(POOL, env, tmp / "worker.log")
         try:
             if not args.smoke:  # the pool's first run pays the cold start: not in the first mode's wall time
@@ -122,7 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_table(res: dict[str, Any]) -> None:
-    print(f"alice sends {res['jobs_alice']} jobs, then bob 1; one worker, one run at a time")
+    print(f"alice sends {res['jobs_alice']} jobs, then bob 1; one worker, one run at a time; server on {res['database']}")
     for mode, m in res["modes"].items():
         print(f"  {mode:6} bob's job started {m['bob_started']} of {m['of']} after waiting {m['bob_wait_s']:6.1f} s; "
               f"all done in {m['wall_s']:6.1f} s  (order {' '.join(m['order'])})")
