@@ -22,21 +22,21 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "out"
 
 # (name, arguments after bench/<name>.py); the longest first: a free lane takes the next one
-BENCHES: list[tuple[str, list[str]]] = [  # seconds each took alone-ish on 2 cores, 2026-12-06
-    ("names_threshold", ["--smoke"]),  # 187
-    ("lost_runs", ["--smoke"]),  # 84
-    ("speakers", ["--smoke"]),  # 74
-    ("turns", ["--smoke"]),
-    ("load", ["--smoke"]),  # 65
-    ("distill_telephone", ["--smoke"]),  # 65
-    ("canaries", ["--smoke"]),  # 61
-    ("gpu", ["--device", "cpu", "--model", "bundled:base", "--smoke", "--no-load"]),  # 54
+BENCHES: list[tuple[str, list[str]]] = [  # seconds each took, two at a time on 2 cores (2026-12-06)
+    ("lost_runs", ["--smoke"]),  # 79
+    ("turns", ["--smoke"]),  # 77
+    ("load", ["--smoke"]),  # 70
+    ("canaries", ["--smoke"]),  # 49
     ("batch", ["--smoke"]),  # 44
-    ("warm", ["--smoke"]),  # 38
-    ("remote", ["--smoke"]),  # 36
-    ("memory", ["--smoke"]),  # 35
-    ("overlap", ["--smoke"]),  # 29
-    ("align", ["--smoke"]),  # 29
+    ("names_threshold", ["--smoke"]),  # 43
+    ("gpu", ["--device", "cpu", "--model", "bundled:base", "--smoke", "--no-load"]),  # 41
+    ("distill_telephone", ["--smoke"]),  # 39
+    ("remote", ["--smoke"]),  # 39
+    ("warm", ["--smoke"]),  # 37
+    ("memory", ["--smoke"]),  # 30
+    ("overlap", ["--smoke"]),  # 30
+    ("speakers", ["--smoke"]),  # 24
+    ("align", ["--smoke"]),  # 21
     ("transcribe_vs_whisperx", ["--smoke"]),  # 19
 ]
 
