@@ -281,7 +281,7 @@ class DeploymentJobs(_RunJobs):
                 run = self._held(deployment_parameters(req), caller)
         if self.turns is not None:
             self.turns.start()
-            self.turns.release()  # an idle pool starts it now
+            self.turns.release_soon()  # an idle pool starts it now
         return str(run.id)
 
     def _held(self, parameters: dict[str, Any], caller: str) -> Any:

@@ -55,8 +55,13 @@ class Turns:
 
     def deployment_id(self, client: Any) -> Any:
         """The deployment's id (read once)."""
+        from prefect.exceptions import ObjectNotFound
+
         if self._deployment_id is None:
-            self._deployment_id = client.read_deployment_by_name(self.deployment).id
+            try:
+                self._deployment_id = client.read_deployment_by_name(self.deployment).id
+            except ObjectNotFound:
+                raise LookupError(f"no deployment {self.deployment} on this Prefect API") from None
         return self._deployment_id
 
     def held_state(self) -> Any:
@@ -103,6 +108,14 @@ class Turns:
         return FlowRunFilter(tags=FlowRunFilterTags(all_=tags),
                              deployment_id=FlowRunFilterDeploymentId(any_=[self.deployment_id(client)]),
                              state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED"]), name=name))
+
+    def release_soon(self) -> None:
+        """:meth:`release` now, for a job just sent; the job is made whatever happens here (the
+        API away for a moment: the background releaser tries again within ``interval``)."""
+        try:
+            self.release()
+        except Exception as exc:  # noqa: BLE001 - its flow run exists: the caller must get its id
+            log.warning("releasing held runs of %s: %s: %s", self.deployment, type(exc).__name__, exc)
 
     def release(self) -> list[Any]:
         """Release held runs, in turn across callers, until ``ahead`` released ones wait for a

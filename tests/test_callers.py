@@ -8,6 +8,7 @@ jobs in turn. Driven over real HTTP in the in-process mode, on real flow runs of
 starts it. The task-worker mode's share is checked on a real worker in ``test_runpod_tasks``."""
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -309,6 +310,21 @@ def test_deployment_runs_of_several_callers_take_turns_on_the_pool(prefect_harne
             worker_takes(alice[1])
             time.sleep(3)  # looks of the releaser: nothing left to release
             assert released() == [] and client.read_flow_run(alice[2]).state.type.value == "CANCELLED"
+
+        # a release that fails right after a job was made does not fail the job's /run (a warning;
+        # the background releaser tries again)
+        from deployments.turns import Turns
+
+        said: list[str] = []  # Prefect's logging setup replaces the root handlers (caplog's) mid-test
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = lambda record: said.append(record.getMessage())
+        logging.getLogger("deployments.turns").addHandler(handler)
+        try:
+            Turns("transcribe-audio/no-such", ["alice", "bob"], ["runpod-api"]).release_soon()
+        finally:
+            logging.getLogger("deployments.turns").removeHandler(handler)
+        assert said == ["releasing held runs of transcribe-audio/no-such: LookupError: no deployment "
+                        "transcribe-audio/no-such on this Prefect API"], said
     finally:
         table.turns.stop()
         with get_client(sync_client=True) as client:
