@@ -42,7 +42,7 @@ class Turns:
     ``runpod-caller:<name>``), released in turn so that ``ahead`` of them wait for the workers."""
 
     def __init__(self, deployment: str, callers: Iterable[str], tags: list[str], ahead: int = AHEAD,
-                 hold: float = HOLD_S, interval: Optional[float] = INTERVAL_S):
+                 hold: float = HOLD_S, interval: float = INTERVAL_S):
         if ahead < 1:
             raise ValueError("ahead must be at least 1")
         self.deployment, self.callers, self.tags = deployment, list(callers), list(tags)
@@ -75,7 +75,7 @@ class Turns:
         """Release in the background every ``interval`` seconds (the endpoint starts it, so held
         runs an earlier endpoint left are released; the Prefect settings of this context come along)."""
         with self.lock:
-            if self._thread is not None or self.interval is None:
+            if self._thread is not None:
                 return
             context = contextvars.copy_context()
             self._thread = threading.Thread(target=context.run, args=(self._loop,), name="turns", daemon=True)
@@ -90,13 +90,7 @@ class Turns:
     def _loop(self) -> None:
         said = ""
         while not self._stop.wait(self.interval):
-            try:
-                self.release()
-                said = ""
-            except Exception as exc:  # noqa: BLE001 - the API away for a moment: the next look tries again
-                if str(exc) != said:  # once per cause, not every second
-                    log.warning("releasing held runs of %s: %s: %s", self.deployment, type(exc).__name__, exc)
-                    said = str(exc)
+            said = self.release_soon(said)
 
     def _filter(self, client: Any, caller: Optional[str], held: bool) -> Any:
         """This deployment's scheduled runs of ours (``caller``'s, when given), held or released."""
@@ -109,13 +103,18 @@ class Turns:
                              deployment_id=FlowRunFilterDeploymentId(any_=[self.deployment_id(client)]),
                              state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED"]), name=name))
 
-    def release_soon(self) -> None:
-        """:meth:`release` now, for a job just sent; the job is made whatever happens here (the
-        API away for a moment: the background releaser tries again within ``interval``)."""
+    def release_soon(self, said: str = "") -> str:
+        """:meth:`release`, never raising: a job just sent exists whatever happens here, and the
+        background releaser tries again within ``interval`` (the API away for a moment). A failure
+        is a warning, unless it is ``said`` (the last one: once per cause, not every second);
+        returns what it said ("" for none)."""
         try:
             self.release()
-        except Exception as exc:  # noqa: BLE001 - its flow run exists: the caller must get its id
-            log.warning("releasing held runs of %s: %s: %s", self.deployment, type(exc).__name__, exc)
+            return ""
+        except Exception as exc:  # noqa: BLE001 - see above
+            if str(exc) != said:
+                log.warning("releasing held runs of %s: %s: %s", self.deployment, type(exc).__name__, exc)
+            return str(exc)
 
     def release(self) -> list[Any]:
         """Release held runs, in turn across callers, until ``ahead`` released ones wait for a

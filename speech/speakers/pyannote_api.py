@@ -243,18 +243,20 @@ def _client_class():
             finally:
                 _active_budget.reset(token)
 
+        def _overdue(self, polling: bool) -> bool:
+            """A poll of a job known to be going, past the deadline."""
+            return polling and self.last_status not in (None, *_TERMINAL) and self.budget.left() <= 0
+
         def _authenticated_get(self, route: str):
             polling = route.startswith("/jobs/")
-            if polling and self.last_status not in (None, *_TERMINAL) and self.budget.left() <= 0:
+            if self._overdue(polling):
                 raise _JobTimeout(self.last_status)  # the deadline passed while the SDK slept
             try:
                 with self._timed():
                     response = super()._authenticated_get(route)
             except Exception:
-                if polling and self.last_status not in (None, *_TERMINAL) and self.budget.left() <= 0:
-                    # the deadline ran out during a poll (the request was cut to what was left): the
-                    # job was still going, which says more than "did not answer" on a busy machine
-                    raise _JobTimeout(self.last_status) from None
+                if self._overdue(polling):  # the deadline ran out during the poll (cut to what was
+                    raise _JobTimeout(self.last_status) from None  # left): the job was still going
                 raise
             if polling:
                 status = response.json().get("status")
